@@ -1,0 +1,161 @@
+"""Frame preprocessing, one small pure function per step (the pinned definitions of DESIGN.md).
+
+The same functions feed inference, evaluation, training and INT8 calibration: a model only sees images made
+by this module, so ranges measured at calibration match what the device sees.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+SIZE = 224
+
+# Crimmins passes: (dy, dx) offset of neighbour "a" (first side); "c" is the opposite neighbour.
+_DIRECTIONS = ((-1, 0), (0, -1), (-1, -1), (-1, 1))  # N-S, E-W, NW-SE, NE-SW
+
+
+class FrameError(ValueError):
+    """A frame that cannot be turned into a network input; the message names the problem."""
+
+
+def to_gray(frame: np.ndarray, channel_order: str = "RGB", window: tuple[float, float] | None = None) -> np.ndarray:
+    """Any frame (gray/RGB/RGBA, 8 or 16 bit) -> uint8 luma (ITU-R BT.601).
+
+    16-bit (or float) frames are windowed to 8 bit: `window` = (center, width) as DICOM gives it, else min-max.
+    `channel_order` is the order of colour channels in the array ("RGB" or "BGR").
+    """
+    if frame is None or not isinstance(frame, np.ndarray) or frame.size == 0:
+        raise FrameError("empty frame: the source produced no pixels")
+    if frame.ndim == 3 and frame.shape[2] == 1:
+        frame = frame[:, :, 0]
+    if frame.ndim == 3:
+        if frame.shape[2] not in (3, 4):
+            raise FrameError(f"frame has {frame.shape[2]} channels; expected 1, 3 or 4")
+        frame = frame[:, :, :3]
+        if frame.dtype != np.uint8:
+            frame = window_to_uint8(frame, window)
+        code = cv2.COLOR_BGR2GRAY if channel_order.upper() == "BGR" else cv2.COLOR_RGB2GRAY
+        return cv2.cvtColor(np.ascontiguousarray(frame), code)
+    if frame.ndim != 2:
+        raise FrameError(f"frame has shape {frame.shape}; expected HxW or HxWxC")
+    if frame.dtype != np.uint8:
+        frame = window_to_uint8(frame, window)
+    return np.ascontiguousarray(frame)
+
+
+def window_to_uint8(img: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
+    """Map a wide-range image to uint8: DICOM linear window (center, width) when given, else min-max."""
+    x = img.astype(np.float32)
+    if window is not None and window[1] and window[1] > 1:
+        center, width = float(window[0]), float(window[1])
+        # DICOM PS3.3 C.11.2.1.2.1 linear VOI function.
+        y = ((x - (center - 0.5)) / (width - 1.0) + 0.5) * 255.0
+    else:
+        lo, hi = float(x.min()), float(x.max())
+        y = (x - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(x)
+    return np.clip(np.rint(y), 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class Region:
+    """Ultrasound image region in frame pixels: rows y0:y1, columns x0:x1."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+    def clip(self, shape: tuple[int, ...]) -> "Region":
+        h, w = shape[:2]
+        return Region(max(0, min(self.x0, w - 1)), max(0, min(self.y0, h - 1)),
+                      max(1, min(self.x1, w)), max(1, min(self.y1, h)))
+
+
+def auto_region(gray: np.ndarray, threshold: int = 8, min_fraction: float = 0.02) -> Region:
+    """Bounding box of the ultrasound image: rows and columns where more than `min_fraction` of pixels exceed
+    `threshold`. Black surroundings (outside a sector, letterbox) are cut; a frame with nothing bright keeps all."""
+    bright = gray > threshold
+    rows = np.flatnonzero(bright.mean(axis=1) > min_fraction)
+    cols = np.flatnonzero(bright.mean(axis=0) > min_fraction)
+    if rows.size == 0 or cols.size == 0:
+        return Region(0, 0, gray.shape[1], gray.shape[0])
+    return Region(int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+
+
+def crop(gray: np.ndarray, region: Region) -> np.ndarray:
+    r = region.clip(gray.shape)
+    return gray[r.y0:r.y1, r.x0:r.x1]
+
+
+def resize(img: np.ndarray, size: int = SIZE) -> np.ndarray:
+    """cv2.resize to size x size: INTER_AREA when shrinking, INTER_LINEAR when enlarging (per axis product)."""
+    h, w = img.shape[:2]
+    if (h, w) == (size, size):
+        return np.ascontiguousarray(img)
+    shrinking = h * w >= size * size
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def crimmins(img: np.ndarray, iterations: int = 1) -> np.ndarray:
+    """Crimmins complementary-hulling speckle filter (DESIGN.md pinned definition), uint8 HxW -> uint8 HxW.
+
+    One iteration = dark-pixel adjustment then light-pixel adjustment; each = 4 directions x 4 rules, one
+    whole-image pass per rule (decided from the image before that pass), borders replicated. 32 passes.
+    Implemented on a padded buffer so the neighbours are views, not copies; every pass is a handful of
+    vectorised uint8 comparisons.
+    """
+    if img.dtype != np.uint8 or img.ndim != 2:
+        raise FrameError(f"crimmins needs a uint8 HxW image, got {img.dtype} with shape {img.shape}")
+    h, w = img.shape
+    p = np.empty((h + 2, w + 2), np.uint8)
+    p[1:-1, 1:-1] = img
+    b = p[1:-1, 1:-1]
+    hit = np.empty((h, w), bool)
+    tmp = np.empty((h, w), bool)
+    diff = np.empty((h, w), np.uint8)
+
+    def refresh_border() -> None:
+        p[0, 1:-1] = p[1, 1:-1]
+        p[-1, 1:-1] = p[-2, 1:-1]
+        p[:, 0] = p[:, 1]
+        p[:, -1] = p[:, -2]
+
+    def side(dy: int, dx: int) -> np.ndarray:
+        return p[1 + dy:h + 1 + dy, 1 + dx:w + 1 + dx]
+
+    for _ in range(iterations):
+        for dark in (True, False):
+            for dy, dx in _DIRECTIONS:
+                for rule in range(4):
+                    refresh_border()
+                    a, c = side(dy, dx), side(-dy, -dx)
+                    _crimmins_rule(rule, dark, a, b, c, hit, tmp, diff)
+                    if dark:
+                        np.add(b, hit, out=b, casting="unsafe")
+                    else:
+                        np.subtract(b, hit, out=b, casting="unsafe")
+    return b.copy()
+
+
+def _crimmins_rule(rule: int, dark: bool, a, b, c, hit, tmp, diff) -> None:
+    """hit <- where rule `rule` fires. Dark: r1 a>=b+2; r2 a>b & b<=c; r3 c>b & b<=a; r4 c>=b+2.
+    Light is the mirror image (every comparison reversed)."""
+    if dark:
+        gt, ge = np.greater, np.greater_equal
+        sub = lambda x, y: np.subtract(x, y, out=diff)  # noqa: E731  x - y where x > y
+    else:
+        gt, ge = np.less, np.less_equal
+        sub = lambda x, y: np.subtract(y, x, out=diff)  # noqa: E731  y - x where x < y
+    if rule == 0 or rule == 3:
+        n = a if rule == 0 else c
+        gt(n, b, out=hit)              # strictly beyond b, so the uint8 difference below does not wrap
+        sub(n, b)
+        np.greater_equal(diff, 2, out=tmp)
+        np.logical_and(hit, tmp, out=hit)
+    else:
+        n, o = (a, c) if rule == 1 else (c, a)
+        gt(n, b, out=hit)
+        ge(o, b, out=tmp)              # dark: b <= o ; light: b >= o
+        np.logical_and(hit, tmp, out=hit)
