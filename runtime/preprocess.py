@@ -159,3 +159,34 @@ def _crimmins_rule(rule: int, dark: bool, a, b, c, hit, tmp, diff) -> None:
         gt(n, b, out=hit)
         ge(o, b, out=tmp)              # dark: b <= o ; light: b >= o
         np.logical_and(hit, tmp, out=hit)
+
+
+def preprocess(gray: np.ndarray, region: Region | None = None, *, size: int = SIZE,
+               crimmins_iterations: int = 1) -> tuple[np.ndarray, Region]:
+    """uint8 gray frame -> (size x size uint8 network image, the region it was cropped from).
+
+    The one preprocessing chain of the project: crop to the ultrasound region (given, else found), resize,
+    Crimmins. Training, evaluation, calibration and inference all call this function.
+    """
+    if gray.ndim != 2 or gray.dtype != np.uint8:
+        raise FrameError(f"preprocess needs a uint8 gray HxW frame, got {gray.dtype} with shape {gray.shape}")
+    region = (region or auto_region(gray)).clip(gray.shape)
+    img = resize(crop(gray, region), size)
+    if crimmins_iterations:
+        img = crimmins(img, crimmins_iterations)
+    return img, region
+
+
+def crop_mask(mask: np.ndarray, region: Region, size: int = SIZE) -> np.ndarray:
+    """A full-frame 0/1 label mask cut and scaled exactly like its image (area average, then > 0.5)."""
+    m = crop(mask.astype(np.float32), region)
+    return (resize(m, size) > 0.5).astype(np.uint8)
+
+
+def to_input(img: np.ndarray, channels: int = 1, dtype=np.float32) -> np.ndarray:
+    """uint8 HxW (or NxHxW) -> NCHW in [0, 1]; gray repeated to `channels`."""
+    x = img.astype(np.float32) * np.float32(1.0 / 255.0)
+    x = x[None, None] if x.ndim == 2 else x[:, None]
+    if channels > 1:
+        x = np.repeat(x, channels, axis=1)
+    return np.ascontiguousarray(x, dtype=dtype)
