@@ -1,0 +1,84 @@
+"""Frame sources. A source is an iterable of `Frame`s plus what the streamer needs to know about it.
+
+Source strings (DESIGN.md): a path (image, folder, video), `sim://kidney?grade=3&fps=30&frames=300&seed=1`.
+A frame that cannot be read is still yielded, with `error` set, so the results keep one record per input.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from runtime.preprocess import Region
+
+
+class SourceError(ValueError):
+    """A source that cannot be opened; the message names it and what to do."""
+
+
+@dataclass
+class Frame:
+    index: int
+    source_id: str
+    t_capture: float
+    pixels: np.ndarray | None                 # HxW or HxWxC, uint8/uint16; None when unreadable
+    channel_order: str = "RGB"
+    window: tuple[float, float] | None = None  # 16-bit windowing (center, width) when the source knows it
+    region: Region | None = None               # ultrasound region when the source knows it
+    error: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Source:
+    """Base class: iterate to get frames; `live` sources default to the `newest` policy."""
+
+    live: bool = False
+    fps: float = 0.0          # nominal frame rate (0: unknown / as fast as possible)
+    source_id: str = "source"
+    total: int | None = None  # frame count when known
+
+    def __iter__(self) -> Iterator[Frame]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def opaque_id(text: str, prefix: str) -> str:
+    """A stable id that does not reveal the path (which may carry a patient's name)."""
+    return f"{prefix}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def now() -> float:
+    return time.time()
+
+
+def open_source(spec: str, **options: Any) -> Source:
+    """Open a source string; raises SourceError with one sentence when it cannot be opened."""
+    if spec.startswith("sim://"):
+        from runtime.sources.sim import SimSource
+        return SimSource.from_uri(spec, **options)
+    if "://" in spec:
+        scheme = spec.split("://", 1)[0]
+        raise SourceError(f"source '{spec}': the {scheme}:// source is not available in this version; "
+                          f"use a file, a folder, a video or sim://kidney")
+    path = Path(spec)
+    if not path.exists():
+        raise SourceError(f"source '{spec}' does not exist; give an image, a folder of images, a video file "
+                          f"or sim://kidney")
+    from runtime.sources import files
+    if path.is_dir():
+        return files.FolderSource(path)
+    if path.suffix.lower() in files.VIDEO_SUFFIXES:
+        return files.VideoSource(path)
+    return files.FolderSource(path)  # a single image is a folder of one
