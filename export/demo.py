@@ -1,0 +1,76 @@
+"""`sonoscore demo`: build the demo bundle if it is missing, then run it on the simulated probe.
+
+out/demo/
+  bundle/          the trained demo bundle (synthetic phantom, small widths)
+  data/train,      synthetic labelled datasets (labelme), made by `sonoscore sim`
+  data/heldout
+  results.jsonl    one record per streamed frame
+  overlay.mp4      the annotated stream
+  summary.json     the study aggregate
+  eval.json        metrics on held-out synthetic patients (+ eval.confusion.png)
+  bench.json       `sonoscore bench` at full width 1.0 of both networks (random weights: timing only)
+  bench.png        its latency picture
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from runtime.bundle import Bundle, BundleError
+
+# Sized so the first run (install excluded) fits well inside 15 minutes on a 2-core machine.
+TRAIN_PATIENTS, HELDOUT_PATIENTS, FRAMES_PER_PATIENT = 48, 16, 12
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _bundle_ok(path: Path) -> bool:
+    try:
+        Bundle.load(path)
+        return True
+    except BundleError:
+        return False
+
+
+def run_demo(out: Path, *, frames: int = 150, fps: float = 30.0, bench_frames: int = 20, rebuild: bool = False,
+             grade: int = 3, seed: int = 11) -> None:
+    from export.recipe import TrainConfig, export_from_checkpoints, train_bundle
+    from runtime.app import bench_bundle, evaluate_bundle, run_bundle
+    from runtime.dataset import write_dataset
+
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    bundle = out / "bundle"
+    heldout = out / "data" / "heldout"
+    if rebuild or not _bundle_ok(bundle):
+        _say(f"demo: no demo bundle yet: building it (synthetic phantom -> training -> export) in {bundle}")
+        train_data = out / "data" / "train"
+        if rebuild or not (train_data / "labels.csv").is_file():
+            _say(f"demo: simulating {TRAIN_PATIENTS} training patients x {FRAMES_PER_PATIENT} frames")
+            write_dataset(train_data, TRAIN_PATIENTS, seed=0, frames_per_patient=FRAMES_PER_PATIENT)
+        train_bundle(train_data, bundle, TrainConfig())
+    else:
+        _say(f"demo: using the existing bundle {bundle} (--rebuild to make a new one)")
+    if not (heldout / "labels.csv").is_file():
+        _say(f"demo: simulating {HELDOUT_PATIENTS} held-out patients (never seen in training)")
+        write_dataset(heldout, HELDOUT_PATIENTS, seed=1000, frames_per_patient=FRAMES_PER_PATIENT)
+
+    source = f"sim://kidney?grade={grade}&fps={fps:g}&frames={frames}&seed={seed}"
+    _say(f"demo: streaming the simulated probe {source}")
+    run_bundle(bundle, source, results=out / "results.jsonl", video=out / "overlay.mp4",
+               summary=out / "summary.json")
+
+    _say("demo: evaluating on held-out synthetic patients")
+    evaluate_bundle(bundle, heldout, report=out / "eval.json", quiet=True)
+
+    bench = out / "bench_bundle"
+    if not _bundle_ok(bench):
+        _say("demo: exporting a full-width (1.0) UNet + VGG-19-BN with random weights for timing")
+        export_from_checkpoints(None, None, bundle / "booster.ubj", bench, random_weights=True)
+    _say(f"demo: benchmarking the full-width networks ({bench_frames} frames)")
+    bench_bundle(bench, frames=bench_frames, json_path=out / "bench.json", plot=out / "bench.png")
+    _say(f"demo: done in {time.time() - t0:.0f} s; outputs in {out}/ "
+         f"(results.jsonl, overlay.mp4, summary.json, eval.json, bench.json)")

@@ -1,0 +1,197 @@
+"""`sonoscore` command line. Heavy modules are imported inside each command, so `--help` works on a bare install.
+
+Exit codes: 0 success; 2 could not start (a bad option, bundle, source or dataset: one sentence says which);
+3 `run`/`eval` finished but some input frames carried an error (each still has its record); 1 internal failure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_FRAME_ERRORS = 0, 1, 2, 3
+
+
+class UserError(Exception):
+    """A problem with what the user gave us; printed as one sentence, no traceback."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from runtime.backends import BackendUnavailable
+    from runtime.booster import BoosterError
+    from runtime.bundle import BundleError
+    from runtime.preprocess import FrameError
+    from runtime.sources import SourceError
+    return (UserError, BundleError, SourceError, BoosterError, BackendUnavailable, FrameError, FileNotFoundError)
+
+
+# --- commands ---------------------------------------------------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from runtime.app import run_bundle
+    stats = run_bundle(args.bundle, args.source, backend=args.backend, precision=args.precision,
+                       policy=args.policy, results=args.results, video=args.video, masks=args.save_masks,
+                       summary=args.study_summary, quiet=args.quiet, threads=args.threads)
+    return EXIT_FRAME_ERRORS if stats.errors else EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from runtime.app import evaluate_bundle
+    report = evaluate_bundle(args.bundle, args.data, precision=args.precision, backend=args.backend,
+                             report=args.report, quiet=args.quiet)
+    return EXIT_FRAME_ERRORS if report["errors"] else EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from runtime.app import bench_bundle
+    bench_bundle(args.bundle, backend=args.backend, precision=args.precision, frames=args.frames,
+                 warmup=args.warmup, json_path=args.json, threads=args.threads, plot=args.plot)
+    return EXIT_OK
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from runtime.dataset import write_dataset
+    if args.patients < 1:
+        raise UserError("--patients must be at least 1")
+    out = write_dataset(Path(args.out), args.patients, seed=args.seed, frames_per_patient=args.frames_per_patient)
+    print(f"wrote a synthetic dataset of {args.patients} patients to {out}")
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from export.recipe import TrainConfig, train_bundle
+    cfg = TrainConfig(unet_width=args.unet_width, vgg_width=args.vgg_width, unet_epochs=args.unet_epochs,
+                      vgg_epochs=args.vgg_epochs, seed=args.seed, grid_search=args.grid_search)
+    train_bundle(Path(args.data), Path(args.out), cfg)
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from export.recipe import export_from_checkpoints
+    export_from_checkpoints(args.unet, args.vgg, args.booster, Path(args.out), random_weights=args.random_weights,
+                            unet_width=args.unet_width, vgg_width=args.vgg_width)
+    return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from runtime.app import doctor
+    doctor()
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from runtime.app import ensure_export_side
+    ensure_export_side("demo")
+    from export.demo import run_demo
+    run_demo(Path(args.out), frames=args.frames, fps=args.fps, bench_frames=args.bench_frames, rebuild=args.rebuild)
+    return EXIT_OK
+
+
+# --- parser -----------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sonoscore", description=(
+        "Edge ultrasound inference runtime: kidney mask, quality gate, deep features and a compiled booster "
+        "grade IFTA (1-4) frame by frame. Not a medical device."))
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def backend_opts(sp, frames_default=None):
+        sp.add_argument("--backend", default="ort", choices=["ort", "trt"], help="inference backend (default ort)")
+        sp.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
+                        help="which of the bundle's network files to run (default fp32)")
+        sp.add_argument("--threads", type=int, default=None, help="CPU threads per network (default: all cores)")
+
+    d = sub.add_parser("demo", help="build the demo bundle if missing, then run it on the simulated probe")
+    d.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    d.add_argument("--frames", type=int, default=150, help="frames to stream from the simulated probe")
+    d.add_argument("--fps", type=float, default=30.0, help="simulated probe frame rate")
+    d.add_argument("--bench-frames", type=int, default=20, help="frames for the full-width benchmark")
+    d.add_argument("--rebuild", action="store_true", help="rebuild the bundle even if it exists")
+    d.set_defaults(func=cmd_demo)
+
+    r = sub.add_parser("run", help="stream a source through a bundle")
+    r.add_argument("--bundle", required=True)
+    r.add_argument("--source", required=True, help="image, folder, video, or sim://kidney?grade=3&fps=30&frames=300")
+    backend_opts(r)
+    r.add_argument("--policy", choices=["newest", "all"], default=None,
+                   help="newest: live, keep only the latest frame; all: lossless (default: newest for live sources)")
+    r.add_argument("--results", help="write one JSON object per input frame here (JSONL)")
+    r.add_argument("--video", help="write the annotated overlay video here (MP4)")
+    r.add_argument("--save-masks", help="write each frame's binary mask as DIR/<frame>.png")
+    r.add_argument("--study-summary", help="write the per-study aggregate here (JSON)")
+    r.add_argument("--quiet", action="store_true", help="no line per frame")
+    r.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("eval", help="kidney IoU and grade metrics on a labelled (labelme) dataset")
+    e.add_argument("--bundle", required=True)
+    e.add_argument("--data", required=True, help="dataset folder (labelme JSON beside images, optional labels.csv)")
+    backend_opts(e)
+    e.add_argument("--report", help="write the report JSON here (a confusion-matrix PNG goes beside it)")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="per-stage latency percentiles on simulated frames")
+    b.add_argument("--bundle", required=True)
+    backend_opts(b)
+    b.add_argument("--frames", type=int, default=100)
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--json", help="write the figures here")
+    b.add_argument("--plot", help="write a latency picture here (PNG)")
+    b.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("sim", help="write a synthetic labelled kidney dataset (labelme JSON + labels.csv)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--patients", type=int, required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--frames-per-patient", type=int, default=12)
+    s.set_defaults(func=cmd_sim)
+
+    t = sub.add_parser("train", help="train UNet, VGG-19-BN and XGBoost with the paper's recipes; writes a bundle")
+    t.add_argument("--data", required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--unet-width", type=float, default=0.25)
+    t.add_argument("--vgg-width", type=float, default=0.0625)
+    t.add_argument("--unet-epochs", type=int, default=8)
+    t.add_argument("--vgg-epochs", type=int, default=8)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--grid-search", action="store_true", help="small XGBoost grid search on the validation split")
+    t.set_defaults(func=cmd_train)
+
+    x = sub.add_parser("export", help="checkpoints + booster -> bundle (ONNX fp32/fp16, UBJ booster, manifest)")
+    x.add_argument("--unet", help="UNet checkpoint (.pt state_dict; jakeoung/Unet_pytorch keys)")
+    x.add_argument("--vgg", help="VGG-19-BN checkpoint (.pt state_dict; torchvision features.* keys)")
+    x.add_argument("--booster", required=True, help="XGBoost model (.ubj or .json)")
+    x.add_argument("--out", required=True)
+    x.add_argument("--random-weights", action="store_true",
+                   help="no checkpoints: random weights at the given widths (for timing only)")
+    x.add_argument("--unet-width", type=float, default=None, help="with --random-weights (default 1.0)")
+    x.add_argument("--vgg-width", type=float, default=None, help="with --random-weights (default 1.0)")
+    x.set_defaults(func=cmd_export)
+
+    dr = sub.add_parser("doctor", help="which backends, providers and compilers are usable here")
+    dr.set_defaults(func=cmd_doctor)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USER
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("sonoscore: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if isinstance(e, _user_error_types()):
+            print(f"sonoscore: {e}", file=sys.stderr)
+            return EXIT_USER
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

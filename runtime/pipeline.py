@@ -1,0 +1,130 @@
+"""The per-frame graph of the IFTA grader, read top to bottom:
+
+    frame -> gray -> crop -> 224x224 -> Crimmins          preprocess
+          -> UNet -> sigmoid mask                          unet
+          -> mask > 0.5, fraction, gate, image * mask      gate
+          -> VGG-19-BN -> 1024 features (Fc2)              vgg
+          -> XGBoost softprob -> grade = argmax + 1        booster
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from runtime import preprocess as pp
+from runtime.backends import make_runner
+from runtime.booster import Booster
+from runtime.bundle import Bundle
+from runtime.record import FrameRecord
+from runtime.sources import Frame
+
+
+def apply_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Masked image with cv2.multiply semantics (uint8, saturating; mask is 0/1)."""
+    return cv2.multiply(image, mask)
+
+
+class Pipeline:
+    """Runs a bundle on frames. A context manager: networks and the booster are loaded on enter."""
+
+    def __init__(self, bundle: Bundle, *, backend: str = "ort", precision: str = "fp32",
+                 booster_backend: str = "auto", cache_dir: Path | None = None, threads: int | None = None,
+                 min_mask_fraction: float | None = None, mask_threshold: float | None = None):
+        self.bundle = bundle
+        self.backend = backend
+        self.precision = precision
+        self.unet_spec = bundle.network("unet")
+        self.vgg_spec = bundle.network("vgg")
+        self.unet_file = bundle.network_file("unet", precision)
+        self.vgg_file = bundle.network_file("vgg", precision)
+        self.booster_backend = booster_backend
+        self.cache_dir = cache_dir
+        self.threads = threads
+        self.threshold = bundle.mask_threshold if mask_threshold is None else mask_threshold
+        self.min_fraction = bundle.min_mask_fraction if min_mask_fraction is None else min_mask_fraction
+        self.size = bundle.size
+        self.iterations = bundle.crimmins_iterations
+        self.unet = self.vgg = self.booster = None
+
+    def __enter__(self) -> "Pipeline":
+        opts = {"intra_op_threads": self.threads} if self.threads else {}
+        self.unet = make_runner(self.backend, self.unet_file, **opts).__enter__()
+        self.vgg = make_runner(self.backend, self.vgg_file, **opts).__enter__()
+        self.booster = Booster.load(self.bundle.booster_file, num_class=self.bundle.num_classes,
+                                    cache_dir=self.cache_dir, backend=self.booster_backend)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for r in (self.unet, self.vgg):
+            if r is not None:
+                r.__exit__(None, None, None)
+        self.unet = self.vgg = None
+
+    # -- the graph -------------------------------------------------------------------------------------------
+    def process(self, frame: Frame, t_start: float | None = None) -> FrameRecord:
+        """One frame -> one record. Never raises for a bad frame: the record carries the error instead."""
+        t0 = time.perf_counter() if t_start is None else t_start
+        rec = FrameRecord(frame.index, frame.source_id, frame.t_capture, meta=frame.meta)
+        lat = rec.latency_ms
+        lat["queue"] = max(0.0, (time.time() - frame.t_capture) * 1e3 - (time.perf_counter() - t0) * 1e3)
+        if frame.error:
+            rec.error = frame.error
+            return self._finish(rec, t0)
+        try:
+            t = time.perf_counter()
+            gray = pp.to_gray(frame.pixels, frame.channel_order, frame.window)
+            image, region = pp.preprocess(gray, frame.region, size=self.size, crimmins_iterations=self.iterations)
+            rec.display, rec.region, rec.image = gray, region, image
+            lat["preprocess"] = _ms(t)
+
+            t = time.perf_counter()
+            prob = self.unet.infer({self.unet_spec.input_name: pp.to_input(image, 1)})[self.unet_spec.output_name]
+            lat["unet"] = _ms(t)
+
+            t = time.perf_counter()
+            mask = (prob[0, 0] > self.threshold).astype(np.uint8)
+            rec.mask = mask
+            rec.mask_fraction = float(mask.mean())
+            rec.accepted = rec.mask_fraction >= self.min_fraction
+            masked = apply_mask(image, mask) if rec.accepted else None
+            lat["gate"] = _ms(t)
+            if not rec.accepted:
+                return self._finish(rec, t0)
+
+            t = time.perf_counter()
+            feats = self.vgg.infer({self.vgg_spec.input_name: pp.to_input(masked, self.vgg_spec.channels)},
+                                   [self.vgg_spec.output_name])[self.vgg_spec.output_name]
+            lat["vgg"] = _ms(t)
+
+            t = time.perf_counter()
+            probs = self.booster.predict(feats)[0]
+            rec.probabilities = [float(p) for p in probs]
+            rec.grade = int(np.argmax(probs)) + 1
+            lat["booster"] = _ms(t)
+        except pp.FrameError as e:
+            rec.error = f"frame {frame.index}: {e}"
+            rec.accepted = False
+        return self._finish(rec, t0)
+
+    def features(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """VGG features of a preprocessed image under a 0/1 mask (training the booster uses this)."""
+        masked = apply_mask(image, mask)
+        return self.vgg.infer({self.vgg_spec.input_name: pp.to_input(masked, self.vgg_spec.channels)},
+                              [self.vgg_spec.output_name])[self.vgg_spec.output_name][0]
+
+    def segment(self, image: np.ndarray) -> np.ndarray:
+        """Binary 0/1 mask of a preprocessed image."""
+        prob = self.unet.infer({self.unet_spec.input_name: pp.to_input(image, 1)})[self.unet_spec.output_name]
+        return (prob[0, 0] > self.threshold).astype(np.uint8)
+
+    @staticmethod
+    def _finish(rec: FrameRecord, t0: float) -> FrameRecord:
+        rec.latency_ms["total"] = rec.latency_ms.get("queue", 0.0) + _ms(t0)
+        return rec
+
+
+def _ms(t: float) -> float:
+    return (time.perf_counter() - t) * 1e3

@@ -1,0 +1,33 @@
+"""Shared fixtures. The tiny bundle is made by the project's own recipe (sim -> train -> export), at widths small
+enough to train in seconds: its grades are meaningless, its plumbing is the real thing."""
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Compiled boosters go to a throw-away cache, never the user's.
+os.environ.setdefault("SONOSCORE_CACHE", tempfile.mkdtemp(prefix="sonoscore-test-cache-"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    from runtime.dataset import write_dataset
+    return write_dataset(tmp_path_factory.mktemp("data") / "sim", patients=8, seed=5, frames_per_patient=3,
+                         progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_dataset):
+    from export.recipe import TrainConfig, train_bundle
+    cfg = TrainConfig(unet_width=1 / 16, vgg_width=1 / 32, unet_epochs=1, vgg_epochs=1, seed=0)
+    return train_bundle(tiny_dataset, tmp_path_factory.mktemp("bundles") / "tiny", cfg, progress=False)
+
+
+def sonoscore(*args, timeout=600, **kw):
+    """Run the real command line in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "runtime.cli", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, **kw)

@@ -1,0 +1,152 @@
+"""The command-line contract of DESIGN.md, through real subprocesses on a real (tiny) bundle."""
+import json
+import shutil
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.conftest import sonoscore
+
+RECORD_KEYS = {"frame", "source_id", "t_capture", "accepted", "mask_fraction", "grade", "probabilities",
+               "latency_ms", "error"}
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_help_works_and_lists_every_command():
+    r = sonoscore("--help")
+    assert r.returncode == 0
+    for cmd in ("demo", "run", "eval", "bench", "sim", "train", "export", "doctor"):
+        assert cmd in r.stdout
+
+
+def test_run_on_the_simulated_probe_writes_one_record_per_frame(tiny_bundle, tmp_path):
+    res, masks, summ = tmp_path / "r.jsonl", tmp_path / "masks", tmp_path / "study.json"
+    r = sonoscore("run", "--bundle", tiny_bundle, "--source", "sim://kidney?grade=2&fps=0&frames=12&seed=3",
+                  "--results", res, "--save-masks", masks, "--study-summary", summ, "--video", tmp_path / "o.mp4")
+    assert r.returncode == 0, r.stderr
+    recs = read_jsonl(res)
+    assert [x["frame"] for x in recs] == list(range(12))
+    for x in recs:
+        assert set(x) == RECORD_KEYS and x["error"] is None
+        assert {"preprocess", "unet", "gate", "total"} <= set(x["latency_ms"])
+        if x["accepted"]:
+            assert x["grade"] in (1, 2, 3, 4) and abs(sum(x["probabilities"]) - 1) < 1e-4
+            assert {"vgg", "booster"} <= set(x["latency_ms"])
+        else:
+            assert x["grade"] is None and x["probabilities"] is None
+    m = cv2.imread(str(masks / "0.png"), cv2.IMREAD_UNCHANGED)
+    assert m.shape == (224, 224) and set(np.unique(m)) <= {0, 255}
+    assert json.loads(summ.read_text())["frames"] == 12
+    cap = cv2.VideoCapture(str(tmp_path / "o.mp4"))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 12
+    assert "not for clinical use" in r.stderr
+
+
+def _png(img):
+    ok, buf = cv2.imencode(".png", img)
+    assert ok
+    return buf.tobytes()
+
+
+def _png_chunk(kind, data):
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def make_bad_folder(folder: Path, good: np.ndarray) -> dict:
+    """The issue's mixed folder: which names must carry an error."""
+    folder.mkdir()
+    (folder / "a_valid.png").write_bytes(_png(good))
+    (folder / "b_empty.png").write_bytes(b"")
+    (folder / "c_truncated.png").write_bytes(_png(good)[:200])
+    (folder / "d_text.png").write_text("this is not an image\n")
+    (folder / "e_16bit.png").write_bytes(_png(good.astype(np.uint16) * 257))
+    (folder / "f_rgba.png").write_bytes(_png(np.dstack([good, good, good, np.full_like(good, 255)])))
+    (folder / "g_1x1.png").write_bytes(_png(np.full((1, 1), 128, np.uint8)))
+    ihdr = (60000).to_bytes(4, "big") + (2).to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    (folder / "h_huge_header.png").write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
+                                               + _png_chunk(b"IEND", b""))
+    return {"b_empty.png", "c_truncated.png", "d_text.png", "h_huge_header.png"}
+
+
+def test_bad_inputs_each_get_a_record_and_a_sentence_and_the_good_ones_are_scored(tiny_bundle, tmp_path):
+    from runtime.phantom import KidneyPhantom
+    good = KidneyPhantom(grade=1, seed=2).frame(0).image
+    broken = make_bad_folder(tmp_path / "in", good)
+    res = tmp_path / "r.jsonl"
+    r = sonoscore("run", "--bundle", tiny_bundle, "--source", tmp_path / "in", "--results", res)
+    assert r.returncode == 3, r.stderr  # documented: finished, some frames carried errors
+    assert "Traceback" not in r.stderr + r.stdout
+    recs = read_jsonl(res)
+    names = sorted(p.name for p in (tmp_path / "in").iterdir())
+    assert [x["frame"] for x in recs] == list(range(8))
+    for name, x in zip(names, recs):
+        if name in broken:
+            assert x["error"] and name in x["error"] and x["grade"] is None, (name, x)
+        else:
+            assert x["error"] is None, (name, x)
+            assert 0.0 <= x["mask_fraction"] <= 1.0
+    # the valid frame, its 16-bit and its RGBA copies agree on the mask (same pixels after conversion)
+    fr = {n: x for n, x in zip(names, recs)}
+    assert abs(fr["a_valid.png"]["mask_fraction"] - fr["f_rgba.png"]["mask_fraction"]) < 1e-9
+
+
+def test_a_tampered_bundle_is_refused_with_one_sentence(tiny_bundle, tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b)
+    with open(b / "booster.ubj", "ab") as f:
+        f.write(b"\0")
+    r = sonoscore("run", "--bundle", b, "--source", "sim://kidney?fps=0&frames=1")
+    assert r.returncode == 2
+    assert "booster.ubj does not match the sha256" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("source, phrase", [
+    ("/nonexistent/probe.mp4", "does not exist"),
+    ("sim://kidney?grade=9", "is not a grade"),
+    ("sim://liver", "only sim://kidney"),
+    ("v4l2:///dev/video0", "not available in this version"),
+])
+def test_a_bad_source_is_one_sentence_and_exit_2(tiny_bundle, source, phrase):
+    r = sonoscore("run", "--bundle", tiny_bundle, "--source", source)
+    assert r.returncode == 2 and phrase in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_bundle_says_how_to_make_one(tmp_path):
+    r = sonoscore("run", "--bundle", tmp_path, "--source", "sim://kidney")
+    assert r.returncode == 2 and "no manifest.json" in r.stderr
+
+
+def test_eval_reports_the_contract_metrics(tiny_bundle, tiny_dataset, tmp_path):
+    rep = tmp_path / "eval.json"
+    r = sonoscore("eval", "--bundle", tiny_bundle, "--data", tiny_dataset, "--report", rep)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(rep.read_text())
+    assert 0.0 <= out["iou_mean"] <= 1.0 and out["images"] == 24
+    if out["graded_frames"]:
+        for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro", "confusion_matrix", "per_class"):
+            assert k in out
+        assert np.array(out["confusion_matrix"]).sum() == out["graded_frames"]
+        assert rep.with_suffix(".confusion.png").is_file()
+
+
+def test_bench_json_has_every_stage_percentile(tiny_bundle, tmp_path):
+    j = tmp_path / "bench.json"
+    r = sonoscore("bench", "--bundle", tiny_bundle, "--frames", 5, "--warmup", 1, "--json", j)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(j.read_text())
+    assert out["frames"] == 5 and out["fps"] > 0
+    for stage in ("preprocess", "unet", "gate", "vgg", "booster", "total"):
+        s = out["stages"][stage]
+        assert 0 <= s["p50_ms"] <= s["p95_ms"] <= s["p99_ms"] <= s["max_ms"]
+    assert out["stages"]["total"]["p50_ms"] >= out["stages"]["unet"]["p50_ms"]
+
+
+def test_doctor_lists_the_cpu_backend():
+    r = sonoscore("doctor")
+    assert r.returncode == 0 and "CPUExecutionProvider" in r.stdout
