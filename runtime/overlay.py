@@ -1,0 +1,366 @@
+"""The overlay picture: what a sonographer sees for one frame.
+
+The video sink writes it and a live viewer will show it, so it is one pure function of a record:
+`render_overlay(record) -> BGR image`. Layout, left to right and top to bottom:
+
+    +------------------------------+-------------------+
+    | the frame, grey, with the    | IFTA GRADE  3     |
+    | kidney contour in green      | probability bars  |
+    | (top-left of the picture,    | ACCEPTED / ...    |
+    |  scaled by `frame_scale`)    | frame, fps, ms    |
+    +------------------------------+-------------------+
+    | disclaimer banner (always, when given)           |
+    +--------------------------------------------------+
+
+Text goes through OpenCV's TrueType renderer (`cv2.FontFace`, OpenCV >= 5) and falls back to the Hershey fonts
+on older OpenCV (the device may ship 4.x); both are anti-aliased. The text helpers are public because the
+evaluation pictures (runtime/evaluate.py) use them too.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from runtime.preprocess import Region, window_to_uint8
+from runtime.record import FrameRecord
+
+DEFAULT_DISCLAIMER = "synthetic demo model - not for clinical use"
+DEFAULT_CLASS_NAMES = ("1: <25%", "2: 25-49%", "3: 50-74%", "4: >=75%")
+
+MIN_HEIGHT = 480          # small frames are enlarged to this many rows so that text and contour are legible
+MAX_HEIGHT = 1080         # huge frames are shrunk to this
+PLACEHOLDER_SIZE = (480, 640)   # rows, columns of the grey picture drawn for a record without a frame
+
+# Colours, BGR.
+CONTOUR = (60, 220, 60)
+PANEL_BG = (34, 30, 28)
+RULE = (72, 68, 66)
+TEXT = (240, 240, 240)
+MUTED = (165, 165, 165)
+BAR_BG = (62, 58, 56)
+BAR_OTHER = (150, 145, 140)
+ACCEPTED_COLOUR = (70, 165, 40)
+REJECTED_COLOUR = (0, 118, 214)
+ERROR_COLOUR = (60, 60, 215)
+BANNER_BG = (0, 190, 255)
+BANNER_TEXT = (20, 20, 20)
+PLACEHOLDER_BG = (92, 92, 92)
+# Grade colours run from green (mild) to red (severe).
+GRADE_COLOURS = ((110, 200, 60), (40, 205, 235), (30, 140, 250), (70, 70, 235))
+
+
+# -- text ------------------------------------------------------------------------------------------------------
+_FACE: list = []          # the cached cv2.FontFace, or None where this OpenCV has none
+_ASCII = {"\u2014": "-", "\u2013": "-", "\u2265": ">=", "\u2264": "<=", "\u00b7": "-", "\u00d7": "x",
+          "\u00b5": "u", "\u2026": "..."}
+
+
+def _face():
+    if not _FACE:
+        try:
+            _FACE.append(cv2.FontFace("sans"))
+        except Exception:  # OpenCV 4.x: no TrueType renderer
+            _FACE.append(None)
+    return _FACE[0]
+
+
+def _hershey(text: str, size: float, weight: int) -> tuple[str, float, int]:
+    text = "".join(_ASCII.get(ch, ch if ord(ch) < 128 else "?") for ch in text)
+    scale = cv2.getFontScaleFromHeight(cv2.FONT_HERSHEY_SIMPLEX, max(1, int(round(0.72 * size))), 1)
+    thickness = max(1, int(round(size * (0.09 if weight >= 600 else 0.055))))
+    return text, scale, thickness
+
+
+def text_width(text: str, size: float, weight: int = 400) -> int:
+    """Width in pixels of `text` at font size `size` (pixels, about 1.4x the height of a capital)."""
+    face = _face()
+    if face is not None:
+        return int(cv2.getTextSize((0, 0), text, (0, 0), face, int(round(size)), weight)[2])
+    t, scale, thick = _hershey(text, size, weight)
+    return int(cv2.getTextSize(t, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)[0][0])
+
+
+def draw_text(img: np.ndarray, text: str, org: tuple[float, float], size: float, color, weight: int = 400,
+              align: str = "left") -> int:
+    """Anti-aliased text with its baseline at org[1]; `align` says whether org[0] is its left, centre or right.
+    Returns the x just after the text."""
+    w = text_width(text, size, weight)
+    x = int(round(org[0] - {"left": 0, "center": w / 2, "right": w}[align]))
+    y = int(round(org[1]))
+    face = _face()
+    if face is not None:
+        cv2.putText(img, text, (x, y), tuple(int(c) for c in color), face, int(round(size)), weight)
+    else:
+        t, scale, thick = _hershey(text, size, weight)
+        cv2.putText(img, t, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, tuple(int(c) for c in color), thick,
+                    cv2.LINE_AA)
+    return x + w
+
+
+def fill(img: np.ndarray, colour) -> None:
+    """Paint all of `img` (a view is painted in place); ~50x faster than numpy broadcasting a BGR tuple."""
+    cv2.rectangle(img, (0, 0), (img.shape[1] - 1, img.shape[0] - 1), tuple(int(c) for c in colour), -1)
+
+
+def fit_size(text: str, size: float, max_width: float, weight: int = 400, min_size: float = 8) -> float:
+    """The largest font size <= `size` at which `text` fits in `max_width` pixels (never below `min_size`)."""
+    w = text_width(text, size, weight)
+    if w <= max_width or w == 0:
+        return size
+    return max(min_size, size * max_width / w * 0.98)
+
+
+def wrap_text(text: str, size: float, max_width: float, weight: int = 400, max_lines: int = 6) -> list[str]:
+    """Greedy word wrap to `max_width` pixels; a word longer than a line is cut; extra lines end in '...'."""
+    lines: list[str] = []
+    for word in text.split():
+        while text_width(word, size, weight) > max_width and len(word) > 1:   # cut an over-long word
+            k = len(word) - 1
+            while k > 1 and text_width(word[:k], size, weight) > max_width:
+                k -= 1
+            if lines and not lines[-1]:
+                lines[-1] = word[:k]
+            else:
+                lines.append(word[:k])
+            lines.append("")
+            word = word[k:]
+        if lines and lines[-1] and text_width(lines[-1] + " " + word, size, weight) <= max_width:
+            lines[-1] += " " + word
+        elif lines and not lines[-1]:
+            lines[-1] = word
+        else:
+            lines.append(word)
+    lines = [ln for ln in lines if ln] or [""]
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        last = lines[-1]
+        while last and text_width(last + "...", size, weight) > max_width:
+            last = last[:-1]
+        lines[-1] = last + "..."
+    return lines
+
+
+# -- geometry --------------------------------------------------------------------------------------------------
+def frame_scale(shape: tuple[int, ...]) -> float:
+    """How much the overlay enlarges (or shrinks) a display frame of this shape: small frames grow to
+    MIN_HEIGHT rows, huge ones shrink to MAX_HEIGHT, others stay 1:1. The frame sits at the top-left corner."""
+    h = shape[0]
+    if h < MIN_HEIGHT:
+        return MIN_HEIGHT / h
+    if h > MAX_HEIGHT:
+        return MAX_HEIGHT / h
+    return 1.0
+
+
+def mask_to_frame(mask: np.ndarray, region: Region | None, shape: tuple[int, ...]) -> np.ndarray:
+    """The network's 224x224 mask as a 0/1 mask of the display frame: resized back to the region it was cropped
+    from (INTER_NEAREST, so it stays binary) and placed there; `region` None means the whole frame."""
+    h, w = shape[:2]
+    r = (region or Region(0, 0, w, h)).clip((h, w))
+    full = np.zeros((h, w), np.uint8)
+    full[r.y0:r.y1, r.x0:r.x1] = cv2.resize((mask > 0).astype(np.uint8), (r.x1 - r.x0, r.y1 - r.y0),
+                                            interpolation=cv2.INTER_NEAREST)
+    return full
+
+
+def _display_bgr(display: np.ndarray) -> np.ndarray:
+    img = display
+    if img.dtype != np.uint8:
+        img = window_to_uint8(img)
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim == 2:
+        return cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_GRAY2BGR)
+    return np.ascontiguousarray(img[:, :, :3])
+
+
+def _draw_contour(canvas: np.ndarray, frame_mask: np.ndarray, scale: float, thickness: int,
+                  block: float = 1.0) -> None:
+    """Green outline of `frame_mask` on the picture, enlarged by `scale`.
+
+    Contour points are the centres of the mask's border pixels; they are mapped to the centres of the enlarged
+    pixels and drawn with 4 fractional bits, so the anti-aliased line sits where the border is. `block` is the
+    size in frame pixels of one network-mask pixel: where it exceeds 1.5, the staircase of the enlarged mask is
+    smoothed by a circular moving average over about two blocks of contour (it moves the line by at most half a
+    block: the model cannot place the border more finely than that), which keeps large frames clean.
+    """
+    contours, _ = cv2.findContours(frame_mask, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+    k = int(round(2 * block)) | 1 if block > 1.5 else 1
+    pts = []
+    for c in contours:
+        xy = c[:, 0, :].astype(np.float64)
+        if k > 1 and len(xy) > 2 * k:
+            padded = np.concatenate([xy[-(k // 2):], xy, xy[:k // 2]])
+            kernel = np.full(k, 1.0 / k)
+            xy = np.stack([np.convolve(padded[:, i], kernel, mode="valid") for i in (0, 1)], axis=1)
+        pts.append(np.round(((xy + 0.5) * scale - 0.5) * 16).astype(np.int32).reshape(-1, 1, 2))
+    cv2.polylines(canvas, pts, True, CONTOUR, thickness, cv2.LINE_AA, shift=4)
+
+
+# -- the picture -----------------------------------------------------------------------------------------------
+def render_overlay(record: FrameRecord, *, fps: float | None = None,
+                   disclaimer: str | None = DEFAULT_DISCLAIMER,
+                   class_names: Sequence[str] = DEFAULT_CLASS_NAMES) -> np.ndarray:
+    """One record -> the annotated BGR uint8 picture (even width and height, so any video encoder takes it).
+
+    Never raises for a record without a frame or mask: a grey placeholder carries the record's error instead.
+    `fps` is the processing rate to show (None: not shown as a number).
+    """
+    display = record.display
+    if display is not None and getattr(display, "ndim", 0) in (2, 3) and display.size:
+        scale = frame_scale(display.shape)
+        h, w = display.shape[:2]
+        H, W = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+        img = _display_bgr(display)
+        interp = cv2.INTER_LINEAR if scale > 1 else cv2.INTER_AREA
+        img = img if (H, W) == (h, w) else cv2.resize(img, (W, H), interpolation=interp)
+    else:
+        scale, (H, W) = 0.0, PLACEHOLDER_SIZE
+        img = None
+    u = H / MIN_HEIGHT                                   # layout unit: 1 at 480 rows
+    panel_w = int(round(300 * u))
+    banner_h = int(round(36 * u)) if disclaimer else 0
+    panel_w += (W + panel_w) % 2                         # even picture size
+    banner_h += (H + banner_h) % 2
+    canvas = np.empty((H + banner_h, W + panel_w, 3), np.uint8)
+    fill(canvas, PANEL_BG)
+
+    if img is not None:
+        canvas[:H, :W] = img
+        if record.mask is not None and getattr(record.mask, "ndim", 0) == 2 and record.mask.size:
+            frame_mask = mask_to_frame(record.mask, record.region, display.shape)
+            r = (record.region or Region(0, 0, w, h)).clip(display.shape)
+            block = max((r.x1 - r.x0) / record.mask.shape[1], (r.y1 - r.y0) / record.mask.shape[0])
+            _draw_contour(canvas, frame_mask, scale, max(2, int(round(2 * u))), block)
+    else:
+        _draw_placeholder(canvas[:H, :W], record.error, u)
+
+    _draw_panel(canvas[:H, W:], record, u, fps, class_names)
+    if disclaimer:
+        _draw_banner(canvas[H:], disclaimer, u)
+    return canvas
+
+
+def _draw_placeholder(area: np.ndarray, error: str | None, u: float) -> None:
+    fill(area, PLACEHOLDER_BG)
+    h, w = area.shape[:2]
+    draw_text(area, "NO IMAGE", (w / 2, h / 2 - 10 * u), 30 * u, TEXT, 700, align="center")
+    if error:
+        size = 16 * u
+        for i, line in enumerate(wrap_text(error, size, w - 80 * u, max_lines=5)):
+            draw_text(area, line, (w / 2, h / 2 + (24 + 22 * i) * u), size, TEXT, align="center")
+
+
+def _grade_text(name: str) -> str:
+    """'3: 50-74%' -> '50-74%' (the big digit already says 3)."""
+    return name.split(":", 1)[1].strip() if ":" in name else name
+
+
+def _draw_panel(p: np.ndarray, rec: FrameRecord, u: float, fps: float | None, class_names: Sequence[str]) -> None:
+    h, w = p.shape[:2]
+    m = 18 * u                                            # margin
+    cv2.line(p, (0, 0), (0, h - 1), RULE, max(1, int(round(u))))
+    probs = rec.probabilities if rec.error is None else None
+    scored = rec.accepted and rec.grade is not None and probs is not None
+
+    # Grade block.
+    y = m + 12 * u
+    draw_text(p, "IFTA GRADE", (m, y), 15 * u, MUTED, 600)
+    if rec.error:
+        draw_text(p, "ERROR", (m, y + 46 * u), 40 * u, ERROR_COLOUR, 800)
+        size = 15 * u
+        lines = wrap_text(rec.error, size, w - 2 * m, max_lines=9)
+        for i, line in enumerate(lines):
+            draw_text(p, line, (m, y + (76 + 21 * i) * u), size, TEXT)
+    else:
+        base = y + 88 * u
+        if scored:
+            g = int(rec.grade)
+            colour = GRADE_COLOURS[(g - 1) % len(GRADE_COLOURS)]
+            x = draw_text(p, str(g), (m - 4 * u, base), 104 * u, colour, 800)
+            name = class_names[g - 1] if 0 < g <= len(class_names) else f"grade {g}"
+            tx = x + 14 * u
+            draw_text(p, _grade_text(name), (tx, base - 40 * u), fit_size(_grade_text(name), 26 * u, w - m - tx, 700),
+                      TEXT, 700)
+            draw_text(p, f"p = {probs[g - 1]:.2f}", (tx, base - 8 * u), 17 * u, MUTED)
+        else:
+            cv2.line(p, (int(m + 4 * u), int(base - 36 * u)), (int(m + 44 * u), int(base - 36 * u)), MUTED,
+                     max(2, int(round(4 * u))), cv2.LINE_AA)
+            tx = m + 66 * u
+            draw_text(p, "not scored", (tx, base - 40 * u), 24 * u, TEXT, 700)
+            draw_text(p, "too little kidney in view", (tx, base - 8 * u), 17 * u, MUTED)
+
+        # Probability bars.
+        y = base + 26 * u
+        cv2.line(p, (int(m), int(y)), (int(w - m), int(y)), RULE, max(1, int(round(u))))
+        y += 28 * u
+        draw_text(p, "PROBABILITIES", (m, y), 14 * u, MUTED, 600)
+        label_size = 16 * u
+        label_w = max(text_width(n, label_size) for n in class_names) + 12 * u
+        value_w = text_width("0.00", label_size) + 10 * u
+        x0, x1 = m + label_w, w - m - value_w
+        bar_h = 14 * u
+        for i, name in enumerate(class_names):
+            y += 31 * u
+            draw_text(p, name, (m, y), label_size, TEXT)
+            top = y - 0.55 * label_size - bar_h / 2
+            cv2.rectangle(p, (int(x0), int(top)), (int(x1), int(top + bar_h)), BAR_BG, -1)
+            if probs is not None and i < len(probs):
+                v = float(np.clip(probs[i], 0.0, 1.0))
+                best = scored and i == int(rec.grade) - 1
+                colour = GRADE_COLOURS[i % len(GRADE_COLOURS)] if best else BAR_OTHER
+                if v > 0:
+                    cv2.rectangle(p, (int(x0), int(top)), (int(round(x0 + v * (x1 - x0))), int(top + bar_h)),
+                                  colour, -1)
+                draw_text(p, f"{v:.2f}", (w - m, y), label_size, TEXT if best else MUTED, 700 if best else 400,
+                          align="right")
+            else:
+                draw_text(p, "-", (w - m, y), label_size, MUTED, align="right")
+
+    # Gate state.
+    pill_top, pill_h = h - 128 * u, 50 * u
+    if rec.error:
+        state, colour, detail = "NOT PROCESSED", ERROR_COLOUR, "see the error above"
+    elif rec.accepted:
+        state, colour, detail = "ACCEPTED", ACCEPTED_COLOUR, f"kidney {rec.mask_fraction:.1%} of scan area"
+    else:
+        state, colour, detail = "REJECTED", REJECTED_COLOUR, f"kidney {rec.mask_fraction:.1%}: below the gate"
+    _rounded_rect(p, (m, pill_top), (w - m, pill_top + pill_h), 8 * u, colour)
+    draw_text(p, state, (m + 12 * u, pill_top + 22 * u), 18 * u, (255, 255, 255), 800)
+    draw_text(p, detail, (m + 12 * u, pill_top + 42 * u), fit_size(detail, 15 * u, w - 2 * m - 24 * u, 500),
+              (255, 255, 255), 500)
+
+    # Frame, rate, latency.
+    cv2.line(p, (int(m), int(h - 62 * u)), (int(w - m), int(h - 62 * u)), RULE, max(1, int(round(u))))
+    total = rec.latency_ms.get("total")
+    draw_text(p, f"frame {rec.frame}", (m, h - 36 * u), 16 * u, TEXT, 600)
+    draw_text(p, f"{fps:.1f} fps" if fps else "-- fps", (w - m, h - 36 * u), 16 * u, TEXT, 600, align="right")
+    draw_text(p, "latency", (m, h - 14 * u), 15 * u, MUTED)
+    draw_text(p, f"{total:.1f} ms" if total is not None else "-- ms", (w - m, h - 14 * u), 15 * u, MUTED,
+              align="right")
+
+
+def _rounded_rect(img: np.ndarray, p0: tuple[float, float], p1: tuple[float, float], r: float, colour) -> None:
+    (x0, y0), (x1, y1) = (int(round(p0[0])), int(round(p0[1]))), (int(round(p1[0])), int(round(p1[1])))
+    r = int(round(min(r, (x1 - x0) / 2, (y1 - y0) / 2)))
+    cv2.rectangle(img, (x0 + r, y0), (x1 - r, y1), colour, -1)
+    cv2.rectangle(img, (x0, y0 + r), (x1, y1 - r), colour, -1)
+    for cx, cy in ((x0 + r, y0 + r), (x1 - r, y0 + r), (x0 + r, y1 - r), (x1 - r, y1 - r)):
+        cv2.circle(img, (cx, cy), r, colour, -1, cv2.LINE_AA)
+
+
+def _draw_banner(b: np.ndarray, text: str, u: float) -> None:
+    fill(b, BANNER_BG)
+    h, w = b.shape[:2]
+    # A warning triangle, then the text, centred together.
+    size = fit_size(text, 18 * u, w - 80 * u, 700)
+    tri = 0.9 * size
+    tw = text_width(text, size, 700)
+    x = (w - tw - tri - 10 * u) / 2
+    cy = h / 2
+    pts = np.array([[x + tri / 2, cy - tri / 2], [x, cy + tri / 2 - u], [x + tri, cy + tri / 2 - u]])
+    cv2.fillPoly(b, [np.round(pts * 16).astype(np.int32)], BANNER_TEXT, cv2.LINE_AA, shift=4)
+    draw_text(b, "!", (x + tri / 2, cy + tri / 2 - 3 * u), 0.62 * tri * 1.4, BANNER_BG, 800, align="center")
+    draw_text(b, text, (x + tri + 10 * u, cy + 0.36 * size), size, BANNER_TEXT, 700)

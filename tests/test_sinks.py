@@ -1,0 +1,287 @@
+"""Sinks and the overlay picture: what each output holds, checked by reading it back."""
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from runtime.overlay import (BANNER_BG, PLACEHOLDER_BG, frame_scale, mask_to_frame, render_overlay,
+                             text_width, wrap_text)
+from runtime.preprocess import Region
+from runtime.record import FrameRecord
+from runtime.sinks import Sink
+from runtime.sinks.jsonl import JsonlSink
+from runtime.sinks.masks import MaskSink
+from runtime.sinks.summary import StudySummary
+from runtime.sinks.video import VideoSink
+from runtime.stream import DROPPED
+
+GREY = 100
+
+
+def rect_mask(y0=50, y1=150, x0=60, x1=180) -> np.ndarray:
+    m = np.zeros((224, 224), np.uint8)
+    m[y0:y1, x0:x1] = 1
+    return m
+
+
+def scored(frame=0, *, shape=(240, 320), region=Region(40, 8, 264, 232), grade=3,
+           probs=(0.1, 0.2, 0.6, 0.1), total=10.0) -> FrameRecord:
+    """A scored record on a flat grey frame whose 224x224 region sits at (40, 8)."""
+    return FrameRecord(frame, "test", 100.0 + frame, accepted=True, mask_fraction=0.24, grade=grade,
+                       probabilities=list(probs), latency_ms={"preprocess": 1.0, "unet": 2.0, "total": total},
+                       mask=rect_mask(), display=np.full(shape, GREY, np.uint8), region=region)
+
+
+def rejected(frame=0, total=40.0) -> FrameRecord:
+    return FrameRecord(frame, "test", 100.0 + frame, accepted=False, mask_fraction=0.01,
+                       latency_ms={"preprocess": 1.0, "unet": 2.0, "total": total}, mask=np.zeros((224, 224), np.uint8),
+                       display=np.full((240, 320), GREY, np.uint8), region=None)
+
+
+def error(frame=0, total=50.0) -> FrameRecord:
+    return FrameRecord(frame, "test", 100.0 + frame, error=f"frame {frame}: truncated PNG file",
+                       latency_ms={"total": total})
+
+
+def dropped(frame=0) -> FrameRecord:
+    return FrameRecord(frame, "test", 100.0 + frame, error=DROPPED)
+
+
+# -- the protocol ----------------------------------------------------------------------------------------------
+class Counting(Sink):
+    def __init__(self):
+        self.closes = 0
+
+    def write(self, record):
+        self._check_open()
+
+    def _close(self):
+        self.closes += 1
+
+
+def test_sink_close_is_idempotent_and_the_context_manager_closes_once():
+    with Counting() as s:
+        s.write(scored())
+    assert s.closed and s.closes == 1
+    s.close()
+    s.close()
+    assert s.closes == 1
+    with pytest.raises(ValueError, match="closed"):
+        s.write(scored())
+
+
+# -- JSONL -----------------------------------------------------------------------------------------------------
+def test_jsonl_round_trips_each_record_as_one_line_flushed_as_it_goes(tmp_path):
+    path = tmp_path / "deep" / "er" / "r.jsonl"
+    recs = [scored(0), rejected(1), error(2), dropped(3)]
+    sink = JsonlSink(path)
+    sink.write(recs[0])
+    sink.write(recs[1])
+    assert len(path.read_text().splitlines()) == 2            # readable before close: flushed per line
+    sink.write(recs[2])
+    sink.write(recs[3])
+    sink.close()
+    sink.close()
+    lines = path.read_text().splitlines()
+    assert [json.loads(x) for x in lines] == [r.to_json() for r in recs]
+    back = json.loads(lines[0])
+    assert back["grade"] == 3 and back["probabilities"] == [0.1, 0.2, 0.6, 0.1] and back["latency_ms"]["total"] == 10
+    assert json.loads(lines[2])["error"] == "frame 2: truncated PNG file" and json.loads(lines[2])["grade"] is None
+
+
+# -- masks -----------------------------------------------------------------------------------------------------
+def test_masks_are_written_as_0_255_pngs_named_by_frame_and_error_frames_write_none(tmp_path):
+    folder = tmp_path / "m"
+    with MaskSink(folder) as sink:
+        for r in (scored(0), rejected(1), error(2), dropped(3), scored(17)):
+            sink.write(r)
+    assert sorted(p.name for p in folder.iterdir()) == ["0.png", "1.png", "17.png"]
+    m = cv2.imread(str(folder / "17.png"), cv2.IMREAD_UNCHANGED)
+    assert m.dtype == np.uint8 and m.shape == (224, 224)
+    assert np.array_equal(m, rect_mask() * 255)
+    assert set(np.unique(m)) == {0, 255} and int((m == 255).sum()) == 100 * 120
+    assert not cv2.imread(str(folder / "1.png"), cv2.IMREAD_UNCHANGED).any()
+
+
+# -- overlay ---------------------------------------------------------------------------------------------------
+def is_green(px) -> bool:
+    b, g, r = (int(v) for v in px)
+    return g >= 170 and g - r >= 100 and g - b >= 100
+
+
+def test_mask_to_frame_resizes_the_mask_back_to_its_region_nearest_neighbour():
+    m = np.zeros((224, 224), np.uint8)
+    m[:112, :] = 1                                              # top half
+    full = mask_to_frame(m, Region(10, 20, 122, 132), (200, 300))
+    expected = np.zeros((200, 300), np.uint8)
+    expected[20:76, 10:122] = 1
+    assert np.array_equal(full, expected)
+    assert np.array_equal(mask_to_frame(m, None, (224, 224)), m)
+
+
+def test_overlay_enlarges_small_frames_and_has_an_even_size():
+    img = render_overlay(scored())
+    assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
+    assert frame_scale((240, 320)) == 2.0 and img.shape[0] >= 480 and img.shape[1] > 640
+    assert img.shape[0] % 2 == 0 and img.shape[1] % 2 == 0
+    assert render_overlay(scored(shape=(600, 800), region=Region(0, 0, 800, 600))).shape[0] >= 600
+
+
+def test_overlay_contour_is_green_on_the_mask_border_and_the_frame_is_untouched_elsewhere():
+    img = render_overlay(scored())                              # frame 240x320 shown at 2x from the top-left
+    s = 2
+    # The mask border in frame pixels: rows 8+50..8+149, columns 40+60..40+179.
+    top, bottom, left, right = 58, 157, 100, 219
+    for x in range(left + 2, right - 1):
+        cx = (x + 0.5) * s - 0.5
+        assert is_green(img[int((top + 0.5) * s - 0.5), int(cx)]), x       # top edge
+        assert is_green(img[int((bottom + 0.5) * s), int(cx)]), x          # bottom edge
+    for y in range(top + 2, bottom - 1):
+        assert is_green(img[int((y + 0.5) * s), int((left + 0.5) * s - 0.5)]), y
+        assert is_green(img[int((y + 0.5) * s), int((right + 0.5) * s)]), y
+    # Inside and outside the kidney, away from the line: the grey frame as it was.
+    for y, x in ((215, 320), (60, 60), (400, 600), (220, 150)):
+        assert tuple(img[y, x]) == (GREY, GREY, GREY), (y, x)
+    # Nothing green anywhere in the frame area except around the border.
+    green = np.array([[is_green(p) for p in row] for row in img[:480:4, :640:4]])
+    ys, xs = np.nonzero(green)
+    assert ys.size and ys.min() * 4 >= top * s - 3 and ys.max() * 4 <= (bottom + 1) * s + 2
+    assert xs.min() * 4 >= left * s - 3 and xs.max() * 4 <= (right + 1) * s + 2
+
+
+def test_overlay_without_region_maps_the_mask_to_the_whole_frame():
+    rec = scored(shape=(224, 224), region=None)
+    img = render_overlay(rec)
+    s = frame_scale((224, 224))
+    assert is_green(img[int(round((50 + 0.5) * s - 0.5)), int(round((120 + 0.5) * s - 0.5))])
+
+
+def test_overlay_disclaimer_banner_is_drawn_when_given_and_only_then():
+    with_banner = render_overlay(scored(), disclaimer="synthetic demo model - not for clinical use")
+    without = render_overlay(scored(), disclaimer=None)
+    assert with_banner.shape[0] > without.shape[0] >= 480
+    assert tuple(with_banner[-3, 3]) == BANNER_BG
+    assert not np.array_equal(without[-3, 3], BANNER_BG)
+
+
+def test_overlay_never_crashes_on_records_without_a_frame_or_mask():
+    for rec in (error(), dropped(), FrameRecord(0, "x", 0.0), rejected()):
+        img = render_overlay(rec, fps=None)
+        assert img.dtype == np.uint8 and img.shape[0] >= 480 and img.shape[0] % 2 == 0
+    img = render_overlay(error())
+    assert tuple(img[5, 5]) == PLACEHOLDER_BG                    # the grey placeholder
+    long_error = FrameRecord(3, "x", 0.0, error="x" * 400 + " word " * 200)
+    assert render_overlay(long_error).shape[0] >= 480
+    odd = scored(shape=(100, 131))
+    odd.display = (np.arange(100 * 131, dtype=np.uint16).reshape(100, 131) * 3)    # 16-bit display frame
+    odd.region = Region(5, 5, 126, 95)
+    assert render_overlay(odd, disclaimer=None).shape[0] == 480
+
+
+def test_wrapped_text_lines_fit_their_width():
+    lines = wrap_text("frame 5: truncated PNG file c_truncated.png could not be decoded " + "z" * 80, 15, 200)
+    assert len(lines) >= 3 and all(text_width(ln, 15) <= 200 for ln in lines)
+
+
+# -- video -----------------------------------------------------------------------------------------------------
+def read_video(path):
+    cap = cv2.VideoCapture(str(path))
+    n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    size = (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    decoded = 0
+    while cap.read()[0]:
+        decoded += 1
+    cap.release()
+    return n, decoded, size, fps
+
+
+def test_video_has_one_frame_per_record_at_the_size_of_the_first_picture(tmp_path):
+    path = tmp_path / "out" / "o.mp4"
+    recs = [scored(0), scored(1), rejected(2), error(3), dropped(4),
+            scored(5, shape=(500, 900), region=Region(100, 50, 600, 450)), scored(6)]
+    with VideoSink(path, fps=12.0) as sink:
+        for r in recs:
+            sink.write(r)
+    first = render_overlay(recs[0])
+    n, decoded, size, fps = read_video(path)
+    assert n == decoded == len(recs) == sink.frames
+    assert size == (first.shape[1], first.shape[0]) == sink.size
+    assert fps == pytest.approx(12.0)
+
+
+def test_video_writer_that_cannot_open_names_the_path(tmp_path):
+    path = tmp_path / "taken.mp4"
+    path.mkdir()                                                # a folder where the file should go
+    sink = VideoSink(path)
+    with pytest.raises(OSError, match="taken.mp4"):
+        sink.write(scored())
+    with pytest.raises(OSError, match="taken.mp4"):             # and it keeps saying so, cheaply
+        sink.write(scored())
+    sink.close()
+
+
+# -- study summary ---------------------------------------------------------------------------------------------
+def test_study_summary_counts_grades_and_latency_percentiles_from_known_records(tmp_path):
+    path = tmp_path / "s" / "study.json"
+    recs = [scored(0, grade=3, probs=(0.1, 0.2, 0.6, 0.1), total=10.0),
+            scored(1, grade=2, probs=(0.1, 0.5, 0.3, 0.1), total=20.0),
+            scored(2, grade=3, probs=(0.0, 0.2, 0.7, 0.1), total=30.0),
+            rejected(3, total=40.0), error(4, total=50.0), dropped(5)]
+    with StudySummary(path, disclaimer="synthetic demo model - not for clinical use") as study:
+        for r in recs:
+            study.write(r)
+    s = study.summary()
+    assert (s["frames"], s["accepted"], s["rejected"], s["errors"], s["dropped"]) == (6, 3, 1, 1, 1)
+    assert s["grade_counts"] == {"1": 0, "2": 1, "3": 2, "4": 0}
+    assert s["mean_probabilities"] == pytest.approx([0.2 / 3, 0.9 / 3, 1.6 / 3, 0.3 / 3], abs=1e-6)
+    assert s["final_grade"] == 3 and s["confidence"] == pytest.approx(1.6 / 3, abs=1e-6)
+    # total over [10, 20, 30, 40, 50], linear interpolation: p95 = 40 + 0.8 * 10, p99 = 40 + 0.96 * 10
+    assert s["latency_ms"]["total"] == {"p50": 30.0, "p95": 48.0, "p99": 49.6, "max": 50.0}
+    assert s["latency_ms"]["preprocess"] == {"p50": 1.0, "p95": 1.0, "p99": 1.0, "max": 1.0}
+    assert list(s["latency_ms"]) == ["preprocess", "unet", "total"]
+    assert s["disclaimer"] == "synthetic demo model - not for clinical use"
+    assert json.loads(path.read_text()) == s
+
+
+def test_study_summary_without_accepted_frames_has_no_grade():
+    study = StudySummary()
+    for r in (rejected(0), error(1)):
+        study.write(r)
+    study.close()
+    s = study.summary()
+    assert s["final_grade"] is None and s["confidence"] is None and s["mean_probabilities"] is None
+    assert s["grade_counts"] == {"1": 0, "2": 0, "3": 0, "4": 0} and "disclaimer" not in s
+    assert StudySummary().summary()["latency_ms"] == {}
+
+
+def test_overlay_falls_back_to_hershey_fonts_where_opencv_has_no_truetype(monkeypatch):
+    import runtime.overlay as overlay
+    monkeypatch.setattr(overlay, "_FACE", [None])               # as on OpenCV 4.x
+    img = render_overlay(scored(), disclaimer="synthetic demo model \u2014 not for clinical use")
+    assert img.shape == render_overlay(scored()).shape
+    assert is_green(img[int((58 + 0.5) * 2 - 0.5), 2 * 150])
+
+
+def test_every_sink_gets_one_record_per_input_frame_through_the_stream(tmp_path):
+    from runtime.sources import Frame
+    from runtime.stream import run_stream
+
+    def process(frame, t0):
+        if frame.index == 4:
+            return error(4)
+        return scored(frame.index) if frame.index % 3 else rejected(frame.index)
+
+    frames = (Frame(i, "test", 0.0, np.zeros((8, 8), np.uint8)) for i in range(10))
+    sinks = [JsonlSink(tmp_path / "r.jsonl"), MaskSink(tmp_path / "m"), VideoSink(tmp_path / "o.mp4", fps=10),
+             StudySummary(tmp_path / "s.json")]
+    stats = run_stream(frames, process, sinks, policy="all")
+    for s in sinks:
+        s.close()
+    assert stats.sink_errors == []
+    assert [json.loads(x)["frame"] for x in (tmp_path / "r.jsonl").read_text().splitlines()] == list(range(10))
+    assert len(list((tmp_path / "m").glob("*.png"))) == 9
+    assert read_video(tmp_path / "o.mp4")[:2] == (10, 10)
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert (s["frames"], s["accepted"], s["rejected"], s["errors"]) == (10, 5, 4, 1)
