@@ -1,0 +1,74 @@
+"""Inference backends, one module each (`ort`, `trt`), all with the runner interface of Polygraphy:
+
+    with make_runner("ort", "unet.onnx") as runner:
+        runner.inputs                      # {"image": TensorMeta(shape=("batch", 1, 224, 224), dtype=float32)}
+        out = runner.infer({"image": x})   # {"mask": array}
+
+A backend module is imported only when asked for, so a missing TensorRT or onnxruntime-gpu costs one sentence
+(BackendUnavailable), not an ImportError at start-up.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+BACKENDS = ("ort", "trt")
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend or execution provider asked for cannot run in this install; the message says why."""
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """A model input or output: dims are ints, or None / a symbol name (str) where the model leaves them free."""
+
+    shape: tuple[int | str | None, ...]
+    dtype: np.dtype
+
+    def __str__(self) -> str:
+        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
+        return f"{np.dtype(self.dtype).name}[{dims}]"
+
+
+def make_runner(backend: str, model_path: Path, **options):
+    """A runner (not yet entered) for `model_path` on `backend` ("ort" or "trt")."""
+    if backend == "ort":
+        from runtime.backends.ort import OrtRunner
+        return OrtRunner(model_path, **options)
+    if backend == "trt":
+        return _trt_module().TrtRunner(model_path, **options)
+    raise BackendUnavailable(f"backend '{backend}' is unknown; use one of {', '.join(BACKENDS)}")
+
+
+def _trt_module():
+    try:
+        return importlib.import_module("runtime.backends.trt")
+    except ImportError as e:
+        missing = "" if e.name == "runtime.backends.trt" else f" ({e.name or e} is missing)"
+        raise BackendUnavailable(f"the TensorRT backend needs TensorRT's Python bindings (from JetPack or NVIDIA's "
+                                 f"package index) and is not available in this install{missing}; use --backend ort"
+                                 ) from None
+
+
+def available_backends() -> dict[str, str]:
+    """What can run here, for `sonoscore doctor`: backend or provider -> "ok" or the reason it cannot run."""
+    report: dict[str, str] = {}
+    try:
+        from runtime.backends.ort import provider_status
+        report["ort"] = "ok"
+        report.update({f"ort:{name}": status for name, status in provider_status().items()})
+    except ImportError as e:
+        report["ort"] = f"onnxruntime is not importable ({e}); install it with: pip install onnxruntime"
+    try:
+        _trt_module()
+        missing = [m for m in ("tensorrt", "pycuda") if importlib.util.find_spec(m) is None]
+        report["trt"] = (f"{' and '.join(missing)} not installed (TensorRT comes from JetPack or NVIDIA's index)"
+                         if missing else "ok")
+    except BackendUnavailable as e:
+        report["trt"] = str(e)
+    return report

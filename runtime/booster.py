@@ -1,0 +1,359 @@
+"""The XGBoost booster (multi:softprob), compiled for this machine by TL2cgen, or interpreted by treelite's GTIL.
+
+The compiled library is built on the target on first use and cached (DESIGN.md, "caching rule") under a key of
+(model sha256, tl2cgen version, treelite version, CPU arch/platform, compiler identity). An entry is used only when
+its metadata matches the key and the library's own sha256 matches the one recorded when it was built; anything
+else is rebuilt, never loaded. Writes are atomic (temp file + rename, metadata last) and builds of one key are
+serialised by a file lock, so processes that start together neither corrupt the cache nor compile twice.
+
+Per-frame latency is the point of compiling, so predict() calls the library's `predict` entry point directly
+through ctypes on preallocated buffers: tl2cgen's Predictor + DMatrix cost about 120 us a call on their own.
+
+Missing values: NaN is "missing" and follows each split's learned default direction, exactly as XGBoost does.
++-inf are ordinary values (they compare like +-FLT_MAX), as in XGBoost's inplace_predict.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+BACKENDS = ("auto", "tl2cgen", "gtil")
+_FORMAT = 1  # bump when the layout of a cache entry or the build recipe changes
+
+
+class BoosterError(RuntimeError):
+    """The booster cannot be loaded, compiled or run; the message names the file and what to do."""
+
+
+def default_cache_dir() -> Path:
+    """$SONOSCORE_CACHE, else ~/.cache/sonoscore (compiled boosters live in its `booster/` subfolder)."""
+    env = os.environ.get("SONOSCORE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sonoscore"
+
+
+class Booster:
+    """A loaded booster: `predict(features [N, F] or [F]) -> probabilities [N, num_class]` (float32)."""
+
+    backend: str              # "tl2cgen" (compiled library) or "gtil" (treelite's interpreter)
+    num_features: int
+    num_class: int
+    model_path: Path
+    library: Path | None      # the compiled library in use (tl2cgen backend)
+    built: bool               # True when this load compiled the library (a cache miss)
+
+    def __init__(self, model_path: Path, backend: str, num_features: int, num_class: int, predict_rows,
+                 library: Path | None = None, built: bool = False):
+        self.model_path, self.backend, self.num_features, self.num_class = model_path, backend, num_features, num_class
+        self.library, self.built = library, built
+        self._predict_rows = predict_rows
+
+    @classmethod
+    def load(cls, model_path: Path, *, num_class: int = 4, cache_dir: Path | None = None, backend: str = "auto",
+             progress: bool = True) -> "Booster":
+        """Load an XGBoost .ubj/.json booster. "auto": compiled (from the cache, or built now), else GTIL with a
+        warning when no C compiler works; "tl2cgen": compiled or BoosterError; "gtil": interpreted."""
+        model_path = Path(model_path)
+        if backend not in BACKENDS:
+            raise BoosterError(f"booster backend '{backend}' is unknown; use one of {', '.join(BACKENDS)}")
+        if not model_path.is_file():
+            raise BoosterError(f"booster model '{model_path}' does not exist; give an XGBoost .ubj or .json file")
+        if backend == "gtil":
+            booster = cls._load_gtil(model_path, num_class)
+        else:
+            cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+            try:
+                booster = cls._load_compiled(model_path, num_class, cache / "booster", progress)
+            except _CannotCompile as e:
+                reason, fix = e.args
+                if backend == "tl2cgen":
+                    raise BoosterError(f"{reason}; {fix}") from None
+                warnings.warn(f"{reason}; falling back to treelite GTIL (same probabilities, slower per frame): "
+                              f"{fix}", RuntimeWarning, stacklevel=2)
+                booster = cls._load_gtil(model_path, num_class)
+        booster._check_softmax()
+        return booster
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """[N, F] or [F] features (cast to float32) -> [N, num_class] float32 probabilities; rows sum to 1."""
+        x = np.asarray(features, dtype=np.float32)
+        if x.ndim == 1:
+            x = x[None]
+        if x.ndim != 2 or x.shape[1] != self.num_features:
+            raise BoosterError(f"booster '{self.model_path.name}' takes {self.num_features} features per row, "
+                               f"got an array of shape {np.shape(features)}; pass [N, {self.num_features}] or "
+                               f"[{self.num_features}]")
+        if len(x) == 0:
+            return np.empty((0, self.num_class), np.float32)
+        return self._predict_rows(x)
+
+    def __repr__(self) -> str:
+        where = f", library={str(self.library)!r}" if self.library else ""
+        return (f"Booster({self.model_path.name!r}, backend={self.backend!r}, num_features={self.num_features}, "
+                f"num_class={self.num_class}{where})")
+
+    # -- loading -----------------------------------------------------------------------------------------------
+    @classmethod
+    def _load_gtil(cls, model_path: Path, num_class: int) -> "Booster":
+        import treelite
+
+        model = _read_treelite(model_path, num_class)
+        dtype = np.dtype(model.input_type)
+
+        def predict_rows(x: np.ndarray) -> np.ndarray:
+            # One thread for a frame: GTIL's thread pool costs more than it saves on a single row.
+            out = treelite.gtil.predict(model, x.astype(dtype, copy=False), nthread=1 if len(x) < 64 else -1)
+            return np.ascontiguousarray(out.reshape(len(x), num_class), dtype=np.float32)
+
+        return cls(model_path, "gtil", int(model.num_feature), num_class, predict_rows)
+
+    @classmethod
+    def _load_compiled(cls, model_path: Path, num_class: int, root: Path, progress: bool) -> "Booster":
+        compiler = find_compiler()
+        if compiler is None:
+            raise _CannotCompile(f"no working C compiler (${{CC}}, cc, gcc or clang on PATH) to compile booster "
+                                 f"'{model_path}'", "install gcc (or set CC) to get the compiled booster")
+        key = _cache_key(model_path, compiler)
+        entry = root / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        hit = _open_entry(entry, key, num_class)
+        built = False
+        if hit is None:
+            try:
+                entry.mkdir(parents=True, exist_ok=True)
+                with _locked(entry / ".lock"):
+                    hit = _open_entry(entry, key, num_class)  # another process may have built it while we waited
+                    if hit is None:
+                        _build(model_path, num_class, entry, key, compiler, progress)
+                        built = True
+                        hit = _open_entry(entry, key, num_class)
+            except OSError as e:
+                raise _CannotCompile(f"the booster cache '{entry}' is not writable ({e})",
+                                     "set SONOSCORE_CACHE to a writable folder") from None
+            if hit is None:
+                raise _CannotCompile(f"the library compiled from booster '{model_path}' with {compiler.command} "
+                                     f"does not load or does not match the model",
+                                     f"check that the compiler targets this machine ({platform.machine()})")
+        library, compiled = hit
+        return cls(model_path, "tl2cgen", compiled.num_features, num_class, compiled, library=library, built=built)
+
+    def _check_softmax(self) -> None:
+        p = self._predict_rows(np.zeros((1, self.num_features), np.float32))
+        if not (np.all(p >= 0) and abs(float(p.sum()) - 1.0) < 1e-4):
+            raise BoosterError(f"booster '{self.model_path}' does not output class probabilities (rows sum to "
+                               f"{float(p.sum()):.4g}); train it with objective multi:softprob")
+
+
+class _CannotCompile(Exception):
+    """Why the compiled backend is unavailable, and what would fix it: args (reason, fix), no trailing periods."""
+
+
+class _Compiled:
+    """The compiled `predict(union Entry* data, int pred_margin, <leaf type>* result)` of a TL2cgen library.
+
+    `union Entry {int missing; <threshold type> fvalue; int qvalue;}`: a row is an array of entries where a missing
+    feature has `missing == -1`; `result` (num_class values) is accumulated into, so it is zeroed before each call.
+    Not re-entrant (shared buffers), hence the lock.
+    """
+
+    _TYPES = {"float32": np.float32, "float64": np.float64}
+
+    def __init__(self, lib: ctypes.CDLL):
+        self._lib = lib  # keeps the library mapped
+        for name, res in (("get_num_feature", ctypes.c_int32), ("get_num_target", ctypes.c_int32),
+                          ("get_threshold_type", ctypes.c_char_p), ("get_leaf_output_type", ctypes.c_char_p)):
+            getattr(lib, name).restype, getattr(lib, name).argtypes = res, []
+        self.num_features = int(lib.get_num_feature())
+        self.num_target = int(lib.get_num_target())
+        n_class = np.zeros(max(1, self.num_target), np.int32)
+        lib.get_num_class.restype, lib.get_num_class.argtypes = None, [ctypes.c_void_p]
+        lib.get_num_class(n_class.ctypes.data)
+        self.num_class = int(n_class[0])
+        threshold, leaf = lib.get_threshold_type().decode(), lib.get_leaf_output_type().decode()
+        if threshold not in self._TYPES or leaf not in self._TYPES:
+            raise OSError(f"unsupported threshold/leaf types {threshold}/{leaf}")
+        self._row = np.zeros(self.num_features, self._TYPES[threshold])
+        # `missing` is the first 4 bytes of each entry whatever the width of fvalue.
+        self._missing = self._row.view(np.int32).reshape(self.num_features, -1)[:, 0]
+        self._nan = np.zeros(self.num_features, bool)
+        self._out = np.zeros(self.num_class, self._TYPES[leaf])
+        self._fn = lib.predict
+        self._fn.restype, self._fn.argtypes = None, [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+        self._row_ptr, self._out_ptr = self._row.ctypes.data, self._out.ctypes.data
+        self._lock = threading.Lock()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        result = np.empty((len(x), self.num_class), np.float32)
+        row, missing, nan, out, fn = self._row, self._missing, self._nan, self._out, self._fn
+        with self._lock:
+            for i in range(len(x)):
+                np.copyto(row, x[i])
+                np.isnan(x[i], out=nan)
+                if nan.any():
+                    missing[nan] = -1
+                out.fill(0)
+                fn(self._row_ptr, 0, self._out_ptr)
+                result[i] = out
+        return result
+
+
+# -- compiler and cache --------------------------------------------------------------------------------------------
+class Compiler:
+    """A C compiler that answered `--version`: the command tl2cgen runs and what identifies its output."""
+
+    def __init__(self, command: str, path: str, version: str, target: str):
+        self.command, self.path, self.version, self.target = command, path, version, target
+
+    @property
+    def identity(self) -> str:
+        return f"{self.path} | {self.version} | {self.target}"
+
+    def __repr__(self) -> str:
+        return f"Compiler({self.command!r}, {self.version!r}, target={self.target!r})"
+
+
+def find_compiler() -> Compiler | None:
+    """$CC when set (and only it, as make does), else the first of cc, gcc, clang on PATH that runs."""
+    cc = os.environ.get("CC", "").strip()
+    for command in [cc] if cc else ["cc", "gcc", "clang"]:
+        argv = shlex.split(command)
+        path = shutil.which(argv[0]) if argv else None
+        if not path:
+            continue
+        try:
+            ver = subprocess.run([*argv, "--version"], capture_output=True, text=True, timeout=30)
+            tgt = subprocess.run([*argv, "-dumpmachine"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if ver.returncode == 0 and ver.stdout.strip():
+            return Compiler(command, os.path.realpath(path), ver.stdout.strip().splitlines()[0],
+                            tgt.stdout.strip() if tgt.returncode == 0 else "unknown")
+    return None
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def _cache_key(model_path: Path, compiler: Compiler) -> dict:
+    return {"format": _FORMAT, "model_sha256": _sha256(model_path), "tl2cgen": _version("tl2cgen"),
+            "treelite": _version("treelite"), "machine": platform.machine(), "platform": sys.platform,
+            "compiler": compiler.identity}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _open_entry(entry: Path, key: dict, num_class: int) -> tuple[Path, _Compiled] | None:
+    """The entry's library, loaded, if its metadata matches the key and its bytes the recorded hash; else None."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        name = meta["library"]
+        if meta.get("key") != key or not isinstance(name, str) or Path(name).name != name:
+            return None
+        library = entry / name
+        if _sha256(library) != meta["library_sha256"]:
+            return None
+        compiled = _Compiled(ctypes.CDLL(str(library)))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if compiled.num_target != 1 or compiled.num_class != num_class:
+        return None
+    return library, compiled
+
+
+def _build(model_path: Path, num_class: int, entry: Path, key: dict, compiler: Compiler, progress: bool) -> None:
+    """Compile the model into `entry`: library under a content-addressed name, then meta.json, both by rename."""
+    try:
+        import tl2cgen
+    except ImportError as e:
+        raise _CannotCompile(f"tl2cgen is not importable ({e}) to compile booster '{model_path}'",
+                             "install it with: pip install tl2cgen") from None
+    model = _read_treelite(model_path, num_class)
+    units = min(64, max(os.cpu_count() or 1, math.ceil(model.num_tree / 50)))  # small units compile faster
+    if progress:
+        print(f"booster: compiling {model_path.name} ({model.num_tree} trees, {model.num_feature} features) with "
+              f"{compiler.version} into {units} units, once per model and machine...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=entry))
+    try:
+        try:
+            tl2cgen.export_lib(model, toolchain=compiler.command, libpath=tmp / "predictor.so",
+                               params={"parallel_comp": units}, nthread=os.cpu_count())
+        except Exception as e:  # tl2cgen raises TL2cgenError/ValueError/OSError; all mean "no library"
+            detail = " ".join(str(e).split())[-300:]
+            raise _CannotCompile(f"compiling booster '{model_path}' with {compiler.command} failed ({detail})",
+                                 "check that it can build shared libraries, or set CC to another compiler") from None
+        digest = _sha256(tmp / "predictor.so")
+        name = f"predictor-{digest[:16]}.so"
+        os.replace(tmp / "predictor.so", entry / name)
+        meta = {"key": key, "library": name, "library_sha256": digest, "model": model_path.name,
+                "num_tree": model.num_tree, "compile_s": round(time.perf_counter() - t0, 2), "built_at": time.time()}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        os.replace(tmp / "meta.json", entry / "meta.json")
+        for old in entry.glob("predictor-*.so"):  # superseded builds (we hold the lock)
+            if old.name != name:
+                old.unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if progress:
+        print(f"booster: compiled in {time.perf_counter() - t0:.1f} s -> {entry / name}", file=sys.stderr,
+              flush=True)
+
+
+def _read_treelite(model_path: Path, num_class: int):
+    import treelite
+
+    try:
+        model = treelite.frontend.load_xgboost_model(str(model_path))
+    except Exception as e:  # treelite raises TreeliteError (and others) on a file it cannot parse
+        raise BoosterError(f"booster model '{model_path}' could not be read as an XGBoost model "
+                           f"({' '.join(str(e).split())[:200]}); give a .ubj or .json saved by xgboost") from None
+    header = model.get_header_accessor()
+    classes, targets = header.get_field("num_class"), header.get_field("num_target")
+    if int(targets[0]) != 1 or int(classes[0]) != num_class:
+        raise BoosterError(f"booster model '{model_path}' has {int(classes[0])} class(es) but {num_class} are "
+                           f"expected; check num_class in the bundle manifest or retrain with num_class={num_class}")
+    if header.get_field("postprocessor") != "softmax":
+        raise BoosterError(f"booster model '{model_path}' does not output class probabilities (its output transform "
+                           f"is {header.get_field('postprocessor')!r}); train it with objective multi:softprob")
+    return model
+
+
+@contextmanager
+def _locked(path: Path):
+    """An exclusive advisory lock (POSIX); released by the OS if the process dies mid-build."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): atomic renames alone still keep the cache consistent
+        yield
+        return
+    with open(path, "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
