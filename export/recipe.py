@@ -106,26 +106,38 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
     # Booster features from the exported networks, the deployed way: predicted mask, gate, masked image.
     from runtime.backends.ort import OrtRunner
     _say("train: VGG features of every gated kidney image through the exported ONNX networks")
-    feats, labels, pats = [], [], []
+    booster_masks = "predicted"
     with OrtRunner(tmp / nets["unet"]["files"]["fp32"]) as un, OrtRunner(tmp / nets["vgg"]["files"]["fp32"]) as vg:
+        def features(image, mask):
+            x = pp.to_input(cv_multiply(image, mask), cfg.vgg_channels)
+            return vg.infer({"image": x}, ["features"])["features"][0]
+
+        chosen, used = [], []
         for i in np.flatnonzero(kidney):
             prob = un.infer({"image": pp.to_input(images[i], 1)})["mask"][0, 0]
             m = (prob > 0.5).astype(np.uint8)
-            if m.mean() < 0.05:  # the gate would reject it: deployment never scores it
-                continue
-            x = pp.to_input(cv_multiply(images[i], m), cfg.vgg_channels)
-            feats.append(vg.infer({"image": x}, ["features"])["features"][0])
-            labels.append(grades[i] - 1)
-            pats.append(patients[i])
+            if m.mean() >= 0.05:  # the gate would reject it otherwise: deployment never scores it
+                chosen.append(i)
+                used.append(m)
+        if len(set(grades[chosen])) < 2 or len(chosen) < 8:
+            # An undertrained UNet (a few epochs on a few images) may pass no frame through the gate. The booster
+            # still needs examples: use the labelled masks, and say so in the manifest.
+            _say("train: warning: the UNet passed too few frames through the gate; the booster is trained on "
+                 "features of the labelled masks instead")
+            chosen = list(np.flatnonzero(kidney))
+            used = [masks[i] for i in chosen]
+            booster_masks = "labelled"
+        feats = [features(images[i], m) for i, m in zip(chosen, used)]
+    labels, pats = grades[chosen] - 1, patients[chosen]
     _say(f"train: XGBoost (multi:softprob, eta 0.01, max_depth 16, subsample 0.5, lambda 10) on {len(feats)} frames")
-    booster, booster_info = train_booster(np.stack(feats), np.array(labels), np.array(pats), seed=cfg.seed,
+    booster, booster_info = train_booster(np.stack(feats), labels, pats, seed=cfg.seed,
                                           grid_search=cfg.grid_search, progress=progress)
     booster.save_model(str(tmp / "booster.ubj"))
     provenance = {
         "made_by": "sonoscore train", "data": str(data_dir), "images": int(len(images)),
         "patients": int(len(set(patients))), "validation_patients": sorted(set(patients[va].tolist())),
         "config": asdict(cfg), "unet_history": unet_hist, "vgg_history": vgg_hist,
-        "booster": _jsonable(booster_info), "seconds": round(time.time() - t_start, 1),
+        "booster": _jsonable(booster_info), "booster_trained_on_masks": booster_masks, "seconds": round(time.time() - t_start, 1),
     }
     write_bundle_manifest(tmp, nets, provenance, demo=cfg.demo)
     if out.exists():

@@ -36,10 +36,11 @@ class SimSource(Source):
             raise SourceError(f"source '{uri}': unknown parameter(s) {', '.join(sorted(unknown))}; "
                               f"use grade, fps, frames, seed")
         try:
-            return cls(grade=int(q["grade"]) if "grade" in q else None, fps=float(q.get("fps", 30)),
-                       frames=int(q.get("frames", 300)), seed=int(q.get("seed", 1)))
+            grade = int(q["grade"]) if "grade" in q else None
+            fps, frames, seed = float(q.get("fps", 30)), int(q.get("frames", 300)), int(q.get("seed", 1))
         except ValueError:
             raise SourceError(f"source '{uri}': grade, frames and seed must be integers and fps a number") from None
+        return cls(grade=grade, fps=fps, frames=frames, seed=seed)
 
     def __iter__(self) -> Iterator[Frame]:
         start = time.perf_counter()
