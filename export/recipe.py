@@ -130,7 +130,8 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
         feats = [features(images[i], m) for i, m in zip(chosen, used)]
     labels, pats = grades[chosen] - 1, patients[chosen]
     _say(f"train: XGBoost (multi:softprob, eta 0.01, max_depth 16, subsample 0.5, lambda 10) on {len(feats)} frames")
-    booster, booster_info = train_booster(np.stack(feats), labels, pats, seed=cfg.seed,
+    val_patients = sorted(set(patients[va].tolist())) or None
+    booster, booster_info = train_booster(np.stack(feats), labels, pats, seed=cfg.seed, val_patients=val_patients,
                                           grid_search=cfg.grid_search, progress=progress)
     booster.save_model(str(tmp / "booster.ubj"))
     provenance = {

@@ -98,12 +98,19 @@ def predict_logits(model, images: np.ndarray, batch_size: int = 32) -> np.ndarra
 
 
 def _fit(model, images, targets, loss_fn, *, channels, epochs, batch_size, lr, seed, desc, progress, validate):
-    """The loop both networks share: shuffled batches, random flips, Adam; `validate(model)` -> dict per epoch."""
+    """The loop both networks share: shuffled batches, random flips, Adam with a cosine learning-rate decay;
+    `validate(model)` -> dict per epoch. With validation, the epoch with the best first validation score is the
+    one returned (a BatchNorm network's validation score can swing from epoch to epoch on small data)."""
+    import copy
+
     import torch
     rng = np.random.default_rng(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    history: dict[str, list] = {"train_loss": [], "epoch_seconds": []}
     n = len(images)
+    steps = max(1, epochs * ((n + batch_size - 1) // batch_size))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 0.02)
+    history: dict[str, list] = {"train_loss": [], "epoch_seconds": []}
+    best_score, best_state = -np.inf, None
     for epoch in range(epochs):
         t0 = time.perf_counter()
         model.train()
@@ -119,18 +126,26 @@ def _fit(model, images, targets, loss_fn, *, channels, epochs, batch_size, lr, s
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                sched.step()
                 total += loss.item() * len(idx)
                 seen += len(idx)
                 bar.update(len(idx))
                 bar.set_postfix(loss=f"{total / seen:.4f}")
         history["train_loss"].append(total / seen)
-        for k, v in validate(model).items():
+        scores = validate(model)
+        for k, v in scores.items():
             history.setdefault(k, []).append(v)
+        if scores and next(iter(scores.values())) >= best_score:
+            best_score = next(iter(scores.values()))
+            best_state = copy.deepcopy(model.state_dict())
+            history["best_epoch"] = epoch + 1
         history["epoch_seconds"].append(round(time.perf_counter() - t0, 2))
         if progress:
             extra = "".join(f", {k} {v[-1]:.4f}" for k, v in history.items() if k.startswith("val_"))
             print(f"  {desc} epoch {epoch + 1}/{epochs}: loss {total / seen:.4f}{extra} "
                   f"({history['epoch_seconds'][-1]:.1f} s)", file=sys.stderr, flush=True)
+    if best_state is not None:
+        model.load_state_dict(best_state)
     return model.eval(), history
 
 
