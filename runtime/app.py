@@ -61,8 +61,12 @@ def run_bundle(bundle_path, source_spec: str, *, backend="ort", precision="fp32"
     _say(f"running {bundle.root} ({precision}, {backend}) on {source.source_id}, policy {policy}")
 
     def show(rec: FrameRecord, stats: StreamStats) -> None:
-        if not quiet and rec.error != DROPPED:
+        if rec.error == DROPPED:
+            return
+        if not quiet:
             print(format_record(rec), flush=True)
+        elif rec.error:  # errors are shown even when quiet: they name an input the user must fix
+            _say(format_record(rec))
 
     try:
         with Pipeline(bundle, backend=backend, precision=precision, threads=threads, cache_dir=cache_dir) as pipe:

@@ -13,7 +13,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".pp
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".wmv"}
 MAX_PIXELS = 64_000_000  # refuse to decode images larger than this (a header can claim anything)
 
-cv2.setLogLevel(0) if hasattr(cv2, "setLogLevel") else None  # decoder chatter is replaced by our own sentence
+# Decoder warnings ("PNG input buffer is incomplete") are replaced by our own one-sentence frame errors.
+if hasattr(cv2, "utils") and hasattr(cv2.utils, "logging"):
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
 def read_image(path: Path) -> tuple[np.ndarray | None, str | None]:
