@@ -75,10 +75,10 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
     try:
         images, masks, grades, patients = load_preprocessed(data_dir, cfg.crimmins_iterations, progress)
     except ValueError as e:
-        from runtime.cli import UserError
+        from runtime.errors import UserError
         raise UserError(str(e)) from None
     if not (grades > 0).any():
-        from runtime.cli import UserError
+        from runtime.errors import UserError
         raise UserError(f"dataset {data_dir} has no grades (labels.csv with image,patient,grade is needed to train)")
     is_val = split_patients(patients, grades, cfg.val_fraction, cfg.seed)
     tr, va = ~is_val, is_val
@@ -209,7 +209,7 @@ def export_from_checkpoints(unet_ckpt, vgg_ckpt, booster_path, out: Path, *, ran
     """`sonoscore export`: checkpoints (or random weights, for timing) + an XGBoost model -> bundle."""
     import torch
     from export.models import UNet, VGG19BN
-    from runtime.cli import UserError
+    from runtime.errors import UserError
     if random_weights:
         if unet_ckpt or vgg_ckpt:
             raise UserError("give either checkpoints or --random-weights, not both")
@@ -252,7 +252,7 @@ def load_checkpoint(path: Path, kind: str):
     """A state_dict (bare, or {'state_dict': ..., 'width': ...}) -> model; the width is read off the weights."""
     import torch
     from export.models import UNet, VGG19BN
-    from runtime.cli import UserError
+    from runtime.errors import UserError
     if not path.is_file():
         raise UserError(f"checkpoint '{path}' does not exist")
     try:
@@ -275,7 +275,8 @@ def load_checkpoint(path: Path, kind: str):
             model = VGG19BN(width=width, in_channels=int(w0.shape[1]), fc1=fc1)
         model.load_state_dict(sd, strict=True)
     except (KeyError, RuntimeError, StopIteration) as e:
-        raise UserError(f"checkpoint '{path}' does not fit the {kind} architecture ({str(e).splitlines()[0]})") from None
+        detail = " ".join(str(e).split())[:200]
+        raise UserError(f"checkpoint '{path}' does not fit the {kind} architecture: {detail}") from None
     return model.eval(), width
 
 

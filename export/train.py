@@ -97,7 +97,8 @@ def predict_logits(model, images: np.ndarray, batch_size: int = 32) -> np.ndarra
     return np.concatenate(out)
 
 
-def _fit(model, images, targets, loss_fn, *, channels, epochs, batch_size, lr, seed, desc, progress, validate):
+def _fit(model, images, targets, loss_fn, *, channels, epochs, batch_size, lr, seed, desc, progress, validate,
+         shift: int = 0):
     """The loop both networks share: shuffled batches, random flips, Adam with a cosine learning-rate decay;
     `validate(model)` -> dict per epoch. With validation, the epoch with the best first validation score is the
     one returned (a BatchNorm network's validation score can swing from epoch to epoch on small data)."""
@@ -121,6 +122,9 @@ def _fit(model, images, targets, loss_fn, *, channels, epochs, batch_size, lr, s
             for s in range(0, n, batch_size):
                 idx = order[s:s + batch_size]
                 x = _batch(images, idx, channels, flips[idx])
+                if shift:  # random translation: the kidney is anywhere in the sector; masked background is zero
+                    for k, (dy, dx) in enumerate(rng.integers(-shift, shift + 1, (len(idx), 2))):
+                        x[k] = torch.roll(x[k], (int(dy), int(dx)), (1, 2))
                 y = targets(idx, flips[idx])
                 loss = loss_fn(model(x), y)
                 opt.zero_grad(set_to_none=True)
@@ -180,7 +184,7 @@ def train_unet(images: np.ndarray, masks: np.ndarray, *, width: float = 0.25, ep
 
 def train_vgg(images: np.ndarray, labels: np.ndarray, *, width: float = 0.0625, in_channels: int = 3,
               epochs: int = 8, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
-              val: tuple[np.ndarray, np.ndarray] | None = None, progress: bool = True):
+              val: tuple[np.ndarray, np.ndarray] | None = None, progress: bool = True, shift: int = 0):
     """VGG-19-BN on masked uint8 images [N,224,224] (gray, repeated to `in_channels`) and grades 0..3.
 
     Returns (model in eval mode, history: train_loss, epoch_seconds and, with `val`, val_accuracy per epoch).
@@ -205,7 +209,7 @@ def train_vgg(images: np.ndarray, labels: np.ndarray, *, width: float = 0.0625, 
 
     return _fit(model, images, lambda idx, flip: y_all[idx], torch.nn.CrossEntropyLoss(), channels=in_channels,
                 epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, desc="vgg", progress=progress,
-                validate=validate)
+                validate=validate, shift=shift)
 
 
 def split_by_patient(labels: np.ndarray, patients: np.ndarray, fraction: float, seed: int) -> np.ndarray:

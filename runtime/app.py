@@ -100,10 +100,10 @@ def evaluate_bundle(bundle_path, data_dir, *, precision="fp32", backend="ort", r
     try:
         samples = read_dataset(Path(data_dir))
     except ValueError as e:
-        from runtime.cli import UserError
+        from runtime.errors import UserError
         raise UserError(str(e)) from None
     if not samples:
-        from runtime.cli import UserError
+        from runtime.errors import UserError
         raise UserError(f"dataset {data_dir} has no labelled images; point --data at a labelme folder")
     ious, y_true, y_pred, errors = [], [], [], []
     gate_ok = gate_n = 0
@@ -178,7 +178,7 @@ def bench_bundle(bundle_path, *, backend="ort", precision="fp32", frames=100, wa
     """
     bundle = Bundle.load(bundle_path)
     if frames < 1:
-        from runtime.cli import UserError
+        from runtime.errors import UserError
         raise UserError("--frames must be at least 1")
     data = bench_frames(frames + warmup)
     samples: dict[str, list[float]] = {s: [] for s in BENCH_STAGES}
@@ -231,7 +231,7 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 def ensure_export_side(command: str) -> None:
     missing = [m for m in ("torch", "onnx", "xgboost") if importlib.util.find_spec(m) is None]
     if missing:
-        from runtime.cli import UserError
+        from runtime.errors import UserError
         raise UserError(f"`sonoscore {command}` needs the export extras ({', '.join(missing)} missing); "
                         f"install them with: pip install 'sonoscore[export]' (or run `make demo`)")
 

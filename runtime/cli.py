@@ -13,9 +13,7 @@ from pathlib import Path
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_FRAME_ERRORS = 0, 1, 2, 3
 
-
-class UserError(Exception):
-    """A problem with what the user gave us; printed as one sentence, no traceback."""
+from runtime.errors import UserError  # noqa: E402
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:

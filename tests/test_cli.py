@@ -151,3 +151,29 @@ def test_bench_json_has_every_stage_percentile(tiny_bundle, tmp_path):
 def test_doctor_lists_the_cpu_backend():
     r = sonoscore("doctor")
     assert r.returncode == 0 and "CPUExecutionProvider" in r.stdout
+
+
+def test_sim_command_writes_a_labelme_dataset(tmp_path):
+    r = sonoscore("sim", "--out", tmp_path / "ds", "--patients", 2, "--seed", 3, "--frames-per-patient", 2)
+    assert r.returncode == 0, r.stderr
+    lines = (tmp_path / "ds" / "labels.csv").read_text().splitlines()
+    assert lines[0] == "image,patient,grade" and len(lines) == 5
+    assert len(list((tmp_path / "ds" / "images").glob("*.json"))) == 4
+
+
+def test_export_command_builds_a_verified_bundle_from_checkpoints(tiny_bundle, tmp_path):
+    import torch
+    from export.models import UNet, VGG19BN
+    torch.save(UNet(width=1 / 16).state_dict(), tmp_path / "unet.pt")
+    torch.save(VGG19BN(width=1 / 32).state_dict(), tmp_path / "vgg.pt")
+    out = tmp_path / "b"
+    r = sonoscore("export", "--unet", tmp_path / "unet.pt", "--vgg", tmp_path / "vgg.pt",
+                  "--booster", Path(tiny_bundle) / "booster.ubj", "--out", out)
+    assert r.returncode == 0, r.stderr
+    from runtime.bundle import Bundle
+    b = Bundle.load(out)
+    assert b.manifest["networks"]["unet"]["width"] == 1 / 16 and b.manifest["networks"]["vgg"]["width"] == 1 / 32
+    assert set(b.precisions) == {"fp32", "fp16"}
+    bad = sonoscore("export", "--unet", tmp_path / "vgg.pt", "--vgg", tmp_path / "vgg.pt",
+                    "--booster", Path(tiny_bundle) / "booster.ubj", "--out", tmp_path / "c")
+    assert bad.returncode == 2 and "does not fit the unet architecture" in bad.stderr
