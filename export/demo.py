@@ -20,7 +20,7 @@ from pathlib import Path
 from runtime.bundle import Bundle, BundleError
 
 # Sized so the first run (install excluded) fits well inside 15 minutes on a 2-core machine.
-TRAIN_PATIENTS, HELDOUT_PATIENTS, FRAMES_PER_PATIENT = 48, 16, 12
+TRAIN_PATIENTS, HELDOUT_PATIENTS, FRAMES_PER_PATIENT = 64, 32, 9
 
 
 def _say(msg: str) -> None:

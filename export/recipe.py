@@ -25,8 +25,10 @@ class TrainConfig:
     unet_width: float = 0.25
     vgg_width: float = 0.0625
     vgg_channels: int = 3
-    unet_epochs: int = 8
-    vgg_epochs: int = 8
+    unet_epochs: int = 5
+    vgg_epochs: int = 24
+    vgg_lr: float = 5e-4
+    vgg_shift: int = 16       # random translation (pixels) of the masked training images
     seed: int = 0
     val_fraction: float = 0.25
     grid_search: bool = False
@@ -95,6 +97,7 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
          f"{int((kidney & tr).sum())} masked kidney images")
     vgg, vgg_hist = train_vgg(masked[kidney & tr], grades[kidney & tr] - 1, width=cfg.vgg_width,
                               in_channels=cfg.vgg_channels, epochs=cfg.vgg_epochs, seed=cfg.seed,
+                              lr=cfg.vgg_lr, shift=cfg.vgg_shift,
                               val=(masked[kidney & va], grades[kidney & va] - 1) if (kidney & va).any() else None,
                               progress=progress)
     out = Path(out)

@@ -38,7 +38,9 @@ def _threads() -> int:
 
 def _bar(total: int, desc: str, progress: bool):
     from tqdm import tqdm
-    return tqdm(total=total, desc=desc, file=sys.stderr, disable=not progress, leave=False, dynamic_ncols=True,
+    # A bar only on a terminal; logs (CI, systemd) get the one summary line per epoch instead.
+    return tqdm(total=total, desc=desc, file=sys.stderr, disable=not progress or not sys.stderr.isatty(),
+                leave=False, dynamic_ncols=True,
                 mininterval=1.0)
 
 

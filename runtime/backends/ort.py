@@ -67,8 +67,11 @@ class OrtRunner:
     """An onnxruntime session as a runner: inputs/outputs metadata by tensor name, infer(feeds) -> outputs."""
 
     def __init__(self, model_path: Path, *, providers: list[str] | None = None, intra_op_threads: int | None = None,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, spin: bool = False):
         self.model_path = Path(model_path)
+        # onnxruntime's worker threads busy-wait after each run by default, burning cores that the capture
+        # thread and the steps between network calls need on a small device. Off unless asked for.
+        self.spin = spin
         self.requested = resolve_providers(providers)
         self.intra_op_threads = intra_op_threads or os.cpu_count() or 1
         self.cuda_graphs = cuda_graphs
@@ -88,6 +91,7 @@ class OrtRunner:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.intra_op_num_threads = self.intra_op_threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         providers: list = [(p, {"enable_cuda_graph": "1"}) if p == "CUDAExecutionProvider" and self.cuda_graphs
                            else p for p in self.requested]
         if "CPUExecutionProvider" not in self.requested:
