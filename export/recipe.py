@@ -25,7 +25,7 @@ class TrainConfig:
     unet_width: float = 0.25
     vgg_width: float = 0.0625
     vgg_channels: int = 3
-    unet_epochs: int = 5
+    unet_epochs: int = 4
     vgg_epochs: int = 24
     vgg_lr: float = 5e-4
     vgg_shift: int = 16       # random translation (pixels) of the masked training images

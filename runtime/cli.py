@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.add_argument("--unet-width", type=float, default=0.25)
     t.add_argument("--vgg-width", type=float, default=0.0625)
-    t.add_argument("--unet-epochs", type=int, default=5)
+    t.add_argument("--unet-epochs", type=int, default=4)
     t.add_argument("--vgg-epochs", type=int, default=24)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--grid-search", action="store_true", help="small XGBoost grid search on the validation split")
