@@ -18,6 +18,7 @@ import numpy as np
 
 from runtime import preprocess as pp
 from runtime.bundle import CLASS_NAMES, DEMO_DISCLAIMER, Bundle, write_manifest
+from runtime.pipeline import apply_mask
 
 
 @dataclass
@@ -58,20 +59,9 @@ def load_preprocessed(data_dir: Path, iterations: int = 1, progress: bool = True
     return np.stack(images), np.stack(masks), np.array(grades), np.array(patients)
 
 
-def split_patients(patients: np.ndarray, grades: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Boolean 'is validation' per image; whole patients, spread over grades."""
-    rng = np.random.default_rng(seed)
-    val_patients = set()
-    for g in np.unique(grades):
-        ps = sorted(set(patients[grades == g]))
-        rng.shuffle(ps)
-        val_patients.update(ps[:max(1, round(len(ps) * fraction))] if len(ps) > 1 else [])
-    return np.array([p in val_patients for p in patients])
-
-
 def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = True) -> Path:
     """The paper's recipes end to end: UNet (MSE), VGG-19-BN (cross-entropy), XGBoost on VGG Fc2 features."""
-    from export.train import train_booster, train_unet, train_vgg
+    from export.train import split_by_patient, train_booster, train_unet, train_vgg
     t_start = time.time()
     _say(f"train: reading and preprocessing {data_dir}")
     try:
@@ -82,7 +72,8 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
     if not (grades > 0).any():
         from runtime.errors import UserError
         raise UserError(f"dataset {data_dir} has no grades (labels.csv with image,patient,grade is needed to train)")
-    is_val = split_patients(patients, grades, cfg.val_fraction, cfg.seed)
+    # Whole patients, spread over grades: the same split the booster validates on.
+    is_val = split_by_patient(np.maximum(grades - 1, 0), patients, cfg.val_fraction, cfg.seed)
     tr, va = ~is_val, is_val
     _say(f"train: {len(images)} images of {len(set(patients))} patients; "
          f"{len(set(patients[va]))} patients held for validation")
@@ -92,7 +83,7 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
                                  seed=cfg.seed, val=(images[va], masks[va]) if va.any() else None,
                                  progress=progress)
     kidney = (masks.reshape(len(masks), -1).mean(1) >= 0.05) & (grades > 0)
-    masked = np.stack([cv_multiply(i, m) for i, m in zip(images, masks)])
+    masked = np.stack([apply_mask(i, m) for i, m in zip(images, masks)])
     _say(f"train: VGG-19-BN width {cfg.vgg_width}, {cfg.vgg_epochs} epochs (cross-entropy) on "
          f"{int((kidney & tr).sum())} masked kidney images")
     vgg, vgg_hist = train_vgg(masked[kidney & tr], grades[kidney & tr] - 1, width=cfg.vgg_width,
@@ -112,7 +103,7 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
     booster_masks = "predicted"
     with OrtRunner(tmp / nets["unet"]["files"]["fp32"]) as un, OrtRunner(tmp / nets["vgg"]["files"]["fp32"]) as vg:
         def features(image, mask):
-            x = pp.to_input(cv_multiply(image, mask), cfg.vgg_channels)
+            x = pp.to_input(apply_mask(image, mask), cfg.vgg_channels)
             return vg.infer({"image": x}, ["features"])["features"][0]
 
         chosen, used = [], []
@@ -150,11 +141,6 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
     Bundle.load(out)  # verify what was written
     _say(f"train: bundle written to {out} in {time.time() - t_start:.0f} s")
     return out
-
-
-def cv_multiply(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    from runtime.pipeline import apply_mask
-    return apply_mask(image, mask)
 
 
 def export_networks(unet, vgg, out: Path, unet_width: float, vgg_width: float, vgg_channels: int) -> dict:
