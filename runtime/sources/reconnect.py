@@ -1,0 +1,190 @@
+"""Reconnect with back-off, shared by the live sources (OpenIGTLink servers, capture cards and cameras).
+
+A live feed goes away (the scanner's server restarts, the HDMI cable is pulled) and comes back; the run goes on.
+`retry_open(open_fn, ...)` calls `open_fn()` until it gives a resource, waiting 0.5 s, 1 s, 2 s, 4 s, 5 s, 5 s ...
+between attempts (interruptible by a stop event, bounded by a deadline). `LinkStats` counts the reconnects and the
+frames the gap cost (estimated: gap seconds x frame rate), so a run's report can say what was lost.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Backoff:
+    """Delays initial, initial*factor, ... capped at maximum; `reset()` after a success."""
+
+    def __init__(self, initial: float = 0.5, maximum: float = 5.0, factor: float = 2.0):
+        if initial <= 0 or maximum < initial or factor < 1:
+            raise ValueError("back-off needs 0 < initial <= maximum and factor >= 1")
+        self.initial, self.maximum, self.factor = float(initial), float(maximum), float(factor)
+        self._next = self.initial
+
+    def reset(self) -> None:
+        self._next = self.initial
+
+    def next_delay(self) -> float:
+        delay = self._next
+        self._next = min(self.maximum, self._next * self.factor)
+        return delay
+
+
+@dataclass
+class OpenResult(Generic[T]):
+    resource: T | None          # None: gave up (stopped, or the deadline passed)
+    attempts: int               # calls of open_fn
+    error: str | None           # the last failure, as one short phrase
+
+
+def retry_open(open_fn: Callable[[], T | None], *, stop: threading.Event, backoff: Backoff,
+               deadline: float | None = None, wait: Callable[[float], object] | None = None) -> OpenResult[T]:
+    """Call `open_fn` until it returns something other than None (an exception counts as a failure).
+
+    Between attempts wait the back-off's next delay (never past `deadline`, a `time.monotonic()` value), through
+    `wait(seconds)` (default: `stop.wait`, so setting `stop` ends the wait at once). Gives up, returning a result
+    with resource None, when `stop` is set or the deadline has passed after a failed attempt.
+    """
+    wait = wait or stop.wait
+    attempts, error = 0, None
+    while not stop.is_set():
+        attempts += 1
+        try:
+            resource = open_fn()
+        except Exception as e:  # noqa: BLE001 - any failure to open is a failed attempt
+            resource, error = None, describe(e)
+        else:
+            if resource is None:
+                error = "could not be opened"
+        if resource is not None:
+            backoff.reset()
+            return OpenResult(resource, attempts, None)
+        delay = backoff.next_delay()
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            delay = min(delay, left)
+        wait(delay)
+    return OpenResult(None, attempts, error)
+
+
+def describe(e: BaseException) -> str:
+    """An OS error as a short lower-case phrase ("connection refused"), anything else as its message."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror.lower()
+    text = str(e).strip()
+    return text or type(e).__name__
+
+
+def gap_frames(gap_s: float, fps: float) -> int:
+    """Frames a live feed produced while nobody received them: the gap between the last frame before and the first
+    frame after, minus the one normal frame interval. 0 when the rate is unknown."""
+    if fps <= 0 or gap_s <= 0:
+        return 0
+    return max(0, int(round(gap_s * fps)) - 1)
+
+
+@dataclass
+class LinkStats:
+    """What reconnecting cost a run: how often, how long, how many frames (estimated)."""
+
+    reconnects: int = 0       # successful re-opens after the feed was lost
+    gap_s: float = 0.0        # seconds between the last frame before and the first frame after, summed
+    gap_frames: int = 0       # frames estimated lost in those gaps, summed
+
+    def record_gap(self, gap_s: float, fps: float) -> int:
+        """Account one gap (call with the first frame after it); returns its estimated lost frames."""
+        n = gap_frames(gap_s, fps)
+        self.gap_s += max(0.0, gap_s)
+        self.gap_frames += n
+        return n
+
+
+class RateEstimate:
+    """Frame rate from arrival intervals (exponential average), for feeds that do not announce one."""
+
+    def __init__(self, alpha: float = 0.1):
+        self.alpha = alpha
+        self.interval: float | None = None
+        self._last: float | None = None
+
+    def tick(self, t: float) -> None:
+        if self._last is not None:
+            dt = t - self._last
+            if dt > 0:
+                self.interval = dt if self.interval is None else (1 - self.alpha) * self.interval + self.alpha * dt
+        self._last = t
+
+    def break_(self) -> None:
+        """The link went down: the next interval is a gap, not a frame interval."""
+        self._last = None
+
+    @property
+    def fps(self) -> float:
+        return 1.0 / self.interval if self.interval else 0.0
+
+
+# ---- options of live sources (query string of the source URI, or keyword arguments) ----
+
+def _number(kind, minimum: float, strict: bool, phrase: str):
+    def convert(value):
+        if isinstance(value, bool):
+            raise ValueError(phrase)
+        try:
+            x = kind(value) if kind is float else int(str(value).strip())
+        except (TypeError, ValueError):
+            raise ValueError(phrase) from None
+        if x != x or (x <= minimum if strict else x < minimum):
+            raise ValueError(phrase)
+        return x
+    return convert
+
+
+positive_int = _number(int, 0, True, "a whole number >= 1")
+non_negative_int = _number(int, 0, False, "a whole number >= 0")
+positive_float = _number(float, 0.0, True, "a number > 0 (seconds or frames per second)")
+non_negative_float = _number(float, 0.0, False, "a number >= 0")
+
+
+def flag(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("1 or 0 (true or false)")
+
+
+def choice(*names: str):
+    def convert(value):
+        text = str(value).strip().lower()
+        if text not in names:
+            raise ValueError("one of " + ", ".join(names))
+        return text
+    return convert
+
+
+def parse_options(name: str, query: str, opts: dict, spec: dict[str, Callable]) -> dict:
+    """Options from a URI query string, overridden by keyword arguments (None = not given), checked against
+    `spec` (option -> converter raising ValueError("what it must be")). Raises SourceError with one sentence."""
+    from urllib.parse import parse_qs
+
+    from runtime.sources import SourceError
+    given = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+    given.update({k: v for k, v in opts.items() if v is not None})
+    unknown = sorted(set(given) - set(spec))
+    if unknown:
+        raise SourceError(f"{name}: unknown option(s) {', '.join(unknown)}; the options are {', '.join(spec)}")
+    out = {}
+    for key, value in given.items():
+        try:
+            out[key] = spec[key](value)
+        except ValueError as e:
+            raise SourceError(f"{name}: option {key}={value} must be {e}") from None
+    return out
