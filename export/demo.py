@@ -8,7 +8,9 @@ out/demo/
   overlay.mp4      the annotated stream
   summary.json     the study aggregate
   eval.json        metrics on held-out synthetic patients (+ eval.confusion.png)
-  bench.json       `sonoscore bench` at full width 1.0 of both networks (random weights: timing only)
+  calibration.json the INT8 accuracy report (INT8 and FP16 against FP32 on frames not used for calibration)
+  bench.json       `sonoscore bench --precision fp32,int8` at full width 1.0 of both networks (random weights:
+                   timing only), the two precisions taking turns frame by frame
   bench.png        its latency picture
 """
 from __future__ import annotations
@@ -36,6 +38,18 @@ def _bundle_ok(path: Path) -> bool:
         return False
 
 
+def _calibrate_demo(bundle: Path, out: Path) -> None:
+    """INT8 for the demo bundle: calibrated on training frames, checked on the training frames it did not use
+    and on every held-out patient's frames. A missed threshold leaves the bundle FP32/FP16 and says so."""
+    from calibration.run import CalibrationFailed, calibrate_bundle
+    _say("demo: calibrating INT8 networks (Q/DQ ONNX) and checking them against FP32")
+    try:
+        calibrate_bundle(bundle, [str(out / "data" / "train" / "images")],
+                         check=[str(out / "data" / "heldout" / "images")], report=out / "calibration.json")
+    except CalibrationFailed as e:
+        _say(f"demo: {e}")
+
+
 def run_demo(out: Path, *, frames: int = 150, fps: float = 30.0, bench_frames: int = 20, rebuild: bool = False,
              grade: int = 3, seed: int = 11) -> None:
     from export.recipe import TrainConfig, export_from_checkpoints, train_bundle
@@ -59,6 +73,9 @@ def run_demo(out: Path, *, frames: int = 150, fps: float = 30.0, bench_frames: i
         _say(f"demo: simulating {HELDOUT_PATIENTS} held-out patients (never seen in training)")
         write_dataset(heldout, HELDOUT_PATIENTS, seed=1000, frames_per_patient=HELDOUT_FRAMES)
 
+    if "int8" not in Bundle.load(bundle).precisions:
+        _calibrate_demo(bundle, out)
+
     source = f"sim://kidney?grade={grade}&fps={fps:g}&frames={frames}&seed={seed}"
     _say(f"demo: streaming the simulated probe {source}")
     run_bundle(bundle, source, results=out / "results.jsonl", video=out / "overlay.mp4",
@@ -71,7 +88,13 @@ def run_demo(out: Path, *, frames: int = 150, fps: float = 30.0, bench_frames: i
     if not _bundle_ok(bench):
         _say("demo: exporting a full-width (1.0) UNet + VGG-19-BN with random weights for timing")
         export_from_checkpoints(None, None, bundle / "booster.ubj", bench, random_weights=True)
-    _say(f"demo: benchmarking the full-width networks ({bench_frames} frames)")
-    bench_bundle(bench, frames=bench_frames, json_path=out / "bench.json", plot=out / "bench.png")
+    if "int8" not in Bundle.load(bench).precisions:
+        from calibration.run import calibrate_bundle
+        _say("demo: INT8 for the full-width timing bundle (random weights: timing only, accuracy not checked)")
+        calibrate_bundle(bench, ["sim://kidney?frames=32&fps=0&seed=5"], count=16, holdout=16, timing_only=True,
+                         report=bench / "calibration_report.json")
+    _say(f"demo: benchmarking the full-width networks, FP32 and INT8 ({bench_frames} frames)")
+    bench_bundle(bench, precision="fp32,int8", frames=bench_frames, json_path=out / "bench.json",
+                 plot=out / "bench.png")
     _say(f"demo: done in {time.time() - t0:.0f} s; outputs in {out}/ "
          f"(results.jsonl, overlay.mp4, summary.json, eval.json, bench.json)")

@@ -181,46 +181,83 @@ def bench_bundle(bundle_path, *, backend="ort", precision="fp32", frames=100, wa
 
     The gate is opened (min mask fraction 0) so the VGG and the booster run on every frame whatever the UNet
     says: this measures cost, not accuracy. Frames are generated before timing.
+
+    `precision` may name several ("fp32,int8"): each gets its own pipeline and they take turns frame by frame,
+    so a load change on the machine hits all of them alike and the speed-up between them is measured in one run.
+    The top-level figures are those of the first precision; "precisions" holds each one's, and "speedup" each
+    one's networks-only and total p50 against the first.
     """
     bundle = Bundle.load(bundle_path)
+    precisions = [p.strip() for p in str(precision).split(",") if p.strip()]
+    from runtime.errors import UserError
     if frames < 1:
-        from runtime.errors import UserError
         raise UserError("--frames must be at least 1")
+    bad = [p for p in precisions if p not in ("fp32", "fp16", "int8")]
+    if not precisions or bad:
+        raise UserError(f"--precision {precision}: use fp32, fp16 or int8, or several joined by commas")
     data = bench_frames(frames + warmup)
-    samples: dict[str, list[float]] = {s: [] for s in BENCH_STAGES}
-    with Pipeline(bundle, backend=backend, precision=precision, threads=threads, min_mask_fraction=0.0,
-                  cache_dir=cache_dir) as pipe:
-        _say(f"bench: {frames} frames (+{warmup} warm-up), {precision} on {backend}, booster {pipe.booster.backend}")
-        t_all = time.perf_counter()
+    samples = {p: {s: [] for s in BENCH_STAGES} for p in precisions}
+    walls = {p: 0.0 for p in precisions}
+    pipes = {}
+    try:
+        for p in precisions:
+            pipes[p] = Pipeline(bundle, backend=backend, precision=p, threads=threads, min_mask_fraction=0.0,
+                                cache_dir=cache_dir).__enter__()
+        first = pipes[precisions[0]]
+        _say(f"bench: {frames} frames (+{warmup} warm-up), {', '.join(precisions)} on {backend}, "
+             f"booster {first.booster.backend}" + (" (precisions take turns frame by frame)" if len(pipes) > 1 else ""))
         for k, f in enumerate(data):
-            if k == warmup:
-                t_all = time.perf_counter()
-            t0 = time.perf_counter()
-            f.t_capture = time.time()
-            rec = pipe.process(f, t0)
-            if rec.error:
-                raise RuntimeError(f"bench frame failed: {rec.error}")
-            if k >= warmup:
-                for s in BENCH_STAGES:
-                    samples[s].append(rec.latency_ms.get(s, 0.0))
+            for p, pipe in pipes.items():
+                t0 = time.perf_counter()
+                f.t_capture = time.time()
+                rec = pipe.process(f, t0)
+                if rec.error:
+                    raise RuntimeError(f"bench frame failed ({p}): {rec.error}")
+                if k >= warmup:
+                    walls[p] += time.perf_counter() - t0
+                    for s in BENCH_STAGES:
+                        samples[p][s].append(rec.latency_ms.get(s, 0.0))
             if (k + 1) % max(1, (frames + warmup) // 10) == 0:
                 _say(f"  {k + 1}/{frames + warmup} frames")
-        wall = time.perf_counter() - t_all
-        booster_warm = _booster_isolated(pipe, data[warmup:warmup + 5])
-    stages = {s: _percentiles(v) for s, v in samples.items()}
-    networks = np.array(samples["unet"]) + np.array(samples["vgg"])
-    overhead = 1.0 - float(networks.sum() / max(1e-9, np.sum(samples["total"])))
-    out = {"frames": frames, "fps": frames / wall, "stages": stages, "backend": backend, "precision": precision,
-           "booster_backend": pipe.booster.backend, "cpu_overhead_fraction": overhead,
-           "booster_isolated": booster_warm,
+        booster_warm = _booster_isolated(first, data[warmup:warmup + 5])
+    finally:
+        for pipe in pipes.values():
+            pipe.__exit__(None, None, None)
+
+    def summary(p: str) -> dict:
+        smp = samples[p]
+        nets = np.array(smp["unet"]) + np.array(smp["vgg"])
+        return {"frames": frames, "fps": frames / max(walls[p], 1e-9),
+                "stages": {s: _percentiles(v) for s, v in smp.items()},
+                "networks_p50_ms": float(np.percentile(nets, 50)),
+                "cpu_overhead_fraction": 1.0 - float(nets.sum() / max(1e-9, np.sum(smp["total"]))),
+                "files": {n: bundle.network_file(n, p).name for n in ("unet", "vgg")}}
+
+    per = {p: summary(p) for p in precisions}
+    head = per[precisions[0]]
+    out = {"frames": frames, "fps": head["fps"], "stages": head["stages"], "backend": backend,
+           "precision": precisions[0], "booster_backend": first.booster.backend,
+           "cpu_overhead_fraction": head["cpu_overhead_fraction"], "booster_isolated": booster_warm,
            "networks": {n: {"width": bundle.manifest["networks"][n].get("width"),
-                            "file": bundle.network_file(n, precision).name} for n in ("unet", "vgg")},
+                            "file": bundle.network_file(n, precisions[0]).name} for n in ("unet", "vgg")},
            "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count()}}
-    for s in BENCH_STAGES:
-        st = stages[s]
-        _say(f"  {s:10s} p50 {st['p50_ms']:9.3f}  p95 {st['p95_ms']:9.3f}  p99 {st['p99_ms']:9.3f}  "
-             f"max {st['max_ms']:9.3f} ms")
-    _say(f"  {out['fps']:.2f} frames/s; everything but the two networks: {overhead:.2%} of the per-frame total")
+    if len(precisions) > 1:
+        out["precisions"] = per
+        out["speedup"] = {p: {"networks_p50": head["networks_p50_ms"] / per[p]["networks_p50_ms"],
+                              "total_p50": head["stages"]["total"]["p50_ms"] / per[p]["stages"]["total"]["p50_ms"]}
+                          for p in precisions[1:]}
+    for p in precisions:
+        if len(precisions) > 1:
+            _say(f"  -- {p} ({per[p]['files']['unet']}, {per[p]['files']['vgg']})")
+        for s in BENCH_STAGES:
+            st = per[p]["stages"][s]
+            _say(f"  {s:10s} p50 {st['p50_ms']:9.3f}  p95 {st['p95_ms']:9.3f}  p99 {st['p99_ms']:9.3f}  "
+                 f"max {st['max_ms']:9.3f} ms")
+        _say(f"  {per[p]['fps']:.2f} frames/s; everything but the two networks: "
+             f"{per[p]['cpu_overhead_fraction']:.2%} of the per-frame total")
+    for p, sp in out.get("speedup", {}).items():
+        _say(f"  {p} vs {precisions[0]}: the two networks {sp['networks_p50']:.2f}x faster (p50 "
+             f"{per[p]['networks_p50_ms']:.1f} vs {head['networks_p50_ms']:.1f} ms), whole frame {sp['total_p50']:.2f}x")
     _say(f"  booster alone, warm caches (same frames' features, back to back): p50 {booster_warm['p50_us']:.1f} us, "
          f"p99 {booster_warm['p99_us']:.1f} us; in the pipeline it runs right after the VGG, with cold caches")
     if json_path:
@@ -228,7 +265,8 @@ def bench_bundle(bundle_path, *, backend="ort", precision="fp32", frames=100, wa
         Path(json_path).write_text(json.dumps(out, indent=2) + "\n")
     if plot:
         from runtime.evaluate import latency_png
-        latency_png(samples, Path(plot), f"sonoscore bench: {precision}, {backend}, {frames} frames")
+        latency_png(samples[precisions[0]], Path(plot),
+                    f"sonoscore bench: {precisions[0]}, {backend}, {frames} frames")
     return out
 
 
@@ -253,6 +291,14 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     a = np.asarray(values, dtype=np.float64)
     return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
             "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max())}
+
+
+def ensure_calibration_side() -> None:
+    """`calibrate` needs the onnx package (the quantizer edits the graph); the device install may lack it."""
+    if importlib.util.find_spec("onnx") is None:
+        from runtime.errors import UserError
+        raise UserError("`sonoscore calibrate` needs the onnx package, which this install lacks; install "
+                        "sonoscore with its export extra (pip install 'sonoscore[export]')")
 
 
 def ensure_export_side(command: str) -> None:

@@ -1,7 +1,8 @@
 """`sonoscore` command line. Heavy modules are imported inside each command, so `--help` works on a bare install.
 
 Exit codes: 0 success; 2 could not start (a bad option, bundle, source or dataset: one sentence says which);
-3 `run`/`eval` finished but some input frames carried an error (each still has its record); 1 internal failure.
+3 `run`/`eval` finished but some input frames carried an error (each still has its record); 4 `calibrate` ran but
+a lower precision missed an accuracy threshold (the report says which); 1 internal failure.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_FRAME_ERRORS = 0, 1, 2, 3
+EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_FRAME_ERRORS, EXIT_ACCURACY = 0, 1, 2, 3, 4
 
 from runtime.errors import UserError  # noqa: E402
 
@@ -73,6 +74,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from runtime.app import ensure_calibration_side
+    ensure_calibration_side()
+    from calibration.report import Thresholds
+    from calibration.run import CalibrationFailed, calibrate_bundle
+    th = Thresholds(min_iou=args.min_iou, min_gate_agreement=args.min_gate, min_grade_agreement=args.min_grade,
+                    min_cosine=args.min_cosine)
+    report = args.report or str(Path(args.bundle) / "calibration_report.json")
+    try:
+        calibrate_bundle(args.bundle, args.frames, check=args.check, method=args.method, count=args.count,
+                         holdout=args.holdout, max_frames=args.max_frames, conv_transpose=args.conv_transpose,
+                         thresholds=th, report=report, full_range_weights=args.full_range_weights,
+                         timing_only=args.timing_only)
+    except CalibrationFailed as e:
+        print(f"sonoscore: {e}", file=sys.stderr)
+        print(f"sonoscore: report written to {report}", file=sys.stderr)
+        return EXIT_ACCURACY
+    print(f"calibration report: {report}")
+    return EXIT_OK
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from runtime.app import doctor
     doctor()
@@ -95,10 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
         "grade IFTA (1-4) frame by frame. Not a medical device."))
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    def backend_opts(sp, frames_default=None):
+    def backend_opts(sp, several=False):
         sp.add_argument("--backend", default="ort", choices=["ort", "trt"], help="inference backend (default ort)")
-        sp.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
-                        help="which of the bundle's network files to run (default fp32)")
+        if several:
+            sp.add_argument("--precision", default="fp32", help="fp32, fp16 or int8, or several joined by commas "
+                            "(fp32,int8): they take turns frame by frame and the speed-up is reported")
+        else:
+            sp.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
+                            help="which of the bundle's network files to run (default fp32; int8 needs "
+                                 "`sonoscore calibrate` first)")
         sp.add_argument("--threads", type=int, default=None, help="CPU threads per network (default: all cores)")
 
     d = sub.add_parser("demo", help="build the demo bundle if missing, then run it on the simulated probe")
@@ -132,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="per-stage latency percentiles on simulated frames")
     b.add_argument("--bundle", required=True)
-    backend_opts(b)
+    backend_opts(b, several=True)
     b.add_argument("--frames", type=int, default=100)
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--json", help="write the figures here")
@@ -167,6 +194,33 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--unet-width", type=float, default=None, help="with --random-weights (default 1.0)")
     x.add_argument("--vgg-width", type=float, default=None, help="with --random-weights (default 1.0)")
     x.set_defaults(func=cmd_export)
+
+    c = sub.add_parser("calibrate", help="INT8: calibrate the bundle's networks on frames (Q/DQ ONNX) and check "
+                       "INT8 and FP16 against FP32 on frames not used for calibration")
+    c.add_argument("--bundle", required=True)
+    c.add_argument("--frames", required=True, action="append",
+                   help="calibration source: folder, video, DICOM or sim://kidney?frames=600 (repeatable); "
+                        "frames not picked for calibration are held out for the accuracy check")
+    c.add_argument("--check", action="append", default=[],
+                   help="another source checked in full and never used for calibration (repeatable)")
+    c.add_argument("--method", default="minmax", choices=["minmax", "entropy", "percentile"])
+    c.add_argument("--count", type=int, default=300, help="calibration frames, spread over the source (default 300)")
+    c.add_argument("--holdout", type=int, default=300, help="held-out frames for the check (default 300)")
+    c.add_argument("--max-frames", type=int, default=3000, help="frames read per source at most (spread evenly)")
+    c.add_argument("--conv-transpose", default="per-tensor", choices=["per-tensor", "float"],
+                   help="ConvTranspose weights: INT8 per tensor (default) or left in float (TensorRT rejects "
+                        "onnxruntime's per-channel axis 1 for them)")
+    c.add_argument("--full-range-weights", action="store_true",
+                   help="8-bit weights instead of 7-bit; only for targets never checked on an x86 CPU without "
+                        "VNNI, where 8-bit weights saturate onnxruntime's integer kernels")
+    c.add_argument("--min-iou", type=float, default=0.97)
+    c.add_argument("--min-gate", type=float, default=0.97, help="minimum gate agreement")
+    c.add_argument("--min-grade", type=float, default=0.97, help="minimum grade agreement")
+    c.add_argument("--min-cosine", type=float, default=0.99, help="minimum feature cosine similarity")
+    c.add_argument("--report", help="report JSON (default <bundle>/calibration_report.json)")
+    c.add_argument("--timing-only", action="store_true",
+                   help="skip the accuracy check (random-weight bundles made for timing)")
+    c.set_defaults(func=cmd_calibrate)
 
     dr = sub.add_parser("doctor", help="which backends, providers and compilers are usable here")
     dr.set_defaults(func=cmd_doctor)

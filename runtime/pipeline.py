@@ -75,9 +75,8 @@ class Pipeline:
             return self._finish(rec, t0)
         try:
             t = time.perf_counter()
-            gray = pp.to_gray(frame.pixels, frame.channel_order, frame.window)
-            image, region = pp.preprocess(gray, frame.region, size=self.size, crimmins_iterations=self.iterations)
-            rec.display, rec.region, rec.image = gray, region, image
+            rec.display, rec.image, rec.region = self.prepare(frame)
+            image = rec.image
             lat["preprocess"] = _ms(t)
 
             t = time.perf_counter()
@@ -100,14 +99,21 @@ class Pipeline:
             lat["vgg"] = _ms(t)
 
             t = time.perf_counter()
-            probs = self.booster.predict(feats)[0]
-            rec.probabilities = [float(p) for p in probs]
-            rec.grade = int(np.argmax(probs)) + 1
+            probs = self.booster.predict(feats)[0].tolist()
+            rec.probabilities = probs
+            rec.grade = probs.index(max(probs)) + 1
             lat["booster"] = _ms(t)
         except pp.FrameError as e:
             rec.error = f"frame {frame.index}: {e}"
             rec.accepted = False
         return self._finish(rec, t0)
+
+    def prepare(self, frame: Frame) -> tuple[np.ndarray, np.ndarray, pp.Region]:
+        """(gray display frame, preprocessed 224x224 image, region it came from): the preprocessing every path
+        shares (streaming, evaluation, INT8 calibration), so ranges measured offline match deployment."""
+        gray = pp.to_gray(frame.pixels, frame.channel_order, frame.window)
+        image, region = pp.preprocess(gray, frame.region, size=self.size, crimmins_iterations=self.iterations)
+        return gray, image, region
 
     def features(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """VGG features of a preprocessed image under a 0/1 mask (training the booster uses this)."""

@@ -1,6 +1,7 @@
 """Frame sources. A source is an iterable of `Frame`s plus what the streamer needs to know about it.
 
-Source strings (DESIGN.md): a path (image, folder, video), `sim://kidney?grade=3&fps=30&frames=300&seed=1`.
+Source strings (DESIGN.md): a path (image, folder, video), `sim://kidney?grade=3&fps=30&frames=300&seed=1`,
+`igtl://host:18944/Device` (OpenIGTLink IMAGE stream), `v4l2:///dev/video0` and `gst://<pipeline>` (capture).
 A frame that cannot be read is still yielded, with `error` set, so the results keep one record per input.
 """
 from __future__ import annotations
@@ -63,15 +64,25 @@ def now() -> float:
     return time.time()
 
 
-def open_source(spec: str, **options: Any) -> Source:
-    """Open a source string; raises SourceError with one sentence when it cannot be opened."""
+def open_source(spec: str, *, realtime: bool | None = None) -> Source:
+    """Open a source string; raises SourceError with one sentence when it cannot be opened.
+
+    `realtime`: recorded sources that have a frame rate (the simulated probe, a DICOM cine) replay at that rate by
+    default, like the scanner did; False reads them as fast as possible (calibration, evaluation).
+    """
     if spec.startswith("sim://"):
         from runtime.sources.sim import SimSource
-        return SimSource.from_uri(spec, **options)
+        return SimSource.from_uri(spec, realtime=realtime)
+    if spec.startswith("igtl://"):
+        from runtime.sources.igtl import IgtlSource
+        return IgtlSource.from_uri(spec, realtime=realtime)
+    if spec.startswith(("v4l2://", "gst://")):
+        from runtime.sources.capture import CaptureSource
+        return CaptureSource.from_uri(spec, realtime=realtime)
     if "://" in spec:
         scheme = spec.split("://", 1)[0]
         raise SourceError(f"source '{spec}': the {scheme}:// source is not available in this version; "
-                          f"use a file, a folder, a video or sim://kidney")
+                          f"use a file, a folder, a video, sim://kidney, igtl://, v4l2:// or gst://")
     path = Path(spec)
     if not path.exists():
         raise SourceError(f"source '{spec}' does not exist; give an image, a folder of images, a video file "

@@ -1,7 +1,8 @@
 """The simulated probe: `sim://kidney?grade=3&fps=30&frames=300&seed=1` streams the kidney phantom.
 
 With fps > 0 frames are paced in real time like a scanner (a live source: policy `newest` by default);
-fps=0 produces them as fast as they can be made.
+fps=0 produces them as fast as they can be made. Offline users (calibration) open it with realtime=False: the
+same frames, unpaced.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from runtime.sources import Frame, Source, SourceError, now
 
 
 class SimSource(Source):
-    def __init__(self, grade: int | None = None, fps: float = 30.0, frames: int = 300, seed: int = 1):
+    def __init__(self, grade: int | None = None, fps: float = 30.0, frames: int = 300, seed: int = 1,
+                 realtime: bool = True):
         from runtime.phantom import KidneyPhantom
         if grade is not None and grade not in (1, 2, 3, 4):
             raise SourceError(f"sim://kidney grade={grade} is not a grade; use 1, 2, 3 or 4 (or leave it out)")
@@ -21,12 +23,13 @@ class SimSource(Source):
             raise SourceError("sim://kidney needs frames >= 1 and fps >= 0")
         self.phantom = KidneyPhantom(grade=grade, seed=seed)
         self.fps = float(fps)
-        self.live = fps > 0
+        self.paced = bool(realtime) and fps > 0
+        self.live = self.paced
         self.total = int(frames)
         self.source_id = f"sim-kidney-{seed}"
 
     @classmethod
-    def from_uri(cls, uri: str) -> "SimSource":
+    def from_uri(cls, uri: str, realtime: bool | None = None) -> "SimSource":
         u = urlparse(uri)
         if u.netloc != "kidney":
             raise SourceError(f"source '{uri}': the simulator knows only sim://kidney")
@@ -40,12 +43,12 @@ class SimSource(Source):
             fps, frames, seed = float(q.get("fps", 30)), int(q.get("frames", 300)), int(q.get("seed", 1))
         except ValueError:
             raise SourceError(f"source '{uri}': grade, frames and seed must be integers and fps a number") from None
-        return cls(grade=grade, fps=fps, frames=frames, seed=seed)
+        return cls(grade=grade, fps=fps, frames=frames, seed=seed, realtime=realtime is not False)
 
     def __iter__(self) -> Iterator[Frame]:
         start = time.perf_counter()
         for i in range(self.total):
-            if self.fps > 0:
+            if self.paced:
                 delay = start + i / self.fps - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)

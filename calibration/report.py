@@ -1,0 +1,140 @@
+"""How far a lower precision (INT8, FP16) moves the pipeline from FP32, frame by frame, end to end.
+
+Each precision runs the whole graph on the same preprocessed frames: its own UNet mask, its own gate decision,
+its own masked image and VGG features, and the bundle's booster. Compared with FP32:
+
+- mask IoU with the FP32 mask (over frames where either mask has kidney; 1.0 when both are empty is not counted,
+  so frames without a kidney cannot inflate it), and the mask-fraction error;
+- gate agreement: the share of frames with the same accept/reject decision;
+- feature cosine similarity and grade agreement, over frames both precisions accepted;
+- probability L1: sum over classes of |p - p_fp32|, over the same frames.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from runtime import preprocess as pp
+from runtime.pipeline import apply_mask
+
+
+@dataclass
+class Thresholds:
+    """Defaults from the INT8 issue; every one can be changed on the command line."""
+    min_iou: float = 0.97
+    min_gate_agreement: float = 0.97
+    min_grade_agreement: float = 0.97
+    min_cosine: float = 0.99
+
+    def missed(self, m: dict) -> list[str]:
+        out = []
+        for key, limit, label in (("mask_iou_mean", self.min_iou, "mask IoU"),
+                                  ("gate_agreement", self.min_gate_agreement, "gate agreement"),
+                                  ("grade_agreement", self.min_grade_agreement, "grade agreement"),
+                                  ("feature_cosine_mean", self.min_cosine, "feature cosine")):
+            v = m.get(key)
+            if v is not None and v < limit:
+                out.append(f"{label} {v:.4f} < {limit:g} over {m['frames']} frames")
+        return out
+
+
+@dataclass
+class Outputs:
+    """One precision's pipeline outputs on a list of frames (features/probabilities NaN where rejected)."""
+    masks: np.ndarray          # [N, H, W] bool
+    fractions: np.ndarray      # [N]
+    accepted: np.ndarray       # [N] bool
+    features: np.ndarray       # [N, F]
+    probabilities: np.ndarray  # [N, C]
+
+
+def run_precision(bundle, files: dict[str, Path], booster, images: list[np.ndarray], *, label: str = "",
+                  quiet: bool = False) -> Outputs:
+    """The pipeline from preprocessed image to probabilities with the given network files."""
+    from runtime.backends import make_runner
+
+    unet_spec, vgg_spec = bundle.network("unet"), bundle.network("vgg")
+    n = len(images)
+    masks = np.zeros((n, *images[0].shape), bool) if n else np.zeros((0, 0, 0), bool)
+    fractions = np.zeros(n)
+    accepted = np.zeros(n, bool)
+    feats: np.ndarray | None = None
+    probs = np.full((n, bundle.num_classes), np.nan)
+    step = max(1, n // 4)
+    with make_runner("ort", files["unet"]) as unet, make_runner("ort", files["vgg"]) as vgg:
+        for i, img in enumerate(images):
+            prob = unet.infer({unet_spec.input_name: pp.to_input(img, 1)})[unet_spec.output_name][0, 0]
+            mask = (prob > bundle.mask_threshold).astype(np.uint8)
+            masks[i] = mask.astype(bool)
+            fractions[i] = float(mask.mean())
+            accepted[i] = fractions[i] >= bundle.min_mask_fraction
+            if accepted[i]:
+                f = vgg.infer({vgg_spec.input_name: pp.to_input(apply_mask(img, mask), vgg_spec.channels)},
+                              [vgg_spec.output_name])[vgg_spec.output_name][0]
+                if feats is None:
+                    feats = np.full((n, f.shape[-1]), np.nan, np.float32)
+                feats[i] = f
+                probs[i] = booster.predict(f)[0]
+            if not quiet and label and ((i + 1) % step == 0 or i + 1 == n):
+                print(f"  checking {label}: {i + 1}/{n}", file=sys.stderr, flush=True)
+    if feats is None:
+        feats = np.full((n, 1), np.nan, np.float32)
+    return Outputs(masks, fractions, accepted, feats, probs)
+
+
+def compare(ref: Outputs, other: Outputs) -> dict:
+    """The metrics of `other` against `ref` (FP32). None where no frame qualifies."""
+    n = len(ref.fractions)
+    inter = (ref.masks & other.masks).reshape(n, -1).sum(1)
+    union = (ref.masks | other.masks).reshape(n, -1).sum(1)
+    has = union > 0
+    iou = inter[has] / union[has]
+    both = ref.accepted & other.accepted
+    out: dict = {"frames": int(n), "frames_with_kidney": int(has.sum()), "frames_accepted_by_both": int(both.sum()),
+                 "mask_iou_mean": _f(iou.mean()) if has.any() else None,
+                 "mask_iou_min": _f(iou.min()) if has.any() else None,
+                 "mask_fraction_error_mean": _f(np.abs(ref.fractions - other.fractions).mean()) if n else None,
+                 "mask_fraction_error_max": _f(np.abs(ref.fractions - other.fractions).max()) if n else None,
+                 "gate_agreement": _f((ref.accepted == other.accepted).mean()) if n else None}
+    if both.any():
+        a, b = ref.features[both].astype(np.float64), other.features[both].astype(np.float64)
+        cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+        pa, pb = ref.probabilities[both], other.probabilities[both]
+        l1 = np.abs(pa - pb).sum(1)
+        out.update({"feature_cosine_mean": _f(cos.mean()), "feature_cosine_min": _f(cos.min()),
+                    "grade_agreement": _f((pa.argmax(1) == pb.argmax(1)).mean()),
+                    "probability_l1_mean": _f(l1.mean()), "probability_l1_max": _f(l1.max())})
+    else:
+        out.update({"feature_cosine_mean": None, "feature_cosine_min": None, "grade_agreement": None,
+                    "probability_l1_mean": None, "probability_l1_max": None})
+    return out
+
+
+def format_table(accuracy: dict[str, dict[str, dict]], thresholds: Thresholds) -> str:
+    """The terminal summary: one row per (frame set, precision)."""
+    head = (f"{'frames':<34s} {'prec':>5s} {'n':>5s} {'IoU':>7s} {'frac err':>9s} {'gate':>7s} {'cosine':>8s} "
+            f"{'grade':>7s} {'prob L1':>8s}  result")
+    lines = [head, "-" * len(head)]
+    for set_name, per in accuracy.items():
+        for p, m in per.items():
+            lines.append(f"{set_name[:34]:<34s} {p:>5s} {m['frames']:>5d} {_s(m['mask_iou_mean'], 4):>7s} "
+                         f"{_s(m['mask_fraction_error_mean'], 5):>9s} {_s(m['gate_agreement'], 4):>7s} "
+                         f"{_s(m['feature_cosine_mean'], 5):>8s} {_s(m['grade_agreement'], 4):>7s} "
+                         f"{_s(m['probability_l1_mean'], 4):>8s}  {'pass' if m.get('passed') else 'FAIL'}")
+    t = thresholds
+    lines.append(f"thresholds: IoU >= {t.min_iou:g}, gate >= {t.min_gate_agreement:g}, grade >= "
+                 f"{t.min_grade_agreement:g}, cosine >= {t.min_cosine:g} (n/a: no frame qualifies)")
+    return "\n".join(lines)
+
+
+def _f(x) -> float:
+    return round(float(x), 6)
+
+
+def _s(v, digits: int) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+

@@ -1,0 +1,288 @@
+"""`sonoscore calibrate`: frames -> INT8 Q/DQ networks in the bundle, accepted only with an accuracy report.
+
+    frames (any source) -> runtime's own preprocessing (Pipeline.prepare) -> 224x224 uint8 images
+      -> a spread-out subset calibrates the UNet (the images) and the VGG (images masked the way deployment
+         masks them: FP32 UNet, threshold, gate, cv2.multiply; frames the gate rejects are left out)
+      -> onnxruntime quantize_static, QDQ, symmetric INT8, per-channel weights (calibration/quantize.py)
+      -> the other frames, never used for calibration, run through FP32 and through each lower precision:
+         mask IoU with the FP32 mask, mask-fraction error, gate agreement, feature cosine similarity, grade
+         agreement, probability L1 (calibration/report.py)
+      -> all thresholds met: the INT8 files join the bundle and the manifest records their hashes and provenance;
+         a threshold missed: the files go to <bundle>/calibration-rejected/ and the command says which one failed.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from calibration.quantize import METHODS, quantize_int8, spread_indices
+from calibration.report import Thresholds, compare, format_table, run_precision
+from runtime.bundle import Bundle, write_manifest
+from runtime.errors import UserError
+from runtime.pipeline import Pipeline, apply_mask
+from runtime.sources import SourceError, open_source
+
+INT8_FILES = {"unet": "unet.int8.onnx", "vgg": "vgg.int8.onnx"}
+
+
+class CalibrationFailed(UserError):
+    """A lower precision missed an accuracy threshold; the message names it."""
+
+
+@dataclass
+class FrameSet:
+    """Preprocessed 224x224 uint8 images read from one or more sources."""
+    images: list[np.ndarray] = field(default_factory=list)
+    origins: list[str] = field(default_factory=list)     # opaque source id of each image
+    unreadable: int = 0
+    sources: list[dict] = field(default_factory=list)    # per source: opaque id, kind, frames read
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class _Progress:
+    """A line every ~10% (or a tqdm bar on a terminal): long calibration shows it is alive."""
+
+    def __init__(self, label: str, total: int, quiet: bool = False):
+        self.label, self.total, self.quiet = label, max(1, total), quiet
+        self.bar = None
+        self.step = max(1, self.total // 10)
+        self.t0 = time.perf_counter()
+        if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total, desc=label, unit="frame", leave=False)
+
+    def __call__(self, done: int) -> None:
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.n = min(done, self.total)
+            self.bar.refresh()
+        elif done % self.step == 0 or done == self.total:
+            _say(f"  {self.label}: {done}/{self.total} ({time.perf_counter() - self.t0:.0f} s)")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def read_frames(specs: list[str], pipe, *, max_frames: int, quiet: bool = False) -> FrameSet:
+    """Every readable frame of every source, preprocessed exactly as `sonoscore run` preprocesses it."""
+    out = FrameSet()
+    for spec in specs:
+        try:
+            source = open_source(spec, realtime=False)
+        except SourceError as e:
+            raise UserError(str(e)) from None
+        n0 = len(out.images)
+        total = source.total
+        step = max(1, (total or 0) // max_frames + (1 if total and total > max_frames else 0)) if total else 1
+        if not quiet:
+            _say(f"calibrate: reading frames from {source.source_id}"
+                 + (f" ({total} frames{', every ' + str(step) + 'th' if step > 1 else ''})" if total else ""))
+        with source:
+            for k, frame in enumerate(source):
+                if len(out.images) - n0 >= max_frames:
+                    break
+                if k % step:
+                    continue
+                if frame.error is not None or frame.pixels is None:
+                    out.unreadable += 1
+                    continue
+                try:
+                    _, image, _ = pipe.prepare(frame)
+                except Exception:  # a frame the runtime could not preprocess would not be scored either
+                    out.unreadable += 1
+                    continue
+                out.images.append(image)
+                out.origins.append(source.source_id)
+        out.sources.append({"source_id": source.source_id, "kind": type(source).__name__,
+                            "frames": len(out.images) - n0})
+    return out
+
+
+def _versions() -> dict[str, str]:
+    v = {"python": platform.python_version()}
+    for pkg in ("onnxruntime", "onnx", "numpy", "opencv-python-headless"):
+        try:
+            v[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return v
+
+
+def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[str] | None = None,
+                     method: str = "minmax", count: int = 300, holdout: int = 300, max_frames: int = 3000,
+                     conv_transpose: str = "per-tensor", thresholds: Thresholds | None = None,
+                     precisions: tuple[str, ...] = ("int8", "fp16"), report: str | Path | None = None,
+                     full_range_weights: bool = False, timing_only: bool = False, quiet: bool = False) -> dict:
+    """Calibrate, report, and (when every threshold holds) install the INT8 networks into the bundle."""
+    from runtime.backends import make_runner
+    from runtime.booster import Booster
+
+    if method not in METHODS:
+        raise UserError(f"--method {method} is not one of {', '.join(METHODS)}")
+    if count < 1 or holdout < 1:
+        raise UserError("--count and --holdout must be at least 1")
+    thresholds = thresholds or Thresholds()
+    bundle = Bundle.load(bundle_path)
+    root = bundle.root
+    t_start = time.perf_counter()
+    shape = Pipeline(bundle)  # not entered: only its preprocessing is used here
+    data = read_frames(frames, shape, max_frames=max_frames, quiet=quiet)
+    n = len(data.images)
+    if n < 4:
+        raise UserError(f"calibration needs at least 4 readable frames, the source(s) gave {n}; give a folder, "
+                        f"video, DICOM cine or sim:// source with more frames")
+    calib_idx = spread_indices(n, min(count, n // 2))
+    rest = sorted(set(range(n)) - set(calib_idx))
+    hold_idx = [rest[i] for i in spread_indices(len(rest), min(holdout, len(rest)))]
+    calib_images = [data.images[i] for i in calib_idx]
+
+    unet_spec, vgg_spec = bundle.network("unet"), bundle.network("vgg")
+    from runtime import preprocess as pp
+    unet_inputs = [pp.to_input(img, 1) for img in calib_images]
+    with make_runner("ort", bundle.network_file("unet", "fp32")) as unet32:
+        vgg_inputs, rejected = [], 0
+        for img, x in zip(calib_images, unet_inputs):
+            mask = (unet32.infer({unet_spec.input_name: x})[unet_spec.output_name][0, 0]
+                    > bundle.mask_threshold).astype(np.uint8)
+            if mask.mean() < bundle.min_mask_fraction:
+                rejected += 1
+                continue
+            vgg_inputs.append(pp.to_input(apply_mask(img, mask), vgg_spec.channels))
+    if not vgg_inputs:
+        raise UserError(f"none of the {len(calib_images)} calibration frames passed the quality gate (kidney mask "
+                        f"below {bundle.min_mask_fraction:.0%} of the frame), so the VGG cannot be calibrated; "
+                        f"give frames that show the kidney")
+    if not quiet:
+        _say(f"calibrate: {n} frames read ({data.unreadable} unreadable); {len(calib_idx)} calibrate the UNet, "
+             f"{len(vgg_inputs)} of them pass the gate and calibrate the VGG ({rejected} rejected); "
+             f"{len(hold_idx)} held out for the accuracy check; method {method}")
+
+    work = root / ".calibration-work"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir()
+    results = {}
+    for name, spec, inputs in (("unet", unet_spec, unet_inputs), ("vgg", vgg_spec, vgg_inputs)):
+        prog = _Progress(f"calibrating {name}", len(inputs), quiet)
+        t = time.perf_counter()
+        try:
+            results[name] = quantize_int8(bundle.network_file(name, "fp32"), work / INT8_FILES[name],
+                                          spec.input_name, inputs, method=method, conv_transpose=conv_transpose,
+                                          full_range_weights=full_range_weights, progress=prog)
+        finally:
+            prog.close()
+        if not quiet:
+            r = results[name]
+            _say(f"calibrate: {name} -> {INT8_FILES[name]} in {time.perf_counter() - t:.0f} s (INT8 weights: "
+                 f"{_counts(r.quantized_ops)}; float weights: {_counts(r.float_ops) or 'none'})")
+
+    # -- accuracy against FP32 on frames that did not calibrate ------------------------------------------------
+    sets: dict[str, list[np.ndarray]] = {"held-out": [data.images[i] for i in hold_idx]}
+    check_sets = []
+    for spec in check or []:
+        extra = read_frames([spec], shape, max_frames=max_frames, quiet=quiet)
+        key = f"check {extra.sources[0]['source_id']}"
+        sets[key] = extra.images
+        check_sets.append({**extra.sources[0], "unreadable": extra.unreadable})
+    files = {p: {net: (work / INT8_FILES[net] if p == "int8" else bundle.network_file(net, p))
+                 for net in ("unet", "vgg")}
+             for p in precisions if p == "int8" or p in bundle.precisions}
+    booster = Booster.load(bundle.booster_file, num_class=bundle.num_classes)
+    accuracy: dict[str, dict] = {}
+    failures: list[str] = []
+    if not timing_only:
+        for set_name, images in sets.items():
+            if not images:
+                failures.append(f"{set_name}: no readable frames to check against")
+                continue
+            reference = run_precision(bundle, {n: bundle.network_file(n, "fp32") for n in ("unet", "vgg")},
+                                      booster, images, label=f"{set_name} fp32", quiet=quiet)
+            accuracy[set_name] = {}
+            for p, pfiles in files.items():
+                other = run_precision(bundle, pfiles, booster, images, label=f"{set_name} {p}", quiet=quiet)
+                metrics = compare(reference, other)
+                missed = thresholds.missed(metrics)
+                metrics["passed"] = not missed
+                accuracy[set_name][p] = metrics
+                failures += [f"{p} on {set_name}: {m}" for m in missed]
+        if not quiet:
+            _say(format_table(accuracy, thresholds))
+
+    int8_ok = timing_only or not any(f.startswith("int8 ") for f in failures)
+    out = {
+        "bundle": str(root), "method": method, "conv_transpose": conv_transpose,
+        "frames": {"read": n, "unreadable": data.unreadable, "calibration": len(calib_idx),
+                   "calibration_vgg": len(vgg_inputs), "rejected_by_gate": rejected, "held_out": len(hold_idx)},
+        "sources": data.sources, "check_sources": check_sets,
+        "networks": {k: {"file": INT8_FILES[k], "int8_weights": r.quantized_ops, "float_weights": r.float_ops,
+                         "opset": r.opset} for k, r in results.items()},
+        "thresholds": asdict(thresholds), "accuracy": accuracy, "accuracy_checked": not timing_only,
+        "passed": int8_ok and not failures, "failures": failures, "versions": _versions(),
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    if int8_ok:
+        for name in ("unet", "vgg"):
+            shutil.move(str(work / INT8_FILES[name]), str(root / INT8_FILES[name]))
+        manifest = dict(bundle.manifest)
+        for name in ("unet", "vgg"):
+            net = manifest["networks"][name]
+            net["files"]["int8"] = INT8_FILES[name]
+            r = results[name]
+            net["int8"] = {"format": "onnx-qdq", "activations": "int8 symmetric per-tensor",
+                           "weights": "int8 symmetric per-channel (output-channel axis)",
+                           "weight_bits": r.weight_bits,
+                           "conv_transpose_weights": ("per-tensor" if conv_transpose == "per-tensor" else "float")
+                           if "ConvTranspose" in r.quantized_ops or "ConvTranspose" in r.float_ops else "n/a",
+                           "biases": "float", "int8_weights": r.quantized_ops, "float_weights": r.float_ops}
+        manifest["calibration"] = {
+            "method": method, "frames": len(calib_idx), "frames_vgg": len(vgg_inputs),
+            "sources": data.sources, "accuracy_checked": not timing_only,
+            "accuracy": {s: {p: {k: v for k, v in m.items() if k in _SUMMARY} for p, m in ps.items()}
+                         for s, ps in accuracy.items()},
+            "thresholds": asdict(thresholds), "versions": out["versions"],
+            "made": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        write_manifest(root, manifest)
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        rejected_dir = root / "calibration-rejected"
+        if rejected_dir.exists():
+            shutil.rmtree(rejected_dir)
+        work.rename(rejected_dir)
+        out["rejected_files"] = str(rejected_dir)
+    if report:
+        Path(report).parent.mkdir(parents=True, exist_ok=True)
+        Path(report).write_text(json.dumps(out, indent=2) + "\n")
+    if failures:
+        where = (f"the INT8 files were not added to the bundle (kept in {root / 'calibration-rejected'} for "
+                 f"inspection)" if not int8_ok else "the INT8 files passed and were added to the bundle")
+        raise CalibrationFailed(f"accuracy check failed: {failures[0]}"
+                                + (f" (and {len(failures) - 1} more, see the report)" if len(failures) > 1 else "")
+                                + f"; {where}; calibrate on more varied frames, try --method entropy or "
+                                  f"percentile, or relax the threshold if it is too strict for this model")
+    if not quiet:
+        _say(f"calibrate: INT8 networks added to {root} in {out['seconds']:.0f} s"
+             + ("" if not timing_only else " (timing only: accuracy not checked)"))
+    return out
+
+
+_SUMMARY = ("frames", "mask_iou_mean", "gate_agreement", "feature_cosine_mean", "grade_agreement",
+            "probability_l1_mean", "passed")
+
+
+def _counts(d: dict[str, int]) -> str:
+    return ", ".join(f"{v} {k}" for k, v in sorted(d.items()))

@@ -1,0 +1,226 @@
+"""INT8 calibration: real onnxruntime quantization of a real (tiny) bundle, the accuracy report, the command's
+outcomes, and the TensorRT-readiness rules checked on the files it writes."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from calibration.checks import trt_readiness
+from calibration.quantize import output_tail, quantize_int8, spread_indices
+from calibration.report import Outputs, Thresholds, compare
+from runtime.bundle import Bundle
+from tests.conftest import sonoscore
+
+SIM = "sim://kidney?frames=16&fps=30&seed=4"   # fps=30 on purpose: calibration reads it unpaced
+
+
+def _open_gate(bundle_dir: Path) -> None:
+    """The tiny bundle's one-epoch UNet finds no kidney anywhere, so its gate rejects every frame and there would
+    be nothing to calibrate the VGG on. Opening the gate (a manifest setting, not a hashed file) lets every frame
+    through; the networks and their files stay exactly as trained."""
+    m = json.loads((bundle_dir / "manifest.json").read_text())
+    m["gate"]["min_mask_fraction"] = 0.0
+    (bundle_dir / "manifest.json").write_text(json.dumps(m, indent=2))
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_bundle, tmp_path_factory):
+    """A copy of the tiny bundle calibrated through the real command line (thresholds relaxed: a one-epoch model's
+    INT8 agreement is not what this fixture is about)."""
+    b = tmp_path_factory.mktemp("cal") / "bundle"
+    shutil.copytree(tiny_bundle, b)
+    _open_gate(b)
+    r = sonoscore("calibrate", "--bundle", b, "--frames", SIM, "--count", 8, "--holdout", 8,
+                  "--min-iou", 0, "--min-gate", 0, "--min-grade", 0, "--min-cosine", 0)
+    assert r.returncode == 0, r.stderr
+    return b, r
+
+
+def test_calibrate_adds_int8_networks_with_hashes_and_provenance(calibrated):
+    b, r = calibrated
+    bundle = Bundle.load(b)                       # verifies every sha256, the new files' included
+    assert "int8" in bundle.precisions
+    m = bundle.manifest
+    for net in ("unet", "vgg"):
+        assert m["networks"][net]["files"]["int8"] == f"{net}.int8.onnx"
+        assert m["files"][f"{net}.int8.onnx"]
+        info = m["networks"][net]["int8"]
+        assert info["weight_bits"] == 7 and info["biases"] == "float"
+    assert m["networks"]["unet"]["int8"]["conv_transpose_weights"] == "per-tensor"
+    cal = m["calibration"]
+    assert cal["method"] == "minmax" and cal["frames"] == 8 and cal["versions"]["onnxruntime"]
+    assert cal["sources"][0]["source_id"].startswith("sim-kidney")
+    report = json.loads((b / "calibration_report.json").read_text())
+    assert report["frames"] == {**report["frames"], "read": 16, "calibration": 8, "held_out": 8}
+    held = report["accuracy"]["held-out"]
+    assert set(held) == {"int8", "fp16"}
+    for key in ("mask_iou_mean", "mask_fraction_error_mean", "gate_agreement", "feature_cosine_mean",
+                "grade_agreement", "probability_l1_mean"):
+        assert key in held["int8"]
+    assert held["fp16"]["gate_agreement"] == 1.0  # the gate is open: every frame passes at every precision
+    assert "prec" in r.stderr and "thresholds:" in r.stderr      # the table on the terminal
+
+
+@pytest.mark.parametrize("net", ["unet", "vgg"])
+def test_int8_files_are_tensorrt_ready(calibrated, net):
+    b, _ = calibrated
+    assert trt_readiness(b / f"{net}.int8.onnx") == []
+    model = onnx.load(str(b / f"{net}.int8.onnx"))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_int8_runs_in_run_and_bench_in_one_run(calibrated, tmp_path):
+    b, _ = calibrated
+    res = tmp_path / "r.jsonl"
+    r = sonoscore("run", "--bundle", b, "--source", "sim://kidney?fps=0&frames=4&seed=2", "--precision", "int8",
+                  "--results", res, "--quiet")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(x) for x in res.read_text().splitlines()]
+    assert len(recs) == 4 and all(x["error"] is None and x["grade"] in (1, 2, 3, 4) for x in recs)
+    out = tmp_path / "bench.json"
+    r = sonoscore("bench", "--bundle", b, "--precision", "fp32,int8", "--frames", 3, "--warmup", 1, "--json", out)
+    assert r.returncode == 0, r.stderr
+    bench = json.loads(out.read_text())
+    assert bench["precision"] == "fp32" and set(bench["precisions"]) == {"fp32", "int8"}
+    assert bench["precisions"]["int8"]["files"] == {"unet": "unet.int8.onnx", "vgg": "vgg.int8.onnx"}
+    assert bench["speedup"]["int8"]["networks_p50"] > 0
+    assert "int8 vs fp32" in r.stderr
+
+
+def test_a_missed_threshold_fails_and_keeps_the_bundle_unchanged(tiny_bundle, tmp_path):
+    b = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, b)
+    _open_gate(b)
+    before = (b / "manifest.json").read_text()
+    # cosine similarity cannot exceed 1: the check must fail, say which threshold, and leave the bundle as it was
+    r = sonoscore("calibrate", "--bundle", b, "--frames", SIM, "--count", 6, "--holdout", 6, "--min-iou", 0,
+                  "--min-gate", 0, "--min-grade", 0, "--min-cosine", 1.5)
+    assert r.returncode == 4, r.stderr
+    assert "feature cosine" in r.stderr and "Traceback" not in r.stderr
+    assert (b / "manifest.json").read_text() == before
+    assert (b / "calibration-rejected" / "unet.int8.onnx").is_file()
+    assert not (b / "unet.int8.onnx").exists()
+    assert json.loads((b / "calibration_report.json").read_text())["passed"] is False
+
+
+def test_calibrate_user_errors_are_one_sentence(tiny_bundle, tmp_path):
+    r = sonoscore("calibrate", "--bundle", tiny_bundle, "--frames", tmp_path / "nope")
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    # the tiny bundle's closed gate rejects every frame: nothing to calibrate the VGG on, said in one sentence
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b)
+    r = sonoscore("calibrate", "--bundle", b, "--frames", SIM, "--count", 4, "--holdout", 4)
+    assert r.returncode == 2 and "quality gate" in r.stderr and "Traceback" not in r.stderr
+    r = sonoscore("run", "--bundle", tiny_bundle, "--source", SIM, "--precision", "int8")
+    assert r.returncode == 2 and "sonoscore calibrate" in r.stderr
+
+
+# -- the pieces, on small real models --------------------------------------------------------------------------
+def _conv_model(path: Path, transpose: bool = False) -> Path:
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.normal(0, 0.3, (4, 1, 3, 3)).astype(np.float32), "w1")
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1")]
+    inits = [w1]
+    if transpose:
+        wt = numpy_helper.from_array(rng.normal(0, 0.3, (4, 2, 4, 4)).astype(np.float32), "wt")
+        nodes.append(helper.make_node("ConvTranspose", ["r1", "wt"], ["t1"], strides=[2, 2], pads=[1, 1, 1, 1],
+                                      name="up1"))
+        inits.append(wt)
+        last, ch, size = "t1", 2, 16
+    else:
+        last, ch, size = "r1", 4, 8
+    w2 = numpy_helper.from_array(rng.normal(0, 0.3, (1, ch, 1, 1)).astype(np.float32), "w2")
+    nodes += [helper.make_node("Conv", [last, "w2"], ["c2"], name="head"),
+              helper.make_node("Sigmoid", ["c2"], ["y"], name="sig")]
+    inits.append(w2)
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, size, size])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def _inputs(n=8):
+    rng = np.random.default_rng(1)
+    return [rng.random((1, 1, 8, 8), dtype=np.float32) for _ in range(n)]
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+def test_every_method_gives_a_ready_qdq_model_with_a_float_output_tail(tmp_path, method):
+    src = _conv_model(tmp_path / "m.onnx", transpose=True)
+    r = quantize_int8(src, tmp_path / "q.onnx", "x", _inputs(), method=method)
+    assert trt_readiness(r.path) == []
+    assert r.quantized_ops == {"Conv": 1, "ConvTranspose": 1}      # the head conv stays float (output tail)
+    assert r.float_ops == {"Conv": 1}
+    assert output_tail(onnx.load(str(src))) == ["sig", "head"]
+    model = onnx.load(str(r.path))
+    dq_w = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "wt_quantized"]
+    assert dq_w, "the ConvTranspose weight is quantized"
+    scale = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}[dq_w[0].input[1]]
+    assert scale.size == 1                                          # per tensor, as TensorRT needs
+
+
+def test_conv_transpose_can_stay_float(tmp_path):
+    r = quantize_int8(_conv_model(tmp_path / "m.onnx", transpose=True), tmp_path / "q.onnx", "x", _inputs(),
+                      conv_transpose="float")
+    assert r.quantized_ops == {"Conv": 1} and r.float_ops == {"ConvTranspose": 1, "Conv": 1}
+    assert trt_readiness(r.path) == []
+
+
+def test_readiness_catches_what_tensorrt_rejects(tmp_path):
+    """onnxruntime's own defaults (asymmetric activations, per-channel ConvTranspose on axis 1, INT32 biases)
+    produce exactly the files TensorRT refuses: the check must say so for each."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    class Reader:
+        def __init__(self):
+            self.it = iter(_inputs())
+
+        def get_next(self):
+            x = next(self.it, None)
+            return None if x is None else {"x": x}
+
+    bad = tmp_path / "bad.onnx"
+    w = _conv_model(tmp_path / "m.onnx", transpose=True)
+    quantize_static(str(w), str(bad), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    problems = " | ".join(trt_readiness(bad))
+    assert "non-zero zero point" in problems or "quantizes to uint8" in problems
+    assert "ConvTranspose weight per channel" in problems
+    assert trt_readiness(w) and "no QuantizeLinear" in trt_readiness(w)[0]
+
+
+def test_spread_indices_cover_the_whole_source():
+    idx = spread_indices(1000, 10)
+    assert len(idx) == 10 and idx[0] < 100 and idx[-1] > 900 and idx == sorted(set(idx))
+    assert spread_indices(5, 10) == [0, 1, 2, 3, 4]
+
+
+def test_compare_metrics_against_hand_computed_values():
+    masks = np.zeros((3, 4, 4), bool)
+    masks[0, :2] = True               # 8 px
+    masks[1, :1] = True               # 4 px
+    other = masks.copy()
+    other[0, 2, :] = True             # frame 0: 8 vs 12 px, IoU 8/12
+    feats = np.array([[1, 0], [0, 1], [np.nan, np.nan]], np.float32)
+    ofeats = np.array([[1, 1], [0, 1], [np.nan, np.nan]], np.float32)
+    probs = np.array([[0.7, 0.3], [0.4, 0.6], [np.nan, np.nan]])
+    oprobs = np.array([[0.4, 0.6], [0.4, 0.6], [np.nan, np.nan]])
+    ref = Outputs(masks, np.array([0.5, 0.25, 0.0]), np.array([True, True, False]), feats, probs)
+    oth = Outputs(other, np.array([0.75, 0.25, 0.0]), np.array([True, True, True]), ofeats, oprobs)
+    m = compare(ref, oth)
+    assert m["frames_with_kidney"] == 2                        # frame 2 has no kidney in either: not counted
+    assert m["mask_iou_mean"] == pytest.approx((8 / 12 + 1) / 2, abs=1e-6)
+    assert m["gate_agreement"] == pytest.approx(2 / 3, abs=1e-6)
+    assert m["feature_cosine_mean"] == pytest.approx((1 / np.sqrt(2) + 1) / 2, abs=1e-6)
+    assert m["grade_agreement"] == 0.5
+    assert m["probability_l1_mean"] == pytest.approx(0.3, abs=1e-6)
+    assert Thresholds().missed(m)                              # far below every default
+    assert Thresholds(0, 0, 0, 0).missed(m) == []
