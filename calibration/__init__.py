@@ -1,5 +1,11 @@
 """INT8 calibration: calibration frames -> Q/DQ ONNX, and the accuracy report of INT8 against FP32.
 
-Not built yet (the INT8 issue). It will feed frames through `runtime.preprocess.preprocess`, the function the
-device runs, so INT8 ranges match deployment.
+    run.py       `sonoscore calibrate`: frames -> runtime preprocessing -> quantize -> check -> bundle
+    quantize.py  onnxruntime quantize_static in the form TensorRT builds from (symmetric INT8, per-channel
+                 weights, ConvTranspose per tensor, float biases and output layers)
+    report.py    INT8/FP16 against FP32 end to end: mask IoU, gate, feature cosine, grade, probabilities
+    checks.py    TensorRT-readiness rules checked on the written files
+
+Frames go through `runtime.pipeline.Pipeline.prepare`, the preprocessing the device runs, so the INT8 ranges are
+measured on the inputs deployment will feed.
 """

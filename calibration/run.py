@@ -167,7 +167,8 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
                         f"below {bundle.min_mask_fraction:.0%} of the frame), so the VGG cannot be calibrated; "
                         f"give frames that show the kidney")
     if not quiet:
-        _say(f"calibrate: {n} frames read ({data.unreadable} unreadable); {len(calib_idx)} calibrate the UNet, "
+        _say(f"calibrate: {n} frames read ({data.unreadable} inputs were not readable images); {len(calib_idx)} "
+             f"calibrate the UNet, "
              f"{len(vgg_inputs)} of them pass the gate and calibrate the VGG ({rejected} rejected); "
              f"{len(hold_idx)} held out for the accuracy check; method {method}")
 
