@@ -37,7 +37,8 @@ def format_record(rec: FrameRecord) -> str:
 
 
 def run_bundle(bundle_path, source_spec: str, *, backend="ort", precision="fp32", policy=None, results=None,
-               video=None, masks=None, summary=None, quiet=False, threads=None, cache_dir=None) -> StreamStats:
+               video=None, masks=None, summary=None, quiet=False, threads=None, cache_dir=None, report=None,
+               smoothing=None, view=None, display=False, keep_view=False) -> StreamStats:
     """`sonoscore run`: stream a source through a bundle into the requested sinks."""
     from runtime.sinks.jsonl import JsonlSink
     from runtime.sinks.masks import MaskSink
@@ -54,8 +55,25 @@ def run_bundle(bundle_path, source_spec: str, *, backend="ort", precision="fp32"
         sinks.append(VideoSink(Path(video), fps=source.fps or 30.0, disclaimer=bundle.disclaimer))
     if masks:
         sinks.append(MaskSink(Path(masks)))
-    study = StudySummary(Path(summary) if summary else None, disclaimer=bundle.disclaimer)
+    study = StudySummary(Path(summary) if summary else None, disclaimer=bundle.disclaimer,
+                         html_path=Path(report) if report else None, smoothing_half_life=smoothing)
     sinks.append(study)
+    viewer = None
+    try:
+        if view is not None:
+            from runtime.viewer import LiveViewer
+            viewer = LiveViewer(view.get("host", "127.0.0.1"), view.get("port", 0), view.get("token"),
+                                disclaimer=bundle.disclaimer)
+            sinks.append(viewer)
+            _say(f"live viewer: {viewer.url}")
+        if display:
+            from runtime.viewer import DisplayWindow
+            sinks.append(DisplayWindow(disclaimer=bundle.disclaimer))
+    except BaseException:
+        for sk in sinks:
+            sk.close()
+        source.close()
+        raise
     if bundle.disclaimer:
         _say(f"NOTE: {bundle.disclaimer}")
     _say(f"running {bundle.root} ({precision}, {backend}) on {source.source_id}, policy {policy}")
@@ -75,6 +93,10 @@ def run_bundle(bundle_path, source_spec: str, *, backend="ort", precision="fp32"
     try:
         with Pipeline(bundle, backend=backend, precision=precision, threads=threads, cache_dir=cache_dir) as pipe:
             stats = run_stream(source, pipe.process, sinks, policy=policy, on_record=show)
+        if viewer is not None and keep_view:
+            _say(f"stream ended; the viewer keeps the last frame at {viewer.url}; Ctrl-C to quit")
+            import threading
+            threading.Event().wait()
     finally:
         for s in sinks:
             s.close()

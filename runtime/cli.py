@@ -32,7 +32,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from runtime.app import run_bundle
     stats = run_bundle(args.bundle, args.source, backend=args.backend, precision=args.precision,
                        policy=args.policy, results=args.results, video=args.video, masks=args.save_masks,
-                       summary=args.study_summary, quiet=args.quiet, threads=args.threads)
+                       summary=args.study_summary, quiet=args.quiet, threads=args.threads,
+                       report=args.study_report, smoothing=args.smooth, display=args.display,
+                       view=dict(host=args.view_host, port=args.view_port, token=args.view_token) if args.view else None,
+                       keep_view=args.view_keep)
     return EXIT_FRAME_ERRORS if stats.errors else EXIT_OK
 
 
@@ -138,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="stream a source through a bundle")
     r.add_argument("--bundle", required=True)
-    r.add_argument("--source", required=True, help="image, folder, video, or sim://kidney?grade=3&fps=30&frames=300")
+    r.add_argument("--source", required=True, help="image, folder, video, DICOM, sim://kidney?grade=3&fps=30&frames=300, "
+                   "igtl://host:18944/Device, v4l2:///dev/video0 or gst://<pipeline>")
     backend_opts(r)
     r.add_argument("--policy", choices=["newest", "all"], default=None,
                    help="newest: live, keep only the latest frame; all: lossless (default: newest for live sources)")
@@ -146,6 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--video", help="write the annotated overlay video here (MP4)")
     r.add_argument("--save-masks", help="write each frame's binary mask as DIR/<frame>.png")
     r.add_argument("--study-summary", help="write the per-study aggregate here (JSON)")
+    r.add_argument("--study-report", metavar="HTML", help="write the one-page study report here (self-contained HTML)")
+    r.add_argument("--smooth", type=float, metavar="FRAMES", help="also smooth the grade over accepted frames "
+                   "(exponential moving average with this half-life) in the study summary and report")
+    r.add_argument("--view", action="store_true", help="serve the live viewer page (its URL is printed)")
+    r.add_argument("--view-host", default="127.0.0.1", help="address the viewer listens on; any non-loopback "
+                   "address needs a token (one is generated unless --view-token)")
+    r.add_argument("--view-port", type=int, default=8765, help="viewer port (0: any free port)")
+    r.add_argument("--view-token", help="token the viewer requires (?token=...)")
+    r.add_argument("--view-keep", action="store_true", help="keep serving the last frame after the source ends, "
+                   "until Ctrl-C")
+    r.add_argument("--display", action="store_true", help="show the overlay in a window on this machine's screen")
     r.add_argument("--quiet", action="store_true", help="no line per frame")
     r.set_defaults(func=cmd_run)
 

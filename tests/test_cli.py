@@ -111,7 +111,8 @@ def test_a_tampered_bundle_is_refused_with_one_sentence(tiny_bundle, tmp_path):
     ("/nonexistent/probe.mp4", "does not exist"),
     ("sim://kidney?grade=9", "is not a grade"),
     ("sim://liver", "only sim://kidney"),
-    ("v4l2:///dev/video0", "not available in this version"),
+    ("v4l2:///dev/video97", "no such capture device"),
+    ("rtsp://camera/stream", "not available in this version"),
 ])
 def test_a_bad_source_is_one_sentence_and_exit_2(tiny_bundle, source, phrase):
     r = sonoscore("run", "--bundle", tiny_bundle, "--source", source)

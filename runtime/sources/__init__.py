@@ -1,6 +1,6 @@
 """Frame sources. A source is an iterable of `Frame`s plus what the streamer needs to know about it.
 
-Source strings (DESIGN.md): a path (image, folder, video), `sim://kidney?grade=3&fps=30&frames=300&seed=1`,
+Source strings (DESIGN.md): a path (image, folder, video, DICOM file or folder of DICOM files), `sim://kidney?grade=3&fps=30&frames=300&seed=1`,
 `igtl://host:18944/Device` (OpenIGTLink IMAGE stream), `v4l2:///dev/video0` and `gst://<pipeline>` (capture).
 A frame that cannot be read is still yielded, with `error` set, so the results keep one record per input.
 """
@@ -87,9 +87,14 @@ def open_source(spec: str, *, realtime: bool | None = None) -> Source:
     if not path.exists():
         raise SourceError(f"source '{spec}' does not exist; give an image, a folder of images, a video file "
                           f"or sim://kidney")
-    from runtime.sources import files
+    from runtime.sources import dicom, files
     if path.is_dir():
+        names = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+        if names and not any(p.suffix.lower() in files.IMAGE_SUFFIXES for p in names) and dicom.dicom_files_in(path):
+            return dicom.DicomFolderSource(path)   # a folder of DICOM files (a study export)
         return files.FolderSource(path)
+    if path.suffix.lower() in (".dcm", ".dicom") or dicom.is_dicom(path):
+        return dicom.DicomSource(path, realtime=realtime)
     if path.suffix.lower() in files.VIDEO_SUFFIXES:
         return files.VideoSource(path)
     return files.FolderSource(path)  # a single image is a folder of one
