@@ -113,6 +113,11 @@ class Pipeline:
         shares (streaming, evaluation, INT8 calibration), so ranges measured offline match deployment."""
         gray = pp.to_gray(frame.pixels, frame.channel_order, frame.window)
         image, region = pp.preprocess(gray, frame.region, size=self.size, crimmins_iterations=self.iterations)
+        if frame.meta.get("burned_in_annotation", False) is not False:
+            # A DICOM frame that has (or may have) names and dates burned into its pixels: what sinks save and show
+            # (video, viewer) is the ultrasound region only, never the scanner's text around it.
+            gray = np.ascontiguousarray(gray[region.y0:region.y1, region.x0:region.x1])
+            region = pp.Region(0, 0, gray.shape[1], gray.shape[0])
         return gray, image, region
 
     def features(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:

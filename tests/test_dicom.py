@@ -540,3 +540,29 @@ def test_real_ultrasound_dicom_through_the_pipeline(tiny_bundle, tmp_path):
     for phi in _phi_strings(phi_file):
         assert phi not in text
     assert "CompressedSamples" not in text and "Citizen" not in text
+
+
+def test_frames_that_may_carry_burned_in_text_are_shown_and_saved_as_their_region_only(tiny_bundle):
+    """Names and dates burned into a DICOM's pixels sit outside the B-mode region: the display image that the
+    video and the viewer use is cut to the region when BurnedInAnnotation is YES or not stated."""
+    from runtime.bundle import Bundle
+    from runtime.pipeline import Pipeline
+    from runtime.preprocess import Region
+    from runtime.sources import Frame
+
+    pixels = np.zeros((300, 400), np.uint8)
+    pixels[10:20, 10:200] = 255                      # "text" above the image
+    pixels[50:290, 40:360] = 120                     # the ultrasound region
+    pipe = Pipeline(Bundle.load(tiny_bundle))
+    region = Region(40, 50, 360, 290)
+    for flag, cropped in ((True, True), (None, True), (False, False)):
+        frame = Frame(0, "dicom-x", 0.0, pixels, region=region, meta={"burned_in_annotation": flag})
+        display, image, reg = pipe.prepare(frame)
+        assert image.shape == (224, 224)
+        if cropped:
+            assert display.shape == (240, 320) and display.max() == 120 and reg == Region(0, 0, 320, 240)
+        else:
+            assert display.shape == (300, 400) and reg == region
+    # a source that is not DICOM (no such key) keeps the whole frame
+    display, _, _ = pipe.prepare(Frame(0, "files-x", 0.0, pixels, region=region))
+    assert display.shape == (300, 400)
