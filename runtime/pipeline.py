@@ -51,10 +51,16 @@ class Pipeline:
 
     def __enter__(self) -> "Pipeline":
         opts = {"intra_op_threads": self.threads} if self.threads else {}
-        self.unet = make_runner(self.backend, self.unet_file, **opts).__enter__()
-        self.vgg = make_runner(self.backend, self.vgg_file, **opts).__enter__()
-        self.booster = Booster.load(self.bundle.booster_file, num_class=self.bundle.num_classes,
-                                    cache_dir=self.cache_dir, backend=self.booster_backend)
+        if self.backend == "trt":  # engines are built per precision, cached beside the compiled booster
+            opts.update(precision=self.precision, cache_dir=self.cache_dir)
+        try:
+            self.unet = make_runner(self.backend, self.unet_file, **opts).__enter__()
+            self.vgg = make_runner(self.backend, self.vgg_file, **opts).__enter__()
+            self.booster = Booster.load(self.bundle.booster_file, num_class=self.bundle.num_classes,
+                                        cache_dir=self.cache_dir, backend=self.booster_backend)
+        except BaseException:
+            self.__exit__(None, None, None)   # a runner already open is released, not leaked
+            raise
         return self
 
     def __exit__(self, *exc) -> None:

@@ -65,10 +65,19 @@ def available_backends() -> dict[str, str]:
     except ImportError as e:
         report["ort"] = f"onnxruntime is not importable ({e}); install it with: pip install onnxruntime"
     try:
-        _trt_module()
-        missing = [m for m in ("tensorrt", "pycuda") if importlib.util.find_spec(m) is None]
-        report["trt"] = (f"{' and '.join(missing)} not installed (TensorRT comes from JetPack or NVIDIA's index)"
-                         if missing else "ok")
+        st = _trt_module().trt_status()
     except BackendUnavailable as e:
         report["trt"] = str(e)
+    else:
+        report["trt"] = "ok" if st["available"] else st["reason"]
+        report["trt:tensorrt"] = str(st["tensorrt"])
+        report["trt:pycuda"] = str(st["pycuda"])
+        if isinstance(st.get("gpus"), list):
+            for g in st["gpus"]:
+                report[f"trt:gpu{g['index']}"] = (f"{g['name']} (compute {g['compute_capability']}, "
+                                                  f"{g['memory_mb']} MiB)")
+        elif "gpus" in st:
+            report["trt:gpus"] = str(st["gpus"])
+        if "dla_cores" in st:
+            report["trt:dla_cores"] = str(st["dla_cores"])
     return report

@@ -1,0 +1,472 @@
+"""The trt backend on a machine without TensorRT: what can be run here is run for real.
+
+- importing the backend needs neither TensorRT nor pycuda, and a runner made without them says one sentence;
+- the engine cache (runtime.backends.engine_cache): the key changes with every component, stale or damaged entries
+  are rejected and rebuilt, concurrent builders in separate processes serialise on the lock and build once
+  (the build step is a plain function writing bytes: that is the only stand-in, since building needs TensorRT);
+- profile shapes and the TensorRT -> numpy dtype names;
+- device/: the self-test end to end on the ort backend, setup.sh (syntax and its dry run), the systemd unit.
+
+What needs TensorRT and a GPU is at the end, skipped here with the reason.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.backends import BackendUnavailable, TensorMeta, make_runner
+from runtime.backends import engine_cache as ec
+from runtime.backends import trt as trtmod
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE = ROOT / "device"
+SHA = "ab" * 32
+GPU = ec.GpuInfo("Orin", (8, 7))
+
+
+def base_key(**change):
+    args = dict(onnx_sha256=SHA, trt_version="10.3.0", gpu=GPU, precision="fp16", batch=(1, 1, 1), dims=None,
+                dla_core=None, machine="aarch64")
+    args.update(change)
+    return ec.engine_key(**args)
+
+
+# -- import behaviour and the one sentence -------------------------------------------------------------------------
+def test_import_needs_neither_tensorrt_nor_pycuda():
+    code = ("import sys, runtime.backends.trt, runtime.backends.engine_cache; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'pycuda')]; "
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_runner_without_tensorrt_says_one_sentence(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # as if not installed, even where it is
+    model = tmp_path / "unet.onnx"
+    model.write_bytes(b"not used")
+    for make in (lambda: trtmod.TrtRunner(model), lambda: make_runner("trt", model)):
+        with pytest.raises(BackendUnavailable) as e:
+            make()
+        msg = str(e.value)
+        assert msg == ("TensorRT is not installed here: the trt backend runs on a Jetson (JetPack 6/7) or an x86 "
+                       "host with NVIDIA's tensorrt wheel; use --backend ort")
+        assert "\n" not in msg
+
+
+def test_runner_without_pycuda_says_so(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))  # present (never called here)
+    monkeypatch.setitem(sys.modules, "pycuda", None)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", None)
+    with pytest.raises(BackendUnavailable, match=r"^pycuda is not installed here: .*use --backend ort$"):
+        trtmod.TrtRunner(tmp_path / "unet.onnx")
+
+
+def test_broken_tensorrt_install_is_not_called_missing(monkeypatch):
+    """A tensorrt that is there but whose libnvinfer does not load gets its own sentence."""
+    class Broken:
+        def find_spec(self, name, path=None, target=None):
+            if name == "tensorrt":
+                raise ImportError("libnvinfer.so.10: cannot open shared object file: No such file or directory")
+            return None
+
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
+    broken = r"^TensorRT's Python bindings are installed but fail to import \(libnvinfer.*use --backend ort$"
+    with pytest.raises(BackendUnavailable, match=broken):
+        trtmod._import_tensorrt()
+    status = trtmod.trt_status()
+    assert status["available"] is False and status["tensorrt"] == "installed but fails to import"
+
+
+def test_trt_status_without_tensorrt(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    status = trtmod.trt_status()
+    assert status["available"] is False
+    assert status["tensorrt"] == "not installed"
+    assert status["reason"] == trtmod.UNAVAILABLE
+    assert "pycuda" in status
+    json.dumps(status)  # doctor prints it; it must be plain data
+
+
+# -- cache key -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("change", [
+    {"onnx_sha256": "cd" * 32}, {"trt_version": "10.3.0.1"}, {"trt_version": "11.4.1"},
+    {"gpu": ec.GpuInfo("Orin (nvgpu)", (8, 7))}, {"gpu": ec.GpuInfo("Orin", (8, 6))},
+    {"gpu": ec.GpuInfo("Orin", (11, 0))}, {"precision": "int8"}, {"batch": (1, 1, 4)}, {"batch": (1, 2, 4)},
+    {"dims": {"H": 224}}, {"dla_core": 0}, {"dla_core": 1}, {"machine": "x86_64"},
+], ids=lambda c: f"{next(iter(c))}={next(iter(c.values()))}")
+def test_key_changes_with_each_component(change):
+    a, b = base_key(), base_key(**change)
+    assert a != b
+    assert ec.key_digest(a) != ec.key_digest(b)
+
+
+def test_key_is_stable_and_plain():
+    assert base_key() == base_key()
+    assert ec.key_digest(base_key()) == ec.key_digest(json.loads(json.dumps(base_key())))
+    assert len(ec.key_digest(base_key())) == 32
+    assert base_key(batch=4)["profile"]["batch"] == [4, 4, 4]
+    assert base_key()["format"] == ec.FORMAT
+    with pytest.raises(ValueError, match="64 lowercase hex"):
+        base_key(onnx_sha256="not-a-hash")
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        base_key(batch=(4, 2, 8))
+
+
+# -- entries: written atomically, verified on every load, stale ones rejected --------------------------------------
+def test_entry_roundtrip_and_every_stale_form_is_rejected(tmp_path):
+    key = base_key()
+    entry = ec.entry_dir(tmp_path, key)
+    engine = os.urandom(4096)
+    path = ec.write_entry(entry, key, engine, {"onnx": "unet.onnx"})
+    hit = ec.open_entry(entry, key)
+    assert hit is not None and hit[0] == path and path.read_bytes() == engine
+    assert hit[1]["onnx"] == "unet.onnx" and hit[1]["engine_bytes"] == 4096
+    assert not [p for p in entry.iterdir() if p.name.endswith(".tmp")]  # no temp files left behind
+
+    # another TensorRT / GPU: the metadata does not match the key asked for
+    assert ec.open_entry(entry, base_key(trt_version="10.4.0")) is None
+    assert ec.open_entry(entry, base_key(gpu=ec.GpuInfo("Thor", (11, 0)))) is None
+    # truncated engine (a crash mid-copy, a full disk)
+    path.write_bytes(engine[:1000])
+    assert ec.open_entry(entry, key) is None
+    # same size, different bytes: only the hash can tell
+    damaged = bytearray(engine)
+    damaged[123] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    assert ec.open_entry(entry, key) is None
+    path.write_bytes(engine)
+    assert ec.open_entry(entry, key) is not None
+    # metadata pointing outside the entry, missing engine, garbage metadata, old format
+    meta = json.loads((entry / "meta.json").read_text())
+    for bad in ({**meta, "engine": "../../etc/passwd"}, {**meta, "engine": "engine-missing.plan"},
+                {**meta, "key": {**key, "format": ec.FORMAT - 1}}, {k: v for k, v in meta.items() if k != "engine"}):
+        (entry / "meta.json").write_text(json.dumps(bad))
+        assert ec.open_entry(entry, key) is None
+    (entry / "meta.json").write_text("{not json")
+    assert ec.open_entry(entry, key) is None
+    (entry / "meta.json").unlink()
+    assert ec.open_entry(entry, key) is None
+
+
+def test_get_or_build_builds_once_then_hits_and_rebuilds_stale(tmp_path, capsys):
+    key = base_key()
+    calls = []
+
+    def build():
+        calls.append(1)
+        return b"engine-v%d" % len(calls), {"profile_shapes": {"image": [[1, 1, 224, 224]] * 3}}
+
+    first = ec.get_or_build(tmp_path, key, build, label="unet.fp16.onnx (fp16)")
+    assert first.built and calls == [1] and first.path.read_bytes() == b"engine-v1"
+    assert first.meta["profile_shapes"]["image"][0] == [1, 1, 224, 224] and "build_s" in first.meta
+    err = capsys.readouterr().err
+    assert "building the unet.fp16.onnx (fp16) engine (TensorRT 10.3.0, Orin sm87, fp16, batch 1/1/1)" in err
+    assert "built the unet.fp16.onnx (fp16) engine in" in err
+
+    again = ec.get_or_build(tmp_path, key, build)
+    assert not again.built and calls == [1] and again.path == first.path
+
+    first.path.write_bytes(b"engine-v1"[:4])  # damaged on disk: rebuilt, never loaded
+    rebuilt = ec.get_or_build(tmp_path, key, build)
+    assert rebuilt.built and calls == [1, 1] and rebuilt.path.read_bytes() == b"engine-v2"
+    assert sorted(p.name for p in rebuilt.directory.glob("engine-*.plan")) == [rebuilt.path.name]
+
+    ec.invalidate(rebuilt.directory)  # what the runner does when TensorRT refuses a verified file
+    assert ec.get_or_build(tmp_path, key, build, progress=False).built and len(calls) == 3
+
+    other = ec.get_or_build(tmp_path, base_key(trt_version="10.13.0"), build, progress=False)
+    assert other.built and other.directory != rebuilt.directory  # a foreign version gets its own entry
+
+
+def test_failed_build_leaves_no_entry(tmp_path):
+    key = base_key()
+
+    def build():
+        raise BackendUnavailable("TensorRT could not build an engine for 'unet.onnx'")
+
+    with pytest.raises(BackendUnavailable):
+        ec.get_or_build(tmp_path, key, build, progress=False)
+    assert ec.open_entry(ec.entry_dir(tmp_path, key), key) is None
+    with pytest.raises(ValueError, match="empty engine"):
+        ec.get_or_build(tmp_path, key, lambda: b"", progress=False)
+
+
+def _build_in_process(root: str, log: str, start_at: float) -> tuple[str, bool, str, float]:
+    """One process asking for the same engine as the others at the same moment (spawned: module level)."""
+    while time.time() < start_at:
+        time.sleep(0.001)
+
+    def slow_build() -> bytes:
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(1.0)  # a build takes a while: the others must wait, not build too
+        return b"engine built by %d" % os.getpid()
+
+    entry = ec.get_or_build(Path(root), base_key(), slow_build, progress=False)
+    return str(entry.path), entry.built, ec.sha256_file(entry.path), entry.seconds
+
+
+def test_concurrent_builders_serialise_on_the_lock(tmp_path):
+    log = tmp_path / "builds.log"
+    ctx = multiprocessing.get_context("spawn")
+    start_at = time.time() + 4.0  # after every child has started its interpreter
+    with ctx.Pool(4) as pool:
+        results = pool.starmap(_build_in_process, [(str(tmp_path / "engines"), str(log), start_at)] * 4)
+    assert len(log.read_text().split()) == 1, "the engine was built more than once"
+    assert len({(path, digest) for path, _, digest, _ in results}) == 1
+    assert sum(built for _, built, _, _ in results) == 1
+    # the others really asked while it was building, and waited for it rather than finding it later
+    assert any(not built and seconds > 0.5 for _, built, _, seconds in results)
+
+
+def test_file_lock_reports_waiting(tmp_path):
+    lock = tmp_path / ".lock"
+    waited = []
+    code = ("import sys, time; from runtime.backends.engine_cache import file_lock\n"
+            f"with file_lock({str(lock)!r}):\n    print('locked', flush=True); time.sleep(1.5)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        t = time.perf_counter()
+        with ec.file_lock(lock, on_wait=lambda: waited.append(1)):
+            assert time.perf_counter() - t > 0.5
+        assert waited == [1]
+    finally:
+        holder.wait(timeout=30)
+
+
+# -- timing cache --------------------------------------------------------------------------------------------------
+def test_timing_cache_is_per_gpu_and_version(tmp_path):
+    a = ec.timing_cache_path(tmp_path, GPU, "10.3.0")
+    assert a.parent == tmp_path and a.name == "timing-orin-sm87-trt10.3.0.cache"
+    assert a != ec.timing_cache_path(tmp_path, ec.GpuInfo("Orin", (8, 6)), "10.3.0")
+    assert a != ec.timing_cache_path(tmp_path, GPU, "10.13.0")
+    assert ec.read_timing_cache(a) == b""
+    ec.write_timing_cache(a, b"timings")
+    assert ec.read_timing_cache(a) == b"timings"
+    ec.write_timing_cache(a, b"")  # an empty serialisation never replaces a real one
+    assert ec.read_timing_cache(a) == b"timings"
+
+
+def test_engines_root_follows_sonoscore_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("SONOSCORE_CACHE", str(tmp_path))
+    assert ec.engines_root() == tmp_path / "engines"
+    assert ec.engines_root(tmp_path / "x") == tmp_path / "x" / "engines"
+
+
+# -- profile shapes, dtypes ----------------------------------------------------------------------------------------
+def test_profile_shapes_take_the_batch_range_on_the_leading_free_dim():
+    f32 = np.dtype(np.float32)
+    inputs = {"image": TensorMeta(("N", 3, 224, 224), f32), "other": TensorMeta((None, 8), f32),
+              "dynamic": TensorMeta((-1, 4), f32), "fixed": TensorMeta((1, 1, 224, 224), f32)}
+    shapes = ec.profile_shapes(inputs, batch=(1, 2, 8))
+    assert shapes["image"] == ((1, 3, 224, 224), (2, 3, 224, 224), (8, 3, 224, 224))
+    assert shapes["other"] == ((1, 8), (2, 8), (8, 8))
+    assert shapes["dynamic"] == ((1, 4), (2, 4), (8, 4))
+    assert shapes["fixed"] == ((1, 1, 224, 224),) * 3
+    assert ec.profile_shapes(inputs)["image"] == ((1, 3, 224, 224),) * 3  # default: one frame
+
+
+def test_profile_shapes_refuse_unpinned_spatial_dims():
+    meta = {"image": TensorMeta(("N", 1, "H", "W"), np.dtype(np.float32))}
+    with pytest.raises(ValueError, match=r"input 'image' .* free dim \('H', axis 2\)"):
+        ec.profile_shapes(meta)
+    assert ec.profile_shapes(meta, batch=2, dims={"H": 224, "W": 160})["image"] == ((2, 1, 224, 160),) * 3
+    with pytest.raises(ValueError):
+        ec.profile_shapes(meta, batch=(0, 1, 1), dims={"H": 1, "W": 1})
+
+
+def test_trt_dtype_names_map_to_numpy():
+    # every DataType member of the TensorRT 11.1 bindings (10.3 has the same minus FP4 and E8M0)
+    members = ["FLOAT", "HALF", "BF16", "INT8", "INT32", "INT64", "BOOL", "UINT8", "FP8", "INT4", "FP4", "E8M0"]
+    assert sorted(ec.TRT_DTYPES) == sorted(members)
+    assert ec.trt_dtype_to_numpy("FLOAT") == np.float32
+    assert ec.trt_dtype_to_numpy("DataType.HALF") == np.float16
+    assert ec.trt_dtype_to_numpy("int8") == np.int8
+    assert ec.trt_dtype_to_numpy("INT64") == np.int64
+    assert ec.trt_dtype_to_numpy("BOOL") == np.bool_
+    assert ec.trt_dtype_to_numpy("UINT8") == np.uint8
+    for name in ("BF16", "FP8", "INT4", "FP4", "E8M0"):
+        assert ec.trt_dtype_to_numpy(name) is None
+    with pytest.raises(ValueError, match="unknown"):
+        ec.trt_dtype_to_numpy("COMPLEX64")
+
+
+def test_dims_and_precision_labels():
+    assert ec.dims_to_shape((-1, 3, 224, 224)) == (None, 3, 224, 224)
+    assert ec.guess_precision(Path("unet.onnx")) == "fp32"
+    assert ec.guess_precision(Path("unet.fp16.onnx")) == "fp16"
+    assert ec.guess_precision(Path("vgg.int8.onnx")) == "int8"
+    assert ec.guess_precision(Path("vgg_qdq.onnx")) == "int8"
+    assert ec.GpuInfo("NVIDIA Jetson AGX Orin (nvgpu)", (8, 7)).slug == "nvidia-jetson-agx-orin-nvgpu-sm87"
+
+
+def test_network_flags_set_strongly_typed_when_the_enum_has_it():
+    # The flag is 1 << int(member) (Builder docs); 11.x keeps STRONGLY_TYPED as a deprecated always-on member.
+    with_flag = types.SimpleNamespace(NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=1))
+    assert trtmod.network_flags(with_flag) == 2
+    assert trtmod.network_flags(types.SimpleNamespace(NetworkDefinitionCreationFlag=types.SimpleNamespace())) == 0
+
+
+# -- device/ -------------------------------------------------------------------------------------------------------
+def test_selftest_runs_on_the_ort_backend(tiny_bundle, tmp_path):
+    out = tmp_path / "report"
+    r = subprocess.run([sys.executable, str(DEVICE / "selftest"), "--bundle", str(tiny_bundle), "--backend", "ort",
+                        "--frames", "5", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode in (0, 1), r.stderr
+    report = json.loads((out / "selftest.json").read_text())
+    text = (out / "selftest.txt").read_text()
+    assert report["backend"] == "ort" and report["frames"] == 5 and report["reference"] == "ort cpu fp32"
+    assert set(report["results"]) == {"fp32", "fp16"}
+    fp32 = report["results"]["fp32"]
+    assert fp32["frames_compared"] == 5 + report["warmup"]
+    assert {k: c["threshold"] for k, c in fp32["checks"].items()} == {
+        "mask_iou": 0.97, "gate_agreement": 0.97, "grade_agreement": 0.97, "feature_cosine": 0.99}
+    # the same backend, precision and frames as the reference: it must agree exactly
+    assert all(c["pass"] and c["value"] == pytest.approx(1.0) for c in fp32["checks"].values()), fp32["checks"]
+    assert fp32["pass"] and fp32["max_abs_probability_diff"] == 0.0
+    for lat in (fp32["latency_ms"], report["reference_latency_ms"]):
+        assert set(lat) == {"preprocess", "unet", "gate", "vgg", "booster", "total"}
+        assert all(0 <= s["p50_ms"] <= s["p95_ms"] <= s["p99_ms"] <= s["max_ms"] for s in lat.values())
+    assert report["pass"] == all(res["pass"] for res in report["results"].values())
+    assert r.returncode == (0 if report["pass"] else 1)
+    assert {"l4t", "power_mode", "gpus", "platform"} <= set(report["machine"])
+    assert {"python", "numpy", "onnxruntime", "tensorrt"} <= set(report["versions"])
+    assert text.startswith("sonoscore self-test: PASS" if report["pass"] else "sonoscore self-test: FAIL")
+    assert "fp32: pass" in text and "latency ms p50/p95/p99" in text
+
+
+def test_selftest_refuses_trt_where_there_is_none(tiny_bundle, tmp_path):
+    if trtmod.trt_status()["available"]:
+        pytest.skip("TensorRT is usable here")
+    r = subprocess.run([sys.executable, str(DEVICE / "selftest"), "--bundle", str(tiny_bundle), "--backend", "trt",
+                        "--frames", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("selftest: ")
+    assert "use --backend ort" in r.stderr
+
+
+def test_selftest_is_an_executable_python_script():
+    path = DEVICE / "selftest"
+    assert os.access(path, os.X_OK)
+    assert path.read_text().startswith("#!/usr/bin/env python3\n")
+
+
+def test_setup_script_syntax():
+    r = subprocess.run(["bash", "-n", str(DEVICE / "setup.sh")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert os.access(DEVICE / "setup.sh", os.X_OK)
+    assert "set -euo pipefail" in (DEVICE / "setup.sh").read_text()
+
+
+def _dry_run(tmp_path, *args):
+    env = {k: v for k, v in os.environ.items() if k not in ("ORT_INDEX_URL", "NUMPY_SPEC", "VENV", "PREFIX")}
+    return subprocess.run(["bash", str(DEVICE / "setup.sh"), "--dry-run", "--prefix", str(tmp_path / "opt"), *args],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_setup_dry_run_jetpack6(tmp_path):
+    r = _dry_run(tmp_path, "--l4t", "36.4.3")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "L4T R36.4.3 -> JetPack 6" in out
+    assert "-m venv --system-site-packages" in out
+    assert "--index-url https://pypi.jetson-ai-lab.io/jp6/cu126" in out and "onnxruntime-gpu" in out
+    assert "numpy<2" in out and "pycuda" in out and "--no-deps" in out
+    assert not (tmp_path / "opt").exists(), "a dry run changed the system"
+    assert "jp6/cu122" in _dry_run(tmp_path, "--l4t", "36.3.0").stdout
+
+
+def test_setup_dry_run_jetpack7_and_service(tmp_path):
+    r = _dry_run(tmp_path, "--l4t", "38.2.0", "--service")
+    assert r.returncode == 0, r.stderr
+    assert "JetPack 7" in r.stdout and "https://pypi.jetson-ai-lab.io/sbsa/cu130" in r.stdout
+    assert "numpy<2" not in r.stdout
+    assert "/etc/systemd/system/sonoscore.service" in r.stdout and "systemctl enable sonoscore.service" in r.stdout
+    assert "99-sonoscore-video.rules" in r.stdout
+
+
+def test_setup_refuses_unsupported_releases(tmp_path):
+    r = _dry_run(tmp_path, "--l4t", "35.4.1")
+    assert r.returncode == 1 and "JetPack 6 (L4T R36) and JetPack 7 (L4T R38)" in r.stderr
+    on_jetson = Path("/etc/nv_tegra_release").exists() or (
+        shutil.which("dpkg-query") is not None
+        and subprocess.run(["dpkg-query", "-W", "nvidia-l4t-core"], capture_output=True).returncode == 0)
+    if not on_jetson:
+        r = _dry_run(tmp_path)
+        assert r.returncode == 1 and "this is not a Jetson" in r.stderr
+
+
+def test_systemd_unit_verifies(tmp_path):
+    unit = (DEVICE / "sonoscore.service").read_text()
+    for needed in ("Restart=on-failure", "RestartSec=", "StandardOutput=journal", "User=sonoscore",
+                   "SupplementaryGroups=video", "EnvironmentFile=/etc/sonoscore/sonoscore.env",
+                   "BindsTo=dev-video0.device", "After=dev-video0.device"):
+        assert needed in unit
+    env = (DEVICE / "sonoscore.env").read_text()
+    assert all(f"\n{v}=" in env for v in ("BUNDLE", "SOURCE", "BACKEND", "PRECISION", "RESULTS", "EXTRA_ARGS"))
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not available here")
+    # as setup.sh installs it: ExecStart points at the venv it made (here: an executable that exists)
+    (tmp_path / "sonoscore.service").write_text(unit.replace("/opt/sonoscore/venv/bin/sonoscore", "/bin/true"))
+    r = subprocess.run(["systemd-analyze", "verify", "--man=no", str(tmp_path / "sonoscore.service")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def test_dockerfile_copies_what_exists():
+    text = (DEVICE / "Dockerfile").read_text()
+    assert "FROM nvcr.io/nvidia/l4t-jetpack:r${L4T_VERSION}" in text
+    assert "--runtime nvidia" in text and "--device /dev/video0" in text
+    for line in text.splitlines():
+        if line.startswith("COPY "):
+            for src in line.split()[1:-1]:
+                assert (ROOT / src).exists(), f"Dockerfile copies {src}, which is not in the repository"
+
+
+# -- needs TensorRT and a GPU ---------------------------------------------------------------------------------------
+needs_trt = pytest.mark.skipif(not trtmod.trt_status()["available"],
+                               reason="needs TensorRT, pycuda and a CUDA GPU (a Jetson or an x86 GPU host with "
+                                      "NVIDIA's tensorrt wheel); none here")
+
+
+@needs_trt
+def test_trt_runner_matches_onnxruntime_and_caches(tiny_bundle, tmp_path):
+    from runtime.backends.ort import OrtRunner
+    from runtime.bundle import Bundle
+    bundle = Bundle.load(tiny_bundle)
+    onnx = bundle.network_file("unet", "fp32")
+    x = np.random.default_rng(0).random((1, 1, 224, 224), dtype=np.float32)
+    with OrtRunner(onnx) as ort_runner:
+        want = ort_runner.infer({"image": x})["mask"]
+    with trtmod.TrtRunner(onnx, cache_dir=tmp_path, precision="fp32") as runner:
+        assert runner.built and runner.engine_path.is_file()
+        assert list(runner.inputs) == ["image"] and list(runner.outputs) == ["mask"]
+        got = runner.infer({"image": x})["mask"]
+        np.testing.assert_allclose(got, want, atol=2e-3)
+        import pycuda.driver as cuda
+        with runner._current():
+            d_in = cuda.mem_alloc(x.nbytes)
+            d_out = cuda.mem_alloc(got.nbytes)
+            cuda.memcpy_htod(d_in, x)
+        out = runner.infer_device({"image": d_in}, shapes={"image": x.shape}, outputs={"mask": d_out})
+        runner.stream.synchronize()
+        with runner._current():
+            host = np.empty_like(got)
+            cuda.memcpy_dtoh(host, d_out)
+        assert out["mask"].shape == got.shape
+        np.testing.assert_array_equal(host, got)
+    with trtmod.TrtRunner(onnx, cache_dir=tmp_path, precision="fp32", progress=False) as again:
+        assert not again.built  # from the cache
