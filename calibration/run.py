@@ -87,7 +87,7 @@ def read_frames(specs: list[str], pipe, *, max_frames: int, quiet: bool = False)
             raise UserError(str(e)) from None
         n0 = len(out.images)
         total = source.total
-        step = max(1, (total or 0) // max_frames + (1 if total and total > max_frames else 0)) if total else 1
+        step = -(-total // max_frames) if total else 1   # every step-th frame: at most max_frames, spread out
         if not quiet:
             _say(f"calibrate: reading frames from {source.source_id}"
                  + (f" ({total} frames{', every ' + str(step) + 'th' if step > 1 else ''})" if total else ""))
@@ -202,10 +202,10 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
     files = {p: {net: (work / INT8_FILES[net] if p == "int8" else bundle.network_file(net, p))
                  for net in ("unet", "vgg")}
              for p in precisions if p == "int8" or p in bundle.precisions}
-    booster = Booster.load(bundle.booster_file, num_class=bundle.num_classes)
     accuracy: dict[str, dict] = {}
     failures: list[str] = []
     if not timing_only:
+        booster = Booster.load(bundle.booster_file, num_class=bundle.num_classes)
         for set_name, images in sets.items():
             if not images:
                 failures.append(f"{set_name}: no readable frames to check against")

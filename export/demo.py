@@ -42,10 +42,15 @@ def _calibrate_demo(bundle: Path, out: Path) -> None:
     """INT8 for the demo bundle: calibrated on training frames, checked on the training frames it did not use
     and on every held-out patient's frames. A missed threshold leaves the bundle FP32/FP16 and says so."""
     from calibration.run import CalibrationFailed, calibrate_bundle
+    report = out / "calibration.json"
+    if report.is_file() and report.stat().st_mtime > (bundle / "manifest.json").stat().st_mtime:
+        _say(f"demo: INT8 for this bundle was already tried and missed its accuracy check ({report}); the demo "
+             f"runs FP32 (delete that file to calibrate again)")
+        return
     _say("demo: calibrating INT8 networks (Q/DQ ONNX) and checking them against FP32")
     try:
         calibrate_bundle(bundle, [str(out / "data" / "train" / "images")],
-                         check=[str(out / "data" / "heldout" / "images")], report=out / "calibration.json")
+                         check=[str(out / "data" / "heldout" / "images")], report=report)
     except CalibrationFailed as e:
         _say(f"demo: {e}")
 

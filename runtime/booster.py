@@ -29,10 +29,12 @@ import tempfile
 import threading
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from runtime.bundle import sha256_file
+from runtime.cachefs import file_lock
 
 BACKENDS = ("auto", "tl2cgen", "gtil")
 _FORMAT = 1  # bump when the layout of a cache entry or the build recipe changes
@@ -136,7 +138,7 @@ class Booster:
         if hit is None:
             try:
                 entry.mkdir(parents=True, exist_ok=True)
-                with _locked(entry / ".lock"):
+                with file_lock(entry / ".lock"):
                     hit = _open_entry(entry, key, num_class)  # another process may have built it while we waited
                     if hit is None:
                         _build(model_path, num_class, entry, key, compiler, progress)
@@ -268,17 +270,9 @@ def _version(dist: str) -> str:
 
 
 def _cache_key(model_path: Path, compiler: Compiler) -> dict:
-    return {"format": _FORMAT, "model_sha256": _sha256(model_path), "tl2cgen": _version("tl2cgen"),
+    return {"format": _FORMAT, "model_sha256": sha256_file(model_path), "tl2cgen": _version("tl2cgen"),
             "treelite": _version("treelite"), "machine": platform.machine(), "platform": sys.platform,
             "compiler": compiler.identity}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _open_entry(entry: Path, key: dict, num_class: int) -> tuple[Path, _Compiled] | None:
@@ -289,7 +283,7 @@ def _open_entry(entry: Path, key: dict, num_class: int) -> tuple[Path, _Compiled
         if meta.get("key") != key or not isinstance(name, str) or Path(name).name != name:
             return None
         library = entry / name
-        if _sha256(library) != meta["library_sha256"]:
+        if sha256_file(library) != meta["library_sha256"]:
             return None
         compiled = _Compiled(ctypes.CDLL(str(library)))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -321,7 +315,7 @@ def _build(model_path: Path, num_class: int, entry: Path, key: dict, compiler: C
             detail = " ".join(str(e).split())[-300:]
             raise _CannotCompile(f"compiling booster '{model_path}' with {compiler.command} failed ({detail})",
                                  "check that it can build shared libraries, or set CC to another compiler") from None
-        digest = _sha256(tmp / "predictor.so")
+        digest = sha256_file(tmp / "predictor.so")
         name = f"predictor-{digest[:16]}.so"
         os.replace(tmp / "predictor.so", entry / name)
         meta = {"key": key, "library": name, "library_sha256": digest, "model": model_path.name,
@@ -357,17 +351,3 @@ def _read_treelite(model_path: Path, num_class: int):
     return model
 
 
-@contextmanager
-def _locked(path: Path):
-    """An exclusive advisory lock (POSIX); released by the OS if the process dies mid-build."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): atomic renames alone still keep the cache consistent
-        yield
-        return
-    with open(path, "a+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)

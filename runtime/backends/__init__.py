@@ -35,6 +35,45 @@ class TensorMeta:
         return f"{np.dtype(self.dtype).name}[{dims}]"
 
 
+def tensor_names(metas: dict[str, "TensorMeta"]) -> str:
+    return ", ".join(f"'{n}' {m}" for n, m in metas.items())
+
+
+def check_names(model: str, inputs: dict[str, "TensorMeta"], outputs: dict[str, "TensorMeta"], feeds,
+                wanted: list[str] | None) -> list[str]:
+    """Every runner's name checks, with the same sentences: each input fed, nothing unknown fed or asked for.
+    Returns the outputs to produce (all when `wanted` is None)."""
+    for name in feeds:
+        if name not in inputs:
+            raise ValueError(f"model '{model}' has no input '{name}'; its inputs are {tensor_names(inputs)}")
+    for name in inputs:
+        if name not in feeds:
+            raise ValueError(f"input '{name}' of model '{model}' is missing from the feeds; "
+                             f"it takes {tensor_names(inputs)}")
+    out = list(outputs) if wanted is None else list(wanted)
+    for name in out:
+        if name not in outputs:
+            raise ValueError(f"model '{model}' has no output '{name}'; its outputs are {tensor_names(outputs)}")
+    return out
+
+
+def check_input(model: str, name: str, meta: "TensorMeta", value):
+    """A feed as the model takes it: cast between float widths (or to a wider int); refuse any other dtype and a
+    shape that contradicts a fixed dimension. Returns a C-contiguous array."""
+    import numpy as np
+    a = np.asarray(value)
+    if a.dtype != meta.dtype:
+        both_float = a.dtype.kind == "f" and meta.dtype.kind == "f"
+        widening_int = a.dtype.kind in "iu" and meta.dtype.kind in "iu" and np.can_cast(a.dtype, meta.dtype)
+        if not (both_float or widening_int):
+            raise TypeError(f"input '{name}' of model '{model}' must be {meta.dtype}, got "
+                            f"{a.dtype}; convert it first (images: uint8 / 255 as float32)")
+        a = a.astype(meta.dtype)
+    if a.ndim != len(meta.shape) or any(isinstance(d, int) and d != n for d, n in zip(meta.shape, a.shape)):
+        raise ValueError(f"input '{name}' of model '{model}' has shape {a.shape}, but the model takes {meta}")
+    return np.ascontiguousarray(a)
+
+
 def make_runner(backend: str, model_path: Path, **options):
     """A runner (not yet entered) for `model_path` on `backend` ("ort" or "trt")."""
     if backend == "ort":

@@ -32,14 +32,15 @@ import re
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Callable, Union
 
 import numpy as np
 
 from runtime.backends import TensorMeta
+from runtime.bundle import sha256_file  # noqa: F401  (one sha256 for bundles, boosters and engines)
+from runtime.cachefs import file_lock  # noqa: F401  (one build lock for boosters and engines)
 
 FORMAT = 1                      # bump when the entry layout or the build recipe (flags, profile rule) changes
 ENGINE_DIR = "engines"          # under the sonoscore cache root (runtime.booster.default_cache_dir())
@@ -186,14 +187,6 @@ def entry_dir(root: Path, key: dict[str, Any]) -> Path:
     return Path(root) / key_digest(key)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def open_entry(entry: Path, key: dict[str, Any]) -> tuple[Path, dict[str, Any]] | None:
     """(engine path, metadata) if the entry holds a verified engine for exactly `key`; None means (re)build.
 
@@ -254,31 +247,6 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-@contextmanager
-def file_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
-    """An exclusive advisory lock on `path` (POSIX flock), released by the OS if the process dies mid-build.
-
-    `on_wait` is called once if another process holds it, so the user learns why nothing seems to happen while an
-    engine builds elsewhere (that can take minutes on a Jetson)."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): atomic renames alone still keep the cache consistent
-        yield
-        return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_wait is not None:
-                on_wait()
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def get_or_build(root: Path, key: dict[str, Any], build: Callable[[], BuildResult], *, label: str = "engine",

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from runtime.backends import BackendUnavailable, TensorMeta
+from runtime.backends import BackendUnavailable, TensorMeta, check_input, check_names
 
 ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
            "trt": "TensorrtExecutionProvider"}
@@ -137,37 +137,12 @@ class OrtRunner:
         """Run the model on `feeds` (every input, by name); return `outputs` (default: all) by name."""
         session = self._active()
         model = self.model_path.name
-        for name in feeds:
-            if name not in self._inputs:
-                raise ValueError(f"model '{model}' has no input '{name}'; its inputs are {_names(self._inputs)}")
-        for name in self._inputs:
-            if name not in feeds:
-                raise ValueError(f"input '{name}' of model '{model}' is missing from the feeds; "
-                               f"it takes {_names(self._inputs)}")
-        wanted = list(self._outputs) if outputs is None else list(outputs)
-        for name in wanted:
-            if name not in self._outputs:
-                raise ValueError(f"model '{model}' has no output '{name}'; its outputs are {_names(self._outputs)}")
-        arrays = {name: self._check(name, value) for name, value in feeds.items()}
+        wanted = check_names(model, self._inputs, self._outputs, feeds, outputs)
+        arrays = {name: check_input(model, name, self._inputs[name], value) for name, value in feeds.items()}
         if self._graph is not None:
             return self._graph.run(arrays, self._inputs, wanted)
         return dict(zip(wanted, session.run(wanted, arrays)))
 
-    def _check(self, name: str, value) -> np.ndarray:
-        """Cast between float widths (or to a wider int) as the model wants; refuse anything else, and bad ranks."""
-        meta = self._inputs[name]
-        a = np.asarray(value)
-        if a.dtype != meta.dtype:
-            both_float = a.dtype.kind == "f" and meta.dtype.kind == "f"
-            widening_int = a.dtype.kind in "iu" and meta.dtype.kind in "iu" and np.can_cast(a.dtype, meta.dtype)
-            if not (both_float or widening_int):
-                raise TypeError(f"input '{name}' of model '{self.model_path.name}' must be {meta.dtype}, got "
-                                f"{a.dtype}; convert it first (images: uint8 / 255 as float32)")
-            a = a.astype(meta.dtype)
-        if a.ndim != len(meta.shape) or any(isinstance(d, int) and d != n for d, n in zip(meta.shape, a.shape)):
-            raise ValueError(f"input '{name}' of model '{self.model_path.name}' has shape {a.shape}, but the model "
-                             f"takes {meta}")
-        return np.ascontiguousarray(a)
 
 
 class _CudaGraph:
@@ -213,5 +188,3 @@ def _meta(arg) -> TensorMeta:
                       np.dtype(dtype) if dtype is not None else np.dtype(np.void))
 
 
-def _names(metas: dict[str, TensorMeta]) -> str:
-    return ", ".join(f"'{n}' {m}" for n, m in metas.items())

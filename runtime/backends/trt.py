@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.backends import BackendUnavailable, TensorMeta
+from runtime.backends import BackendUnavailable, TensorMeta, check_input, check_names, tensor_names
 from runtime.backends import engine_cache as ec
 
 UNAVAILABLE = ("TensorRT is not installed here: the trt backend runs on a Jetson (JetPack 6/7) or an x86 host "
@@ -399,7 +399,7 @@ class TrtRunner:
     def infer(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Run the engine on host arrays (every input, by name); return `outputs` (default: all) as new arrays."""
         self._active()
-        wanted = self._check_names(feeds, outputs)
+        wanted = check_names(self.model_path.name, self._inputs, self._outputs, feeds, outputs)
         arrays = {name: self._check(name, value) for name, value in feeds.items()}
         cuda, ctx, stream = self._cuda, self._context, self._stream
         with self._lock, self._current():
@@ -436,15 +436,15 @@ class TrtRunner:
         for name in inputs:
             if name not in self._inputs:
                 raise ValueError(f"model '{self.model_path.name}' has no input '{name}'; its inputs are "
-                                 f"{_names(self._inputs)}")
+                                 f"{tensor_names(self._inputs)}")
         missing = [n for n in self._inputs if n not in inputs]
         if missing:
             raise ValueError(f"input(s) {', '.join(missing)} of model '{self.model_path.name}' are missing; "
-                             f"it takes {_names(self._inputs)}")
+                             f"it takes {tensor_names(self._inputs)}")
         for name in outputs or {}:
             if name not in self._outputs:
                 raise ValueError(f"model '{self.model_path.name}' has no output '{name}'; its outputs are "
-                                 f"{_names(self._outputs)}")
+                                 f"{tensor_names(self._outputs)}")
         handle = self._stream.handle if stream is None else int(getattr(stream, "handle", stream))
         ctx = self._context
         with self._lock, self._current():
@@ -468,38 +468,12 @@ class TrtRunner:
                 raise RuntimeError(f"TensorRT failed to run '{self.model_path.name}' (see its log above)")
             return result
 
-    # -- checks (as OrtRunner's, so both backends fail with the same sentences) ------------------------------------
-    def _check_names(self, feeds: dict[str, Any], outputs: list[str] | None) -> list[str]:
-        model = self.model_path.name
-        for name in feeds:
-            if name not in self._inputs:
-                raise ValueError(f"model '{model}' has no input '{name}'; its inputs are {_names(self._inputs)}")
-        for name in self._inputs:
-            if name not in feeds:
-                raise ValueError(f"input '{name}' of model '{model}' is missing from the feeds; "
-                                 f"it takes {_names(self._inputs)}")
-        wanted = list(self._outputs) if outputs is None else list(outputs)
-        for name in wanted:
-            if name not in self._outputs:
-                raise ValueError(f"model '{model}' has no output '{name}'; its outputs are {_names(self._outputs)}")
-        return wanted
-
+    # -- checks (the shared ones of runtime.backends, plus the size of this runner's host buffers) ----------------
     def _check(self, name: str, value) -> np.ndarray:
-        meta = self._inputs[name]
-        a = np.asarray(value)
-        if a.dtype != meta.dtype:
-            both_float = a.dtype.kind == "f" and meta.dtype.kind == "f"
-            widening_int = a.dtype.kind in "iu" and meta.dtype.kind in "iu" and np.can_cast(a.dtype, meta.dtype)
-            if not (both_float or widening_int):
-                raise TypeError(f"input '{name}' of model '{self.model_path.name}' must be {meta.dtype}, got "
-                                f"{a.dtype}; convert it first (images: uint8 / 255 as float32)")
-            a = a.astype(meta.dtype)
-        if a.ndim != len(meta.shape) or any(isinstance(d, int) and d != n for d, n in zip(meta.shape, a.shape)):
-            raise ValueError(f"input '{name}' of model '{self.model_path.name}' has shape {a.shape}, but the model "
-                             f"takes {meta}")
+        a = check_input(self.model_path.name, name, self._inputs[name], value)
         if a.size > self._host[name].size:
             raise ValueError(self._shape_error(name, a.shape))
-        return np.ascontiguousarray(a)
+        return a
 
     def _shape_error(self, name: str, shape) -> str:
         if any(d is None for d in self._inputs[name].shape):
@@ -529,8 +503,6 @@ def network_flags(trt) -> int:
     return 0 if flag is None else 1 << int(flag)
 
 
-def _names(metas: dict[str, TensorMeta]) -> str:
-    return ", ".join(f"'{n}' {m}" for n, m in metas.items())
 
 
 def _short(e, n: int = 200) -> str:

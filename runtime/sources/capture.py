@@ -33,8 +33,8 @@ from urllib.parse import unquote, urlsplit
 import cv2
 
 from runtime.sources import Frame, Source, SourceError, now, opaque_id
-from runtime.sources.reconnect import (Backoff, LinkStats, RateEstimate, describe, parse_options, positive_float,
-                                       positive_int, retry_open)
+from runtime.sources.reconnect import (Backoff, LinkCounters, LinkStats, RateEstimate, describe, parse_options,
+                                       positive_float, positive_int, retry_open)
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def _short(text: str, n: int = 60) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-class CaptureSource(Source):
+class CaptureSource(LinkCounters, Source):
     live = True
 
     def __init__(self, target: str | int, *, api: int = cv2.CAP_ANY, name: str | None = None,
@@ -194,19 +194,7 @@ class CaptureSource(Source):
                    open_error=f"{name}: GStreamer could not start this pipeline; try it with `gst-launch-1.0` "
                               f"(with fakesink in place of appsink) and fix the element that fails")
 
-    # ---- public state ----
-
-    @property
-    def reconnects(self) -> int:
-        return self.link.reconnects
-
-    @property
-    def gap_s(self) -> float:
-        return self.link.gap_s
-
-    @property
-    def gap_frames(self) -> int:
-        return self.link.gap_frames
+    # ---- public state (reconnects, gap_s, gap_frames: LinkCounters) ----
 
     def close(self) -> None:
         """Stop iteration (from any thread) and release the device. A capture call in progress in the capture

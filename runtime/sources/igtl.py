@@ -33,8 +33,9 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 
 from runtime.sources import Frame, Source, SourceError, now, opaque_id
-from runtime.sources.reconnect import (Backoff, LinkStats, RateEstimate, choice, describe, flag, non_negative_float,
-                                       parse_options, positive_float, positive_int, retry_open)
+from runtime.sources.reconnect import (Backoff, LinkCounters, LinkStats, RateEstimate, choice, describe, flag,
+                                       non_negative_float, parse_options, positive_float, positive_int,
+                                       retry_open)
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class _ProtocolError(Exception):
     """The bytes on the socket are not an OpenIGTLink message."""
 
 
-class IgtlSource(Source):
+class IgtlSource(LinkCounters, Source):
     live = True
 
     def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT, device: str | None = None, *,
@@ -126,19 +127,7 @@ class IgtlSource(Source):
         options = parse_options(name, u.query, opts, OPTIONS)
         return cls(host, port, device, name=name, **options)
 
-    # ---- public state ----
-
-    @property
-    def reconnects(self) -> int:
-        return self.link.reconnects
-
-    @property
-    def gap_s(self) -> float:
-        return self.link.gap_s
-
-    @property
-    def gap_frames(self) -> int:
-        return self.link.gap_frames
+    # ---- public state (reconnects, gap_s, gap_frames: LinkCounters) ----
 
     def close(self) -> None:
         """Stop iteration (from any thread) and release the socket."""

@@ -89,6 +89,24 @@ def gap_frames(gap_s: float, fps: float) -> int:
 
 
 @dataclass
+class LinkCounters:
+    """Mixin for a reconnecting source with a `link: LinkStats`: its totals as attributes of the source."""
+
+    link: "LinkStats"
+
+    @property
+    def reconnects(self) -> int:
+        return self.link.reconnects
+
+    @property
+    def gap_s(self) -> float:
+        return self.link.gap_s
+
+    @property
+    def gap_frames(self) -> int:
+        return self.link.gap_frames
+
+
 class LinkStats:
     """What reconnecting cost a run: how often, how long, how many frames (estimated)."""
 
