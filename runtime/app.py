@@ -259,6 +259,7 @@ def bench_bundle(bundle_path, *, backend="ort", precision="fp32", frames=100, wa
     head = per[precisions[0]]
     out = {"frames": frames, "fps": head["fps"], "stages": head["stages"], "backend": backend,
            "precision": precisions[0], "booster_backend": first.booster.backend,
+           "booster_call": first.booster.row_call,
            "cpu_overhead_fraction": head["cpu_overhead_fraction"], "booster_isolated": booster_warm,
            "networks": {n: {"width": bundle.manifest["networks"][n].get("width"),
                             "file": bundle.network_file(n, precisions[0]).name} for n in ("unet", "vgg")},
@@ -304,7 +305,7 @@ def _booster_isolated(pipe: Pipeline, frames: list[Frame], repeats: int = 200) -
     for _ in range(repeats):
         for x in feats:
             t = time.perf_counter()
-            pipe.booster.predict(x)
+            pipe.booster.predict_one(x)
             ts.append((time.perf_counter() - t) * 1e6)
     return {"p50_us": float(np.percentile(ts, 50)), "p99_us": float(np.percentile(ts, 99)), "calls": len(ts)}
 

@@ -8,6 +8,12 @@ serialised by a file lock, so processes that start together neither corrupt the 
 
 Per-frame latency is the point of compiling, so predict() calls the library's `predict` entry point directly
 through ctypes on preallocated buffers: tl2cgen's Predictor + DMatrix cost about 120 us a call on their own.
+In the pipeline the booster runs once per frame right after the VGG, which has evicted this code and the Python
+around it from the CPU caches, so the per-frame path (predict_one) is one ctypes call into a small C function
+compiled into the same library (_SHIM): it checks the row for NaN, prefetches the library's machine code with
+independent loads (hundreds of cache lines fetched in parallel instead of one miss per tree branch), runs
+`predict` and returns the grade. It is called through a tiny CPython extension (runtime/rowcall.py) where one can
+be built, since a cold ctypes call alone costs more than the trees; otherwise through ctypes.
 
 Missing values: NaN is "missing" and follows each split's learned default direction, exactly as XGBoost does.
 +-inf are ordinary values (they compare like +-FLT_MAX), as in XGBoost's inplace_predict.
@@ -37,7 +43,11 @@ from runtime.bundle import sha256_file
 from runtime.cachefs import file_lock
 
 BACKENDS = ("auto", "tl2cgen", "gtil")
-_FORMAT = 1  # bump when the layout of a cache entry or the build recipe changes
+_F32 = np.dtype(np.float32)
+# Smaller code over faster code: per frame the trees run from cold caches, where every cache line of machine code
+# counts (on the bench machine -Os cut the library's code by a quarter and the in-pipeline call with it).
+_CFLAGS = ["-Os"]
+_FORMAT = 2  # bump when the layout of a cache entry or the build recipe changes
 
 
 class BoosterError(RuntimeError):
@@ -54,6 +64,7 @@ class Booster:
     """A loaded booster: `predict(features [N, F] or [F]) -> probabilities [N, num_class]` (float32)."""
 
     backend: str              # "tl2cgen" (compiled library) or "gtil" (treelite's interpreter)
+    row_call: str             # how predict_one reaches it: "extension" (runtime.rowcall), "ctypes" or "numpy"
     num_features: int
     num_class: int
     model_path: Path
@@ -65,6 +76,10 @@ class Booster:
         self.model_path, self.backend, self.num_features, self.num_class = model_path, backend, num_features, num_class
         self.library, self.built = library, built
         self._predict_rows = predict_rows
+        # predict_one's path: the extension's row() (runtime.rowcall), else the ctypes shim, else predict()
+        fast = getattr(predict_rows, "fast", None)
+        self._row = fast.row if fast is not None else getattr(predict_rows, "row", None)
+        self.row_call = "extension" if fast is not None else "ctypes" if self._row is not None else "numpy"
 
     @classmethod
     def load(cls, model_path: Path, *, num_class: int = 4, cache_dir: Path | None = None, backend: str = "auto",
@@ -104,6 +119,22 @@ class Booster:
         if len(x) == 0:
             return np.empty((0, self.num_class), np.float32)
         return self._predict_rows(x)
+
+    def predict_one(self, features: np.ndarray) -> tuple[list[float], int]:
+        """One frame's features ([F] or [1, F]) -> (probabilities as a list, grade = argmax + 1, first on ties).
+
+        The per-frame call: a float32 C-contiguous writable array (what onnxruntime returns) goes to the compiled
+        library without any numpy call; anything else takes predict()'s checked path. Same numbers either way."""
+        fast = self._row
+        if fast is not None:
+            done = fast(features)
+            if done is not None:
+                return done
+        probs = self.predict(features)
+        if len(probs) != 1:
+            raise BoosterError(f"predict_one takes the features of one frame, got {len(probs)} rows")
+        p = probs[0].tolist()
+        return p, p.index(max(p)) + 1
 
     def __repr__(self) -> str:
         where = f", library={str(self.library)!r}" if self.library else ""
@@ -152,6 +183,11 @@ class Booster:
                                      f"does not load or does not match the model",
                                      f"check that the compiler targets this machine ({platform.machine()})")
         library, compiled = hit
+        if compiled.row is not None:
+            from runtime import rowcall
+            address = ctypes.cast(compiled._shim, ctypes.c_void_p).value
+            compiled.fast = rowcall.bind(address, compiled.num_features, compiled.num_class, compiled.warm, root.parent,
+                                         compiler)
         return cls(model_path, "tl2cgen", compiled.num_features, num_class, compiled, library=library, built=built)
 
     def _check_softmax(self) -> None:
@@ -200,6 +236,20 @@ class _Compiled:
         self._out_bytes = self._out.nbytes
         self._direct = threshold == "float32"  # entries are 4 bytes: the row can be passed as it is
         self._lock = threading.Lock()
+        self.warm = 1
+        self.fast = None  # the RowCall of runtime.rowcall, when bound
+        try:
+            shim = lib.sonoscore_predict_row
+        except AttributeError:  # a library built without the shim (not by _build): predict_one takes predict()
+            self.row = None
+        else:
+            shim.restype = ctypes.c_int
+            shim.argtypes = [ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int]
+            self._shim = shim
+            self._probs = (ctypes.c_float * self.num_class)()
+            self._probs_ptr = ctypes.addressof(self._probs)
+            lib.sonoscore_text_bytes.restype, lib.sonoscore_text_bytes.argtypes = ctypes.c_long, []
+            self.text_bytes = int(lib.sonoscore_text_bytes())
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if len(x) == 1 and self._direct and x.flags.c_contiguous and not np.isnan(x).any():
@@ -216,6 +266,20 @@ class _Compiled:
                 fn(self._row_ptr, 0, self._out_ptr)
                 result[i] = out
         return result
+
+    def row(self, x: np.ndarray) -> tuple[list[float], int] | None:
+        """The per-frame path of Booster.predict_one: None when `x` is not one C-contiguous writable float32 row of
+        num_features values or holds a NaN (the caller then takes the general path, which marks missing values).
+        Only C-level calls here: c_float.from_buffer takes the array's address without numpy's Python-level
+        `.ctypes` machinery, which costs tens of microseconds when cold."""
+        if (type(x) is not np.ndarray or x.dtype is not _F32 or x.size != self.num_features
+                or not x.flags.c_contiguous or not x.flags.writeable):
+            return None
+        with self._lock:
+            grade = self._shim(ctypes.byref(ctypes.c_float.from_buffer(x)), self._probs_ptr, self.warm)
+            if grade == 0:
+                return None
+            return self._probs[:], grade
 
     def _one(self, x: np.ndarray) -> np.ndarray:
         """One float32 row without NaN: a float32 array already is an array of `union Entry` (4-byte entries,
@@ -309,8 +373,11 @@ def _build(model_path: Path, num_class: int, entry: Path, key: dict, compiler: C
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=entry))
     try:
         try:
-            tl2cgen.export_lib(model, toolchain=compiler.command, libpath=tmp / "predictor.so",
-                               params={"parallel_comp": units}, nthread=os.cpu_count())
+            src = tmp / "src"
+            tl2cgen.generate_c_code(model, dirpath=src, params={"parallel_comp": units})
+            _add_shim(src)
+            built = Path(tl2cgen.create_shared(compiler.command, src, nthread=os.cpu_count(), options=_CFLAGS))
+            os.replace(built, tmp / "predictor.so")
         except Exception as e:  # tl2cgen raises TL2cgenError/ValueError/OSError; all mean "no library"
             detail = " ".join(str(e).split())[-300:]
             raise _CannotCompile(f"compiling booster '{model_path}' with {compiler.command} failed ({detail})",
@@ -330,6 +397,80 @@ def _build(model_path: Path, num_class: int, entry: Path, key: dict, compiler: C
     if progress:
         print(f"booster: compiled in {time.perf_counter() - t0:.1f} s -> {entry / name}", file=sys.stderr,
               flush=True)
+
+
+# The per-frame entry point compiled into every library beside TL2cgen's generated code (see the module docstring).
+_SHIM = r"""
+#define _GNU_SOURCE
+#include "header.h"
+#if defined(__linux__)
+#include <link.h>
+#endif
+
+static const char *text_lo, *text_hi;
+volatile unsigned sonoscore_sink;
+
+#if defined(__linux__)
+/* The loaded executable segment holding predict(): TL2cgen's trees are code, so their thresholds and leaves
+   live there too. */
+static int find_text(struct dl_phdr_info *info, size_t size, void *unused) {
+  (void)size; (void)unused;
+  const char *target = (const char *)(uintptr_t)&predict;
+  for (int i = 0; i < info->dlpi_phnum; ++i) {
+    const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+    if (ph->p_type == PT_LOAD && (ph->p_flags & PF_X)) {
+      const char *lo = (const char *)(info->dlpi_addr + ph->p_vaddr);
+      if (target >= lo && target < lo + ph->p_memsz) { text_lo = lo; text_hi = lo + ph->p_memsz; return 1; }
+    }
+  }
+  return 0;
+}
+#endif
+
+long sonoscore_text_bytes(void) {
+#if defined(__linux__)
+  if (!text_lo) dl_iterate_phdr(find_text, 0);
+#endif
+  return (long)(text_hi - text_lo);
+}
+
+/* One row of float32 features (no NaN) -> out[num_class] probabilities; returns argmax + 1 (first on ties), or 0
+   when the row holds a NaN: the caller then marks missing values itself. A float32 array is an array of
+   union Entry (4-byte entries), and no finite or infinite float has the bit pattern of missing (-1).
+   `warm`: first read every cache line of the library's code, so the trees run from cache: after the VGG they are
+   cold, and fetching them a branch at a time costs one memory latency per tree. */
+int sonoscore_predict_row(const float *x, float *out, int warm) {
+  const int n = get_num_feature();
+  int nan = 0;
+  for (int i = 0; i < n; ++i) nan |= (x[i] != x[i]);
+  if (nan) return 0;
+  if (warm) {
+    /* Ordinary loads, not prefetch instructions: on the bench machine prefetches of code pages whose TLB
+       entries the VGG evicted were dropped, while loads (independent, so many in flight) were not. */
+    if (!text_lo) sonoscore_text_bytes();
+    unsigned acc = 0;
+    for (const char *p = text_lo; p < text_hi; p += 64) acc |= *(const volatile unsigned char *)p;
+    sonoscore_sink = acc;
+  }
+  for (int k = 0; k < MAX_N_CLASS; ++k) out[k] = 0;
+  predict((union Entry *)x, 0, out);
+  int best = 0;
+  for (int k = 1; k < MAX_N_CLASS; ++k) if (out[k] > out[best]) best = k;
+  return best + 1;
+}
+"""
+
+
+def _add_shim(src: Path) -> None:
+    """Add _SHIM to TL2cgen's generated sources (and its recipe) when rows can be passed as they are: float32
+    thresholds, one target."""
+    header = (src / "header.h").read_text()
+    if "float fvalue;" not in header or "#define N_TARGET 1" not in header:
+        return
+    (src / "sonoscore_shim.c").write_text(_SHIM)
+    recipe = json.loads((src / "recipe.json").read_text())
+    recipe["sources"].append({"name": "sonoscore_shim", "length": _SHIM.count("\n")})
+    (src / "recipe.json").write_text(json.dumps(recipe))
 
 
 def _read_treelite(model_path: Path, num_class: int):

@@ -105,9 +105,7 @@ class Pipeline:
             lat["vgg"] = _ms(t)
 
             t = time.perf_counter()
-            probs = self.booster.predict(feats)[0].tolist()
-            rec.probabilities = probs
-            rec.grade = probs.index(max(probs)) + 1
+            rec.probabilities, rec.grade = self.booster.predict_one(feats)
             lat["booster"] = _ms(t)
         except pp.FrameError as e:
             rec.error = f"frame {frame.index}: {e}"
