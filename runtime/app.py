@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import shutil
+import sysconfig
 import sys
 import time
 from pathlib import Path
@@ -338,6 +339,7 @@ def doctor() -> dict:
     report = {"python": sys.version.split()[0], "platform": platform.platform(),
               "backends": available_backends(),
               "c_compiler": shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or None,
+              "python_headers": (Path(sysconfig.get_paths().get("include") or "") / "Python.h").is_file(),
               "packages": {}}
     for mod in ("numpy", "cv2", "onnxruntime", "treelite", "tl2cgen", "pydicom", "tensorrt", "pycuda", "torch",
                 "onnx", "xgboost"):
@@ -354,6 +356,8 @@ def doctor() -> dict:
     for k, v in report["backends"].items():
         print(f"  {k:28s} {v}")
     print(f"booster compiler: {report['c_compiler'] or 'none (the booster falls back to treelite GTIL, slower)'}")
+    print("booster per-frame call: " + ("a small CPython extension (Python headers found)" if report["python_headers"]
+                                       else "ctypes (no Python.h: install python3-dev for the faster call)"))
     print("packages:")
     for k, v in report["packages"].items():
         print(f"  {k:12s} {v}")
