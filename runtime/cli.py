@@ -7,9 +7,7 @@ a lower precision missed an accuracy threshold (the report says which); 1 intern
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_FRAME_ERRORS, EXIT_ACCURACY = 0, 1, 2, 3, 4
@@ -47,9 +45,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from runtime.app import bench_bundle
-    bench_bundle(args.bundle, backend=args.backend, precision=args.precision, frames=args.frames,
-                 warmup=args.warmup, json_path=args.json, threads=args.threads, plot=args.plot)
+    baseline = args.baseline or ("torch" if args.device == "cuda" else "none")
+    if args.device is None and baseline == "none":
+        from runtime.app import bench_bundle
+        bench_bundle(args.bundle, backend=args.backend, precision=args.precision or "fp32", frames=args.frames,
+                     warmup=3 if args.warmup is None else args.warmup, json_path=args.json, threads=args.threads,
+                     plot=args.plot)
+        return EXIT_OK
+    factory = None
+    if baseline == "torch":  # the PyTorch side lives in export/, like train and demo: the runtime never imports torch
+        from runtime.app import ensure_export_side
+        ensure_export_side("bench --baseline torch")
+        from export.baseline import TorchBaseline
+        factory = TorchBaseline
+    device = args.device or "cpu"
+    from runtime.gpu.bench import bench_device
+    bench_device(args.bundle, device=device, backend=args.backend,
+                 precision=args.precision or ("fp32,fp16" if device == "cuda" else "fp32"),
+                 cuda_graphs=args.cuda_graphs, baseline=factory, frames=args.frames,
+                 warmup=(20 if device == "cuda" else 3) if args.warmup is None else args.warmup,
+                 json_path=args.json, plot=args.plot, threads=args.threads)
     return EXIT_OK
 
 
@@ -176,10 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--bundle", required=True)
     backend_opts(b, several=True)
     b.add_argument("--frames", type=int, default=100)
-    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--warmup", type=int, default=None, help="frames run before timing (default 3; 20 with "
+                   "--device cuda: cuDNN's algorithm search and the CUDA graph capture happen there)")
     b.add_argument("--json", help="write the figures here")
     b.add_argument("--plot", help="write a latency picture here (PNG)")
-    b.set_defaults(func=cmd_bench)
+    b.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="cuda: the device-resident pipeline (frame up once, features back), fp32 and fp16 (default "
+                        "precisions), CUDA graphs off and on, against the PyTorch eager FP32 baseline in the same "
+                        "run; cpu: the CPU pipeline against the baseline on the CPU")
+    b.add_argument("--baseline", choices=["none", "torch"], default=None,
+                   help="also run the paper's networks in PyTorch eager FP32, frame to grade, and report the "
+                        "speed-up (default: torch with --device cuda; needs the export extra)")
+    b.add_argument("--cuda-graphs", choices=["off", "on", "both"], default="both",
+                   help="with --device cuda: CUDA graphs off, on, or both as separate configurations (default)")
+    b.set_defaults(func=cmd_bench, precision=None)
 
     s = sub.add_parser("sim", help="write a synthetic labelled kidney dataset (labelme JSON + labels.csv)")
     s.add_argument("--out", required=True)

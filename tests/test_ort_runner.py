@@ -137,3 +137,184 @@ def test_make_runner_and_available_backends_say_what_runs_here(model):
         assert report["ort:CUDAExecutionProvider"].startswith("not in this onnxruntime")
     if importlib.util.find_spec("tensorrt") is None:
         assert "TensorRT" in report["trt"] and report["trt"] != "ok"
+
+
+# -- infer_device: device addresses in, outputs left where they were computed ------------------------------------
+# On the CPU provider the "device" is the host: the same IO binding calls run on host addresses, so the bookkeeping
+# (names, shapes, runner-owned and caller buffers, pinned dims) is tested here; what needs CUDA is further down.
+
+def host_tensor(t) -> np.ndarray:
+    from runtime.gpu.pipeline import host_view
+    return host_view(t.ptr, t.shape, t.dtype).copy()
+
+
+def test_infer_device_on_host_addresses_computes_what_infer_computes(model):
+    f = feeds(2, seed=3)
+    with OrtRunner(model, intra_op_threads=1) as r:
+        out = r.infer_device({"image": f["image"].ctypes.data, "gain": f["gain"].ctypes.data},
+                             shapes={"image": (2, 1, 8, 8)})
+        got = {name: host_tensor(t) for name, t in out.items()}   # runner-owned: valid while the runner is
+        ref = r.infer(f)
+    assert set(out) == {"mask", "mean"}
+    assert out["mask"].shape == (2, 1, 8, 8) and out["mask"].dtype == np.float32 and out["mean"].shape == (2,)
+    assert out["mask"].nbytes == 2 * 64 * 4
+    assert np.array_equal(got["mask"], ref["mask"])
+    assert np.array_equal(got["mean"], ref["mean"])
+
+
+def test_infer_device_writes_into_caller_buffers_and_reuses_its_own(model):
+    f = feeds(1, seed=4)
+    mine = np.full((1,), -7.0, np.float32)
+    with OrtRunner(model, intra_op_threads=1, dims={"batch": 1}) as r:
+        addr = {"image": f["image"].ctypes.data, "gain": f["gain"].ctypes.data}
+        a = r.infer_device(addr, outputs={"mean": mine.ctypes.data})
+        assert a["mean"].ptr == mine.ctypes.data
+        assert mine[0] == pytest.approx(float(f["image"].mean()), abs=1e-6)
+        f["image"][...] = 0.0            # new contents at the same address
+        b = r.infer_device(addr)
+        assert b["mask"].ptr == a["mask"].ptr   # the runner's buffer, made once
+        assert np.allclose(host_tensor(b["mask"]), 0.5) and host_tensor(b["mean"])[0] == 0.0
+        assert mine[0] != 0.0            # the caller's buffer is left alone when not passed again
+
+
+def test_dims_pin_symbolic_dimensions_for_the_session(model):
+    with OrtRunner(model, intra_op_threads=1, dims={"batch": 1}) as r:
+        assert r.inputs["image"].shape == (1, 1, 8, 8)
+        assert r.outputs["mean"].shape == (1,)
+        with pytest.raises(ValueError, match=r"has shape \(2, 1, 8, 8\), but the model takes float32\[1, 1, 8, 8\]"):
+            r.infer(feeds(2))
+
+
+def test_infer_device_mistakes_are_one_sentence_errors(model):
+    f = feeds(1)
+    addr = {"image": f["image"].ctypes.data, "gain": f["gain"].ctypes.data}
+    with OrtRunner(model, intra_op_threads=1) as r:
+        with pytest.raises(ValueError, match=r"input 'image' of 'tiny.onnx' is float32\[batch, 1, 8, 8\]: give its "
+                                             r"shape in shapes="):
+            r.infer_device(addr)
+        with pytest.raises(ValueError, match=r"input\(s\) gain of model 'tiny.onnx' are missing"):
+            r.infer_device({"image": addr["image"]}, shapes={"image": (1, 1, 8, 8)})
+        with pytest.raises(ValueError, match=r"model 'tiny.onnx' has no input 'imgae'"):
+            r.infer_device({**addr, "imgae": 1}, shapes={"image": (1, 1, 8, 8)})
+        with pytest.raises(ValueError, match=r"has no output 'logits'"):
+            r.infer_device(addr, shapes={"image": (1, 1, 8, 8)}, outputs={"logits": 1})
+        with pytest.raises(ValueError, match=r"input 'image' of model 'tiny.onnx' has shape \(1, 1, 9, 8\)"):
+            r.infer_device(addr, shapes={"image": (1, 1, 9, 8)})
+        with pytest.raises(ValueError, match=r"input 'gain' of model 'tiny.onnx' was given address 0"):
+            r.infer_device({**addr, "gain": 0}, shapes={"image": (1, 1, 8, 8)})
+        with pytest.raises(ValueError, match=r"computes on onnxruntime's own stream, which is fixed when the "
+                                             r"session is made; make the runner with stream="):
+            r.infer_device(addr, shapes={"image": (1, 1, 8, 8)}, stream=0x1234)
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="this onnxruntime has CUDA")
+def test_a_cuda_stream_without_the_cuda_provider_is_refused(model):
+    with pytest.raises(BackendUnavailable, match=r"a CUDA stream for 'tiny.onnx' needs the CUDA execution provider"):
+        OrtRunner(model, stream=0x1234)
+
+
+# -- on a GPU (onnxruntime-gpu + pycuda; ../shared/device/README.md; device/gpu_session.md) ------------------------
+
+def _cuda_or_skip():
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip(f"GPU only: onnxruntime {ort.__version__} here has no CUDAExecutionProvider (onnxruntime-gpu "
+                    f"has it; device/gpu_session.md runs these on the lent GPU)")
+    try:
+        import pycuda.driver as cuda
+        cuda.init()
+        if cuda.Device.count() < 1:
+            pytest.skip("GPU only: pycuda sees no CUDA device")
+    except ImportError:
+        pytest.skip("GPU only: pycuda is not installed (pip install 'sonoscore[gpu]')")
+    except Exception as e:  # pycuda.driver.Error: no driver
+        pytest.skip(f"GPU only: CUDA is not usable here ({e})")
+    return cuda
+
+
+@pytest.fixture()
+def cuda_stream():
+    cuda = _cuda_or_skip()
+    ctx = cuda.Device(0).retain_primary_context()
+    ctx.push()
+    stream = cuda.Stream()
+    try:
+        yield cuda, stream
+    finally:
+        stream.synchronize()
+        del stream
+        cuda.Context.pop()
+        ctx.detach()
+
+
+def _upload(cuda, stream, a):
+    """Device copy of `a`, enqueued on `stream` (from page-locked memory, as async copies need)."""
+    host = cuda.pagelocked_empty(a.shape, a.dtype)
+    np.copyto(host, a)
+    d = cuda.mem_alloc(a.nbytes)
+    cuda.memcpy_htod_async(d, host, stream)
+    _upload.keep.append(host)   # the copy reads it later; keep it alive until the test ends
+    return d
+
+
+_upload.keep = []
+
+
+def _download(cuda, stream, t):
+    host = cuda.pagelocked_empty(t.shape, t.dtype)
+    cuda.memcpy_dtoh_async(host, t.ptr, stream)
+    return host
+
+
+def test_cuda_infer_device_runs_on_our_stream_and_matches_the_cpu(model, cuda_stream):
+    cuda, stream = cuda_stream
+    f = feeds(1, seed=5)
+    with OrtRunner(model, intra_op_threads=1) as cpu:
+        ref = cpu.infer(feeds(1, seed=5))
+    with OrtRunner(model, providers=["cuda"], stream=stream, dims={"batch": 1}) as r:
+        d = {k: _upload(cuda, stream, v) for k, v in f.items()}       # enqueued before, on the same stream
+        out = r.infer_device({k: int(v) for k, v in d.items()}, stream=stream)
+        got = {k: _download(cuda, stream, t) for k, t in out.items()}   # enqueued after, no host wait between
+        stream.synchronize()
+    assert np.abs(got["mask"] - ref["mask"]).max() < 1e-5
+    assert np.abs(got["mean"] - ref["mean"]).max() < 1e-5
+
+
+def test_cuda_infer_device_returns_while_the_stream_is_still_busy(model, cuda_stream):
+    cuda, stream = cuda_stream
+    f = feeds(1, seed=6)
+    with OrtRunner(model, providers=["cuda"], stream=stream, dims={"batch": 1}) as r:
+        d = {k: _upload(cuda, stream, v) for k, v in f.items()}
+        addr = {k: int(v) for k, v in d.items()}
+        r.infer_device(addr)
+        stream.synchronize()                                  # warm: allocations and algorithm search done
+        big = cuda.mem_alloc(256 << 20)
+        for _ in range(200):                                  # ~50 GiB of writes: tens of ms of queued work
+            cuda.memset_d32_async(big, 0, (256 << 20) // 4, stream)
+        r.infer_device(addr)
+        busy = not stream.is_done()
+        stream.synchronize()
+    assert busy, "infer_device waited for the stream: onnxruntime synchronised at the end of the run"
+
+
+def test_cuda_graphs_replay_new_contents_at_the_first_addresses_and_refuse_others(model, cuda_stream):
+    cuda, stream = cuda_stream
+    with OrtRunner(model, providers=["cuda"], stream=stream, cuda_graphs=True, dims={"batch": 1}) as r:
+        means = []
+        host = {k: cuda.pagelocked_empty(v.shape, v.dtype) for k, v in feeds(1).items()}
+        d = {k: cuda.mem_alloc(v.nbytes) for k, v in host.items()}
+        addr = {k: int(v) for k, v in d.items()}
+        for seed in range(4):                                 # run 1 plain, run 2 captured, then replays
+            for k, v in feeds(1, seed=seed).items():
+                np.copyto(host[k], v)
+                cuda.memcpy_htod_async(d[k], host[k], stream)
+            out = r.infer_device(addr, stream=stream)
+            mean = _download(cuda, stream, out["mean"])
+            stream.synchronize()
+            means.append(float(mean[0]))
+        assert means == pytest.approx([float(feeds(1, seed=s)["image"].mean()) for s in range(4)], abs=1e-5)
+        other = cuda.mem_alloc(host["image"].nbytes)
+        with pytest.raises(ValueError, match=r"with CUDA graphs the device addresses and shapes of 'tiny.onnx' are "
+                                             r"fixed by the first call .* but image changed"):
+            r.infer_device({**addr, "image": int(other)})
+        with pytest.raises(RuntimeError, match="captured its CUDA graph in infer_device"):
+            r.infer(feeds(1))

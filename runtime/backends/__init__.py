@@ -3,6 +3,7 @@
     with make_runner("ort", "unet.onnx") as runner:
         runner.inputs                      # {"image": TensorMeta(shape=("batch", 1, 224, 224), dtype=float32)}
         out = runner.infer({"image": x})   # {"mask": array}
+        dev = runner.infer_device({"image": d_ptr})   # GPU runners: device addresses in, DeviceTensors out
 
 A backend module is imported only when asked for, so a missing TensorRT or onnxruntime-gpu costs one sentence
 (BackendUnavailable), not an ImportError at start-up.
@@ -33,6 +34,19 @@ class TensorMeta:
     def __str__(self) -> str:
         dims = ", ".join("?" if d is None else str(d) for d in self.shape)
         return f"{np.dtype(self.dtype).name}[{dims}]"
+
+
+@dataclass(frozen=True)
+class DeviceTensor:
+    """An output left on the GPU by infer_device: `ptr` is a CUDA device address of `shape` x `dtype`."""
+
+    ptr: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
 
 def tensor_names(metas: dict[str, "TensorMeta"]) -> str:
@@ -72,6 +86,33 @@ def check_input(model: str, name: str, meta: "TensorMeta", value):
     if a.ndim != len(meta.shape) or any(isinstance(d, int) and d != n for d, n in zip(meta.shape, a.shape)):
         raise ValueError(f"input '{name}' of model '{model}' has shape {a.shape}, but the model takes {meta}")
     return np.ascontiguousarray(a)
+
+
+def check_device_names(model: str, inputs: dict[str, "TensorMeta"], outputs: dict[str, "TensorMeta"],
+                       addresses: dict, buffers: dict | None) -> None:
+    """infer_device's name checks: every input given an address, nothing unknown given, caller buffers only for
+    outputs the model has. Same sentences as `check_names`."""
+    for name in addresses:
+        if name not in inputs:
+            raise ValueError(f"model '{model}' has no input '{name}'; its inputs are {tensor_names(inputs)}")
+    missing = [n for n in inputs if n not in addresses]
+    if missing:
+        raise ValueError(f"input(s) {', '.join(missing)} of model '{model}' are missing; it takes "
+                         f"{tensor_names(inputs)}")
+    for name in buffers or {}:
+        if name not in outputs:
+            raise ValueError(f"model '{model}' has no output '{name}'; its outputs are {tensor_names(outputs)}")
+
+
+def stream_handle(stream) -> int | None:
+    """A CUDA stream as the integer cudaStream_t: a pycuda Stream (`.handle`), a cupy/torch stream (`.ptr`,
+    `.cuda_stream`) or the integer itself; None stays None."""
+    if stream is None:
+        return None
+    for attr in ("handle", "ptr", "cuda_stream"):
+        if hasattr(stream, attr):
+            return int(getattr(stream, attr))
+    return int(stream)
 
 
 def make_runner(backend: str, model_path: Path, **options):

@@ -52,13 +52,12 @@ import importlib
 import platform
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from runtime.backends import BackendUnavailable, TensorMeta, check_input, check_names, tensor_names
+from runtime.backends import BackendUnavailable, DeviceTensor, TensorMeta, check_input, check_names, tensor_names
 from runtime.backends import engine_cache as ec
 
 UNAVAILABLE = ("TensorRT is not installed here: the trt backend runs on a Jetson (JetPack 6/7) or an x86 host "
@@ -139,19 +138,6 @@ def trt_status() -> dict[str, Any]:
                                 f"use --backend ort")
     status["available"] = "reason" not in status
     return status
-
-
-@dataclass(frozen=True)
-class DeviceTensor:
-    """An output left on the GPU by infer_device: `ptr` is a CUDA device address of `shape` x `dtype`."""
-
-    ptr: int
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
 
 class TrtRunner:

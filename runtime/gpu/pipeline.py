@@ -1,0 +1,345 @@
+"""The device-resident pipeline: a frame goes up to the GPU once; only the features and the mask fraction (and the
+mask or preprocessed image when a sink asks for them) come back. Same records as `runtime.pipeline.Pipeline`, so
+sinks and the results JSONL are unchanged.
+
+    with DevicePipeline(bundle, precision="fp16", cuda_graphs=True) as pipe:
+        rec = pipe.process(frame)          # FrameRecord
+
+Per frame, everything below is enqueued on ONE CUDA stream, and the host waits for it ONCE:
+
+    host frame -> pinned upload -> gray/crop/resize/Crimmins -> UNet input     kernels.preprocess   [preprocess]
+               -> UNet (onnxruntime CUDA EP on our stream, or TensorRT)          runner.infer_device  [unet]
+               -> mask > threshold, fraction (async copy), image * mask -> VGG input   kernels.gate   [gate]
+               -> VGG -> Fc2 features -> async copy to pinned host memory       runner.infer_device  [vgg]
+               == stream.synchronize() ==
+               -> booster on the CPU (runtime.booster, unchanged)                                     [booster]
+
+Gating on the GPU: the VGG runs on every frame and a rejected frame's features are discarded. Deciding before the
+VGG would need a second host sync per frame (read the fraction, then launch or not) and a data-dependent launch,
+which rules out one fixed sequence of graph replays; the VGG's cost on a rejected frame (under a millisecond on
+the GPUs we target, and rejected frames are the exception while scanning a kidney) is the price of one sync per
+frame and CUDA graphs. The booster, which is the only CPU work after the sync, runs on accepted frames only.
+
+Stage times come from CUDA events recorded between the stages on the stream (`preprocess` includes the host-side
+work before the upload: the region search, and 16-bit/windowed or colour-without-region frames converted to
+uint8 gray on the CPU with `runtime.preprocess.to_gray`, as DESIGN.md pins); `booster` and `total` are host
+clocks. The CUDA primary context is shared by the kernels, pycuda, onnxruntime (CUDA runtime) and TensorRT.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from runtime import preprocess as pp
+from runtime.backends import BackendUnavailable
+from runtime.booster import Booster
+from runtime.bundle import Bundle
+from runtime.record import FrameRecord
+from runtime.sources import Frame
+
+NO_PYCUDA = ("the device pipeline needs pycuda (pip install 'sonoscore[gpu]', built against this machine's CUDA); "
+             "use the CPU pipeline (no --device cuda)")
+# The GPU stages, in order; an event is recorded before the first and after each.
+GPU_STAGES = ("preprocess", "unet", "gate", "vgg")
+
+
+class CudaDevice:
+    """One GPU's primary context (shared with onnxruntime and TensorRT, which use the CUDA runtime) and the stream
+    every stage of a frame is enqueued on. `current()` makes the context current in the calling thread."""
+
+    kind = "cuda"
+
+    def __init__(self, ordinal: int = 0):
+        try:
+            self.cuda = importlib.import_module("pycuda.driver")
+        except ImportError as e:
+            if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "pycuda":
+                raise BackendUnavailable(NO_PYCUDA) from None
+            raise BackendUnavailable(f"pycuda is installed but fails to import ({_short(e)}); rebuild it for this "
+                                     f"CUDA (device/setup.sh)") from None
+        cuda = self.cuda
+        try:
+            cuda.init()
+            self.dev = cuda.Device(int(ordinal))
+            self.ctx = self.dev.retain_primary_context()
+        except Exception as e:  # pycuda.driver.Error: no driver, no device, no permission
+            raise BackendUnavailable(f"CUDA device {ordinal} is not usable ({_short(e)}); check the driver and that "
+                                     f"this user is in the video group") from None
+        self.ordinal = int(ordinal)
+        self.ctx.push()
+        try:
+            self.stream = cuda.Stream()  # not the legacy default stream: onnxruntime reads handle 0 as "none"
+        finally:
+            cuda.Context.pop()
+
+    @property
+    def name(self) -> str:
+        return self.dev.name()
+
+    @contextmanager
+    def current(self):
+        self.ctx.push()
+        try:
+            yield
+        finally:
+            self.cuda.Context.pop()
+
+    def event(self):
+        return self.cuda.Event()
+
+    def record(self, event) -> None:
+        event.record(self.stream)
+
+    @staticmethod
+    def elapsed_ms(start, end) -> float:
+        return float(end.time_since(start))
+
+    def pinned(self, shape, dtype) -> np.ndarray:
+        return self.cuda.pagelocked_empty(shape, dtype)
+
+    def download_async(self, host: np.ndarray, ptr: int) -> None:
+        self.cuda.memcpy_dtoh_async(host, int(ptr), self.stream)
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+
+    def ort_options(self) -> dict:
+        return {"providers": ["cuda"], "stream": self.stream, "device_id": self.ordinal}
+
+    def close(self) -> None:
+        ctx, self.ctx = getattr(self, "ctx", None), None
+        if ctx is None:
+            return
+        ctx.push()
+        try:
+            self.stream = None
+        finally:
+            self.cuda.Context.pop()
+            ctx.detach()
+
+
+def _load_kernels():
+    try:
+        module = importlib.import_module("runtime.gpu.kernels")
+    except ImportError as e:
+        raise BackendUnavailable(f"the GPU kernels (runtime.gpu.kernels) cannot be imported ({_short(e)}); use the "
+                                 f"CPU pipeline") from None
+    ok, why = module.available()
+    if not ok:
+        raise BackendUnavailable(f"the GPU kernels cannot run here: {why}")
+    return module.GpuKernels
+
+
+class DevicePipeline:
+    """Runs a bundle on frames with the frame resident on the GPU. A context manager, like `Pipeline`.
+
+    backend "ort" (onnxruntime CUDA EP, IO binding on our stream; `cuda_graphs` replays each network as a CUDA
+    graph) or "trt" (TensorRT engines, `infer_device` on our stream; no CUDA graphs). precision picks the bundle's
+    network files. keep_mask / keep_image / keep_display bring the 224x224 mask, the preprocessed image, or the
+    gray frame back for sinks that draw or save them (off: only features and the fraction come back).
+    `_device` and `_kernels` replace the CUDA device and the GPU kernels (tests use host-memory stand-ins)."""
+
+    def __init__(self, bundle: Bundle, *, backend: str = "ort", precision: str = "fp32", cuda_graphs: bool = False,
+                 booster_backend: str = "auto", cache_dir: Path | None = None, min_mask_fraction: float | None = None,
+                 mask_threshold: float | None = None, keep_mask: bool = False, keep_image: bool = False,
+                 keep_display: bool = False, device: int = 0, _device=None, _kernels=None):
+        if backend not in ("ort", "trt"):
+            raise BackendUnavailable(f"backend '{backend}' is unknown; use ort or trt")
+        if cuda_graphs and backend != "ort":
+            raise BackendUnavailable("CUDA graphs are implemented for the ort backend (onnxruntime captures them); "
+                                     "with --backend trt leave them off")
+        self.bundle = bundle
+        self.backend = backend
+        self.precision = precision
+        self.cuda_graphs = bool(cuda_graphs)
+        self.unet_spec = bundle.network("unet")
+        self.vgg_spec = bundle.network("vgg")
+        self.unet_file = bundle.network_file("unet", precision)
+        self.vgg_file = bundle.network_file("vgg", precision)
+        self.booster_backend = booster_backend
+        self.cache_dir = cache_dir
+        self.threshold = bundle.mask_threshold if mask_threshold is None else mask_threshold
+        self.min_fraction = bundle.min_mask_fraction if min_mask_fraction is None else min_mask_fraction
+        self.size = bundle.size
+        self.iterations = bundle.crimmins_iterations
+        self.keep_mask, self.keep_image, self.keep_display = keep_mask, keep_image, keep_display
+        self.ordinal = int(device)
+        self._device_factory = _device
+        self._kernels_factory = _kernels
+        self.device = self.kernels = self.unet = self.vgg = self.booster = None
+        self.timing: dict[str, float] = {}   # the last frame's finer split (host_prep_ms, ...), for the bench
+
+    # -- lifetime --------------------------------------------------------------------------------------------------
+    def __enter__(self) -> "DevicePipeline":
+        if self.device is not None:
+            raise RuntimeError("DevicePipeline is already active; enter it once")
+        kernels_cls = self._kernels_factory or _load_kernels()
+        self.device = (self._device_factory or CudaDevice)(self.ordinal)
+        try:
+            with self.device.current():
+                self.unet = self._runner(self.unet_file, self.unet_spec).__enter__()
+                self.vgg = self._runner(self.vgg_file, self.vgg_spec).__enter__()
+                u_in, u_out = self.unet.inputs[self.unet_spec.input_name], self.unet.outputs[self.unet_spec.output_name]
+                v_in, v_out = self.vgg.inputs[self.vgg_spec.input_name], self.vgg.outputs[self.vgg_spec.output_name]
+                self.prob_dtype = np.dtype(u_out.dtype)
+                self.kernels = kernels_cls(size=self.size, iterations=self.iterations, input_dtype=u_in.dtype,
+                                           vgg_channels=self.vgg_spec.channels, vgg_dtype=v_in.dtype,
+                                           stream=self.device.stream)
+                self.max_frame = tuple(getattr(self.kernels, "max_frame", (2160, 3840, 3)))
+                self.unet_shape = {self.unet_spec.input_name: (1, 1, self.size, self.size)}
+                self.vgg_shape = {self.vgg_spec.input_name: (1, self.vgg_spec.channels, self.size, self.size)}
+                n_features = int(np.prod([d for d in v_out.shape[1:] if isinstance(d, int)] or [1]))
+                self.features = self.device.pinned((1, n_features), np.dtype(v_out.dtype))
+                self.events = [self.device.event() for _ in range(len(GPU_STAGES) + 2)]
+            self.booster = Booster.load(self.bundle.booster_file, num_class=self.bundle.num_classes,
+                                        cache_dir=self.cache_dir, backend=self.booster_backend)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        device, self.device = self.device, None
+        if device is None:
+            return
+        try:
+            with device.current():
+                # Sessions and engines before the kernels' buffers, everything before the stream and the context.
+                for r in (self.unet, self.vgg):
+                    if r is not None:
+                        r.__exit__(None, None, None)
+                self.unet = self.vgg = self.kernels = None
+                self.features = None
+                self.events = []
+        finally:
+            device.close()
+
+    def _runner(self, path: Path, spec):
+        if self.backend == "trt":
+            from runtime.backends import make_runner
+            return make_runner("trt", path, precision=self.precision, cache_dir=self.cache_dir,
+                               device=self.ordinal)
+        from runtime.backends.ort import OrtRunner
+        # Batch 1 for the session's life: shape arithmetic folds away, so every node can sit on the CUDA EP (which
+        # CUDA graphs need) and no shape is computed per frame.
+        dims = {d: 1 for d in spec.info.get("input", {}).get("shape", []) if isinstance(d, str)}
+        return OrtRunner(path, cuda_graphs=self.cuda_graphs, dims=dims, **self.device.ort_options())
+
+    # -- the graph -------------------------------------------------------------------------------------------------
+    def process(self, frame: Frame, t_start: float | None = None) -> FrameRecord:
+        """One frame -> one record. Never raises for a bad frame: the record carries the error instead."""
+        t0 = time.perf_counter() if t_start is None else t_start
+        rec = FrameRecord(frame.index, frame.source_id, frame.t_capture, meta=frame.meta)
+        lat = rec.latency_ms
+        lat["queue"] = max(0.0, (time.time() - frame.t_capture) * 1e3 - (time.perf_counter() - t0) * 1e3)
+        if frame.error:
+            rec.error = frame.error
+            return _finish(rec, t0)
+        if self.device is None:
+            raise RuntimeError("DevicePipeline is not active; use it inside `with DevicePipeline(...) as pipe:`")
+        dev, k, ev = self.device, self.kernels, self.events
+        try:
+            with dev.current():
+                dev.record(ev[0])
+                pixels, order, upload_region, gray, region = self._host_side(frame)
+                dev.record(ev[1])
+                k.preprocess(pixels, upload_region, order)
+                dev.record(ev[2])
+                prob = self.unet.infer_device({self.unet_spec.input_name: k.unet_input}, shapes=self.unet_shape,
+                                              stream=dev.stream)[self.unet_spec.output_name]
+                dev.record(ev[3])
+                k.gate(prob.ptr, prob_dtype=self.prob_dtype, threshold=self.threshold)
+                dev.record(ev[4])
+                feats = self.vgg.infer_device({self.vgg_spec.input_name: k.vgg_input}, shapes=self.vgg_shape,
+                                              stream=dev.stream)[self.vgg_spec.output_name]
+                dev.download_async(self.features, feats.ptr)
+                dev.record(ev[5])
+                dev.synchronize()                              # the one wait of the frame
+                rec.mask_fraction = float(k.fraction())
+                lat["preprocess"] = dev.elapsed_ms(ev[0], ev[2])
+                for i, stage in enumerate(GPU_STAGES[1:], start=2):
+                    lat[stage] = dev.elapsed_ms(ev[i], ev[i + 1])
+                self.timing = {"host_prep_ms": dev.elapsed_ms(ev[0], ev[1]),
+                               "upload_preprocess_ms": dev.elapsed_ms(ev[1], ev[2])}
+                rec.region = region
+                if self.keep_mask:
+                    rec.mask = k.download_mask()
+                if self.keep_image:
+                    rec.image = k.download_image()
+                if self.keep_display:
+                    rec.display, rec.region = _display(gray, region, frame.meta)
+            rec.accepted = rec.mask_fraction >= self.min_fraction
+            if rec.accepted:
+                t = time.perf_counter()
+                rec.probabilities, rec.grade = self.booster.predict_one(self.features)
+                lat["booster"] = _ms(t)
+        except pp.FrameError as e:
+            rec.error = f"frame {frame.index}: {e}"
+            rec.accepted = False
+        return _finish(rec, t0)
+
+    def _host_side(self, frame: Frame):
+        """(pixels to upload, their channel order, the region to crop from them, the gray frame or None, the
+        ultrasound region in frame coordinates).
+
+        The frame goes up as it is (uint8 gray or RGB/BGR) unless the CPU must see it first: 16-bit or windowed
+        frames and other channel counts are converted with `to_gray` (DESIGN.md's pinned definition); a colour
+        frame with no known region, or one a sink will display, is converted too, because the region search and
+        the display need gray (and a gray upload is a third of the bytes). The region search itself
+        (`preprocess.auto_region`, when the source gives no region) runs on the CPU."""
+        px = frame.pixels
+        direct = (isinstance(px, np.ndarray) and px.dtype == np.uint8 and px.size > 0
+                  and (px.ndim == 2 or (px.ndim == 3 and px.shape[2] in (1, 3))))
+        if direct and px.ndim == 3 and px.shape[2] == 1:
+            px = px[:, :, 0]
+        gray = None
+        if not direct or (px.ndim == 3 and (frame.region is None or self.keep_display)):
+            gray = px = pp.to_gray(frame.pixels, frame.channel_order, frame.window)
+        elif px.ndim == 2:
+            gray = px
+        region = (frame.region or pp.auto_region(gray)).clip(px.shape)
+        # to_gray's reading of the order: BGR, or else RGB (a gray frame has none)
+        order = "BGR" if px.ndim == 3 and str(frame.channel_order).upper() == "BGR" else "RGB"
+        h, w = px.shape[:2]
+        if h > self.max_frame[0] or w > self.max_frame[1]:
+            # Larger than the kernels' staging buffer: send only the region (a strided view, copied once).
+            px = px[region.y0:region.y1, region.x0:region.x1]
+            if px.shape[0] > self.max_frame[0] or px.shape[1] > self.max_frame[1]:
+                raise pp.FrameError(f"the ultrasound region {px.shape[1]}x{px.shape[0]} is larger than the GPU "
+                                    f"staging buffer ({self.max_frame[1]}x{self.max_frame[0]})")
+            return px, order, pp.Region(0, 0, px.shape[1], px.shape[0]), gray, region
+        return px, order, region, gray, region
+
+
+def _display(gray: np.ndarray | None, region: pp.Region, meta: dict):
+    """What `Pipeline.prepare` shows: the gray frame, or only its ultrasound region when the frame may carry
+    burned-in text (DICOM)."""
+    if gray is None or meta.get("burned_in_annotation", False) is False:
+        return gray, region
+    gray = np.ascontiguousarray(gray[region.y0:region.y1, region.x0:region.x1])
+    return gray, pp.Region(0, 0, gray.shape[1], gray.shape[0])
+
+
+def host_view(ptr: int, shape, dtype) -> np.ndarray:
+    """A numpy view of host memory at `ptr` (the host stand-ins of tests bind host addresses as 'device' ones)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    return np.frombuffer((ctypes.c_char * n).from_address(int(ptr)), dtype).reshape(shape)
+
+
+def _finish(rec: FrameRecord, t0: float) -> FrameRecord:
+    rec.latency_ms["total"] = rec.latency_ms.get("queue", 0.0) + _ms(t0)
+    return rec
+
+
+def _ms(t: float) -> float:
+    return (time.perf_counter() - t) * 1e3
+
+
+def _short(e, n: int = 200) -> str:
+    return " ".join(str(e).split())[:n]

@@ -1,0 +1,311 @@
+"""The device-resident pipeline (runtime.gpu.pipeline.DevicePipeline).
+
+Without a GPU, its orchestration runs for real on host-memory stand-ins of the CUDA device and of the GPU kernels
+(`HostDevice`, `HostKernels`: the GpuKernels API implemented with the CPU reference functions, "device" addresses
+being host addresses) and the onnxruntime CPU runner's infer_device: the records must then be exactly those of the
+CPU pipeline, with one host wait and one download per frame. On a GPU (onnxruntime-gpu, pycuda and
+runtime.gpu.kernels; device/gpu_session.md), the real thing is checked against the CPU pipeline.
+"""
+import ctypes
+import importlib.util
+import json
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+
+from runtime import preprocess as pp
+from runtime.app import bench_frames
+from runtime.backends import BackendUnavailable
+from runtime.bundle import Bundle
+from runtime.gpu.pipeline import DevicePipeline, host_view
+from runtime.phantom import KidneyPhantom
+from runtime.pipeline import Pipeline, apply_mask
+from runtime.sources import Frame
+
+from tests.conftest import sonoscore
+
+
+class HostDevice:
+    """CudaDevice's interface on the host; counts the waits and downloads the pipeline asks for."""
+
+    kind = "host"
+    name = "host stand-in"
+    stream = None
+
+    def __init__(self, ordinal=0):
+        self.syncs = self.downloads = 0
+        self.closed = False
+        HostDevice.last = self
+
+    def current(self):
+        return nullcontext()
+
+    def event(self):
+        return [0.0]
+
+    def record(self, event):
+        event[0] = time.perf_counter()
+
+    @staticmethod
+    def elapsed_ms(start, end):
+        return (end[0] - start[0]) * 1e3
+
+    def pinned(self, shape, dtype):
+        return np.zeros(shape, dtype)
+
+    def download_async(self, host, ptr):
+        ctypes.memmove(host.ctypes.data, int(ptr), host.nbytes)
+        self.downloads += 1
+
+    def synchronize(self):
+        self.syncs += 1
+
+    def ort_options(self):
+        return {"providers": ["cpu"], "intra_op_threads": 1}
+
+    def close(self):
+        self.closed = True
+
+
+class HostKernels:
+    """The GpuKernels API (runtime.gpu.kernels) on host memory with the CPU reference functions."""
+
+    def __init__(self, *, size=224, iterations=1, input_dtype=np.float32, vgg_channels=1, vgg_dtype=np.float32,
+                 max_frame=(2160, 3840, 3), stream=None):
+        self.size, self.iterations, self.channels = size, iterations, vgg_channels
+        self._unet = np.zeros((1, 1, size, size), input_dtype)
+        self._vgg = np.zeros((1, vgg_channels, size, size), vgg_dtype)
+        self._image = np.zeros((size, size), np.uint8)
+        self.unet_input, self.vgg_input, self.image = (a.ctypes.data for a in (self._unet, self._vgg, self._image))
+        self.uploads = []
+        self.mask_downloads = 0
+        HostKernels.last = self
+
+    def preprocess(self, pixels, region, channel_order="RGB"):
+        self.uploads.append((pixels.dtype, pixels.shape, region, channel_order))
+        gray = pp.to_gray(pixels, channel_order) if pixels.ndim == 3 else pixels
+        img, _ = pp.preprocess(gray, region, size=self.size, crimmins_iterations=self.iterations)
+        self._image[...] = img
+        self._unet[...] = pp.to_input(img, 1)
+
+    def gate(self, prob, prob_dtype=np.float32, threshold=0.5):
+        p = host_view(prob, (self.size, self.size), prob_dtype)
+        self._mask = (p > threshold).astype(np.uint8)
+        self._fraction = float(self._mask.mean())
+        self._vgg[...] = pp.to_input(apply_mask(self._image, self._mask), self.channels)
+
+    def fraction(self):
+        return self._fraction
+
+    def download_image(self):
+        return self._image.copy()
+
+    def download_mask(self):
+        self.mask_downloads += 1
+        return self._mask.copy()
+
+
+def host_pipeline(bundle, **kw):
+    return DevicePipeline(bundle, _device=HostDevice, _kernels=HostKernels, **kw)
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle):
+    return Bundle.load(tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def frames():
+    fs = bench_frames(3, seed=3)
+    ph = KidneyPhantom(grade=None, seed=3)
+    empty = next(ph.frame(i) for i in range(200) if not ph.frame(i).has_kidney)
+    fs.append(Frame(len(fs), "test", time.time(), empty.image))
+    return fs
+
+
+def same_record(a, b):
+    ja, jb = a.to_json(), b.to_json()
+    assert set(ja) == set(jb)
+    assert (ja["accepted"], ja["mask_fraction"], ja["grade"], ja["error"]) == \
+           (jb["accepted"], jb["mask_fraction"], jb["grade"], jb["error"])
+    if ja["probabilities"] is None:
+        assert jb["probabilities"] is None
+    else:
+        assert np.abs(np.subtract(ja["probabilities"], jb["probabilities"])).max() < 1e-6
+    assert a.region == b.region
+
+
+@pytest.mark.parametrize("min_fraction", [0.0, 1.01], ids=["every-frame-accepted", "every-frame-rejected"])
+def test_device_pipeline_records_equal_the_cpu_pipelines_frame_for_frame(bundle, frames, min_fraction):
+    with Pipeline(bundle, threads=1, min_mask_fraction=min_fraction) as cpu, \
+            host_pipeline(bundle, min_mask_fraction=min_fraction) as dev:
+        for f in frames:
+            a, b = dev.process(f), cpu.process(f)
+            same_record(a, b)
+            stages = {"queue", "preprocess", "unet", "gate", "vgg", "total"} | ({"booster"} if a.accepted else set())
+            assert set(a.latency_ms) == stages and all(v >= 0 for v in a.latency_ms.values())
+            assert a.accepted == (min_fraction == 0.0)
+            assert a.mask is None and a.image is None and a.display is None   # nothing came back unasked
+            feats = cpu.features(b.image, b.mask)
+            assert np.array_equal(dev.features[0], feats)     # the VGG ran, rejected frames too (gated on GPU)
+
+
+def test_one_host_wait_and_one_download_per_frame_the_mask_only_when_a_sink_wants_it(bundle, frames):
+    with host_pipeline(bundle) as dev:
+        for f in frames:
+            dev.process(f)
+        device = HostDevice.last
+        assert (device.syncs, device.downloads, HostKernels.last.mask_downloads) == (len(frames), len(frames), 0)
+    assert device.closed
+    with Pipeline(bundle, threads=1) as cpu, host_pipeline(bundle, keep_mask=True, keep_image=True,
+                                                           keep_display=True) as dev:
+        for f in frames:
+            a, b = dev.process(f), cpu.process(f)
+            assert np.array_equal(a.mask, b.mask) and np.array_equal(a.image, b.image)
+            assert np.array_equal(a.display, b.display)
+        assert HostDevice.last.syncs == len(frames) and HostKernels.last.mask_downloads == len(frames)
+
+
+def test_16_bit_windowed_frames_are_made_uint8_gray_on_the_cpu_before_the_upload(bundle, frames):
+    px16 = frames[0].pixels.astype(np.uint16) * 200 + 1000
+    f = Frame(0, "dicom", time.time(), px16, window=(26000.0, 52000.0))
+    with Pipeline(bundle, threads=1, min_mask_fraction=0.0) as cpu, host_pipeline(bundle, min_mask_fraction=0.0) as dev:
+        a, b = dev.process(f), cpu.process(f)
+        dtype, shape, region, order = HostKernels.last.uploads[-1]
+    same_record(a, b)
+    assert (dtype, shape) == (np.uint8, px16.shape)
+    assert region == pp.auto_region(pp.to_gray(px16, window=(26000.0, 52000.0)))
+
+
+def test_colour_frames_with_a_known_region_go_up_as_they_are(bundle, frames):
+    gray = frames[1].pixels
+    rgb = np.ascontiguousarray(np.stack([gray, np.roll(gray, 1, axis=1), gray // 2], axis=2))
+    region = pp.Region(12, 10, gray.shape[1] - 8, gray.shape[0] - 6)
+    f = Frame(1, "hdmi", time.time(), rgb, channel_order="BGR", region=region)
+    with Pipeline(bundle, threads=1, min_mask_fraction=0.0) as cpu, host_pipeline(bundle, min_mask_fraction=0.0) as dev:
+        a, b = dev.process(f), cpu.process(f)
+        dtype, shape, up_region, order = HostKernels.last.uploads[-1]
+        g = Frame(1, "hdmi", time.time(), rgb, channel_order="BGR")          # no region: gray on the CPU first
+        c, d = dev.process(g), cpu.process(g)
+        no_region_upload = HostKernels.last.uploads[-1]
+    same_record(a, b)
+    same_record(c, d)
+    assert (shape, order, up_region) == (rgb.shape, "BGR", region)
+    assert no_region_upload[1] == gray.shape
+
+
+def test_unreadable_frames_become_error_records_not_exceptions(bundle):
+    with host_pipeline(bundle) as dev:
+        a = dev.process(Frame(0, "s", time.time(), None, error="frame 0: unreadable file x.png"))
+        b = dev.process(Frame(1, "s", time.time(), np.zeros((5, 5, 7), np.uint8)))
+    assert a.error == "frame 0: unreadable file x.png" and a.grade is None
+    assert b.error == "frame 1: frame has 7 channels; expected 1, 3 or 4" and not b.accepted
+    assert "total" in a.latency_ms and "total" in b.latency_ms
+
+
+def test_cuda_graphs_are_refused_with_the_trt_backend(bundle):
+    with pytest.raises(BackendUnavailable, match="CUDA graphs are implemented for the ort backend"):
+        DevicePipeline(bundle, backend="trt", cuda_graphs=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pycuda") is not None, reason="pycuda is installed here")
+def test_without_pycuda_the_device_pipeline_says_so_in_one_sentence(bundle):
+    with pytest.raises(BackendUnavailable, match=r"the device pipeline needs pycuda \(pip install 'sonoscore\[gpu\]'"):
+        DevicePipeline(bundle, _kernels=HostKernels).__enter__()
+
+
+# -- on a GPU ---------------------------------------------------------------------------------------------------
+
+def _gpu_or_skip():
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip(f"GPU only: onnxruntime {ort.__version__} here has no CUDAExecutionProvider (device/gpu_session.md "
+                    f"runs these on the lent GPU)")
+    try:
+        import pycuda.driver as cuda
+        cuda.init()
+        if cuda.Device.count() < 1:
+            pytest.skip("GPU only: pycuda sees no CUDA device")
+    except ImportError:
+        pytest.skip("GPU only: pycuda is not installed (pip install 'sonoscore[gpu]')")
+    except Exception as e:  # pycuda.driver.Error
+        pytest.skip(f"GPU only: CUDA is not usable here ({e})")
+    try:
+        from runtime.gpu import kernels
+    except ImportError as e:
+        pytest.skip(f"GPU only: runtime.gpu.kernels is not importable ({e})")
+    ok, why = kernels.available()
+    if not ok:
+        pytest.skip(f"GPU only: the GPU kernels cannot run here ({why})")
+
+
+def cosine(a, b):
+    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+
+
+def unet_prob(cpu: Pipeline, image: np.ndarray) -> np.ndarray:
+    return cpu.unet.infer({cpu.unet_spec.input_name: pp.to_input(image, 1)})[cpu.unet_spec.output_name][0, 0]
+
+
+def device_prob(dev: DevicePipeline) -> np.ndarray:
+    """The UNet's probabilities on the device for the last frame's input (still in the kernels' buffer)."""
+    import pycuda.driver as cuda
+    with dev.device.current():
+        out = dev.unet.infer_device({dev.unet_spec.input_name: dev.kernels.unet_input}, shapes=dev.unet_shape,
+                                    stream=dev.device.stream)[dev.unet_spec.output_name]
+        host = cuda.pagelocked_empty(out.shape, out.dtype)
+        cuda.memcpy_dtoh_async(host, out.ptr, dev.device.stream)
+        dev.device.synchronize()
+    return np.array(host[0, 0])
+
+
+@pytest.mark.parametrize("precision,graphs,tol,min_cos", [("fp32", False, 1e-3, 0.999), ("fp32", True, 1e-3, 0.999),
+                                                          ("fp16", True, 2e-2, 0.99)])
+def test_gpu_device_pipeline_agrees_with_the_cpu_pipeline(bundle, frames, precision, graphs, tol, min_cos):
+    _gpu_or_skip()
+    with Pipeline(bundle, threads=2, min_mask_fraction=0.0) as cpu, \
+            DevicePipeline(bundle, precision=precision, cuda_graphs=graphs, min_mask_fraction=0.0, keep_mask=True,
+                           keep_image=True) as dev:
+        for f in frames * 2:                           # twice: with graphs the later runs are replays
+            a, b = dev.process(f), cpu.process(f)
+            assert a.error is None and a.accepted
+            assert np.abs(a.image.astype(int) - b.image.astype(int)).mean() <= 1.0  # resize within a grey level
+            # The networks alone, on the GPU's own image: the CPU networks on the same pixels (TF32 / FP16
+            # rounding apart); the gate thresholds exactly the probabilities the GPU computed.
+            prob = device_prob(dev)
+            assert np.abs(prob - unet_prob(cpu, a.image)).max() <= tol
+            assert np.array_equal(a.mask, (prob > dev.threshold).astype(np.uint8))
+            assert a.mask_fraction == pytest.approx(float(a.mask.mean()), abs=1e-6)
+            assert cosine(dev.features[0], cpu.features(a.image, a.mask)) >= min_cos
+            assert set(a.to_json()) == set(b.to_json())
+            assert all(a.latency_ms[s] > 0 for s in ("preprocess", "unet", "gate", "vgg", "booster", "total"))
+
+
+def test_gpu_bench_runs_every_configuration_and_the_torch_baseline_in_one_run(tiny_bundle, tmp_path):
+    _gpu_or_skip()
+    pytest.importorskip("torch")
+    j = tmp_path / "gpu_bench.json"
+    r = sonoscore("bench", "--bundle", tiny_bundle, "--device", "cuda", "--frames", 6, "--warmup", 4, "--json", j)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(j.read_text())
+    assert out["errors"] == {}
+    assert set(out["configs"]) == {"fp32", "fp32+graphs", "fp16", "fp16+graphs", "torch-eager-fp32"}
+    assert out["head"] == "fp16+graphs" and out["device"] == "cuda" and out["device_name"]
+    for s in ("preprocess", "unet", "gate", "vgg", "booster", "total"):
+        assert 0 < out["stages"][s]["p50_ms"] <= out["stages"][s]["p99_ms"]
+    assert out["speedup"]["fp16+graphs"]["total_p50"] > 0
+    assert out["agreement"]["fp32"]["frames"] == 6
+    assert {"onnxruntime", "pycuda", "torch", "cuda_driver"} <= set(out["versions"])
+    assert set(out["acceptance"]) >= {"met", "total_p50_ms", "speedup_vs_baseline"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pycuda") is not None, reason="pycuda is installed here")
+def test_gpu_bench_without_a_gpu_names_each_configuration_and_why_once(tiny_bundle):
+    from runtime.errors import UserError
+    from runtime.gpu.bench import bench_device
+    with pytest.raises(UserError, match=r"^no configuration could start on cuda: fp32, fp32\+graphs, fp16, "
+                                        r"fp16\+graphs: BackendUnavailable: [^;]*pycuda[^;]*$"):
+        bench_device(tiny_bundle, device="cuda", baseline=None, frames=1, warmup=0)
