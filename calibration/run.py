@@ -20,7 +20,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -126,8 +125,12 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
                      method: str = "minmax", count: int = 300, holdout: int = 300, max_frames: int = 3000,
                      conv_transpose: str = "per-tensor", thresholds: Thresholds | None = None,
                      precisions: tuple[str, ...] = ("int8", "fp16"), report: str | Path | None = None,
-                     full_range_weights: bool = False, timing_only: bool = False, quiet: bool = False) -> dict:
-    """Calibrate, report, and (when every threshold holds) install the INT8 networks into the bundle."""
+                     full_range_weights: bool = False, timing_only: bool = False, quiet: bool = False,
+                     networks: tuple[str, ...] = ("unet", "vgg")) -> dict:
+    """Calibrate, report, and (when every threshold holds) install the INT8 networks into the bundle.
+
+    `networks` names the ones to quantize; one left out stays FP32 in the INT8 set (its manifest entry for int8 names
+    the FP32 file), which is mixed precision as TensorRT builds it from a strongly typed network."""
     from runtime.backends import make_runner
     from runtime.booster import Booster
 
@@ -135,6 +138,9 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
         raise UserError(f"--method {method} is not one of {', '.join(METHODS)}")
     if count < 1 or holdout < 1:
         raise UserError("--count and --holdout must be at least 1")
+    networks = tuple(n for n in ("unet", "vgg") if n in networks)
+    if not networks:
+        raise UserError("--networks must name unet, vgg or both")
     thresholds = thresholds or Thresholds()
     bundle = Bundle.load(bundle_path)
     root = bundle.root
@@ -178,6 +184,8 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
     work.mkdir()
     results = {}
     for name, spec, inputs in (("unet", unet_spec, unet_inputs), ("vgg", vgg_spec, vgg_inputs)):
+        if name not in networks:
+            continue
         prog = _Progress(f"calibrating {name}", len(inputs), quiet)
         t = time.perf_counter()
         try:
@@ -199,7 +207,8 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
         key = f"check {extra.sources[0]['source_id']}"
         sets[key] = extra.images
         check_sets.append({**extra.sources[0], "unreadable": extra.unreadable})
-    files = {p: {net: (work / INT8_FILES[net] if p == "int8" else bundle.network_file(net, p))
+    files = {p: {net: (work / INT8_FILES[net] if p == "int8" and net in networks
+                       else bundle.network_file(net, "fp32" if p == "int8" else p))
                  for net in ("unet", "vgg")}
              for p in precisions if p == "int8" or p in bundle.precisions}
     accuracy: dict[str, dict] = {}
@@ -225,7 +234,7 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
 
     int8_ok = timing_only or not any(f.startswith("int8 ") for f in failures)
     out = {
-        "bundle": str(root), "method": method, "conv_transpose": conv_transpose,
+        "bundle": str(root), "method": method, "conv_transpose": conv_transpose, "int8_networks": list(networks),
         "frames": {"read": n, "unreadable": data.unreadable, "calibration": len(calib_idx),
                    "calibration_vgg": len(vgg_inputs), "rejected_by_gate": rejected, "held_out": len(hold_idx)},
         "sources": data.sources, "check_sources": check_sets,
@@ -237,10 +246,17 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
     }
     if int8_ok:
         for name in ("unet", "vgg"):
-            shutil.move(str(work / INT8_FILES[name]), str(root / INT8_FILES[name]))
+            if name in networks:
+                shutil.move(str(work / INT8_FILES[name]), str(root / INT8_FILES[name]))
+            else:  # an earlier calibration's file for it is no longer what int8 means in this bundle
+                (root / INT8_FILES[name]).unlink(missing_ok=True)
         manifest = dict(bundle.manifest)
         for name in ("unet", "vgg"):
             net = manifest["networks"][name]
+            if name not in networks:
+                net["files"]["int8"] = net["files"]["fp32"]
+                net["int8"] = {"format": "fp32 (not quantized: calibrate --networks left it out)"}
+                continue
             net["files"]["int8"] = INT8_FILES[name]
             r = results[name]
             net["int8"] = {"format": "onnx-qdq", "activations": "int8 symmetric per-tensor",
@@ -250,7 +266,7 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
                            if "ConvTranspose" in r.quantized_ops or "ConvTranspose" in r.float_ops else "n/a",
                            "biases": "float", "int8_weights": r.quantized_ops, "float_weights": r.float_ops}
         manifest["calibration"] = {
-            "method": method, "frames": len(calib_idx), "frames_vgg": len(vgg_inputs),
+            "networks": list(networks), "method": method, "frames": len(calib_idx), "frames_vgg": len(vgg_inputs),
             "sources": data.sources, "accuracy_checked": not timing_only,
             "accuracy": {s: {p: {k: v for k, v in m.items() if k in _SUMMARY} for p, m in ps.items()}
                          for s, ps in accuracy.items()},
@@ -274,7 +290,8 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
         raise CalibrationFailed(f"accuracy check failed: {failures[0]}"
                                 + (f" (and {len(failures) - 1} more, see the report)" if len(failures) > 1 else "")
                                 + f"; {where}; calibrate on more varied frames, try --method entropy or "
-                                  f"percentile, or relax the threshold if it is too strict for this model")
+                                  f"percentile, quantize only the network that keeps its accuracy (--networks "
+                                  f"vgg), or relax the threshold if it is too strict for this model")
     if not quiet:
         _say(f"calibrate: INT8 networks added to {root} in {out['seconds']:.0f} s"
              + ("" if not timing_only else " (timing only: accuracy not checked)"))

@@ -92,6 +92,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _networks(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    bad = [n for n in names if n not in ("unet", "vgg")]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"'{text}': name unet, vgg or both, joined by a comma")
+    return names
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from runtime.app import ensure_calibration_side
     ensure_calibration_side()
@@ -104,7 +112,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         calibrate_bundle(args.bundle, args.frames, check=args.check, method=args.method, count=args.count,
                          holdout=args.holdout, max_frames=args.max_frames, conv_transpose=args.conv_transpose,
                          thresholds=th, report=report, full_range_weights=args.full_range_weights,
-                         timing_only=args.timing_only)
+                         timing_only=args.timing_only, networks=args.networks)
     except CalibrationFailed as e:
         print(f"sonoscore: {e}", file=sys.stderr)
         print(f"sonoscore: report written to {report}", file=sys.stderr)
@@ -253,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--full-range-weights", action="store_true",
                    help="8-bit weights instead of 7-bit; only for targets never checked on an x86 CPU without "
                         "VNNI, where 8-bit weights saturate onnxruntime's integer kernels")
+    c.add_argument("--networks", default="unet,vgg", type=_networks,
+                   help="which networks to quantize (default unet,vgg); one left out runs in FP32 in the INT8 set "
+                        "(mixed precision, as TensorRT builds it), e.g. --networks vgg when the UNet's INT8 masks "
+                        "move grades")
     c.add_argument("--min-iou", type=float, default=0.97)
     c.add_argument("--min-gate", type=float, default=0.97, help="minimum gate agreement")
     c.add_argument("--min-grade", type=float, default=0.97, help="minimum grade agreement")

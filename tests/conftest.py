@@ -1,6 +1,8 @@
 """Shared fixtures. The tiny bundle is made by the project's own recipe (sim -> train -> export), at widths small
 enough to train in seconds: its grades are meaningless, its plumbing is the real thing."""
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -9,8 +11,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Compiled boosters go to a throw-away cache, never the user's.
-os.environ.setdefault("SONOSCORE_CACHE", tempfile.mkdtemp(prefix="sonoscore-test-cache-"))
+# Compiled boosters go to a throw-away cache, never the user's, removed when the test run ends.
+if "SONOSCORE_CACHE" not in os.environ:
+    os.environ["SONOSCORE_CACHE"] = tempfile.mkdtemp(prefix="sonoscore-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["SONOSCORE_CACHE"], True)
 
 
 @pytest.fixture(scope="session")

@@ -92,6 +92,33 @@ def test_int8_runs_in_run_and_bench_in_one_run(calibrated, tmp_path):
     assert "int8 vs fp32" in r.stderr
 
 
+def test_networks_vgg_quantizes_only_the_vgg_and_the_unet_stays_fp32_in_the_int8_set(calibrated, tmp_path):
+    b = tmp_path / "bundle"
+    shutil.copytree(calibrated[0], b)   # already has both INT8 files: the VGG-only calibration replaces that
+    r = sonoscore("calibrate", "--bundle", b, "--frames", SIM, "--count", 8, "--holdout", 8, "--networks", "vgg",
+                  "--min-iou", 0, "--min-gate", 0, "--min-grade", 0, "--min-cosine", 0)
+    assert r.returncode == 0, r.stderr
+    bundle = Bundle.load(b)
+    m = bundle.manifest
+    assert m["networks"]["unet"]["files"]["int8"] == "unet.onnx"
+    assert m["networks"]["vgg"]["files"]["int8"] == "vgg.int8.onnx"
+    assert m["calibration"]["networks"] == ["vgg"] and "not quantized" in m["networks"]["unet"]["int8"]["format"]
+    assert not (b / "unet.int8.onnx").exists() and "unet.int8.onnx" not in m["files"]
+    assert trt_readiness(b / "vgg.int8.onnx") == []
+    report = json.loads((b / "calibration_report.json").read_text())
+    assert report["int8_networks"] == ["vgg"] and set(report["networks"]) == {"vgg"}
+    # with the UNet in FP32 on both sides, the INT8 set's masks are the FP32 masks
+    held = report["accuracy"]["held-out"]["int8"]
+    assert held["mask_iou_mean"] == 1.0 and held["gate_agreement"] == 1.0
+    res = tmp_path / "r.jsonl"
+    r = sonoscore("run", "--bundle", b, "--source", "sim://kidney?fps=0&frames=3&seed=2", "--precision", "int8",
+                  "--results", res, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert all(json.loads(x)["error"] is None for x in res.read_text().splitlines())
+    bad = sonoscore("calibrate", "--bundle", b, "--frames", SIM, "--networks", "vgg,booster")
+    assert bad.returncode == 2 and "unet, vgg or both" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_a_missed_threshold_fails_and_keeps_the_bundle_unchanged(tiny_bundle, tmp_path):
     b = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, b)
