@@ -126,11 +126,13 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
                      conv_transpose: str = "per-tensor", thresholds: Thresholds | None = None,
                      precisions: tuple[str, ...] = ("int8", "fp16"), report: str | Path | None = None,
                      full_range_weights: bool = False, timing_only: bool = False, quiet: bool = False,
-                     networks: tuple[str, ...] = ("unet", "vgg")) -> dict:
+                     networks: tuple[str, ...] | str = ("unet", "vgg")) -> dict:
     """Calibrate, report, and (when every threshold holds) install the INT8 networks into the bundle.
 
     `networks` names the ones to quantize; one left out stays FP32 in the INT8 set (its manifest entry for int8 names
-    the FP32 file), which is mixed precision as TensorRT builds it from a strongly typed network."""
+    the FP32 file), which is mixed precision as TensorRT builds it from a strongly typed network. "auto" quantizes
+    both and also checks the set with the VGG alone in INT8 (`int8-vgg`, against the same FP32 reference): both
+    are installed when they pass, else the VGG alone when that passes, else nothing."""
     from runtime.backends import make_runner
     from runtime.booster import Booster
 
@@ -138,7 +140,8 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
         raise UserError(f"--method {method} is not one of {', '.join(METHODS)}")
     if count < 1 or holdout < 1:
         raise UserError("--count and --holdout must be at least 1")
-    networks = tuple(n for n in ("unet", "vgg") if n in networks)
+    auto = networks == "auto"
+    networks = ("unet", "vgg") if auto else tuple(n for n in ("unet", "vgg") if n in networks)
     if not networks:
         raise UserError("--networks must name unet, vgg or both")
     thresholds = thresholds or Thresholds()
@@ -211,6 +214,8 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
                        else bundle.network_file(net, "fp32" if p == "int8" else p))
                  for net in ("unet", "vgg")}
              for p in precisions if p == "int8" or p in bundle.precisions}
+    if auto and not timing_only:
+        files["int8-vgg"] = {"unet": bundle.network_file("unet", "fp32"), "vgg": work / INT8_FILES["vgg"]}
     accuracy: dict[str, dict] = {}
     failures: list[str] = []
     if not timing_only:
@@ -232,9 +237,22 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
         if not quiet:
             _say(format_table(accuracy, thresholds))
 
-    int8_ok = timing_only or not any(f.startswith("int8 ") for f in failures)
+    fallback = None
+    if auto and not timing_only:
+        full_missed = [f for f in failures if f.startswith("int8 ")]
+        vgg_missed = [f for f in failures if f.startswith("int8-vgg ")]
+        if full_missed and not vgg_missed:   # the UNet's INT8 is what misses: install the VGG's alone
+            networks, fallback = ("vgg",), full_missed
+            failures = [f for f in failures if f not in full_missed]
+            if not quiet:
+                _say(f"calibrate: INT8 UNet + VGG missed ({full_missed[0]}); the VGG alone in INT8 passes, so the "
+                     f"UNet stays FP32 in the INT8 set")
+        elif not full_missed:
+            failures = [f for f in failures if f not in vgg_missed]
+    int8_ok = timing_only or not any(f.startswith("int8 ") or f.startswith("int8-vgg ") for f in failures)
     out = {
         "bundle": str(root), "method": method, "conv_transpose": conv_transpose, "int8_networks": list(networks),
+        "networks_choice": "auto" if auto else "given", "int8_both_missed": fallback,
         "frames": {"read": n, "unreadable": data.unreadable, "calibration": len(calib_idx),
                    "calibration_vgg": len(vgg_inputs), "rejected_by_gate": rejected, "held_out": len(hold_idx)},
         "sources": data.sources, "check_sources": check_sets,

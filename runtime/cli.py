@@ -92,11 +92,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _networks(text: str) -> tuple[str, ...]:
+def _networks(text: str) -> tuple[str, ...] | str:
+    if text.strip() == "auto":
+        return "auto"
     names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
     bad = [n for n in names if n not in ("unet", "vgg")]
     if not names or bad:
-        raise argparse.ArgumentTypeError(f"'{text}': name unet, vgg or both, joined by a comma")
+        raise argparse.ArgumentTypeError(f"'{text}': name unet, vgg or both joined by a comma, or auto")
     return names
 
 
@@ -264,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--networks", default="unet,vgg", type=_networks,
                    help="which networks to quantize (default unet,vgg); one left out runs in FP32 in the INT8 set "
                         "(mixed precision, as TensorRT builds it), e.g. --networks vgg when the UNet's INT8 masks "
-                        "move grades")
+                        "move grades; auto: both if they pass, else the VGG alone if it passes")
     c.add_argument("--min-iou", type=float, default=0.97)
     c.add_argument("--min-gate", type=float, default=0.97, help="minimum gate agreement")
     c.add_argument("--min-grade", type=float, default=0.97, help="minimum grade agreement")

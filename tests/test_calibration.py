@@ -119,6 +119,44 @@ def test_networks_vgg_quantizes_only_the_vgg_and_the_unet_stays_fp32_in_the_int8
     assert bad.returncode == 2 and "unet, vgg or both" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_networks_auto_installs_both_when_both_pass_else_the_vgg_alone(calibrated, tmp_path):
+    relaxed = ["--min-gate", 0, "--min-grade", 0, "--min-cosine", 0]
+    b = tmp_path / "both"
+    shutil.copytree(calibrated[0], b)
+    r = sonoscore("calibrate", "--bundle", b, "--frames", SIM, "--count", 8, "--holdout", 8, "--networks", "auto",
+                  "--min-iou", 0, *relaxed)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((b / "calibration_report.json").read_text())
+    assert report["int8_networks"] == ["unet", "vgg"] and report["int8_both_missed"] is None
+    assert set(report["accuracy"]["held-out"]) == {"int8", "int8-vgg", "fp16"}
+    assert Bundle.load(b).manifest["networks"]["unet"]["files"]["int8"] == "unet.int8.onnx"
+
+    # The tiny model's INT8 UNet moves its masks (IoU about 0.76 with FP32) while the VGG alone in INT8 leaves them
+    # exactly as they are (IoU 1) and FP16 stays near 0.99: an IoU floor of 0.9 separates the three.
+    b = tmp_path / "vgg"
+    shutil.copytree(calibrated[0], b)
+    r = sonoscore("calibrate", "--bundle", b, "--frames", SIM, "--count", 8, "--holdout", 8, "--networks", "auto",
+                  "--min-iou", 0.9, *relaxed)
+    report = json.loads((b / "calibration_report.json").read_text())
+    held = report["accuracy"]["held-out"]
+    assert held["int8"]["mask_iou_mean"] < 0.9 <= held["fp16"]["mask_iou_mean"], held  # the premise
+    assert r.returncode == 0, r.stderr
+    assert report["int8_networks"] == ["vgg"] and report["passed"] is True
+    assert report["int8_both_missed"] and "mask IoU" in report["int8_both_missed"][0]
+    assert "the VGG alone in INT8 passes" in r.stderr
+    m = Bundle.load(b).manifest
+    assert m["networks"]["unet"]["files"]["int8"] == "unet.onnx" and not (b / "unet.int8.onnx").exists()
+    assert m["networks"]["vgg"]["files"]["int8"] == "vgg.int8.onnx"
+
+    # and when neither passes, nothing is installed and the command says so (exit 4)
+    b = tmp_path / "none"
+    shutil.copytree(calibrated[0], b)
+    before = (b / "manifest.json").read_text()
+    r = sonoscore("calibrate", "--bundle", b, "--frames", SIM, "--count", 8, "--holdout", 8, "--networks", "auto",
+                  "--min-iou", 0, "--min-gate", 0, "--min-grade", 0, "--min-cosine", 1.5)
+    assert r.returncode == 4 and (b / "manifest.json").read_text() == before
+
+
 def test_a_missed_threshold_fails_and_keeps_the_bundle_unchanged(tiny_bundle, tmp_path):
     b = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, b)
