@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--view-token", help="token the viewer requires (?token=...)")
     r.add_argument("--view-keep", action="store_true", help="keep serving the last frame after the source ends, "
                    "until Ctrl-C")
-    r.add_argument("--display", action="store_true", help="show the overlay in a window on this machine's screen")
+    r.add_argument("--display", action="store_true", help="show the overlay in a window on this machine's screen (needs an "
+                   "OpenCV with a GUI and a display; q, Esc or closing the window stops the showing, not the run)")
     r.add_argument("--quiet", action="store_true", help="no line per frame")
     r.set_defaults(func=cmd_run)
 

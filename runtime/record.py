@@ -28,7 +28,7 @@ class FrameRecord:
     mask: np.ndarray | None = None               # binary 224x224 uint8, 0/1
     display: np.ndarray | None = None            # the source frame as uint8 gray HxW, for overlays
     region: Region | None = None                 # where `image` came from inside `display`
-    meta: dict[str, Any] = field(default_factory=dict)  # source metadata (pixel spacing, truth when simulated)
+    meta: dict[str, Any] = field(default_factory=dict)  # source metadata (pixel spacing as runtime/sources/__init__.py defines it, truth when simulated)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -6,12 +6,13 @@ Test data comes from pydicom's own test files and the `pydicom-data` package (of
 """
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
+import re
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import cv2
@@ -34,11 +35,11 @@ from runtime.sources.dicom import DicomFolderSource, DicomSource, dicom_files_in
 ROOT = Path(__file__).resolve().parents[1]
 US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
-US_SOP_CLASSES = {US_IMAGE, US_MULTIFRAME, "1.2.840.10008.5.1.4.1.1.6", "1.2.840.10008.5.1.4.1.1.3"}  # + retired
 
 # Every ultrasound file among pydicom 3.0.2's test files and pydicom-data 1.0.0 (Modality US or a US SOP class):
-# name -> (frames, photometric, bits allocated, transfer syntax). `test_the_list_is_every_ultrasound_test_file`
-# keeps this table honest.
+# name -> (frames, photometric, bits allocated, transfer syntax). `test_the_list_is_every_ultrasound_file_pydicom_
+# knows_of` holds this table to everything pydicom knows of, as scripts/dicom_sweep.py enumerates it: its own
+# files, pydicom-data's, and the download-only ones (classified there by sha256).
 US_FILES = {
     "ExplVR_BigEnd.dcm": (1, "RGB", 8, "Explicit VR Big Endian"),
     "JPGLosslessP14SV1_1s_1f_8b.dcm": (1, "MONOCHROME2", 8,
@@ -138,27 +139,82 @@ def one_sentence(message: str, path: Path) -> None:
 
 # -- every ultrasound test file ---------------------------------------------------------------------------------
 
-def test_the_list_is_every_ultrasound_test_file():
-    """Scan every file pydicom and pydicom-data hold here (offline) and compare with US_FILES."""
-    from pydicom.data.data_manager import DATA_ROOT, external_data_sources
-    paths = [p for p in Path(DATA_ROOT).rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")]
-    store = external_data_sources().get("pydicom-data")
-    assert store is not None, "pydicom-data is not installed (pip install pydicom-data==1.0.0)"
-    paths += [Path(p) for p in store.get_paths("**/*", 0)]
-    found = {}
-    for p in paths:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # some of pydicom's test files are odd on purpose
-                ds = pydicom.dcmread(p, stop_before_pixels=True, force=True)
-        except Exception:
-            continue
-        if ds.get("Modality") == "US" or str(ds.get("SOPClassUID", "")) in US_SOP_CLASSES:
-            ts = ds.file_meta.TransferSyntaxUID.name
-            found[p.name] = (int(ds.get("NumberOfFrames", 1) or 1), ds.PhotometricInterpretation,
-                             int(ds.BitsAllocated), ts)
-    assert found == US_FILES
+def _sweep_module():
+    spec = importlib.util.spec_from_file_location("dicom_sweep", ROOT / "scripts" / "dicom_sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module        # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
+
+@pytest.fixture(scope="module")
+def sweep():
+    return _sweep_module()
+
+
+def test_the_list_is_every_ultrasound_file_pydicom_knows_of(sweep):
+    """Every file pydicom knows of (its own, pydicom-data's, and those it can only download) is classified, and
+    the ultrasound ones are exactly US_FILES, all here offline. A new ultrasound file in a future pydicom-data
+    release, or a new or changed download-only file, fails here instead of being skipped."""
+    from pydicom.data.data_manager import external_data_sources, get_url_map
+    assert "pydicom-data" in external_data_sources(), "pydicom-data is not installed (pip install pydicom-data==1.0.0)"
+    files = sweep.known_files()
+    names = {f.name for f in files}
+    assert set(get_url_map()) <= names                              # every downloadable file is accounted for
+    unknown = [f"{f.name}: {f.note}" for f in files if f.ultrasound is None]
+    assert not unknown, ("pydicom lists files that are not here offline and not classified in scripts/dicom_sweep.py "
+                         f"DOWNLOAD_ONLY (read their headers and record them): {unknown}")
+    us = {f.name: (f.frames, f.photometric, f.bits_allocated, f.transfer_syntax) for f in files if f.ultrasound}
+    assert us == US_FILES
+    assert all(f.path and Path(f.path).is_file() for f in files if f.ultrasound), "an ultrasound file is not here"
+    assert {f.origin for f in files} == {"pydicom", "pydicom-data", "download-only"}
+    # The download-only files, as pydicom 3.0.2 lists them: none is ultrasound.
+    assert sorted(f.name for f in files if f.origin == "download-only") == sorted(sweep.DOWNLOAD_ONLY)
+    # The classifier itself: Modality US, or an ultrasound SOP class without a Modality.
+    assert sweep.is_ultrasound("US", None) and sweep.is_ultrasound(None, US_MULTIFRAME)
+    assert not sweep.is_ultrasound("CT", "1.2.840.10008.5.1.4.1.1.2") and not sweep.is_ultrasound(None, None)
+
+
+def test_a_download_only_file_in_a_new_version_or_unrecorded_is_unclassified(sweep, monkeypatch):
+    """The recorded headers are trusted only for the exact file pydicom expects (its sha256)."""
+    name = sorted(sweep.DOWNLOAD_ONLY)[0]
+    _, *rest = sweep.DOWNLOAD_ONLY[name]
+    monkeypatch.setitem(sweep.DOWNLOAD_ONLY, name, ("0" * 64, *rest))
+    (f,) = [f for f in sweep.known_files() if f.name == name]
+    assert f.ultrasound is None and "another version" in f.note
+    monkeypatch.delitem(sweep.DOWNLOAD_ONLY, name)
+    (f,) = [f for f in sweep.known_files() if f.name == name]
+    assert f.ultrasound is None and "not recorded" in f.note
+
+
+def test_every_ultrasound_test_file_runs_end_to_end_one_record_per_frame_no_error(sweep, tiny_bundle):
+    """The acceptance of issue 5: each file through `sonoscore run` (runtime.app.run_bundle, policy all, results
+    JSONL): as many records as NumberOfFrames, none with an error. (`scripts/dicom_sweep.py` does the same through
+    the command line, one subprocess per file.)"""
+    files = sweep.ultrasound_files()
+    assert sorted(f.name for f in files) == sorted(US_FILES)
+    rows = sweep.sweep(tiny_bundle, files, in_process=True)
+    bad = [r for r in rows if not r.ok]
+    assert not bad, sweep.table(bad)
+    assert [r.records for r in rows] == [US_FILES[f.name][0] for f in files]
+    assert sum(r.records for r in rows) == sum(v[0] for v in US_FILES.values()) == 172
+
+
+
+def test_the_sweep_script_lists_every_file_and_runs_one_through_the_command_line(sweep, tiny_bundle, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "dicom_sweep.py"), "--list", "--json",
+                        str(tmp_path / "list.json")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert re.fullmatch(r"pydicom: \d+ files, 5 ultrasound; pydicom-data: \d+ files, 16 ultrasound; "
+                        r"download-only: \d+ files, 0 ultrasound", r.stdout.splitlines()[-1]), r.stdout[-500:]
+    listed = json.loads((tmp_path / "list.json").read_text())
+    assert sorted(f["name"] for f in listed if f["ultrasound"]) == sorted(US_FILES)
+    # The subprocess path of the sweep: the real `sonoscore run` on a two-frame file.
+    (f,) = [f for f in sweep.ultrasound_files() if f.name == "OBXXXX1A_rle_2frame.dcm"]
+    row = sweep.run_one(tiny_bundle, f, tmp_path)
+    assert (row.frames, row.records, row.errors, row.exit_status, row.ok) == (2, 2, 0, 0, True)
+    assert "OBXXXX1A_rle_2frame.dcm" in sweep.table([row]) and "1 files, 2 frames, 2 records, 0 errors" in \
+        sweep.table([row])
 
 @pytest.mark.parametrize("name", sorted(US_FILES))
 def test_every_ultrasound_test_file_decodes_every_frame(name):
@@ -219,13 +275,14 @@ def test_palette_color_is_mapped_to_8_bit_rgb_whatever_the_lut_encoding():
 def test_region_and_spacing_come_from_the_sequence_of_ultrasound_regions():
     f = next(iter(DicomSource(data_file("JPGLosslessP14SV1_1s_1f_8b.dcm"))))
     assert f.region == pp.Region(14, 38, 1011, 759)  # Max X1/Y1 are inclusive in DICOM, exclusive in Region
-    assert f.meta["pixel_spacing_mm"] == pytest.approx((0.25476696592378157, 0.25476696592378157))
+    assert f.meta["pixel_spacing_rc_mm"] == pytest.approx((0.25476696592378157, 0.25476696592378157))
+    assert f.meta["pixel_spacing_mm"] == pytest.approx(0.25476696592378157)  # square pixels: one number too
     # Two equal tissue regions side by side (dual view), and a third of another type: the first of the largest.
     f = next(iter(DicomSource(data_file("gdcm-US-ALOKA-16.dcm"))))
     assert f.region == pp.Region(32, 24, 336, 416)
     # A region that does not fit the image (the image was resized after the header was written) is not trusted.
     f = next(iter(DicomSource(data_file("examples_ybr_color.dcm"))))
-    assert f.region is None and "pixel_spacing_mm" not in f.meta
+    assert f.region is None and "pixel_spacing_mm" not in f.meta and "pixel_spacing_rc_mm" not in f.meta
 
 
 # -- files written here ------------------------------------------------------------------------------------------
@@ -313,7 +370,8 @@ def test_region_choice_tissue_first_largest_first_and_only_inside_the_image(tmp_
     f = next(iter(DicomSource(write_us(tmp_path / "a.dcm", img, SequenceOfUltrasoundRegions=regions))))
     assert f.region == pp.Region(10, 20, 110, 90)
     assert f.meta["region"] == (10, 20, 110, 90)
-    assert f.meta["pixel_spacing_mm"] == pytest.approx((0.45, 0.3))  # (row = delta Y, column = delta X) in mm
+    assert f.meta["pixel_spacing_rc_mm"] == pytest.approx((0.45, 0.3))  # (row = delta Y, column = delta X) in mm
+    assert "pixel_spacing_mm" not in f.meta                               # not square: no single number
     image, used = pp.preprocess(pp.to_gray(f.pixels), f.region)
     assert used == f.region and image.shape == (224, 224)
 
@@ -323,10 +381,39 @@ def test_region_choice_tissue_first_largest_first_and_only_inside_the_image(tmp_
     outside = [region_item(10, 10, 300, 90)]
     f = next(iter(DicomSource(write_us(tmp_path / "c.dcm", img, SequenceOfUltrasoundRegions=outside,
                                        PixelSpacing=[0.2, 0.25]))))
-    assert f.region is None and f.meta["pixel_spacing_mm"] == pytest.approx((0.2, 0.25))
+    assert f.region is None and f.meta["pixel_spacing_rc_mm"] == pytest.approx((0.2, 0.25))
+    assert "pixel_spacing_mm" not in f.meta
 
     f = next(iter(DicomSource(write_us(tmp_path / "d.dcm", img))))
-    assert f.region is None and "pixel_spacing_mm" not in f.meta
+    assert f.region is None and "pixel_spacing_mm" not in f.meta and "pixel_spacing_rc_mm" not in f.meta
+
+
+def test_pixel_spacing_has_the_format_every_source_uses(tmp_path):
+    """`pixel_spacing_rc_mm` = (row, column) floats whenever known; `pixel_spacing_mm` = one float only for square
+    pixels (within 1%), as the OpenIGTLink source gives it (runtime.sources.spacing_meta)."""
+    img = speckle((100, 120), np.uint8, seed=16)
+    square = region_item(10, 10, 109, 89, delta_cm=0.03)
+    square.PhysicalDeltaY = 0.03
+    f = next(iter(DicomSource(write_us(tmp_path / "sq.dcm", img, SequenceOfUltrasoundRegions=[square]))))
+    assert f.meta["pixel_spacing_rc_mm"] == pytest.approx((0.3, 0.3))
+    assert all(type(v) is float for v in f.meta["pixel_spacing_rc_mm"])
+    assert type(f.meta["pixel_spacing_mm"]) is float and f.meta["pixel_spacing_mm"] == pytest.approx(0.3)
+
+    near = region_item(10, 10, 109, 89, delta_cm=0.0300)
+    near.PhysicalDeltaY = 0.0302                                    # 0.7% apart: square
+    f = next(iter(DicomSource(write_us(tmp_path / "near.dcm", img, SequenceOfUltrasoundRegions=[near]))))
+    assert f.meta["pixel_spacing_mm"] == pytest.approx(0.302)      # the row spacing
+
+    f = next(iter(DicomSource(write_us(tmp_path / "ps.dcm", img, PixelSpacing=[0.25, 0.25]))))
+    assert f.meta["pixel_spacing_rc_mm"] == pytest.approx((0.25, 0.25)) and f.meta["pixel_spacing_mm"] == 0.25
+
+    timed = region_item(10, 10, 109, 89, units=4)                  # seconds, not cm: no spatial spacing
+    f = next(iter(DicomSource(write_us(tmp_path / "t.dcm", img, SequenceOfUltrasoundRegions=[timed]))))
+    assert "pixel_spacing_rc_mm" not in f.meta and "pixel_spacing_mm" not in f.meta
+
+    from runtime.sources import spacing_meta
+    assert spacing_meta(0.2, 0.3) == {"pixel_spacing_rc_mm": (0.2, 0.3)}
+    assert spacing_meta(0.0, 0.3) == {} and spacing_meta(float("nan"), 0.3) == {} and spacing_meta(None, 1) == {}
 
 
 def test_a_cine_replays_at_its_own_rate(tmp_path):
@@ -475,7 +562,7 @@ def test_no_patient_identifier_reaches_the_frame(tmp_path):
     # What meta may hold: technical facts only.
     assert set(frames[0].meta) <= {"format", "modality", "photometric", "bits_allocated", "bits_stored",
                                    "transfer_syntax", "frames", "frame_rate", "region", "pixel_spacing_mm",
-                                   "burned_in_annotation"}
+                                   "pixel_spacing_rc_mm", "burned_in_annotation"}
     # The real test files' own identifiers do not leak either.
     real = data_file("US1_UNCR.dcm")
     f = next(iter(DicomSource(real)))

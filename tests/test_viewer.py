@@ -209,6 +209,9 @@ def test_display_window_says_in_one_sentence_why_it_cannot_open():
     msg = str(e.value)
     assert msg.startswith("cannot show a window: ") and "\n" not in msg and msg.count(". ") == 0
     assert "headless" in msg or "DISPLAY" in msg
+    assert "--view" in msg                                   # and what to do instead
+    if "headless" in msg:                                    # the pinned build: say which package has a GUI
+        assert "opencv-python of the same version" in msg
 
 
 # -- in the browser --------------------------------------------------------------------------------------------

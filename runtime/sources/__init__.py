@@ -7,6 +7,7 @@ A frame that cannot be read is still yielded, with `error` set, so the results k
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,30 @@ class SourceError(ValueError):
     """A source that cannot be opened; the message names it and what to do."""
 
 
+# Pixel spacing in `Frame.meta` (the same keys for every source that knows it; records carry `meta` to the sinks,
+# and the results JSONL does not include it):
+#   "pixel_spacing_rc_mm": (row mm, column mm), floats: the distance between the centres of neighbouring rows and
+#                          of neighbouring columns, whenever the source knows the spacing;
+#   "pixel_spacing_mm":    one float, mm per pixel, only when the pixels are square (row and column spacing within
+#                          1% of each other; it is then the row spacing). A consumer that needs a single number
+#                          reads this one and must not assume square pixels when it is absent.
+SQUARE_PIXEL_TOLERANCE = 0.01
+
+
+def spacing_meta(row_mm: float, col_mm: float) -> dict[str, Any]:
+    """The meta entries for a pixel spacing (see above); empty when either value is not a positive finite number."""
+    try:
+        row, col = float(row_mm), float(col_mm)
+    except (TypeError, ValueError):
+        return {}
+    if not (math.isfinite(row) and math.isfinite(col) and row > 0 and col > 0):
+        return {}
+    meta: dict[str, Any] = {"pixel_spacing_rc_mm": (row, col)}
+    if abs(row - col) <= SQUARE_PIXEL_TOLERANCE * max(row, col):
+        meta["pixel_spacing_mm"] = row
+    return meta
+
+
 @dataclass
 class Frame:
     index: int
@@ -31,7 +56,7 @@ class Frame:
     window: tuple[float, float] | None = None  # 16-bit windowing (center, width) when the source knows it
     region: Region | None = None               # ultrasound region when the source knows it
     error: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)  # technical facts only; pixel spacing as described above
 
 
 class Source:

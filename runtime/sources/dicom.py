@@ -10,8 +10,11 @@ so a long cine is never decoded, nor held in memory, all at once. What pydicom r
 - >8-bit monochrome stays uint16 and `Frame.window` carries Window Center/Width (first value), carried over
   exactly into the stored-value space when the file also has a Rescale Slope/Intercept (the window is defined on
   rescaled values; a rescale is linear, so this is exact). Signed data is shifted to unsigned the same way.
-- The B-mode region from the Sequence of Ultrasound Regions (0018,6011) becomes `Frame.region`, and its physical
-  deltas `meta["pixel_spacing_mm"]` (row, column); without regions the pipeline's automatic crop applies.
+- The B-mode region from the Sequence of Ultrasound Regions (0018,6011) becomes `Frame.region`; without regions
+  the pipeline's automatic crop applies.
+- Pixel spacing, in the keys every source uses (`runtime.sources.spacing_meta`): `meta["pixel_spacing_rc_mm"]`
+  = (row mm, column mm) from that region's PhysicalDeltaY/X (when its units are cm), else from PixelSpacing, and
+  `meta["pixel_spacing_mm"]` (one float) only when the pixels are square.
 
 Safety (DESIGN.md): nothing identifying leaves this module. `source_id` is an opaque hash of the path, `meta`
 holds only technical facts, and per-frame error sentences never name the file (its name may be a patient's).
@@ -34,7 +37,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from runtime.preprocess import Region
-from runtime.sources import Frame, Source, SourceError, now, opaque_id
+from runtime.sources import Frame, Source, SourceError, now, opaque_id, spacing_meta
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 MAX_PIXELS = 64_000_000  # per frame; a header can claim anything
@@ -290,7 +293,7 @@ class _Header:
             "burned_in_annotation": {"YES": True, "NO": False}.get(str(ds.get("BurnedInAnnotation", "")).upper()),
         }
         if spacing is not None:
-            self.meta["pixel_spacing_mm"] = spacing
+            self.meta.update(spacing_meta(*spacing))
 
     def to_display(self, arr: np.ndarray) -> np.ndarray:
         """pydicom's array for one frame -> uint8/uint16 HxW or HxWx3 RGB (see the module docstring)."""

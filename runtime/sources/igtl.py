@@ -32,7 +32,7 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
-from runtime.sources import Frame, Source, SourceError, now, opaque_id
+from runtime.sources import Frame, Source, SourceError, now, opaque_id, spacing_meta
 from runtime.sources.reconnect import (Backoff, LinkCounters, LinkStats, RateEstimate, choice, describe, flag,
                                        non_negative_float, parse_options, positive_float, positive_int,
                                        retry_open)
@@ -315,9 +315,7 @@ class IgtlSource(LinkCounters, Source):
         if error:
             return Frame(index, self.source_id, t, None, error=f"{label} {error}", meta=meta)
         if spacing is not None:
-            meta["pixel_spacing_rc_mm"] = spacing
-            if abs(spacing[0] - spacing[1]) <= 0.01 * max(spacing):
-                meta["pixel_spacing_mm"] = float(spacing[0])
+            meta.update(spacing_meta(*spacing))
         return Frame(index, self.source_id, t, pixels, channel_order="RGB", meta=meta)
 
     def _decode(self, fields: dict[str, Any], body: bytearray):

@@ -10,7 +10,7 @@ import time
 from typing import Iterator
 from urllib.parse import parse_qs, urlparse
 
-from runtime.sources import Frame, Source, SourceError, now
+from runtime.sources import Frame, Source, SourceError, now, spacing_meta
 
 
 class SimSource(Source):
@@ -55,4 +55,4 @@ class SimSource(Source):
             pf = self.phantom.frame(i)
             yield Frame(i, self.source_id, now(), pf.image, meta={
                 "truth_grade": pf.grade, "truth_mask": pf.mask, "has_kidney": pf.has_kidney,
-                "pixel_spacing_mm": pf.pixel_spacing_mm})
+                **spacing_meta(pf.pixel_spacing_mm, pf.pixel_spacing_mm)})
