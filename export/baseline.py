@@ -3,12 +3,12 @@
     with TorchBaseline(bundle, device="cuda") as team:
         rec = team.process(frame)          # a FrameRecord, like runtime.pipeline.Pipeline's
 
-What it does per frame is what the team's own script would do: the CPU preprocessing (the project's one
-`runtime.preprocess` chain, so both paths see the same pixels), the UNet on the device, the mask back to the host,
-threshold and mask with numpy/OpenCV, the masked image up again, the VGG to its Fc2 features, the features back,
-and the XGBoost booster on the CPU (the same `runtime.booster` as the runtime). No CUDA graphs, no FP16, no fused
-stages: `torch.inference_mode()` and PyTorch's defaults (cuDNN's TF32 convolutions included, as a stock install
-runs them).
+What it does per frame is what the team's own script would do, and it is the runtime's own per-frame graph
+(`runtime.pipeline.Pipeline.process`) with torch modules as the networks: the CPU preprocessing, the UNet on the
+device, the mask back to the host, threshold and mask with numpy/OpenCV, the masked image up again, the VGG to its
+Fc2 features, the features back, and the XGBoost booster on the CPU. Stages are host-timed; each network stage
+ends with its copy back to the host, which waits for the GPU. No CUDA graphs, no FP16, no fused stages:
+`torch.inference_mode()` and PyTorch's defaults (cuDNN's TF32 convolutions included, as a stock install runs them).
 
 Weights: a bundle keeps ONNX files, not checkpoints, so the torch modules of `export.models` are filled from the
 fp32 ONNX initializers. The exporter folds each eval-mode BatchNorm into the convolution before it, so those
@@ -19,7 +19,7 @@ in which the layers run, with every shape checked.
 """
 from __future__ import annotations
 
-import time
+
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +27,7 @@ import numpy as np
 from runtime import preprocess as pp
 from runtime.booster import Booster
 from runtime.bundle import Bundle
-from runtime.pipeline import apply_mask
-from runtime.record import FrameRecord
-from runtime.sources import Frame
+from runtime.pipeline import Pipeline
 
 NAME = "torch-eager-fp32"
 
@@ -38,27 +36,35 @@ class WeightsMismatch(ValueError):
     """The bundle's ONNX does not fit the torch module; the message names the layer."""
 
 
-class TorchBaseline:
-    """The team's deployment as a pipeline: `process(frame) -> FrameRecord`, a context manager like `Pipeline`.
+class TorchRunner:
+    """A torch module as a runner (DESIGN.md, "Backends"): `infer(feeds) -> outputs` by tensor name. The input goes
+    up to the device, the module runs eagerly, the output comes back (the copy to the host waits for the GPU, so a
+    host clock around infer() covers upload, network and download)."""
 
-    device: "cuda" (GPU stages timed with CUDA events) or "cpu" (host clocks)."""
+    def __init__(self, torch, forward, device, input_name: str, output_name: str):
+        self.torch, self.forward, self.device = torch, forward, device
+        self.input_name, self.output_name = input_name, output_name
+
+    def infer(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        with self.torch.inference_mode():
+            x = self.torch.from_numpy(np.ascontiguousarray(feeds[self.input_name])).to(self.device)
+            return {self.output_name: self.forward(x).cpu().numpy()}
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+class TorchBaseline(Pipeline):
+    """The team's deployment: the runtime's own per-frame graph (`Pipeline.process`: the same preprocessing, gate,
+    mask and booster) with the two networks as eager torch modules instead of onnxruntime sessions.
+
+    device: "cuda" or "cpu"."""
 
     name = NAME
 
-    def __init__(self, bundle: Bundle, *, device: str = "cuda", min_mask_fraction: float | None = None,
-                 mask_threshold: float | None = None, booster_backend: str = "auto", cache_dir: Path | None = None,
-                 threads: int | None = None):
-        self.bundle = bundle
+    def __init__(self, bundle: Bundle, *, device: str = "cuda", **options):
+        super().__init__(bundle, **options)
         self.device_name = device
-        self.threshold = bundle.mask_threshold if mask_threshold is None else mask_threshold
-        self.min_fraction = bundle.min_mask_fraction if min_mask_fraction is None else min_mask_fraction
-        self.size = bundle.size
-        self.iterations = bundle.crimmins_iterations
-        self.channels = bundle.network("vgg").channels
-        self.booster_backend = booster_backend
-        self.cache_dir = cache_dir
-        self.threads = threads
-        self.unet = self.vgg = self.booster = None
 
     def __enter__(self) -> "TorchBaseline":
         import torch
@@ -69,112 +75,24 @@ class TorchBaseline:
         if self.threads:
             torch.set_num_threads(int(self.threads))
         self.torch = torch
-        self.device = torch.device(self.device_name)
+        device = torch.device(self.device_name)
         unet, vgg = torch_networks(self.bundle)
-        self.unet = unet.to(self.device).eval()
-        self.vgg = vgg.to(self.device).eval()
-        self.cuda = self.device.type == "cuda"
+        unet, vgg = unet.to(device).eval(), vgg.to(device).eval()
+        self.unet = TorchRunner(torch, unet, device, self.unet_spec.input_name, self.unet_spec.output_name)
+        self.vgg = TorchRunner(torch, vgg.forward_features, device, self.vgg_spec.input_name,
+                               self.vgg_spec.output_name)
         self.booster = Booster.load(self.bundle.booster_file, num_class=self.bundle.num_classes,
                                     cache_dir=self.cache_dir, backend=self.booster_backend)
         return self
 
     def __exit__(self, *exc) -> None:
-        self.unet = self.vgg = None
-        if getattr(self, "cuda", False):
+        super().__exit__(*exc)
+        if self.device_name.startswith("cuda") and getattr(self, "torch", None) is not None:
             self.torch.cuda.empty_cache()
-
-    # -- the team's per-frame code -------------------------------------------------------------------------------
-    def process(self, frame: Frame, t_start: float | None = None) -> FrameRecord:
-        t0 = time.perf_counter() if t_start is None else t_start
-        rec = FrameRecord(frame.index, frame.source_id, frame.t_capture, meta=frame.meta)
-        lat = rec.latency_ms
-        lat["queue"] = max(0.0, (time.time() - frame.t_capture) * 1e3 - (time.perf_counter() - t0) * 1e3)
-        if frame.error:
-            rec.error = frame.error
-            return _finish(rec, t0)
-        try:
-            t = time.perf_counter()
-            gray = pp.to_gray(frame.pixels, frame.channel_order, frame.window)
-            image, rec.region = pp.preprocess(gray, frame.region, size=self.size, crimmins_iterations=self.iterations)
-            rec.image, rec.display = image, gray
-            lat["preprocess"] = _ms(t)
-
-            with self._timed(lat, "unet"):
-                prob = self.unet_probabilities(image)
-
-            t = time.perf_counter()
-            mask = (prob > self.threshold).astype(np.uint8)
-            rec.mask = mask
-            rec.mask_fraction = float(mask.mean())
-            rec.accepted = rec.mask_fraction >= self.min_fraction
-            masked = apply_mask(image, mask) if rec.accepted else None
-            lat["gate"] = _ms(t)
-            if not rec.accepted:
-                return _finish(rec, t0)
-
-            with self._timed(lat, "vgg"):
-                feats = self._features_of(masked)
-
-            t = time.perf_counter()
-            rec.probabilities, rec.grade = self.booster.predict_one(feats)
-            lat["booster"] = _ms(t)
-        except pp.FrameError as e:
-            rec.error = f"frame {frame.index}: {e}"
-            rec.accepted = False
-        return _finish(rec, t0)
-
-    def segment(self, image: np.ndarray) -> np.ndarray:
-        """Binary 0/1 mask of a preprocessed image (as `Pipeline.segment`)."""
-        return (self.unet_probabilities(image) > self.threshold).astype(np.uint8)
-
-    def features(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Fc2 features of a preprocessed image under a 0/1 mask (as `Pipeline.features`)."""
-        return self._features_of(apply_mask(image, mask))[0]
 
     def unet_probabilities(self, image: np.ndarray) -> np.ndarray:
         """The UNet's sigmoid output (HxW float32) on a preprocessed image."""
-        torch = self.torch
-        with torch.inference_mode():
-            x = torch.from_numpy(pp.to_input(image, 1)).to(self.device)
-            return self.unet(x)[0, 0].cpu().numpy()
-
-    def _features_of(self, masked: np.ndarray) -> np.ndarray:
-        torch = self.torch
-        with torch.inference_mode():
-            x = torch.from_numpy(pp.to_input(masked, self.channels)).to(self.device)
-            return self.vgg.forward_features(x).cpu().numpy()
-
-    def _timed(self, lat: dict, stage: str):
-        return _CudaTimer(self.torch, lat, stage) if self.cuda else _HostTimer(lat, stage)
-
-
-class _HostTimer:
-    def __init__(self, lat, stage):
-        self.lat, self.stage = lat, stage
-
-    def __enter__(self):
-        self.t = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.lat[self.stage] = _ms(self.t)
-
-
-class _CudaTimer:
-    """A GPU stage timed with CUDA events on the current stream (the stage ends with a copy to the host, so the
-    events bracket upload, network and download)."""
-
-    def __init__(self, torch, lat, stage):
-        self.torch, self.lat, self.stage = torch, lat, stage
-
-    def __enter__(self):
-        self.start = self.torch.cuda.Event(enable_timing=True)
-        self.end = self.torch.cuda.Event(enable_timing=True)
-        self.start.record()
-
-    def __exit__(self, *exc):
-        self.end.record()
-        self.end.synchronize()
-        self.lat[self.stage] = float(self.start.elapsed_time(self.end))
+        return self.unet.infer({self.unet_spec.input_name: pp.to_input(image, 1)})[self.unet_spec.output_name][0, 0]
 
 
 # -- weights -------------------------------------------------------------------------------------------------------
@@ -287,12 +205,3 @@ def _call_order(module, types, example_shape) -> list:
         for h in hooks:
             h.remove()
     return called
-
-
-def _finish(rec: FrameRecord, t0: float) -> FrameRecord:
-    rec.latency_ms["total"] = rec.latency_ms.get("queue", 0.0) + _ms(t0)
-    return rec
-
-
-def _ms(t: float) -> float:
-    return (time.perf_counter() - t) * 1e3

@@ -9,7 +9,8 @@ on the same device. All of them take turns on every frame, in a rotating order, 
 hits them alike; the quality gate is opened (min mask fraction 0) so every stage runs on every frame.
 
 Timing: a frame's `total` is its host wall clock from frame in host memory to grade; GPU stages are CUDA events on
-the pipeline's stream (the baseline times its GPU stages with CUDA events too); the booster is a host clock.
+the pipeline's stream; the baseline's network stages are host clocks that end with the copy back (which waits
+for the GPU); the booster is a host clock.
 `preprocess` on the device path is "upload + preprocess": host-side preparation (region search, any CPU
 conversion), the pinned staging copy, the upload and the kernels; `kernels_p50_ms` adds its part after the host
 preparation to the gate (the acceptance figure for the pre- and post-processing kernels).

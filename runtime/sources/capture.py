@@ -33,8 +33,8 @@ from urllib.parse import unquote, urlsplit
 import cv2
 
 from runtime.sources import Frame, Source, SourceError, now, opaque_id
-from runtime.sources.reconnect import (Backoff, LinkCounters, LinkStats, RateEstimate, describe, parse_options,
-                                       positive_float, positive_int, retry_open)
+from runtime.sources.reconnect import (Backoff, EndOfRun, LinkCounters, LinkStats, RateEstimate, RunEnd, describe,
+                                       parse_options, positive_float, positive_int, retry_open)
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,7 @@ OPTIONS = {
 LIVE_ONLY = ("frames", "timeout", "duration", "backoff", "backoff_max")   # the options a gst:// source takes
 
 
-class _End(Exception):
-    """The run is over: close() was called, or `timeout` / `duration` has passed."""
+_End = EndOfRun  # closed, or a duration/timeout passed (runtime.sources.reconnect.RunEnd)
 
 
 def has_backend(api: int) -> bool:
@@ -91,7 +90,7 @@ def _short(text: str, n: int = 60) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-class CaptureSource(LinkCounters, Source):
+class CaptureSource(RunEnd, LinkCounters, Source):
     live = True
 
     def __init__(self, target: str | int, *, api: int = cv2.CAP_ANY, name: str | None = None,
@@ -253,18 +252,6 @@ class CaptureSource(LinkCounters, Source):
             self._cap = cap
         log.info("%s: device open again after %d attempt(s)", self.name, result.attempts)
         return cap
-
-    def _end_deadline(self) -> float | None:
-        ends = [t for t in (self._deadline_end,
-                            self._last_frame_mono + self.timeout if self.timeout else None) if t is not None]
-        return min(ends) if ends else None
-
-    def _check_end(self) -> None:
-        if self._closed.is_set():
-            raise _End
-        deadline = self._end_deadline()
-        if deadline is not None and time.monotonic() >= deadline:
-            raise _End
 
     def _grab(self, cap) -> tuple[Any, float, float, float]:
         """(image or None, wall time at grab, monotonic time at grab, driver timestamp in ms or 0)."""

@@ -33,9 +33,9 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 
 from runtime.sources import Frame, Source, SourceError, now, opaque_id, spacing_meta
-from runtime.sources.reconnect import (Backoff, LinkCounters, LinkStats, RateEstimate, choice, describe, flag,
-                                       non_negative_float, parse_options, positive_float, positive_int,
-                                       retry_open)
+from runtime.sources.reconnect import (Backoff, EndOfRun, LinkCounters, LinkStats, RateEstimate, RunEnd, choice,
+                                       describe, flag, non_negative_float, parse_options, positive_float,
+                                       positive_int, retry_open)
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,14 @@ OPTIONS = {
 }
 
 
-class _End(Exception):
-    """The run is over: close() was called, or `timeout` / `duration` has passed."""
+_End = EndOfRun  # closed, or a duration/timeout passed (runtime.sources.reconnect.RunEnd)
 
 
 class _ProtocolError(Exception):
     """The bytes on the socket are not an OpenIGTLink message."""
 
 
-class IgtlSource(LinkCounters, Source):
+class IgtlSource(RunEnd, LinkCounters, Source):
     live = True
 
     def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT, device: str | None = None, *,
@@ -185,19 +184,6 @@ class IgtlSource(LinkCounters, Source):
             raise _End
         log.info("%s: connected again after %d attempt(s)", self.name, result.attempts)
         return result.resource
-
-    def _end_deadline(self) -> float | None:
-        """When the run ends if no frame comes (timeout) or at all (duration), as a monotonic time."""
-        ends = [t for t in (self._deadline_end,
-                            self._last_frame_mono + self.timeout if self.timeout else None) if t is not None]
-        return min(ends) if ends else None
-
-    def _check_end(self) -> None:
-        if self._closed.is_set():
-            raise _End
-        deadline = self._end_deadline()
-        if deadline is not None and time.monotonic() >= deadline:
-            raise _End
 
     def _recv_exact(self, sock: socket.socket, n: int) -> bytearray:
         buf = bytearray(n)

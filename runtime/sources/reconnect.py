@@ -89,6 +89,29 @@ def gap_frames(gap_s: float, fps: float) -> int:
 
 
 @dataclass
+class EndOfRun(Exception):
+    """Internal to a reconnecting source: it was closed, or its duration or frame timeout passed."""
+
+
+class RunEnd:
+    """Mixin for a reconnecting source with `_closed` (an Event), `_deadline_end` (monotonic end of --duration, or
+    None), `_last_frame_mono` and `timeout` (seconds without a frame that end the run; 0 or None: never)."""
+
+    def _end_deadline(self) -> float | None:
+        """When the run ends if no frame comes (timeout) or at all (duration), as a monotonic time."""
+        ends = [t for t in (self._deadline_end,
+                            self._last_frame_mono + self.timeout if self.timeout else None) if t is not None]
+        return min(ends) if ends else None
+
+    def _check_end(self) -> None:
+        """Raise EndOfRun when the source was closed or a deadline passed."""
+        if self._closed.is_set():
+            raise EndOfRun
+        deadline = self._end_deadline()
+        if deadline is not None and time.monotonic() >= deadline:
+            raise EndOfRun
+
+
 class LinkCounters:
     """Mixin for a reconnecting source with a `link: LinkStats`: its totals as attributes of the source."""
 
