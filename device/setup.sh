@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# sonoscore on an NVIDIA Jetson: JetPack 6.x (L4T R36: CUDA 12.x, TensorRT 10.3, Python 3.10) and
-# JetPack 7.x (L4T R38: CUDA 13, TensorRT 10.13+/11.4+, Python 3.12).
+# sonoscore on an NVIDIA Jetson: JetPack 6.1/6.2 (L4T R36.4: CUDA 12.6, TensorRT 10.3, Python 3.10) and
+# JetPack 7.x (L4T R38 = 7.0/7.1, Thor, CUDA 13.0; L4T R39 = 7.2.x, Orin and Thor, CUDA 13.2; Python 3.12).
+# JetPack 6.0 (L4T R36.2/R36.3) ships TensorRT 8.6, which the trt backend refuses: there this sets up the ort
+# backend only (onnxruntime-gpu and pycuda, no TensorRT bindings).
 #
 #   device/setup.sh                 install into /opt/sonoscore/venv (asks sudo for apt and /opt)
 #   device/setup.sh --service       ... and install the systemd unit, udev rule, service user and env file
@@ -10,11 +12,13 @@
 # What it does, each step skipped when already done (safe to run again, e.g. after `git pull`):
 #   1. detect the L4T release (/etc/nv_tegra_release, else the nvidia-l4t-core package) -> JetPack 6 or 7
 #   2. apt: python3-venv, python3-dev, python3-pip, build-essential, and TensorRT's Python bindings
-#      (python3-libnvinfer) from JetPack's own apt repository: TensorRT is never installed from PyPI here
+#      (python3-libnvinfer, not on JetPack 6.0) from JetPack's own apt repository: never TensorRT from PyPI here
 #   3. a venv made with --system-site-packages, so it sees those system TensorRT bindings
 #   4. sonoscore from this checkout (--no-deps) and its dependencies except onnxruntime
-#   5. onnxruntime-gpu built for Jetson, from the Jetson AI Lab index (ORT_INDEX_URL; CPU onnxruntime otherwise)
-#   6. pycuda, compiled against the system CUDA (CUDA_ROOT, default /usr/local/cuda)
+#   5. onnxruntime-gpu built for Jetson, from the Jetson AI Lab index (ORT_INDEX_URL); CPU onnxruntime from PyPI
+#      when that index has no wheel for this JetPack and Python (it says so; --backend ort then runs on the CPU)
+#   6. pycuda, compiled against the system CUDA (CUDA_ROOT, default /usr/local/cuda): pycuda>=2024.1 on CUDA 12,
+#      pycuda>=2025.1.2 on CUDA 13 (older ones do not build there: cuCtxCreate_v4, inducer/pycuda#485, fixed in #487)
 #   7. `sonoscore doctor` to show what is usable
 #   8. with --service: user 'sonoscore' (groups video, render), /etc/sonoscore/sonoscore.env (never overwritten),
 #      udev rule tagging V4L2 devices for systemd, /etc/systemd/system/sonoscore.service, enabled (not started)
@@ -24,7 +28,8 @@
 #   ORT_INDEX_URL   pip index with onnxruntime-gpu for this JetPack. Defaults (NVIDIA Jetson AI Lab):
 #                   JetPack 6.1/6.2 (R36.4, CUDA 12.6): https://pypi.jetson-ai-lab.io/jp6/cu126
 #                   JetPack 6.0 (R36.2/36.3, CUDA 12.2): https://pypi.jetson-ai-lab.io/jp6/cu122
-#                   JetPack 7.x (R38, CUDA 13.0):        https://pypi.jetson-ai-lab.io/sbsa/cu130
+#                   JetPack 7.x (R38 CUDA 13.0, R39 CUDA 13.2): https://pypi.jetson-ai-lab.io/sbsa/cu130 (for
+#                   R39 the index NVIDIA staff named for JetPack 7.2; if it has no wheel, CPU onnxruntime is used)
 #                   Older wheels: https://elinux.org/Jetson_Zoo#ONNX_Runtime. Set ORT_INDEX_URL=none to keep CPU
 #                   onnxruntime from PyPI (the trt backend does not need onnxruntime-gpu).
 #   ORT_VERSION     pin onnxruntime-gpu (e.g. 1.23.0); empty = newest on the index
@@ -95,40 +100,53 @@ GPU host install TensorRT's wheel from NVIDIA's index and pycuda by hand (device
 elsewhere pass --dry-run --l4t 36.4.3"
 L4T_MAJOR="${L4T%%.*}"
 L4T_MINOR="$(echo "$L4T" | cut -d. -f2)"
+WITH_TRT=1
 case "$L4T_MAJOR" in
   36)
     JETPACK=6
     if [[ "${L4T_MINOR:-0}" -ge 4 ]]; then default_index="https://pypi.jetson-ai-lab.io/jp6/cu126"
-    else default_index="https://pypi.jetson-ai-lab.io/jp6/cu122"; fi
+    else default_index="https://pypi.jetson-ai-lab.io/jp6/cu122"; WITH_TRT=0; fi
     default_numpy="numpy<2"
+    pycuda_spec="pycuda>=2024.1"
     ;;
-  38)
+  38|39)  # R38: JetPack 7.0/7.1 (Thor, CUDA 13.0); R39: JetPack 7.2.x (Orin and Thor, CUDA 13.2)
     JETPACK=7
     default_index="https://pypi.jetson-ai-lab.io/sbsa/cu130"
     default_numpy=""
+    pycuda_spec="pycuda>=2025.1.2"  # first release that builds against CUDA 13 (inducer/pycuda#487)
     ;;
-  *) die "L4T R$L4T is not supported: sonoscore's Jetson setup covers JetPack 6 (L4T R36) and JetPack 7 (L4T R38); \
-flash a supported JetPack, or use the CPU install (pip install .)" ;;
+  *) die "L4T R$L4T is not supported: sonoscore's Jetson setup covers JetPack 6 (L4T R36) and JetPack 7 (L4T R38, \
+R39); flash a supported JetPack, or use the CPU install (pip install .)" ;;
 esac
 ORT_INDEX_URL="${ORT_INDEX_URL:-$default_index}"
 ORT_VERSION="${ORT_VERSION:-}"
 NUMPY_SPEC="${NUMPY_SPEC-$default_numpy}"
 info "L4T R$L4T -> JetPack $JETPACK; venv $VENV; onnxruntime-gpu index: $ORT_INDEX_URL"
+if [[ $WITH_TRT -eq 0 ]]; then
+  info "JetPack 6.0 ships TensorRT 8.6 and the trt backend needs JetPack 6.1+ (TensorRT 10.3): setting up the ort \
+backend only"
+fi
 if [[ $DRY_RUN -eq 1 ]]; then info "dry run: commands that would change the system are printed, not run"; fi
 
 # -- 2. system packages --------------------------------------------------------------------------------------------
+apt_wanted=(python3-venv python3-dev python3-pip build-essential)
+if [[ $WITH_TRT -eq 1 ]]; then apt_wanted+=(python3-libnvinfer); fi
 apt_missing=()
-for pkg in python3-venv python3-dev python3-pip build-essential python3-libnvinfer; do
+for pkg in "${apt_wanted[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || apt_missing+=("$pkg")
 done
 if [[ ${#apt_missing[@]} -gt 0 && $NO_APT -eq 1 ]]; then
   warn "system packages missing (not installed: --no-apt): ${apt_missing[*]}"
 elif [[ ${#apt_missing[@]} -gt 0 ]]; then
-  info "installing system packages: ${apt_missing[*]} (python3-libnvinfer is TensorRT's Python binding, from JetPack)"
+  note=""
+  if [[ " ${apt_missing[*]} " == *" python3-libnvinfer "* ]]; then
+    note=" (python3-libnvinfer is TensorRT's Python binding, from JetPack)"
+  fi
+  info "installing system packages: ${apt_missing[*]}$note"
   as_root apt-get update
   as_root apt-get install -y --no-install-recommends "${apt_missing[@]}"
 else
-  info "system packages present (python3-venv, python3-dev, python3-pip, build-essential, python3-libnvinfer)"
+  info "system packages present (${apt_wanted[*]})"
 fi
 if [[ ! -x "$CUDA_ROOT/bin/nvcc" ]]; then
   if [[ $DRY_RUN -eq 1 ]]; then warn "no CUDA toolkit at $CUDA_ROOT (nvcc); a real run stops here"
@@ -149,7 +167,7 @@ else
   info "making the venv (with --system-site-packages, to see JetPack's TensorRT bindings)"
   run /usr/bin/python3 -m venv --system-site-packages "$VENV"
 fi
-if venv_ready; then
+if venv_ready && [[ $WITH_TRT -eq 1 ]]; then
   if trt_version="$("$PY" -c 'import tensorrt; print(tensorrt.__version__)' 2>/dev/null)"; then
     info "TensorRT $trt_version is visible in the venv"
   else
@@ -193,9 +211,13 @@ else
   if py_ok 'import importlib.metadata as m; m.version("onnxruntime")'; then
     run "$PY" -m pip uninstall -y onnxruntime  # the CPU wheel: it would shadow onnxruntime-gpu's module
   fi
-  run "${PIP[@]}" -c "$constraints" --index-url "$ORT_INDEX_URL" --extra-index-url "$PYPI_SIMPLE" \
-    "onnxruntime-gpu${ORT_VERSION:+==$ORT_VERSION}"
-  if [[ $DRY_RUN -eq 0 ]] && ! py_ok "$ORT_HAS_CUDA"; then
+  if ! run "${PIP[@]}" -c "$constraints" --index-url "$ORT_INDEX_URL" --extra-index-url "$PYPI_SIMPLE" \
+      "onnxruntime-gpu${ORT_VERSION:+==$ORT_VERSION}"; then
+    warn "pip found no onnxruntime-gpu${ORT_VERSION:+ $ORT_VERSION} wheel for this JetPack and Python at \
+$ORT_INDEX_URL (or could not reach it), so CPU onnxruntime from PyPI goes in instead: --backend ort works, on the \
+CPU; set ORT_INDEX_URL to an index with a wheel for this JetPack and run again for the GPU"
+    run "${PIP[@]}" -c "$constraints" "onnxruntime>=1.17"
+  elif [[ $DRY_RUN -eq 0 ]] && ! py_ok "$ORT_HAS_CUDA"; then
     warn "the onnxruntime installed from $ORT_INDEX_URL has no CUDA execution provider: --backend ort runs on the \
 CPU. Set ORT_INDEX_URL to the index for this JetPack (see the header of this script) and run again"
   fi
@@ -215,7 +237,7 @@ with 'sudo apt install nvidia-jetpack' (or cuda-toolkit-<version>, which has lib
   info "building pycuda against $CUDA_ROOT (a few minutes)"
   run env CUDA_ROOT="$CUDA_ROOT" CUDA_HOME="$CUDA_ROOT" PATH="$CUDA_ROOT/bin:$PATH" CPATH="$CUDA_ROOT/include" \
     LIBRARY_PATH="$CUDA_ROOT/lib64:$CUDA_ROOT/lib64/stubs" \
-    "${PIP[@]}" -c "$constraints" --no-build-isolation "pycuda>=2024.1"
+    "${PIP[@]}" -c "$constraints" --no-build-isolation "$pycuda_spec"
 fi
 
 # -- 7. what works ---------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,8 +59,8 @@ def test_runner_without_tensorrt_says_one_sentence(monkeypatch, tmp_path):
         with pytest.raises(BackendUnavailable) as e:
             make()
         msg = str(e.value)
-        assert msg == ("TensorRT is not installed here: the trt backend runs on a Jetson (JetPack 6/7) or an x86 "
-                       "host with NVIDIA's tensorrt wheel; use --backend ort")
+        assert msg == ("TensorRT is not installed here: the trt backend runs on a Jetson (JetPack 6.1 or newer) or "
+                       "an x86 host with NVIDIA's tensorrt wheel; use --backend ort")
         assert "\n" not in msg
 
 
@@ -96,6 +97,53 @@ def test_trt_status_without_tensorrt(monkeypatch):
     assert status["reason"] == trtmod.UNAVAILABLE
     assert "pycuda" in status
     json.dumps(status)  # doctor prints it; it must be plain data
+
+
+def _fake_tensorrt(monkeypatch, version: str):
+    """A tensorrt module that has only a version (nothing else is reached before the checks tested here)."""
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = version
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    return trt
+
+
+@pytest.mark.parametrize("version, too_old", [
+    ("8.6.2.3", True), ("8.6.2", True), ("10.2.0.19", True), ("10.3.0.30", False), ("10.3.0", False),
+    ("10.16.2", False), ("10.13.0.35", False), ("11.1.0", False), ("11.4.1", False), ("", False), ("unknown", False),
+])
+def test_tensorrt_older_than_10_3_is_refused(version, too_old):
+    msg = trtmod.tensorrt_too_old(version)
+    assert (msg is not None) == too_old
+    if too_old:
+        assert msg.startswith(f"TensorRT {version} is too old for the trt backend, which needs TensorRT 10.3 or newer")
+        assert "JetPack 6.1 or newer" in msg and msg.endswith("use --backend ort") and "\n" not in msg
+
+
+def test_runner_refuses_old_tensorrt_before_anything_else(monkeypatch, tmp_path):
+    """JetPack 6.0's TensorRT 8.6: one sentence naming it, before pycuda, the model file or a build is touched."""
+    _fake_tensorrt(monkeypatch, "8.6.2.3")
+    monkeypatch.setitem(sys.modules, "pycuda", None)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", None)
+    with pytest.raises(BackendUnavailable, match=r"^TensorRT 8\.6\.2\.3 is too old .*JetPack 6\.1 or newer"):
+        trtmod.TrtRunner(tmp_path / "missing.onnx")
+
+
+def test_trt_status_says_tensorrt_is_too_old(monkeypatch):
+    _fake_tensorrt(monkeypatch, "8.6.2.3")
+    status = trtmod.trt_status()
+    assert status["available"] is False
+    assert status["tensorrt"] == "8.6.2.3 (too old: the trt backend needs 10.3 or newer)"
+    assert status["reason"] == trtmod.tensorrt_too_old("8.6.2.3")
+    assert "dla_cores" not in status  # no builder is started on a refused TensorRT
+    json.dumps(status)
+
+
+def test_dla_runner_builds_for_its_opt_batch_only(monkeypatch, tmp_path):
+    _fake_tensorrt(monkeypatch, "10.3.0.30")
+    monkeypatch.setitem(sys.modules, "pycuda", types.ModuleType("pycuda"))
+    monkeypatch.setitem(sys.modules, "pycuda.driver", types.ModuleType("pycuda.driver"))
+    assert trtmod.TrtRunner(tmp_path / "unet.onnx", batch=(1, 2, 8)).batch == (1, 2, 8)
+    assert trtmod.TrtRunner(tmp_path / "unet.onnx", batch=(1, 2, 8), dla_core=0).batch == (2, 2, 2)
 
 
 # -- cache key -------------------------------------------------------------------------------------------------------
@@ -278,6 +326,20 @@ def test_profile_shapes_take_the_batch_range_on_the_leading_free_dim():
     assert ec.profile_shapes(inputs)["image"] == ((1, 3, 224, 224),) * 3  # default: one frame
 
 
+def test_dla_profile_has_one_batch_size():
+    """DLA: "the profile's min, max, and opt values must be equal for wildcard dimensions" (DLA layer restrictions)."""
+    assert ec.profile_batch((1, 2, 8)) == (1, 2, 8)
+    assert ec.profile_batch((1, 2, 8), dla_core=0) == (2, 2, 2)
+    assert ec.profile_batch((4, 4, 4), dla_core=1) == (4, 4, 4)
+    assert ec.profile_batch(3, dla_core=0) == (3, 3, 3)
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        ec.profile_batch((4, 2, 8), dla_core=0)
+    inputs = {"image": TensorMeta(("N", 1, 224, 224), np.dtype(np.float16))}
+    lo, opt, hi = ec.profile_shapes(inputs, ec.profile_batch((1, 2, 8), dla_core=0))["image"]
+    assert lo == opt == hi == (2, 1, 224, 224)
+    assert base_key(batch=ec.profile_batch((1, 2, 8), 0), dla_core=0)["profile"]["batch"] == [2, 2, 2]
+
+
 def test_profile_shapes_refuse_unpinned_spatial_dims():
     meta = {"image": TensorMeta(("N", 1, "H", "W"), np.dtype(np.float32))}
     with pytest.raises(ValueError, match=r"input 'image' .* free dim \('H', axis 2\)"):
@@ -317,6 +379,25 @@ def test_network_flags_set_strongly_typed_when_the_enum_has_it():
     with_flag = types.SimpleNamespace(NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=1))
     assert trtmod.network_flags(with_flag) == 2
     assert trtmod.network_flags(types.SimpleNamespace(NetworkDefinitionCreationFlag=types.SimpleNamespace())) == 0
+
+
+def test_tf32_is_cleared_when_the_flag_exists():
+    class Config:
+        def __init__(self):
+            self.flags = {"TF32"}  # on by default in TensorRT 10.x and 11.x
+
+        def clear_flag(self, flag):
+            self.flags.discard(flag)
+
+        def get_flag(self, flag):
+            return flag in self.flags
+
+    config = Config()
+    trt = types.SimpleNamespace(BuilderFlag=types.SimpleNamespace(TF32="TF32", GPU_FALLBACK="GPU_FALLBACK"))
+    assert trtmod.clear_tf32(trt, config) is False and config.flags == set()
+    untouched = types.SimpleNamespace()  # a TensorRT without the member: nothing to clear, nothing called
+    assert trtmod.clear_tf32(types.SimpleNamespace(BuilderFlag=types.SimpleNamespace()), untouched) is False
+    assert trtmod.clear_tf32(types.SimpleNamespace(), untouched) is False
 
 
 # -- device/ -------------------------------------------------------------------------------------------------------
@@ -386,7 +467,19 @@ def test_setup_dry_run_jetpack6(tmp_path):
     assert "--index-url https://pypi.jetson-ai-lab.io/jp6/cu126" in out and "onnxruntime-gpu" in out
     assert "numpy<2" in out and "pycuda" in out and "--no-deps" in out
     assert not (tmp_path / "opt").exists(), "a dry run changed the system"
-    assert "jp6/cu122" in _dry_run(tmp_path, "--l4t", "36.3.0").stdout
+    assert re.search(r"pycuda\\?>=2024\.1\b", out) and "python3-libnvinfer" in out
+    assert "JetPack 6.0" not in out
+
+
+def test_setup_dry_run_jetpack60_sets_up_ort_only(tmp_path):
+    r = _dry_run(tmp_path, "--l4t", "36.3.0")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "jp6/cu122" in out and "onnxruntime-gpu" in out and re.search(r"pycuda\\?>=2024\.1\b", out)
+    notes = [ln for ln in out.splitlines() if "JetPack 6.0" in ln]
+    assert notes == ["setup: JetPack 6.0 ships TensorRT 8.6 and the trt backend needs JetPack 6.1+ (TensorRT 10.3): "
+                     "setting up the ort backend only"]
+    assert "python3-libnvinfer" not in out and "TensorRT's Python bindings do not import" not in r.stderr
 
 
 def test_setup_dry_run_jetpack7_and_service(tmp_path):
@@ -394,13 +487,29 @@ def test_setup_dry_run_jetpack7_and_service(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "JetPack 7" in r.stdout and "https://pypi.jetson-ai-lab.io/sbsa/cu130" in r.stdout
     assert "numpy<2" not in r.stdout
+    assert re.search(r"pycuda\\?>=2025\.1\.2", r.stdout)  # older pycuda does not build on CUDA 13
     assert "/etc/systemd/system/sonoscore.service" in r.stdout and "systemctl enable sonoscore.service" in r.stdout
     assert "99-sonoscore-video.rules" in r.stdout
 
 
+def test_setup_dry_run_jetpack72(tmp_path):
+    """L4T R39 is JetPack 7.2.x (Orin and Thor, CUDA 13.2): set up as JetPack 7."""
+    r = _dry_run(tmp_path, "--l4t", "39.2.1")
+    assert r.returncode == 0, r.stderr
+    assert "L4T R39.2.1 -> JetPack 7" in r.stdout and "sbsa/cu130" in r.stdout and "python3-libnvinfer" in r.stdout
+    assert re.search(r"pycuda\\?>=2025\.1\.2", r.stdout) and "numpy<2" not in r.stdout
+
+
+def test_setup_says_when_no_onnxruntime_gpu_wheel_is_found():
+    text = (DEVICE / "setup.sh").read_text()
+    assert 'if ! run "${PIP[@]}" -c "$constraints" --index-url "$ORT_INDEX_URL"' in text
+    assert "pip found no onnxruntime-gpu" in text
+
+
 def test_setup_refuses_unsupported_releases(tmp_path):
-    r = _dry_run(tmp_path, "--l4t", "35.4.1")
-    assert r.returncode == 1 and "JetPack 6 (L4T R36) and JetPack 7 (L4T R38)" in r.stderr
+    for release in ("35.4.1", "37.1.0", "40.0.0"):
+        r = _dry_run(tmp_path, "--l4t", release)
+        assert r.returncode == 1 and "JetPack 6 (L4T R36) and JetPack 7 (L4T R38, R39)" in r.stderr
     on_jetson = Path("/etc/nv_tegra_release").exists() or (
         shutil.which("dpkg-query") is not None
         and subprocess.run(["dpkg-query", "-W", "nvidia-l4t-core"], capture_output=True).returncode == 0)

@@ -42,7 +42,8 @@ from runtime.backends import TensorMeta
 from runtime.bundle import sha256_file  # noqa: F401  (one sha256 for bundles, boosters and engines)
 from runtime.cachefs import file_lock  # noqa: F401  (one build lock for boosters and engines)
 
-FORMAT = 1                      # bump when the entry layout or the build recipe (flags, profile rule) changes
+FORMAT = 2                      # bump when the entry layout or the build recipe (flags, profile rule) changes
+                                # 2: TF32 cleared; DLA profiles pinned to one batch size
 ENGINE_DIR = "engines"          # under the sonoscore cache root (runtime.booster.default_cache_dir())
 _ENGINE_GLOB = "engine-*.plan"
 
@@ -108,6 +109,17 @@ def check_batch(batch) -> tuple[int, int, int]:
     if len(b) != 3 or not all(isinstance(v, (int, np.integer)) and v >= 1 for v in b) or not b[0] <= b[1] <= b[2]:
         raise ValueError(f"batch must be (min, opt, max) with 1 <= min <= opt <= max, got {batch!r}")
     return int(b[0]), int(b[1]), int(b[2])
+
+
+def profile_batch(batch, dla_core: int | None = None) -> tuple[int, int, int]:
+    """The (min, opt, max) batch an engine is built for: `batch` (checked) on the GPU; (opt, opt, opt) on a DLA core.
+
+    DLA does not support dynamic dimensions: "the profile's min, max, and opt values must be equal for wildcard
+    dimensions" (https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/dla-layer-restrictions.html);
+    with GPU fallback a range is not refused, its layers silently run on the GPU. opt is the batch the runner is
+    told to expect, so the DLA engine takes exactly that one."""
+    lo, opt, hi = check_batch(batch)
+    return (opt, opt, opt) if dla_core is not None else (lo, opt, hi)
 
 
 def profile_shapes(inputs: dict[str, TensorMeta], batch=(1, 1, 1), dims: dict[str, int] | None = None,

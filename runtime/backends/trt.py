@@ -9,7 +9,13 @@ Importing this module needs neither TensorRT nor pycuda (they are imported when 
 `sonoscore --help` and `doctor` work everywhere and a missing TensorRT is one sentence (BackendUnavailable).
 The cache and every other piece that needs no TensorRT is in `runtime.backends.engine_cache`, tested on CPU.
 
-Written against the TensorRT Python API of 10.3 (JetPack 6) and 11.x. What differs, and how this file copes:
+Written against the TensorRT Python API of 10.3 (JetPack 6.1/6.2) and 11.x. What differs, and how this file copes:
+
+- Older TensorRT is refused when a runner is made, before anything is built (`tensorrt_too_old`): JetPack 6.0
+  (L4T R36.2/R36.3) ships TensorRT 8.6, whose NetworkDefinitionCreationFlag has no STRONGLY_TYPED member, so
+  `create_network(0)` would make an implicit-batch network that the ONNX parser rejects with a misleading error,
+  and its weak typing would not honour the precision of the FP16/INT8 file. (JetPack 6.1/6.2 = L4T R36.4 = CUDA
+  12.6 and TensorRT 10.3: https://developer.nvidia.com/embedded/jetpack-archive)
 
 - Network creation. 10.x: `Builder.create_network(flags)` with `1 << int(NetworkDefinitionCreationFlag.
   STRONGLY_TYPED)`; `EXPLICIT_BATCH` is deprecated and ignored. 11.x: every network is strongly typed,
@@ -24,12 +30,20 @@ Written against the TensorRT Python API of 10.3 (JetPack 6) and 11.x. What diffe
   as DESIGN.md requires. (https://docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/
   tensorrt-10x-to-11x-python-api-reference.html, .../api/migration/tensorrt-10x-to-11x.html)
 - `ICudaEngine.device_memory_size` was removed in 11.x: not used (the execution context allocates its own).
-- DLA (Orin only; Thor has none). 10.x up to 10.7 supports it, so JetPack 6 (TensorRT 10.3) does; 11.0-11.3 do
-  not; 11.4.1 does again on AGX Orin under JetPack >= 7.2.2, strongly typed, with GPU fallback as in 10.x.
+- DLA (Orin only; Thor has none). 10.x up to 10.7 supports it, so JetPack 6.1/6.2 (TensorRT 10.3) does; 11.0-11.3
+  do not; 11.4.1 does again on AGX Orin under JetPack >= 7.2.2, strongly typed, with GPU fallback as in 10.x.
   The builder's `num_DLA_cores` is checked before `default_device_type = DeviceType.DLA`, `DLA_core = n` and
   `set_flag(BuilderFlag.GPU_FALLBACK)`; `OnnxParserFlag.ADJUST_FOR_DLA` is set when the parser has it.
   (https://docs.nvidia.com/deeplearning/tensorrt/11.4.1/api/migration/tensorrt-10x-to-11x-jetson.html,
   .../11.4.1/inference-library/dla-strongly-typed-networks.html, .../dla-runtime-configuration.html)
+  DLA has no dynamic dimensions ("the profile's min, max, and opt values must be equal for wildcard dimensions",
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/dla-layer-restrictions.html), and with
+  GPU_FALLBACK a range would silently move those layers to the GPU: a DLA runner's batch is pinned to its opt
+  batch (`engine_cache.profile_batch`).
+- TF32. `BuilderFlag.TF32` ("allow computations on FLOAT tensors to use TF32 ... Enabled by default") is in 10.x and
+  11.x: it is cleared (`clear_tf32`, when the member exists), so FP32 tensors are computed in FP32 as onnxruntime
+  does and an "fp32" engine is FP32, not TF32. (IBuilderConfig / BuilderFlag docs, .../_static/python-api/infer/
+  Core/BuilderConfig.html)
 - Unchanged in both, used as documented: `OnnxParser.parse_from_file/num_errors/get_error`,
   `create_builder_config`, `set_memory_pool_limit(MemoryPoolType.WORKSPACE, n)`, `create_timing_cache(blob)`,
   `set_timing_cache(cache, ignore_mismatch)`, `get_timing_cache().serialize()`, `create_optimization_profile`,
@@ -50,6 +64,7 @@ from __future__ import annotations
 
 import importlib
 import platform
+import re
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,8 +75,9 @@ import numpy as np
 from runtime.backends import BackendUnavailable, DeviceTensor, TensorMeta, check_input, check_names, tensor_names
 from runtime.backends import engine_cache as ec
 
-UNAVAILABLE = ("TensorRT is not installed here: the trt backend runs on a Jetson (JetPack 6/7) or an x86 host "
-               "with NVIDIA's tensorrt wheel; use --backend ort")
+UNAVAILABLE = ("TensorRT is not installed here: the trt backend runs on a Jetson (JetPack 6.1 or newer) or an x86 "
+               "host with NVIDIA's tensorrt wheel; use --backend ort")
+MIN_TENSORRT = (10, 3)
 NO_PYCUDA = ("pycuda is not installed here: the trt backend moves buffers with pycuda, built against this "
              "machine's CUDA (device/setup.sh installs it); use --backend ort")
 
@@ -69,6 +85,26 @@ NO_PYCUDA = ("pycuda is not installed here: the trt backend moves buffers with p
 def _import_tensorrt():
     """The tensorrt module, or BackendUnavailable: not installed (the sentence above) or installed but broken."""
     return _import("tensorrt", "tensorrt", UNAVAILABLE, "TensorRT's Python bindings are installed but fail")
+
+
+def _load_tensorrt():
+    """The tensorrt module when it is new enough for this backend, else BackendUnavailable (one sentence)."""
+    trt = _import_tensorrt()
+    too_old = tensorrt_too_old(getattr(trt, "__version__", ""))
+    if too_old:
+        raise BackendUnavailable(too_old)
+    return trt
+
+
+def tensorrt_too_old(version: str) -> str | None:
+    """The sentence refusing TensorRT `version` when it is older than 10.3 (e.g. "8.6.2.3", JetPack 6.0's), else
+    None ("10.3.0.30", "10.16.2", "11.1.0"). A version that does not start with major.minor is not refused: the
+    import and the build say what is wrong with it."""
+    m = re.match(r"\s*(\d+)\.(\d+)", str(version or ""))
+    if m is None or (int(m.group(1)), int(m.group(2))) >= MIN_TENSORRT:
+        return None
+    return (f"TensorRT {version} is too old for the trt backend, which needs TensorRT 10.3 or newer (on a Jetson: "
+            f"JetPack 6.1 or newer; JetPack 6.0 ships TensorRT 8.6); upgrade, or use --backend ort")
 
 
 def _import_pycuda():
@@ -89,7 +125,8 @@ def _import(module: str, dist: str, missing: str, broken: str):
 def trt_status() -> dict[str, Any]:
     """What `sonoscore doctor` says about the trt backend. Never raises.
 
-    Keys: available (bool); reason (one sentence, when not available); tensorrt (version, or why not);
+    Keys: available (bool); reason (one sentence, when not available); tensorrt (version, marked when older than
+    10.3, or why not);
     pycuda (version, or why not); gpus (list of {index, name, compute_capability, memory_mb}, or why not);
     dla_cores (int, when TensorRT and a GPU work)."""
     status: dict[str, Any] = {"available": False}
@@ -97,6 +134,10 @@ def trt_status() -> dict[str, Any]:
     try:
         trt = _import_tensorrt()
         status["tensorrt"] = str(trt.__version__)
+        too_old = tensorrt_too_old(status["tensorrt"])
+        if too_old:
+            status["tensorrt"] += " (too old: the trt backend needs 10.3 or newer)"
+            status["reason"], trt = too_old, None
     except BackendUnavailable as e:
         status["tensorrt"] = "not installed" if str(e) == UNAVAILABLE else "installed but fails to import"
         status["reason"] = str(e)
@@ -146,7 +187,8 @@ class TrtRunner:
     Options: precision ("fp32"/"fp16"/"int8": a label for the cache key; guessed from the file name when not
     given), cache_dir (the sonoscore cache root; engines go to its engines/ folder), batch ((min, opt, max) of the
     dynamic batch dim, default 1/1/1: the pipeline feeds one frame), dims (pins for other symbolic dims),
-    dla_core (an Orin DLA core, with GPU fallback; default GPU only), workspace_mb (builder scratch limit),
+    dla_core (an Orin DLA core, with GPU fallback; default GPU only; the batch is then fixed at opt, since DLA has
+    no dynamic dimensions), workspace_mb (builder scratch limit),
     device (CUDA ordinal), progress (build messages on stderr). intra_op_threads is accepted for the common runner
     signature and ignored (TensorRT runs on the GPU)."""
 
@@ -155,7 +197,7 @@ class TrtRunner:
                  workspace_mb: int = 1024, device: int = 0, progress: bool = True,
                  intra_op_threads: int | None = None):
         self.model_path = Path(model_path)
-        self.batch = ec.check_batch(batch)
+        self.batch = ec.profile_batch(batch, dla_core)
         self.dims = dict(dims or {})
         self.precision = precision or ec.guess_precision(self.model_path)
         self.cache_dir = cache_dir
@@ -163,7 +205,7 @@ class TrtRunner:
         self.workspace_bytes = int(workspace_mb) << 20
         self.device = int(device)
         self.progress = progress
-        self._trt = _import_tensorrt()
+        self._trt = _load_tensorrt()
         self._cuda = _import_pycuda()
         self._ctx = None
         self._lock = threading.Lock()
@@ -271,7 +313,8 @@ class TrtRunner:
             (self._inputs if is_input else self._outputs)[name] = meta
 
     def _build(self, root: Path) -> tuple[bytes, dict[str, Any]]:
-        """Parse the ONNX strongly typed, set the profile, timing cache and DLA, build; the bytes to cache."""
+        """Parse the ONNX strongly typed, set the profile, timing cache, FP32 without TF32 and DLA, build; the bytes
+        to cache."""
         trt = self._trt
         builder = trt.Builder(self._logger)
         network = builder.create_network(network_flags(trt))
@@ -292,6 +335,7 @@ class TrtRunner:
             raise BackendUnavailable(f"'{self.model_path.name}': {e}") from None
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace_bytes)
+        tf32 = clear_tf32(trt, config)
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in shapes.items():
             profile.set_shape(name, lo, opt, hi)
@@ -322,7 +366,7 @@ class TrtRunner:
         return bytes(memoryview(plan)), {
             "onnx": self.model_path.name, "profile_shapes": {n: [list(s) for s in v] for n, v in shapes.items()},
             "gpu_slug": self._gpu.slug, "host": platform.node(),
-            "strongly_typed_flag": bool(network_flags(trt)), "workspace_bytes": self.workspace_bytes}
+            "strongly_typed_flag": bool(network_flags(trt)), "tf32": tf32, "workspace_bytes": self.workspace_bytes}
 
     # -- buffers ---------------------------------------------------------------------------------------------------
     def _max_shape(self, name: str) -> tuple[int, ...]:
@@ -466,6 +510,9 @@ class TrtRunner:
             lo, _, hi = (tuple(int(d) for d in s) for s in self._engine.get_tensor_profile_shape(name, 0))
         else:
             lo = hi = self._max_shape(name)
+        if self.dla_core is not None:
+            return (f"input '{name}' of model '{self.model_path.name}' has shape {tuple(shape)}, but this DLA engine "
+                    f"takes exactly {hi} (DLA has no dynamic dims: the batch is the runner's opt batch)")
         return (f"input '{name}' of model '{self.model_path.name}' has shape {tuple(shape)}, outside the engine's "
                 f"profile {lo}..{hi}; make the runner with batch=(min, opt, max) covering it")
 
@@ -489,6 +536,14 @@ def network_flags(trt) -> int:
     return 0 if flag is None else 1 << int(flag)
 
 
+def clear_tf32(trt, config) -> bool:
+    """Clear BuilderFlag.TF32 (on by default in 10.x and 11.x) so FP32 tensors are computed in FP32, as onnxruntime
+    does; where the member is missing there is nothing to clear. Returns whether TF32 is still allowed (meta.json)."""
+    flag = getattr(getattr(trt, "BuilderFlag", None), "TF32", None)
+    if flag is None:
+        return False
+    config.clear_flag(flag)
+    return bool(config.get_flag(flag))
 
 
 def _short(e, n: int = 200) -> str:
