@@ -56,6 +56,29 @@ def _calibrate_demo(bundle: Path, out: Path) -> None:
         _say(f"demo: {e}")
 
 
+def calibrate_bench(bundle: Path, bench: Path, *, frames: str = "sim://kidney?frames=32&fps=0&seed=5",
+                    count: int = 16) -> tuple[str, ...]:
+    """INT8 for the full-width timing bundle, quantizing the networks the demo bundle's INT8 set quantizes, so
+    bench.json times the set that passed its accuracy check (random weights: accuracy is not checked here). Both
+    networks when the demo bundle has no INT8 set. Calibrates again when the timing bundle's set differs."""
+    from calibration.run import calibrate_bundle
+    want = tuple(Bundle.load(bundle).int8_networks) or ("unet", "vgg")
+    timing = Bundle.load(bench)
+    if "int8" in timing.precisions and tuple(timing.int8_networks) == want:
+        return want
+    if Bundle.load(bundle).int8_networks:
+        what = " and ".join({"unet": "UNet", "vgg": "VGG"}[n] for n in want) + (
+            " (the UNet stays FP32)" if "unet" not in want else "")
+        _say(f"demo: INT8 for the full-width timing bundle, as in the demo bundle's INT8 set: {what}; random "
+             f"weights, so timing only")
+    else:
+        _say("demo: the demo bundle has no INT8 set; the full-width timing bundle quantizes both networks, timing "
+             "only (random weights)")
+    calibrate_bundle(bench, [frames], count=count, holdout=count, timing_only=True, networks=want,
+                     report=bench / "calibration_report.json")
+    return want
+
+
 def run_demo(out: Path, *, frames: int = 150, fps: float = 30.0, bench_frames: int = 20, rebuild: bool = False,
              grade: int = 3, seed: int = 11) -> None:
     from export.recipe import TrainConfig, export_from_checkpoints, train_bundle
@@ -94,11 +117,7 @@ def run_demo(out: Path, *, frames: int = 150, fps: float = 30.0, bench_frames: i
     if not _bundle_ok(bench):
         _say("demo: exporting a full-width (1.0) UNet + VGG-19-BN with random weights for timing")
         export_from_checkpoints(None, None, bundle / "booster.ubj", bench, random_weights=True)
-    if "int8" not in Bundle.load(bench).precisions:
-        from calibration.run import calibrate_bundle
-        _say("demo: INT8 for the full-width timing bundle (random weights: timing only, accuracy not checked)")
-        calibrate_bundle(bench, ["sim://kidney?frames=32&fps=0&seed=5"], count=16, holdout=16, timing_only=True,
-                         report=bench / "calibration_report.json")
+    calibrate_bench(bundle, bench)
     _say(f"demo: benchmarking the full-width networks, FP32 and INT8 ({bench_frames} frames)")
     bench_bundle(bench, precision="fp32,int8", frames=bench_frames, json_path=out / "bench.json",
                  plot=out / "bench.png")

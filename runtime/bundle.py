@@ -147,3 +147,10 @@ class Bundle:
     def precisions(self) -> list[str]:
         nets = self.manifest["networks"].values()
         return [p for p in PRECISIONS if all(p in n["files"] for n in nets)]
+
+    @property
+    def int8_networks(self) -> list[str]:
+        """The networks that run quantized in the INT8 set; one that `calibrate --networks` left out runs its FP32
+        file there (mixed precision). Empty when the bundle has no INT8 set."""
+        return [name for name, n in self.manifest["networks"].items()
+                if "int8" in n["files"] and n["files"]["int8"] != n["files"]["fp32"]]

@@ -43,7 +43,7 @@ def calibrated(tiny_bundle, tmp_path_factory):
 def test_calibrate_adds_int8_networks_with_hashes_and_provenance(calibrated):
     b, r = calibrated
     bundle = Bundle.load(b)                       # verifies every sha256, the new files' included
-    assert "int8" in bundle.precisions
+    assert "int8" in bundle.precisions and bundle.int8_networks == ["unet", "vgg"]
     m = bundle.manifest
     for net in ("unet", "vgg"):
         assert m["networks"][net]["files"]["int8"] == f"{net}.int8.onnx"
@@ -289,3 +289,28 @@ def test_compare_metrics_against_hand_computed_values():
     assert m["probability_l1_mean"] == pytest.approx(0.3, abs=1e-6)
     assert Thresholds().missed(m)                              # far below every default
     assert Thresholds(0, 0, 0, 0).missed(m) == []
+
+
+def test_demo_timing_bundle_quantizes_what_the_demo_int8_set_quantizes(calibrated, tiny_bundle, tmp_path):
+    """The demo's bench times the INT8 set that passed its accuracy check: the full-width timing bundle follows
+    the demo bundle's choice (here the VGG alone), and follows it again when that choice changes."""
+    from export.demo import calibrate_bench
+    demo = tmp_path / "demo"
+    shutil.copytree(calibrated[0], demo)
+    r = sonoscore("calibrate", "--bundle", demo, "--frames", SIM, "--count", 8, "--holdout", 8, "--networks", "vgg",
+                  "--min-iou", 0, "--min-gate", 0, "--min-grade", 0, "--min-cosine", 0)
+    assert r.returncode == 0, r.stderr
+    assert Bundle.load(demo).int8_networks == ["vgg"]
+    bench = tmp_path / "bench"
+    shutil.copytree(tiny_bundle, bench)
+    _open_gate(bench)
+    assert Bundle.load(bench).int8_networks == []
+    assert calibrate_bench(demo, bench, frames=SIM, count=8) == ("vgg",)
+    timing = Bundle.load(bench)
+    assert "int8" in timing.precisions and timing.int8_networks == ["vgg"]
+    assert timing.network_file("unet", "int8") == timing.network_file("unet", "fp32")
+    stamp = (bench / "manifest.json").stat().st_mtime_ns
+    assert calibrate_bench(demo, bench, frames=SIM, count=8) == ("vgg",)   # already right: left as it is
+    assert (bench / "manifest.json").stat().st_mtime_ns == stamp
+    assert calibrate_bench(calibrated[0], bench, frames=SIM, count=8) == ("unet", "vgg")
+    assert Bundle.load(bench).int8_networks == ["unet", "vgg"]
