@@ -183,3 +183,68 @@ def spread_indices(n: int, k: int) -> list[int]:
     if k >= n:
         return list(range(n))
     return sorted({int(math.floor(i * n / k + n / (2 * k))) for i in range(k)})
+
+
+def quantized_layers(model) -> list[str]:
+    """Names of the weighted nodes (Conv, ConvTranspose, Gemm, MatMul) whose weight comes through a Q/DQ pair."""
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    out = []
+    for n in g.node:
+        if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(n.input) > 1:
+            src = producer.get(n.input[1])
+            if src is not None and src.op_type == "DequantizeLinear" and src.input[0] in inits:
+                out.append(n.name)
+    return out
+
+
+def float_layers(qdq_model, fp32_model, names) -> "onnx.ModelProto":
+    """A copy of a Q/DQ model with the named nodes computed in float: each input that came through a
+    DequantizeLinear takes the FP32 model's weight (the original, not the dequantized one) or the float tensor
+    the QuantizeLinear read; Q/DQ nodes and initializers nothing reads any more are dropped. The other nodes keep
+    their scales, so no calibration is repeated: this is how one layer at a time is tried in float. A named node's
+    own output is still quantized where the node after it reads it through a Q/DQ pair."""
+    import onnx
+
+    names = set(names)
+    m = onnx.ModelProto()
+    m.CopyFrom(qdq_model)
+    g = m.graph
+    fp_nodes = {n.name: n for n in fp32_model.graph.node}
+    fp_inits = {i.name: i for i in fp32_model.graph.initializer}
+    unknown = names - {n.name for n in g.node}
+    if unknown:
+        raise ValueError(f"no node named {', '.join(sorted(unknown))} in the model")
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {i.name for i in g.initializer}
+    for node in g.node:
+        if node.name not in names:
+            continue
+        for i, x in enumerate(list(node.input)):
+            dq = producer.get(x)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            if dq.input[0] in inits:                    # a weight: the FP32 model's own
+                w = fp_nodes[node.name].input[i]
+                node.input[i] = w
+                if w not in inits:
+                    g.initializer.append(fp_inits[w])
+                    inits.add(w)
+            else:                                       # an activation: the float tensor before its Q
+                q = producer.get(dq.input[0])
+                if q is None or q.op_type != "QuantizeLinear":
+                    raise ValueError(f"'{node.name}' input {i} is dequantized from something other than a "
+                                     f"QuantizeLinear; cannot put it back in float")
+                node.input[i] = q.input[0]
+    while True:
+        used = {x for n in g.node for x in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+    used = {x for n in g.node for x in n.input}
+    for init in [i for i in g.initializer if i.name not in used]:
+        g.initializer.remove(init)
+    return m

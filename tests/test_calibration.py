@@ -314,3 +314,42 @@ def test_demo_timing_bundle_quantizes_what_the_demo_int8_set_quantizes(calibrate
     assert (bench / "manifest.json").stat().st_mtime_ns == stamp
     assert calibrate_bench(calibrated[0], bench, frames=SIM, count=8) == ("unet", "vgg")
     assert Bundle.load(bench).int8_networks == ["unet", "vgg"]
+
+
+def test_float_layers_puts_one_layer_back_in_float_and_keeps_the_rest_quantized(tmp_path):
+    """float_layers (scripts/int8_sensitivity.py tries one layer at a time with it): the named layer reads the FP32
+    weight and the float activation, the other layer keeps its Q/DQ and scales, nothing dangles, and with every
+    node reading float inputs (the Relu's and the float head's inputs have Q/DQ pairs of their own) the model
+    computes what the FP32 model computes."""
+    from calibration.quantize import float_layers, quantized_layers
+    src = _conv_model(tmp_path / "m.onnx", transpose=True)
+    quantize_int8(src, tmp_path / "q.onnx", "x", _inputs())
+    fp32, qdq = onnx.load(str(src)), onnx.load(str(tmp_path / "q.onnx"))
+    assert quantized_layers(qdq) == ["conv1", "up1"]
+    one = float_layers(qdq, fp32, ["up1"])
+    assert quantized_layers(one) == ["conv1"]
+    node = {n.name: n for n in one.graph.node}["up1"]
+    inits = {i.name: numpy_helper.to_array(i) for i in one.graph.initializer}
+    fp_inits = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer}
+    assert node.input[1] == "wt" and np.array_equal(inits["wt"], fp_inits["wt"])   # the original, not dequantized
+    producers = {o: n for n in one.graph.node for o in n.output}
+    assert node.input[0] == "r1" and producers["r1"].op_type == "Relu"
+    used = {x for n in one.graph.node for x in n.input} | {"y"}
+    assert all(any(o in used for o in n.output) for n in one.graph.node)           # no dangling Q/DQ
+    assert set(inits) <= used and "wt_quantized" not in inits
+    onnx.checker.check_model(one)
+    onnx.save(one, str(tmp_path / "one.onnx"))
+    assert trt_readiness(tmp_path / "one.onnx") == []
+
+    import onnxruntime as ort
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(  # noqa: E731
+        None, {"x": _inputs(1)[0]})[0]
+    everything = [n.name for n in qdq.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")]
+    none_left = float_layers(qdq, fp32, everything)
+    assert quantized_layers(none_left) == []
+    assert not {n.op_type for n in none_left.graph.node} & {"QuantizeLinear", "DequantizeLinear"}
+    assert np.abs(run(qdq) - run(fp32)).max() > 1e-4                     # the premise: INT8 moves the output
+    assert np.allclose(run(none_left), run(fp32), atol=1e-6)
+    with pytest.raises(ValueError, match="no node named"):
+        float_layers(qdq, fp32, ["nope"])
+
