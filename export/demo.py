@@ -10,7 +10,8 @@ out/demo/
   eval.json        metrics on held-out synthetic patients (+ eval.confusion.png)
   calibration.json the INT8 accuracy report (INT8 and FP16 against FP32 on frames not used for calibration)
   bench.json       `sonoscore bench --precision fp32,int8` at full width 1.0 of both networks (random weights:
-                   timing only), the two precisions taking turns frame by frame
+                   timing only), the two precisions taking turns frame by frame; INT8 quantizes the networks
+                   the demo bundle's INT8 set quantizes (calibrate_bench)
   bench.png        its latency picture
 """
 from __future__ import annotations
