@@ -196,3 +196,21 @@ def test_a_video_file_is_streamed_losslessly_frame_by_frame(tiny_bundle, tmp_pat
     recs = read_jsonl(res)
     assert [x["frame"] for x in recs] == list(range(7)) and all(x["error"] is None for x in recs)
     assert "policy all" in r.stderr  # a file is not live: nothing may be dropped
+
+
+def test_a_labelme_folder_streams_its_images_not_their_annotations(tiny_bundle, tmp_path):
+    """`sonoscore sim` writes X.png beside X.json (labelme): the folder is 2 frames, not 4 with 2 errors. A .json
+    with no image of its name, and any other file, is still an input and gets its record."""
+    from runtime.dataset import write_dataset
+    from runtime.sources import open_source
+    data = write_dataset(tmp_path / "d", 1, seed=3, frames_per_patient=2, progress=False) / "images"
+    pngs = sorted(p.name for p in data.glob("*.png"))
+    assert len(pngs) == 2 and all((data / n).with_suffix(".json").is_file() for n in pngs)
+    (data / "zz_orphan.json").write_text("{}")
+    src = open_source(str(data), realtime=False)
+    assert src.total == 3 and src.annotations == 2
+    res = tmp_path / "r.jsonl"
+    r = sonoscore("run", "--bundle", tiny_bundle, "--source", data, "--results", res, "--quiet")
+    recs = read_jsonl(res)
+    assert len(recs) == 3 and [x["error"] is None for x in recs] == [True, True, False], r.stderr
+    assert "zz_orphan.json" in recs[2]["error"]

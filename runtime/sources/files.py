@@ -51,13 +51,19 @@ class FolderSource(Source):
     """Every file of a folder (sorted by name), or one file; lossless, one frame per file.
 
     Files that are not images still get a frame (with an error), so the results keep one record per input.
-    Hidden files are skipped.
+    Hidden files are skipped, and so are annotations beside their images: `X.json` when an image `X.png` (any
+    image suffix) is in the same folder, the labelme layout of `sonoscore sim` datasets (`annotations` counts
+    them). A folder holding nothing but such annotations is refused in one sentence.
     """
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.annotations = 0
         if self.path.is_dir():
-            self.files = sorted(p for p in self.path.iterdir() if p.is_file() and not p.name.startswith("."))
+            files = sorted(p for p in self.path.iterdir() if p.is_file() and not p.name.startswith("."))
+            images = {p.stem for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
+            self.files = [p for p in files if not (p.suffix.lower() == ".json" and p.stem in images)]
+            self.annotations = len(files) - len(self.files)
             if not self.files:
                 raise SourceError(f"folder '{path}' has no files; put images in it or give another source")
         else:
