@@ -12,8 +12,10 @@ optional labels.csv (without it: grade None, patient = the image's stem).
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,10 +83,29 @@ def simulated_patient(seed: int, i: int, grade: int, frames: int):
     return phantom, sweep_indices(phantom.patient.sweep_period, frames, float(rng.random()))
 
 
+def _write_patient(images: Path, seed: int, i: int, grade: int, frames: int) -> list[tuple[str, str, int]]:
+    """Patient i's frames (PNG) and kidney outlines (labelme JSON) into `images`; its labels.csv rows."""
+    phantom, indices = simulated_patient(seed, i, grade, frames)
+    rows = []
+    for k, index in enumerate(indices):
+        frame = phantom.frame(index)
+        stem = f"{phantom.patient_id}_{k:02d}"
+        png = images / f"{stem}.png"
+        if not cv2.imwrite(str(png), frame.image):
+            raise ValueError(f"could not write {png}; check the folder is writable and the disk not full")
+        doc = labelme_document(png.name, frame.mask)
+        (images / f"{stem}.json").write_text(json.dumps(doc, separators=(",", ":")))
+        rows.append((f"images/{png.name}", phantom.patient_id, phantom.grade))
+    return rows
+
+
 def write_dataset(out_dir: Path, patients: int, seed: int = 0, frames_per_patient: int = 12,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, workers: int | None = None) -> Path:
     """Simulate `patients` patients (grades balanced) and write `frames_per_patient` frames of each, spread over
-    one probe sweep (so ~10 % of them show no kidney and carry no shapes). Returns out_dir."""
+    one probe sweep (so ~10 % of them show no kidney and carry no shapes). Returns out_dir.
+
+    Patients are simulated in `workers` processes (default: one per core, at most 2 here); every patient has its
+    own seed, so the files are the same whatever the number of workers."""
     if patients < 1 or frames_per_patient < 1:
         raise ValueError("write_dataset needs at least 1 patient and 1 frame per patient")
     if patients > PATIENTS_PER_SEED:
@@ -93,20 +114,24 @@ def write_dataset(out_dir: Path, patients: int, seed: int = 0, frames_per_patien
     images = out_dir / "images"
     images.mkdir(parents=True, exist_ok=True)
     grades = balanced_grades(patients, seed)
+    workers = max(1, min(workers or (os.cpu_count() or 1), patients))
+    jobs = [(images, seed, i, grades[i], frames_per_patient) for i in range(patients)]
     rows: list[tuple[str, str, int]] = []
-    for i in _progress(range(patients), patients, progress):
-        phantom, indices = simulated_patient(seed, i, grades[i], frames_per_patient)
-        for k, index in enumerate(indices):
-            frame = phantom.frame(index)
-            stem = f"{phantom.patient_id}_{k:02d}"
-            png = images / f"{stem}.png"
-            if not cv2.imwrite(str(png), frame.image):
-                raise ValueError(f"could not write {png}; check the folder is writable and the disk not full")
-            doc = labelme_document(png.name, frame.mask)
-            (images / f"{stem}.json").write_text(json.dumps(doc, separators=(",", ":")))
-            rows.append((f"images/{png.name}", phantom.patient_id, phantom.grade))
-        if progress and _tqdm() is None:
-            print(f"sim: patient {i + 1}/{patients} ({phantom.patient_id}, grade {phantom.grade})", file=sys.stderr)
+    with contextlib.ExitStack() as stack:
+        if workers > 1:   # spawn: no fork of a process whose OpenCV/BLAS threads may hold locks
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
+            done = pool.map(_write_patient, *zip(*jobs))
+        else:
+            done = (_write_patient(*job) for job in jobs)
+        done = iter(done)
+        for i in _progress(range(patients), patients, progress):
+            patient_rows = next(done)
+            rows += patient_rows
+            if progress and _tqdm() is None:
+                print(f"sim: patient {i + 1}/{patients} ({patient_rows[0][1]}, grade {patient_rows[0][2]})",
+                      file=sys.stderr)
     with open(out_dir / "labels.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["image", "patient", "grade"])

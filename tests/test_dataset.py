@@ -173,3 +173,14 @@ def test_missing_folder_and_unreadable_image_are_named(tmp_path):
     (item,) = read_dataset(tmp_path)
     with pytest.raises(ValueError, match="fake.png"):
         item.load_gray()
+
+
+def test_the_dataset_is_the_same_file_for_file_whatever_the_number_of_workers(tmp_path):
+    import filecmp
+    one = write_dataset(tmp_path / "one", 3, seed=5, frames_per_patient=2, progress=False, workers=1)
+    two = write_dataset(tmp_path / "two", 3, seed=5, frames_per_patient=2, progress=False, workers=2)
+    names = sorted(p.name for p in (one / "images").iterdir())
+    assert len(names) == 12 and names == sorted(p.name for p in (two / "images").iterdir())
+    match, mismatch, errors = filecmp.cmpfiles(one / "images", two / "images", names, shallow=False)
+    assert mismatch == [] and errors == [] and len(match) == 12
+    assert (one / "labels.csv").read_text() == (two / "labels.csv").read_text()
