@@ -126,12 +126,9 @@ def write_dataset(out_dir: Path, patients: int, seed: int = 0, frames_per_patien
         else:
             done = (_write_patient(*job) for job in jobs)
         done = iter(done)
-        for i in _progress(range(patients), patients, progress):
+        for _ in _progress(range(patients), patients, progress):
             patient_rows = next(done)
             rows += patient_rows
-            if progress and _tqdm() is None:
-                print(f"sim: patient {i + 1}/{patients} ({patient_rows[0][1]}, grade {patient_rows[0][2]})",
-                      file=sys.stderr)
     with open(out_dir / "labels.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["image", "patient", "grade"])
@@ -148,11 +145,17 @@ def _tqdm():
 
 
 def _progress(items: Iterable[int], total: int, enabled: bool) -> Iterator[int]:
-    tqdm = _tqdm() if enabled else None
-    if tqdm is None:
-        yield from items
-    else:
+    """A bar on a terminal; elsewhere (logs, CI, pipes) a line at every tenth of the patients, not a bar's
+    carriage returns."""
+    tqdm = _tqdm() if enabled and sys.stderr.isatty() else None
+    if tqdm is not None:
         yield from tqdm(items, total=total, desc="sim", unit="patient", file=sys.stderr)
+        return
+    every = max(1, total // 10)
+    for n, item in enumerate(items, 1):
+        yield item
+        if enabled and (n % every == 0 or n == total):
+            print(f"sim: {n}/{total} patients", file=sys.stderr, flush=True)
 
 
 # -- reading ---------------------------------------------------------------------------------------------------
