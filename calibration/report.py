@@ -52,8 +52,12 @@ class Outputs:
 
 
 def run_precision(bundle, files: dict[str, Path], booster, images: list[np.ndarray], *, label: str = "",
-                  quiet: bool = False) -> Outputs:
-    """The pipeline from preprocessed image to probabilities with the given network files."""
+                  quiet: bool = False, masks_from: Outputs | None = None) -> Outputs:
+    """The pipeline from preprocessed image to probabilities with the given network files. `masks_from`: the
+    outputs of an earlier run on the same images with the same UNet file, whose masks are taken instead of running
+    that UNet again (onnxruntime's CPU provider gives the same output for the same file and input)."""
+    from contextlib import nullcontext
+
     from runtime.backends import make_runner
 
     unet_spec, vgg_spec = bundle.network("unet"), bundle.network("vgg")
@@ -64,10 +68,16 @@ def run_precision(bundle, files: dict[str, Path], booster, images: list[np.ndarr
     feats: np.ndarray | None = None
     probs = np.full((n, bundle.num_classes), np.nan)
     step = max(1, n // 4)
-    with make_runner("ort", files["unet"]) as unet, make_runner("ort", files["vgg"]) as vgg:
+    if masks_from is not None and len(masks_from.masks) != n:
+        raise ValueError("masks_from holds another set of images")
+    with (nullcontext() if masks_from is not None else make_runner("ort", files["unet"])) as unet, \
+            make_runner("ort", files["vgg"]) as vgg:
         for i, img in enumerate(images):
-            prob = unet.infer({unet_spec.input_name: pp.to_input(img, 1)})[unet_spec.output_name][0, 0]
-            mask = (prob > bundle.mask_threshold).astype(np.uint8)
+            if masks_from is not None:
+                mask = masks_from.masks[i].astype(np.uint8)
+            else:
+                prob = unet.infer({unet_spec.input_name: pp.to_input(img, 1)})[unet_spec.output_name][0, 0]
+                mask = (prob > bundle.mask_threshold).astype(np.uint8)
             masks[i] = mask.astype(bool)
             fractions[i] = float(mask.mean())
             accepted[i] = fractions[i] >= bundle.min_mask_fraction

@@ -224,11 +224,12 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
             if not images:
                 failures.append(f"{set_name}: no readable frames to check against")
                 continue
-            reference = run_precision(bundle, {n: bundle.network_file(n, "fp32") for n in ("unet", "vgg")},
-                                      booster, images, label=f"{set_name} fp32", quiet=quiet)
+            fp32_files = {n: bundle.network_file(n, "fp32") for n in ("unet", "vgg")}
+            reference = run_precision(bundle, fp32_files, booster, images, label=f"{set_name} fp32", quiet=quiet)
             accuracy[set_name] = {}
             for p, pfiles in files.items():
-                other = run_precision(bundle, pfiles, booster, images, label=f"{set_name} {p}", quiet=quiet)
+                other = run_precision(bundle, pfiles, booster, images, label=f"{set_name} {p}", quiet=quiet,
+                                      masks_from=reference if pfiles["unet"] == fp32_files["unet"] else None)
                 metrics = compare(reference, other)
                 missed = thresholds.missed(metrics)
                 metrics["passed"] = not missed

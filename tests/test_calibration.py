@@ -353,3 +353,26 @@ def test_float_layers_puts_one_layer_back_in_float_and_keeps_the_rest_quantized(
     with pytest.raises(ValueError, match="no node named"):
         float_layers(qdq, fp32, ["nope"])
 
+
+
+def test_reused_masks_give_what_running_the_same_unet_again_gives(tiny_bundle, tmp_path):
+    """calibrate reuses the FP32 reference's masks for a set whose UNet is the FP32 file (int8-vgg)."""
+    from calibration.report import run_precision
+    from calibration.run import read_frames
+    from runtime.booster import Booster
+    from runtime.pipeline import Pipeline
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b)
+    _open_gate(b)
+    bundle = Bundle.load(b)
+    images = read_frames([SIM], Pipeline(bundle), max_frames=6, quiet=True).images
+    booster = Booster.load(bundle.booster_file, num_class=bundle.num_classes)
+    files = {n: bundle.network_file(n, "fp32") for n in ("unet", "vgg")}
+    ref = run_precision(bundle, files, booster, images)
+    again = run_precision(bundle, files, booster, images, masks_from=ref)
+    assert ref.accepted.all() and np.isfinite(ref.features).all()
+    np.testing.assert_array_equal(run_precision(bundle, files, booster, images).masks, ref.masks)  # the premise
+    for field in ("masks", "fractions", "accepted", "features", "probabilities"):
+        np.testing.assert_array_equal(getattr(again, field), getattr(ref, field))
+    with pytest.raises(ValueError, match="another set of images"):
+        run_precision(bundle, files, booster, images[:2], masks_from=ref)
