@@ -89,7 +89,9 @@ def read_frames(specs: list[str], pipe, *, max_frames: int, quiet: bool = False)
         step = -(-total // max_frames) if total else 1   # every step-th frame: at most max_frames, spread out
         if not quiet:
             _say(f"calibrate: reading frames from {source.source_id}"
-                 + (f" ({total} frames{', every ' + str(step) + 'th' if step > 1 else ''})" if total else ""))
+                 + (f" ({total} frames{', every ' + str(step) + 'th' if step > 1 else ''})" if total else "")
+                 + (f"; {source.annotations} annotation files beside their images skipped"
+                    if getattr(source, "annotations", 0) else ""))
         with source:
             for k, frame in enumerate(source):
                 if len(out.images) - n0 >= max_frames:

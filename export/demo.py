@@ -63,11 +63,12 @@ def calibrate_bench(bundle: Path, bench: Path, *, frames: str = "sim://kidney?fr
     bench.json times the set that passed its accuracy check (random weights: accuracy is not checked here). Both
     networks when the demo bundle has no INT8 set. Calibrates again when the timing bundle's set differs."""
     from calibration.run import calibrate_bundle
-    want = tuple(Bundle.load(bundle).int8_networks) or ("unet", "vgg")
+    chosen = tuple(Bundle.load(bundle).int8_networks)
+    want = chosen or ("unet", "vgg")
     timing = Bundle.load(bench)
     if "int8" in timing.precisions and tuple(timing.int8_networks) == want:
         return want
-    if Bundle.load(bundle).int8_networks:
+    if chosen:
         what = " and ".join({"unet": "UNet", "vgg": "VGG"}[n] for n in want) + (
             " (the UNet stays FP32)" if "unet" not in want else "")
         _say(f"demo: INT8 for the full-width timing bundle, as in the demo bundle's INT8 set: {what}; random "

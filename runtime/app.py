@@ -77,7 +77,9 @@ def run_bundle(bundle_path, source_spec: str, *, backend="ort", precision="fp32"
         raise
     if bundle.disclaimer:
         _say(f"NOTE: {bundle.disclaimer}")
-    _say(f"running {bundle.root} ({precision}, {backend}) on {source.source_id}, policy {policy}")
+    _say(f"running {bundle.root} ({precision}, {backend}) on {source.source_id}, policy {policy}"
+         + (f" ({source.annotations} annotation files beside their images are not frames)"
+            if getattr(source, "annotations", 0) else ""))
 
     truth: set[int] = set()
 

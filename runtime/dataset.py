@@ -104,7 +104,7 @@ def write_dataset(out_dir: Path, patients: int, seed: int = 0, frames_per_patien
     """Simulate `patients` patients (grades balanced) and write `frames_per_patient` frames of each, spread over
     one probe sweep (so ~10 % of them show no kidney and carry no shapes). Returns out_dir.
 
-    Patients are simulated in `workers` processes (default: one per core, at most 2 here); every patient has its
+    Patients are simulated in `workers` processes (default: one per core); every patient has its
     own seed, so the files are the same whatever the number of workers."""
     if patients < 1 or frames_per_patient < 1:
         raise ValueError("write_dataset needs at least 1 patient and 1 frame per patient")

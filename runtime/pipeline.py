@@ -27,26 +27,38 @@ def apply_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return cv2.multiply(image, mask)
 
 
+def bind_bundle(pipe, bundle: Bundle, *, backend: str, precision: str, booster_backend: str,
+                cache_dir: Path | None, min_mask_fraction: float | None, mask_threshold: float | None) -> None:
+    """What a pipeline (this one, or runtime.gpu's DevicePipeline) takes from its bundle and options: the
+    networks' specs and files at `precision`, the gate's threshold and minimum fraction (the bundle's unless
+    given), the preprocessing size and Crimmins iterations."""
+    pipe.bundle, pipe.backend, pipe.precision = bundle, backend, precision
+    pipe.unet_spec, pipe.vgg_spec = bundle.network("unet"), bundle.network("vgg")
+    pipe.unet_file = bundle.network_file("unet", precision)
+    pipe.vgg_file = bundle.network_file("vgg", precision)
+    pipe.booster_backend, pipe.cache_dir = booster_backend, cache_dir
+    pipe.threshold = bundle.mask_threshold if mask_threshold is None else mask_threshold
+    pipe.min_fraction = bundle.min_mask_fraction if min_mask_fraction is None else min_mask_fraction
+    pipe.size, pipe.iterations = bundle.size, bundle.crimmins_iterations
+
+
+def start_record(frame: Frame, t0: float) -> FrameRecord:
+    """A frame's record as processing starts at perf_counter `t0`: its queue time (capture to `t0`) and the
+    frame's own error, if it carries one."""
+    rec = FrameRecord(frame.index, frame.source_id, frame.t_capture, meta=frame.meta, error=frame.error)
+    rec.latency_ms["queue"] = max(0.0, (time.time() - frame.t_capture) * 1e3 - (time.perf_counter() - t0) * 1e3)
+    return rec
+
+
 class Pipeline:
     """Runs a bundle on frames. A context manager: networks and the booster are loaded on enter."""
 
     def __init__(self, bundle: Bundle, *, backend: str = "ort", precision: str = "fp32",
                  booster_backend: str = "auto", cache_dir: Path | None = None, threads: int | None = None,
                  min_mask_fraction: float | None = None, mask_threshold: float | None = None):
-        self.bundle = bundle
-        self.backend = backend
-        self.precision = precision
-        self.unet_spec = bundle.network("unet")
-        self.vgg_spec = bundle.network("vgg")
-        self.unet_file = bundle.network_file("unet", precision)
-        self.vgg_file = bundle.network_file("vgg", precision)
-        self.booster_backend = booster_backend
-        self.cache_dir = cache_dir
+        bind_bundle(self, bundle, backend=backend, precision=precision, booster_backend=booster_backend,
+                    cache_dir=cache_dir, min_mask_fraction=min_mask_fraction, mask_threshold=mask_threshold)
         self.threads = threads
-        self.threshold = bundle.mask_threshold if mask_threshold is None else mask_threshold
-        self.min_fraction = bundle.min_mask_fraction if min_mask_fraction is None else min_mask_fraction
-        self.size = bundle.size
-        self.iterations = bundle.crimmins_iterations
         self.unet = self.vgg = self.booster = None
 
     def __enter__(self) -> "Pipeline":
@@ -73,21 +85,19 @@ class Pipeline:
     def process(self, frame: Frame, t_start: float | None = None) -> FrameRecord:
         """One frame -> one record. Never raises for a bad frame: the record carries the error instead."""
         t0 = time.perf_counter() if t_start is None else t_start
-        rec = FrameRecord(frame.index, frame.source_id, frame.t_capture, meta=frame.meta)
+        rec = start_record(frame, t0)
         lat = rec.latency_ms
-        lat["queue"] = max(0.0, (time.time() - frame.t_capture) * 1e3 - (time.perf_counter() - t0) * 1e3)
         if frame.error:
-            rec.error = frame.error
-            return self._finish(rec, t0)
+            return finish_record(rec, t0)
         try:
             t = time.perf_counter()
             rec.display, rec.image, rec.region = self.prepare(frame)
             image = rec.image
-            lat["preprocess"] = _ms(t)
+            lat["preprocess"] = ms_since(t)
 
             t = time.perf_counter()
             prob = self.unet.infer({self.unet_spec.input_name: pp.to_input(image, 1)})[self.unet_spec.output_name]
-            lat["unet"] = _ms(t)
+            lat["unet"] = ms_since(t)
 
             t = time.perf_counter()
             mask = (prob[0, 0] > self.threshold).astype(np.uint8)
@@ -95,22 +105,22 @@ class Pipeline:
             rec.mask_fraction = float(mask.mean())
             rec.accepted = rec.mask_fraction >= self.min_fraction
             masked = apply_mask(image, mask) if rec.accepted else None
-            lat["gate"] = _ms(t)
+            lat["gate"] = ms_since(t)
             if not rec.accepted:
-                return self._finish(rec, t0)
+                return finish_record(rec, t0)
 
             t = time.perf_counter()
             feats = self.vgg.infer({self.vgg_spec.input_name: pp.to_input(masked, self.vgg_spec.channels)},
                                    [self.vgg_spec.output_name])[self.vgg_spec.output_name]
-            lat["vgg"] = _ms(t)
+            lat["vgg"] = ms_since(t)
 
             t = time.perf_counter()
             rec.probabilities, rec.grade = self.booster.predict_one(feats)
-            lat["booster"] = _ms(t)
+            lat["booster"] = ms_since(t)
         except pp.FrameError as e:
             rec.error = f"frame {frame.index}: {e}"
             rec.accepted = False
-        return self._finish(rec, t0)
+        return finish_record(rec, t0)
 
     def prepare(self, frame: Frame) -> tuple[np.ndarray, np.ndarray, pp.Region]:
         """(gray display frame, preprocessed 224x224 image, region it came from): the preprocessing every path
@@ -135,11 +145,12 @@ class Pipeline:
         prob = self.unet.infer({self.unet_spec.input_name: pp.to_input(image, 1)})[self.unet_spec.output_name]
         return (prob[0, 0] > self.threshold).astype(np.uint8)
 
-    @staticmethod
-    def _finish(rec: FrameRecord, t0: float) -> FrameRecord:
-        rec.latency_ms["total"] = rec.latency_ms.get("queue", 0.0) + _ms(t0)
-        return rec
+
+def finish_record(rec: FrameRecord, t0: float) -> FrameRecord:
+    """The record's total latency: its queue time plus the time since perf_counter `t0`."""
+    rec.latency_ms["total"] = rec.latency_ms.get("queue", 0.0) + ms_since(t0)
+    return rec
 
 
-def _ms(t: float) -> float:
+def ms_since(t: float) -> float:
     return (time.perf_counter() - t) * 1e3

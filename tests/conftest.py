@@ -35,3 +35,22 @@ def sonoscore(*args, timeout=600, **kw):
     """Run the real command line in a subprocess."""
     return subprocess.run([sys.executable, "-m", "runtime.cli", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, **kw)
+
+
+def cuda_or_skip():
+    """pycuda.driver when onnxruntime has its CUDA provider and pycuda sees a device; else the test skips, saying
+    which is missing (device/gpu_session.md runs the GPU tests on a lent GPU)."""
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip(f"GPU only: onnxruntime {ort.__version__} here has no CUDAExecutionProvider (onnxruntime-gpu "
+                    f"has it; device/gpu_session.md runs these on the lent GPU)")
+    try:
+        import pycuda.driver as cuda
+        cuda.init()
+        if cuda.Device.count() < 1:
+            pytest.skip("GPU only: pycuda sees no CUDA device")
+    except ImportError:
+        pytest.skip("GPU only: pycuda is not installed (pip install 'sonoscore[gpu]')")
+    except Exception as e:  # pycuda.driver.Error: no driver
+        pytest.skip(f"GPU only: CUDA is not usable here ({e})")
+    return cuda

@@ -211,6 +211,7 @@ def test_a_labelme_folder_streams_its_images_not_their_annotations(tiny_bundle, 
     assert src.total == 3 and src.annotations == 2
     res = tmp_path / "r.jsonl"
     r = sonoscore("run", "--bundle", tiny_bundle, "--source", data, "--results", res, "--quiet")
+    assert "2 annotation files beside their images are not frames" in r.stderr
     recs = read_jsonl(res)
     assert len(recs) == 3 and [x["error"] is None for x in recs] == [True, True, False], r.stderr
     assert "zz_orphan.json" in recs[2]["error"]

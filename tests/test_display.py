@@ -102,14 +102,18 @@ def xserver(tmp_path):
         yield XServer(proc, int(number))
     finally:
         os.close(read_fd)
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _stop(proc)
 
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Terminate a helper process (X server, window manager), killing it when it does not go within 10 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture
@@ -134,13 +138,7 @@ def desktop(xserver, tmp_path):
             pytest.fail(f"openbox did not start: {(tmp_path / 'openbox.log').read_text(errors='replace')[-500:]}")
         yield xserver
     finally:
-        if wm.poll() is None:
-            wm.terminate()
-            try:
-                wm.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                wm.kill()
-                wm.wait()
+        _stop(wm)
 
 def _cv2_of(extra_path: str | None) -> tuple[str, str] | None:
     """(version, GUI backend) of the cv2 a subprocess imports with `extra_path` first on its path."""

@@ -24,7 +24,7 @@ from runtime.phantom import KidneyPhantom
 from runtime.pipeline import Pipeline, apply_mask
 from runtime.sources import Frame
 
-from tests.conftest import sonoscore
+from tests.conftest import cuda_or_skip, sonoscore
 
 
 class HostDevice:
@@ -219,19 +219,7 @@ def test_without_pycuda_the_device_pipeline_says_so_in_one_sentence(bundle):
 # -- on a GPU ---------------------------------------------------------------------------------------------------
 
 def _gpu_or_skip():
-    import onnxruntime as ort
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip(f"GPU only: onnxruntime {ort.__version__} here has no CUDAExecutionProvider (device/gpu_session.md "
-                    f"runs these on the lent GPU)")
-    try:
-        import pycuda.driver as cuda
-        cuda.init()
-        if cuda.Device.count() < 1:
-            pytest.skip("GPU only: pycuda sees no CUDA device")
-    except ImportError:
-        pytest.skip("GPU only: pycuda is not installed (pip install 'sonoscore[gpu]')")
-    except Exception as e:  # pycuda.driver.Error
-        pytest.skip(f"GPU only: CUDA is not usable here ({e})")
+    cuda_or_skip()
     try:
         from runtime.gpu import kernels
     except ImportError as e:

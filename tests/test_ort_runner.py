@@ -12,6 +12,7 @@ from onnx import TensorProto, helper  # noqa: E402
 
 from runtime.backends import BackendUnavailable, TensorMeta, available_backends, make_runner  # noqa: E402
 from runtime.backends.ort import OrtRunner  # noqa: E402
+from tests.conftest import cuda_or_skip  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -215,25 +216,9 @@ def test_a_cuda_stream_without_the_cuda_provider_is_refused(model):
 
 # -- on a GPU (onnxruntime-gpu + pycuda; ../shared/device/README.md; device/gpu_session.md) ------------------------
 
-def _cuda_or_skip():
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip(f"GPU only: onnxruntime {ort.__version__} here has no CUDAExecutionProvider (onnxruntime-gpu "
-                    f"has it; device/gpu_session.md runs these on the lent GPU)")
-    try:
-        import pycuda.driver as cuda
-        cuda.init()
-        if cuda.Device.count() < 1:
-            pytest.skip("GPU only: pycuda sees no CUDA device")
-    except ImportError:
-        pytest.skip("GPU only: pycuda is not installed (pip install 'sonoscore[gpu]')")
-    except Exception as e:  # pycuda.driver.Error: no driver
-        pytest.skip(f"GPU only: CUDA is not usable here ({e})")
-    return cuda
-
-
 @pytest.fixture()
 def cuda_stream():
-    cuda = _cuda_or_skip()
+    cuda = cuda_or_skip()
     ctx = cuda.Device(0).retain_primary_context()
     ctx.push()
     stream = cuda.Stream()

@@ -39,6 +39,7 @@ from runtime import preprocess as pp
 from runtime.backends import BackendUnavailable
 from runtime.booster import Booster
 from runtime.bundle import Bundle
+from runtime.pipeline import bind_bundle, finish_record, ms_since, start_record
 from runtime.record import FrameRecord
 from runtime.sources import Frame
 
@@ -153,20 +154,9 @@ class DevicePipeline:
         if cuda_graphs and backend != "ort":
             raise BackendUnavailable("CUDA graphs are implemented for the ort backend (onnxruntime captures them); "
                                      "with --backend trt leave them off")
-        self.bundle = bundle
-        self.backend = backend
-        self.precision = precision
+        bind_bundle(self, bundle, backend=backend, precision=precision, booster_backend=booster_backend,
+                    cache_dir=cache_dir, min_mask_fraction=min_mask_fraction, mask_threshold=mask_threshold)
         self.cuda_graphs = bool(cuda_graphs)
-        self.unet_spec = bundle.network("unet")
-        self.vgg_spec = bundle.network("vgg")
-        self.unet_file = bundle.network_file("unet", precision)
-        self.vgg_file = bundle.network_file("vgg", precision)
-        self.booster_backend = booster_backend
-        self.cache_dir = cache_dir
-        self.threshold = bundle.mask_threshold if mask_threshold is None else mask_threshold
-        self.min_fraction = bundle.min_mask_fraction if min_mask_fraction is None else min_mask_fraction
-        self.size = bundle.size
-        self.iterations = bundle.crimmins_iterations
         self.keep_mask, self.keep_image, self.keep_display = keep_mask, keep_image, keep_display
         self.ordinal = int(device)
         self._device_factory = _device
@@ -234,12 +224,10 @@ class DevicePipeline:
     def process(self, frame: Frame, t_start: float | None = None) -> FrameRecord:
         """One frame -> one record. Never raises for a bad frame: the record carries the error instead."""
         t0 = time.perf_counter() if t_start is None else t_start
-        rec = FrameRecord(frame.index, frame.source_id, frame.t_capture, meta=frame.meta)
+        rec = start_record(frame, t0)
         lat = rec.latency_ms
-        lat["queue"] = max(0.0, (time.time() - frame.t_capture) * 1e3 - (time.perf_counter() - t0) * 1e3)
         if frame.error:
-            rec.error = frame.error
-            return _finish(rec, t0)
+            return finish_record(rec, t0)
         if self.device is None:
             raise RuntimeError("DevicePipeline is not active; use it inside `with DevicePipeline(...) as pipe:`")
         dev, k, ev = self.device, self.kernels, self.events
@@ -277,11 +265,11 @@ class DevicePipeline:
             if rec.accepted:
                 t = time.perf_counter()
                 rec.probabilities, rec.grade = self.booster.predict_one(self.features)
-                lat["booster"] = _ms(t)
+                lat["booster"] = ms_since(t)
         except pp.FrameError as e:
             rec.error = f"frame {frame.index}: {e}"
             rec.accepted = False
-        return _finish(rec, t0)
+        return finish_record(rec, t0)
 
     def _host_side(self, frame: Frame):
         """(pixels to upload, their channel order, the region to crop from them, the gray frame or None, the
@@ -330,15 +318,6 @@ def host_view(ptr: int, shape, dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     return np.frombuffer((ctypes.c_char * n).from_address(int(ptr)), dtype).reshape(shape)
-
-
-def _finish(rec: FrameRecord, t0: float) -> FrameRecord:
-    rec.latency_ms["total"] = rec.latency_ms.get("queue", 0.0) + _ms(t0)
-    return rec
-
-
-def _ms(t: float) -> float:
-    return (time.perf_counter() - t) * 1e3
 
 
 def _short(e, n: int = 200) -> str:
