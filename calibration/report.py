@@ -17,8 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import preprocess as pp
-from runtime.pipeline import apply_mask
 
 
 @dataclass
@@ -53,14 +51,14 @@ class Outputs:
 
 def run_precision(bundle, files: dict[str, Path], booster, images: list[np.ndarray], *, label: str = "",
                   quiet: bool = False, masks_from: Outputs | None = None) -> Outputs:
-    """The pipeline from preprocessed image to probabilities with the given network files. `masks_from`: the
-    outputs of an earlier run on the same images with the same UNet file, whose masks are taken instead of running
-    that UNet again (onnxruntime's CPU provider gives the same output for the same file and input)."""
+    """The bundle's graph from preprocessed image to probabilities with the given network files. `masks_from`:
+    the outputs of an earlier run on the same images with the same UNet file, whose masks are taken instead of
+    running that UNet again (onnxruntime's CPU provider gives the same output for the same file and input)."""
     from contextlib import nullcontext
 
     from runtime.backends import make_runner
 
-    unet_spec, vgg_spec = bundle.network("unet"), bundle.network("vgg")
+    graph = bundle.graph()
     n = len(images)
     masks = np.zeros((n, *images[0].shape), bool) if n else np.zeros((0, 0, 0), bool)
     fractions = np.zeros(n)
@@ -74,16 +72,12 @@ def run_precision(bundle, files: dict[str, Path], booster, images: list[np.ndarr
             make_runner("ort", files["vgg"]) as vgg:
         for i, img in enumerate(images):
             if masks_from is not None:
-                mask = masks_from.masks[i].astype(np.uint8)
+                gate = graph.gate_mask(masks_from.masks[i].astype(np.uint8))
             else:
-                prob = unet.infer({unet_spec.input_name: pp.to_input(img, 1)})[unet_spec.output_name][0, 0]
-                mask = (prob > bundle.mask_threshold).astype(np.uint8)
-            masks[i] = mask.astype(bool)
-            fractions[i] = float(mask.mean())
-            accepted[i] = fractions[i] >= bundle.min_mask_fraction
-            if accepted[i]:
-                f = vgg.infer({vgg_spec.input_name: pp.to_input(apply_mask(img, mask), vgg_spec.channels)},
-                              [vgg_spec.output_name])[vgg_spec.output_name][0]
+                gate = graph.gate(graph.segment(unet, img))
+            masks[i], fractions[i], accepted[i] = gate.mask.astype(bool), gate.fraction, gate.accepted
+            if gate.accepted:
+                f = graph.features(vgg, img, gate.mask)[0]
                 if feats is None:
                     feats = np.full((n, f.shape[-1]), np.nan, np.float32)
                 feats[i] = f

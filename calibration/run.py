@@ -27,7 +27,7 @@ from calibration.quantize import METHODS, quantize_int8, spread_indices
 from calibration.report import Thresholds, compare, format_table, run_precision
 from runtime.bundle import Bundle, write_manifest
 from runtime.errors import UserError
-from runtime.pipeline import Pipeline, apply_mask
+from runtime.pipeline import Pipeline
 from runtime.sources import SourceError, open_source
 
 INT8_FILES = {"unet": "unet.int8.onnx", "vgg": "vgg.int8.onnx"}
@@ -161,21 +161,19 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
     hold_idx = [rest[i] for i in spread_indices(len(rest), min(holdout, len(rest)))]
     calib_images = [data.images[i] for i in calib_idx]
 
-    unet_spec, vgg_spec = bundle.network("unet"), bundle.network("vgg")
-    from runtime import preprocess as pp
-    unet_inputs = [pp.to_input(img, 1) for img in calib_images]
+    graph = bundle.graph()
+    unet_inputs = [graph.unet_feeds(img)[graph.unet_input] for img in calib_images]
     with make_runner("ort", bundle.network_file("unet", "fp32")) as unet32:
         vgg_inputs, rejected = [], 0
-        for img, x in zip(calib_images, unet_inputs):
-            mask = (unet32.infer({unet_spec.input_name: x})[unet_spec.output_name][0, 0]
-                    > bundle.mask_threshold).astype(np.uint8)
-            if mask.mean() < bundle.min_mask_fraction:
+        for img in calib_images:
+            gate = graph.gate(graph.segment(unet32, img))
+            if not gate.accepted:
                 rejected += 1
                 continue
-            vgg_inputs.append(pp.to_input(apply_mask(img, mask), vgg_spec.channels))
+            vgg_inputs.append(graph.vgg_feeds(img, gate.mask)[graph.vgg_input])
     if not vgg_inputs:
         raise UserError(f"none of the {len(calib_images)} calibration frames passed the quality gate (kidney mask "
-                        f"below {bundle.min_mask_fraction:.0%} of the frame), so the VGG cannot be calibrated; "
+                        f"below {graph.min_mask_fraction:.0%} of the frame), so the VGG cannot be calibrated; "
                         f"give frames that show the kidney")
     if not quiet:
         _say(f"calibrate: {n} frames read ({data.unreadable} inputs were not readable images); {len(calib_idx)} "
@@ -188,14 +186,14 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
         shutil.rmtree(work)
     work.mkdir()
     results = {}
-    for name, spec, inputs in (("unet", unet_spec, unet_inputs), ("vgg", vgg_spec, vgg_inputs)):
+    for name, input_name, inputs in (("unet", graph.unet_input, unet_inputs), ("vgg", graph.vgg_input, vgg_inputs)):
         if name not in networks:
             continue
         prog = _Progress(f"calibrating {name}", len(inputs), quiet)
         t = time.perf_counter()
         try:
             results[name] = quantize_int8(bundle.network_file(name, "fp32"), work / INT8_FILES[name],
-                                          spec.input_name, inputs, method=method, conv_transpose=conv_transpose,
+                                          input_name, inputs, method=method, conv_transpose=conv_transpose,
                                           full_range_weights=full_range_weights, progress=prog)
         finally:
             prog.close()

@@ -24,8 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import preprocess as pp
-from runtime.booster import Booster
 from runtime.bundle import Bundle
 from runtime.pipeline import Pipeline
 
@@ -37,7 +35,7 @@ class WeightsMismatch(ValueError):
 
 
 class TorchRunner:
-    """A torch module as a runner (DESIGN.md, "Backends"): `infer(feeds) -> outputs` by tensor name. The input goes
+    """A torch module as a runner (docs/design.md, "Backends"): `infer(feeds) -> outputs` by tensor name. The input goes
     up to the device, the module runs eagerly, the output comes back (the copy to the host waits for the GPU, so a
     host clock around infer() covers upload, network and download)."""
 
@@ -78,21 +76,16 @@ class TorchBaseline(Pipeline):
         device = torch.device(self.device_name)
         unet, vgg = torch_networks(self.bundle)
         unet, vgg = unet.to(device).eval(), vgg.to(device).eval()
-        self.unet = TorchRunner(torch, unet, device, self.unet_spec.input_name, self.unet_spec.output_name)
-        self.vgg = TorchRunner(torch, vgg.forward_features, device, self.vgg_spec.input_name,
-                               self.vgg_spec.output_name)
-        self.booster = Booster.load(self.bundle.booster_file, num_class=self.bundle.num_classes,
-                                    cache_dir=self.cache_dir, backend=self.booster_backend)
+        g = self.graph
+        self.unet = TorchRunner(torch, unet, device, g.unet_input, g.unet_output)
+        self.vgg = TorchRunner(torch, vgg.forward_features, device, g.vgg_input, g.vgg_output)
+        self.booster = self.load_booster()
         return self
 
     def __exit__(self, *exc) -> None:
         super().__exit__(*exc)
         if self.device_name.startswith("cuda") and getattr(self, "torch", None) is not None:
             self.torch.cuda.empty_cache()
-
-    def unet_probabilities(self, image: np.ndarray) -> np.ndarray:
-        """The UNet's sigmoid output (HxW float32) on a preprocessed image."""
-        return self.unet.infer({self.unet_spec.input_name: pp.to_input(image, 1)})[self.unet_spec.output_name][0, 0]
 
 
 # -- weights -------------------------------------------------------------------------------------------------------
@@ -105,7 +98,8 @@ def torch_networks(bundle: Bundle):
     unet_onnx = _read_onnx(bundle.network_file("unet", "fp32"))
     vgg_onnx = _read_onnx(bundle.network_file("vgg", "fp32"))
     unet = UNet(width=float(unet_info.get("width") or 1.0)).eval()
-    load_onnx_weights(unet, unet_onnx, "unet", (1, 1, bundle.size, bundle.size))
+    size = bundle.graph().size
+    load_onnx_weights(unet, unet_onnx, "unet", (1, 1, size, size))
     gemms = [w for op, w, _ in vgg_onnx["layers"] if op == "Gemm"]
     if len(gemms) != 3:
         raise WeightsMismatch(f"the bundle's VGG ONNX has {len(gemms)} fully connected layers; the paper's VGG has "
@@ -114,7 +108,7 @@ def torch_networks(bundle: Bundle):
     vgg = VGG19BN(width=float(vgg_info.get("width") or 1.0), in_channels=int(vgg_info.get("channels", 1)),
                   num_classes=classes, fc1=fc1, features_dim=feat).eval()
     load_onnx_weights(VGGFeaturesAndLogits(vgg), vgg_onnx, "vgg",
-                      (1, int(vgg_info.get("channels", 1)), bundle.size, bundle.size))
+                      (1, int(vgg_info.get("channels", 1)), size, size))
     return unet, vgg
 
 

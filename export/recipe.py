@@ -1,7 +1,7 @@
 """From a labelled dataset (or checkpoints) to a model bundle.
 
 Every image goes through `runtime.preprocess.preprocess`, the function the device runs, and the booster is
-trained on features computed by the exported ONNX networks through `runtime.pipeline`, so what the booster
+trained on features computed by the exported ONNX networks through `runtime.graph`, so what the booster
 learns from is what it will see in deployment (predicted masks, not hand-drawn ones).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 
 from runtime import preprocess as pp
 from runtime.bundle import CLASS_NAMES, DEMO_DISCLAIMER, Bundle, write_manifest
-from runtime.pipeline import apply_mask
+from runtime.graph import Graph, masked
 
 
 @dataclass
@@ -41,17 +41,18 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def load_preprocessed(data_dir: Path, iterations: int = 1, progress: bool = True):
-    """Dataset -> (images [N,224,224] uint8, masks [N,224,224] 0/1, grades [N] (0 = unknown), patients [N])."""
+def load_preprocessed(data_dir: Path, graph: Graph, progress: bool = True):
+    """Dataset -> (images [N,S,S] uint8, masks [N,S,S] 0/1, grades [N] (0 = unknown), patients [N]), every image
+    preprocessed by the graph the bundle will pin."""
     from runtime.dataset import read_dataset
     samples = read_dataset(Path(data_dir))
     if not samples:
         raise ValueError(f"dataset {data_dir} has no labelled images")
     images, masks, grades, patients = [], [], [], []
     for i, s in enumerate(samples):
-        img, region = pp.preprocess(s.load_gray(), crimmins_iterations=iterations)
+        img, region = graph.preprocess(s.load_gray())
         images.append(img)
-        masks.append(pp.crop_mask(s.load_mask(), region))
+        masks.append(pp.crop_mask(s.load_mask(), region, graph.size))
         grades.append(s.grade or 0)
         patients.append(s.patient)
         if progress and ((i + 1) % 100 == 0 or i + 1 == len(samples)):
@@ -63,9 +64,10 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
     """The paper's recipes end to end: UNet (MSE), VGG-19-BN (cross-entropy), XGBoost on VGG Fc2 features."""
     from export.train import split_by_patient, train_booster, train_unet, train_vgg
     t_start = time.time()
+    graph = Graph(crimmins_iterations=cfg.crimmins_iterations, vgg_channels=cfg.vgg_channels)
     _say(f"train: reading and preprocessing {data_dir}")
     try:
-        images, masks, grades, patients = load_preprocessed(data_dir, cfg.crimmins_iterations, progress)
+        images, masks, grades, patients = load_preprocessed(data_dir, graph, progress)
     except ValueError as e:
         from runtime.errors import UserError
         raise UserError(str(e)) from None
@@ -82,46 +84,42 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
     unet, unet_hist = train_unet(images[tr], masks[tr], width=cfg.unet_width, epochs=cfg.unet_epochs,
                                  seed=cfg.seed, val=(images[va], masks[va]) if va.any() else None,
                                  progress=progress)
-    kidney = (masks.reshape(len(masks), -1).mean(1) >= 0.05) & (grades > 0)
-    masked = np.stack([apply_mask(i, m) for i, m in zip(images, masks)])
+    # The VGG learns from labelled kidneys the gate would pass, under their labelled masks.
+    kidney = np.array([graph.gate_mask(m).accepted for m in masks]) & (grades > 0)
+    masked_images = np.stack([masked(i, m) for i, m in zip(images, masks)])
     _say(f"train: VGG-19-BN width {cfg.vgg_width}, {cfg.vgg_epochs} epochs (cross-entropy) on "
          f"{int((kidney & tr).sum())} masked kidney images")
-    vgg, vgg_hist = train_vgg(masked[kidney & tr], grades[kidney & tr] - 1, width=cfg.vgg_width,
+    vgg, vgg_hist = train_vgg(masked_images[kidney & tr], grades[kidney & tr] - 1, width=cfg.vgg_width,
                               in_channels=cfg.vgg_channels, epochs=cfg.vgg_epochs, seed=cfg.seed,
                               lr=cfg.vgg_lr, shift=cfg.vgg_shift,
-                              val=(masked[kidney & va], grades[kidney & va] - 1) if (kidney & va).any() else None,
+                              val=(masked_images[kidney & va], grades[kidney & va] - 1) if (kidney & va).any() else None,
                               progress=progress)
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    nets = export_networks(unet, vgg, tmp, cfg.unet_width, cfg.vgg_width, cfg.vgg_channels)
+    nets = export_networks(unet, vgg, tmp, cfg.unet_width, cfg.vgg_width, graph)
+    graph = Graph.from_manifest({"networks": nets, **graph.manifest_sections()})   # as the bundle will pin it
 
     # Booster features from the exported networks, the deployed way: predicted mask, gate, masked image.
     from runtime.backends.ort import OrtRunner
     _say("train: VGG features of every gated kidney image through the exported ONNX networks")
     booster_masks = "predicted"
     with OrtRunner(tmp / nets["unet"]["files"]["fp32"]) as un, OrtRunner(tmp / nets["vgg"]["files"]["fp32"]) as vg:
-        def features(image, mask):
-            x = pp.to_input(apply_mask(image, mask), cfg.vgg_channels)
-            return vg.infer({"image": x}, ["features"])["features"][0]
-
-        chosen, used = [], []
+        chosen, feats = [], []
         for i in np.flatnonzero(kidney):
-            prob = un.infer({"image": pp.to_input(images[i], 1)})["mask"][0, 0]
-            m = (prob > 0.5).astype(np.uint8)
-            if m.mean() >= 0.05:  # the gate would reject it otherwise: deployment never scores it
+            result = graph.run(images[i], un, vg)
+            if result.gate.accepted:  # the gate would reject it otherwise: deployment never scores it
                 chosen.append(i)
-                used.append(m)
+                feats.append(result.features[0])
         if len(set(grades[chosen])) < 2 or len(chosen) < 8:
             # An undertrained UNet (a few epochs on a few images) may pass no frame through the gate. The booster
             # still needs examples: use the labelled masks, and say so in the manifest.
             _say("train: warning: the UNet passed too few frames through the gate; the booster is trained on "
                  "features of the labelled masks instead")
             chosen = list(np.flatnonzero(kidney))
-            used = [masks[i] for i in chosen]
+            feats = [graph.features(vg, images[i], masks[i])[0] for i in chosen]
             booster_masks = "labelled"
-        feats = [features(images[i], m) for i, m in zip(chosen, used)]
     labels, pats = grades[chosen] - 1, patients[chosen]
     _say(f"train: XGBoost (multi:softprob, eta 0.01, max_depth 16, subsample 0.5, lambda 10) on {len(feats)} frames")
     val_patients = sorted(set(patients[va].tolist())) or None
@@ -134,7 +132,7 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
         "config": asdict(cfg), "unet_history": unet_hist, "vgg_history": vgg_hist,
         "booster": _jsonable(booster_info), "booster_trained_on_masks": booster_masks, "seconds": round(time.time() - t_start, 1),
     }
-    write_bundle_manifest(tmp, nets, provenance, demo=cfg.demo)
+    write_bundle_manifest(tmp, nets, provenance, graph, demo=cfg.demo)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -143,22 +141,27 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
     return out
 
 
-def export_networks(unet, vgg, out: Path, unet_width: float, vgg_width: float, vgg_channels: int) -> dict:
-    """ONNX fp32 + fp16 of both networks into `out`; returns the manifest's `networks` section."""
+def export_networks(unet, vgg, out: Path, unet_width: float, vgg_width: float, graph: Graph) -> dict:
+    """ONNX fp32 + fp16 of both networks into `out`, with the graph's tensor names; returns the manifest's
+    `networks` section."""
     from export.onnx_export import export_unet, export_vgg, to_fp16
     nets = {}
+    s = graph.size
     for name, model, exporter, width, channels, out_name in (
-            ("unet", unet, export_unet, unet_width, 1, "mask"),
-            ("vgg", vgg, export_vgg, vgg_width, vgg_channels, "features")):
+            ("unet", unet, export_unet, unet_width, 1, graph.unet_output),
+            ("vgg", vgg, export_vgg, vgg_width, graph.vgg_channels, graph.vgg_output)):
         t = time.time()
         info = exporter(model, out / f"{name}.onnx")
+        in_name = next(iter(info["inputs"]))   # the names the file has: the manifest, and so every path, reads these
+        if out_name not in info["outputs"]:
+            raise RuntimeError(f"the exported {name} has no output '{out_name}' (it has {', '.join(info['outputs'])})")
         half = to_fp16(out / f"{name}.onnx", out / f"{name}.fp16.onnx")
         _say(f"export: {name} -> {name}.onnx, {name}.fp16.onnx in {time.time() - t:.1f} s "
              f"(parity vs torch {info.get('parity_max_abs', float('nan')):.2e})")
         nets[name] = {
             "files": {"fp32": f"{name}.onnx", "fp16": f"{name}.fp16.onnx"},
-            "input": {"name": "image", "shape": ["N", channels, 224, 224], "dtype": "float32"},
-            "output": {"name": out_name, "shape": ["N", 1, 224, 224] if name == "unet" else ["N", 1024],
+            "input": {"name": in_name, "shape": ["N", channels, s, s], "dtype": "float32"},
+            "output": {"name": out_name, "shape": ["N", 1, s, s] if name == "unet" else ["N", 1024],
                        "dtype": "float32"},
             "channels": channels,
             "architecture": "unet-jakeoung-bn-leakyrelu" if name == "unet" else "vgg19_bn-fc2-1024",
@@ -169,7 +172,7 @@ def export_networks(unet, vgg, out: Path, unet_width: float, vgg_width: float, v
     return nets
 
 
-def write_bundle_manifest(directory: Path, networks: dict, provenance: dict, *, demo: bool) -> Path:
+def write_bundle_manifest(directory: Path, networks: dict, provenance: dict, graph: Graph, *, demo: bool) -> Path:
     import onnx
     import onnxruntime
     import torch
@@ -182,12 +185,10 @@ def write_bundle_manifest(directory: Path, networks: dict, provenance: dict, *, 
         "name": "sonoscore-ifta" + ("-synthetic-demo" if demo else ""),
         "disclaimer": DEMO_DISCLAIMER if demo else None,
         "classes": CLASS_NAMES,
-        "preprocess": {"size": 224, "crimmins_iterations": 1, "crop": "auto", "gray": "bt601",
-                       "input_scale": "uint8/255"},
+        **graph.manifest_sections(),   # preprocess, gate
         "networks": networks,
         "booster": {"file": "booster.ubj", "format": "xgboost-ubj", "num_class": 4, "num_features": 1024,
                     "objective": "multi:softprob"},
-        "gate": {"mask_threshold": 0.5, "min_mask_fraction": 0.05},
         "provenance": provenance,
     }
     return write_manifest(directory, manifest)
@@ -217,7 +218,8 @@ def export_from_checkpoints(unet_ckpt, vgg_ckpt, booster_path, out: Path, *, ran
         raise UserError(f"booster '{booster_path}' does not exist; give an XGBoost .ubj or .json model")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    nets = export_networks(unet, vgg, out, uw, vw, ch)
+    graph = Graph(vgg_channels=ch)
+    nets = export_networks(unet, vgg, out, uw, vw, graph)
     shutil.copyfile(booster_path, out / "booster.ubj") if booster_path.suffix == ".ubj" else _to_ubj(booster_path,
                                                                                                      out / "booster.ubj")
     prov = {"made_by": "sonoscore export", "random_weights": bool(random_weights),
@@ -225,7 +227,7 @@ def export_from_checkpoints(unet_ckpt, vgg_ckpt, booster_path, out: Path, *, ran
             "vgg_checkpoint": None if random_weights else Path(vgg_ckpt).name, "booster": booster_path.name}
     if random_weights:
         prov["note"] = "random network weights: for timing only, its grades mean nothing"
-    path = write_bundle_manifest(out, nets, prov, demo=True)
+    path = write_bundle_manifest(out, nets, prov, graph, demo=True)
     _say(f"export: bundle written to {out}")
     return path.parent
 

@@ -123,21 +123,11 @@ class Bundle:
     def num_classes(self) -> int:
         return int(self.manifest["booster"].get("num_class", len(self.manifest["classes"])))
 
-    @property
-    def size(self) -> int:
-        return int(self.manifest["preprocess"].get("size", 224))
-
-    @property
-    def crimmins_iterations(self) -> int:
-        return int(self.manifest["preprocess"].get("crimmins_iterations", 1))
-
-    @property
-    def mask_threshold(self) -> float:
-        return float(self.manifest["gate"].get("mask_threshold", 0.5))
-
-    @property
-    def min_mask_fraction(self) -> float:
-        return float(self.manifest["gate"].get("min_mask_fraction", 0.05))
+    def graph(self, *, mask_threshold: float | None = None, min_mask_fraction: float | None = None):
+        """The per-frame graph this bundle's manifest pins (runtime.graph.Graph); the gate's threshold and minimum
+        fraction may be overridden (the bench opens the gate)."""
+        from runtime.graph import Graph
+        return Graph.from_manifest(self.manifest, mask_threshold=mask_threshold, min_mask_fraction=min_mask_fraction)
 
     @property
     def disclaimer(self) -> str | None:

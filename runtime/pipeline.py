@@ -1,17 +1,18 @@
-"""The per-frame graph of the IFTA grader, read top to bottom:
+"""Pipelines: a bundle's per-frame graph (runtime.graph) run on frames, one record per frame.
 
-    frame -> gray -> crop -> 224x224 -> Crimmins          preprocess
-          -> UNet -> sigmoid mask                          unet
-          -> mask > 0.5, fraction, gate, image * mask      gate
-          -> VGG-19-BN -> 1024 features (Fc2)              vgg
-          -> XGBoost softprob -> grade = argmax + 1        booster
+    frame -> prepare (gray, crop, resize, Crimmins)  [preprocess]
+          -> Graph.run: segment [unet] -> gate [gate] -> features [vgg] -> score [booster]
+
+`FramePipeline` is what every pipeline shares: the bundle's graph and network files at a precision, the booster's
+options, and `process()` (a record per frame that never raises for a bad frame, with its queue and total latency).
+`Pipeline` runs the graph on the CPU-side runners (onnxruntime, TensorRT); runtime.gpu.pipeline.DevicePipeline
+keeps the frame on the GPU; export.baseline.TorchBaseline runs it with eager torch modules.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from runtime import preprocess as pp
@@ -22,44 +23,52 @@ from runtime.record import FrameRecord
 from runtime.sources import Frame
 
 
-def apply_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Masked image with cv2.multiply semantics (uint8, saturating; mask is 0/1)."""
-    return cv2.multiply(image, mask)
-
-
-def bind_bundle(pipe, bundle: Bundle, *, backend: str, precision: str, booster_backend: str,
-                cache_dir: Path | None, min_mask_fraction: float | None, mask_threshold: float | None) -> None:
-    """What a pipeline (this one, or runtime.gpu's DevicePipeline) takes from its bundle and options: the
-    networks' specs and files at `precision`, the gate's threshold and minimum fraction (the bundle's unless
-    given), the preprocessing size and Crimmins iterations."""
-    pipe.bundle, pipe.backend, pipe.precision = bundle, backend, precision
-    pipe.unet_spec, pipe.vgg_spec = bundle.network("unet"), bundle.network("vgg")
-    pipe.unet_file = bundle.network_file("unet", precision)
-    pipe.vgg_file = bundle.network_file("vgg", precision)
-    pipe.booster_backend, pipe.cache_dir = booster_backend, cache_dir
-    pipe.threshold = bundle.mask_threshold if mask_threshold is None else mask_threshold
-    pipe.min_fraction = bundle.min_mask_fraction if min_mask_fraction is None else min_mask_fraction
-    pipe.size, pipe.iterations = bundle.size, bundle.crimmins_iterations
-
-
-def start_record(frame: Frame, t0: float) -> FrameRecord:
-    """A frame's record as processing starts at perf_counter `t0`: its queue time (capture to `t0`) and the
-    frame's own error, if it carries one."""
-    rec = FrameRecord(frame.index, frame.source_id, frame.t_capture, meta=frame.meta, error=frame.error)
-    rec.latency_ms["queue"] = max(0.0, (time.time() - frame.t_capture) * 1e3 - (time.perf_counter() - t0) * 1e3)
-    return rec
-
-
-class Pipeline:
-    """Runs a bundle on frames. A context manager: networks and the booster are loaded on enter."""
+class FramePipeline:
+    """A bundle's graph at one precision, run frame by frame. Subclasses load their runners on `__enter__` and
+    fill in `_run(frame, rec, lap)`; `process` wraps it with the record, its error and its latencies."""
 
     def __init__(self, bundle: Bundle, *, backend: str = "ort", precision: str = "fp32",
-                 booster_backend: str = "auto", cache_dir: Path | None = None, threads: int | None = None,
+                 booster_backend: str = "auto", cache_dir: Path | None = None,
                  min_mask_fraction: float | None = None, mask_threshold: float | None = None):
-        bind_bundle(self, bundle, backend=backend, precision=precision, booster_backend=booster_backend,
-                    cache_dir=cache_dir, min_mask_fraction=min_mask_fraction, mask_threshold=mask_threshold)
-        self.threads = threads
+        self.bundle, self.backend, self.precision = bundle, backend, precision
+        self.graph = bundle.graph(mask_threshold=mask_threshold, min_mask_fraction=min_mask_fraction)
+        self.unet_spec, self.vgg_spec = bundle.network("unet"), bundle.network("vgg")
+        self.unet_file = bundle.network_file("unet", precision)
+        self.vgg_file = bundle.network_file("vgg", precision)
+        self.booster_backend, self.cache_dir = booster_backend, cache_dir
         self.unet = self.vgg = self.booster = None
+
+    def load_booster(self) -> Booster:
+        return Booster.load(self.bundle.booster_file, num_class=self.bundle.num_classes, cache_dir=self.cache_dir,
+                            backend=self.booster_backend)
+
+    def process(self, frame: Frame, t_start: float | None = None) -> FrameRecord:
+        """One frame -> one record. Never raises for a bad frame: the record carries the error instead.
+        `t_start`: the perf_counter at which the caller took the frame (its queue time ends there)."""
+        t0 = time.perf_counter() if t_start is None else t_start
+        rec = FrameRecord(frame.index, frame.source_id, frame.t_capture, meta=frame.meta, error=frame.error)
+        lat = rec.latency_ms
+        lat["queue"] = max(0.0, (time.time() - frame.t_capture) * 1e3 - ms_since(t0))
+        if not frame.error:
+            try:
+                self._run(frame, rec, Laps(lat))
+            except pp.FrameError as e:
+                rec.error = f"frame {frame.index}: {e}"
+                rec.accepted = False
+        lat["total"] = lat["queue"] + ms_since(t0)
+        return rec
+
+    def _run(self, frame: Frame, rec: FrameRecord, lap: "Laps") -> None:
+        raise NotImplementedError
+
+
+class Pipeline(FramePipeline):
+    """Runs a bundle on frames with onnxruntime or TensorRT runners. A context manager: networks and the booster
+    are loaded on enter."""
+
+    def __init__(self, bundle: Bundle, *, threads: int | None = None, **options):
+        super().__init__(bundle, **options)
+        self.threads = threads
 
     def __enter__(self) -> "Pipeline":
         opts = {"intra_op_threads": self.threads} if self.threads else {}
@@ -68,8 +77,7 @@ class Pipeline:
         try:
             self.unet = make_runner(self.backend, self.unet_file, **opts).__enter__()
             self.vgg = make_runner(self.backend, self.vgg_file, **opts).__enter__()
-            self.booster = Booster.load(self.bundle.booster_file, num_class=self.bundle.num_classes,
-                                        cache_dir=self.cache_dir, backend=self.booster_backend)
+            self.booster = self.load_booster()
         except BaseException:
             self.__exit__(None, None, None)   # a runner already open is released, not leaked
             raise
@@ -81,75 +89,41 @@ class Pipeline:
                 r.__exit__(None, None, None)
         self.unet = self.vgg = None
 
-    # -- the graph -------------------------------------------------------------------------------------------
-    def process(self, frame: Frame, t_start: float | None = None) -> FrameRecord:
-        """One frame -> one record. Never raises for a bad frame: the record carries the error instead."""
-        t0 = time.perf_counter() if t_start is None else t_start
-        rec = start_record(frame, t0)
-        lat = rec.latency_ms
-        if frame.error:
-            return finish_record(rec, t0)
-        try:
-            t = time.perf_counter()
-            rec.display, rec.image, rec.region = self.prepare(frame)
-            image = rec.image
-            lat["preprocess"] = ms_since(t)
-
-            t = time.perf_counter()
-            prob = self.unet.infer({self.unet_spec.input_name: pp.to_input(image, 1)})[self.unet_spec.output_name]
-            lat["unet"] = ms_since(t)
-
-            t = time.perf_counter()
-            mask = (prob[0, 0] > self.threshold).astype(np.uint8)
-            rec.mask = mask
-            rec.mask_fraction = float(mask.mean())
-            rec.accepted = rec.mask_fraction >= self.min_fraction
-            masked = apply_mask(image, mask) if rec.accepted else None
-            lat["gate"] = ms_since(t)
-            if not rec.accepted:
-                return finish_record(rec, t0)
-
-            t = time.perf_counter()
-            feats = self.vgg.infer({self.vgg_spec.input_name: pp.to_input(masked, self.vgg_spec.channels)},
-                                   [self.vgg_spec.output_name])[self.vgg_spec.output_name]
-            lat["vgg"] = ms_since(t)
-
-            t = time.perf_counter()
-            rec.probabilities, rec.grade = self.booster.predict_one(feats)
-            lat["booster"] = ms_since(t)
-        except pp.FrameError as e:
-            rec.error = f"frame {frame.index}: {e}"
-            rec.accepted = False
-        return finish_record(rec, t0)
+    def _run(self, frame: Frame, rec: FrameRecord, lap: "Laps") -> None:
+        rec.display, rec.image, rec.region = self.prepare(frame)
+        lap("preprocess")
+        result = self.graph.run(rec.image, self.unet, self.vgg, self.booster, lap)
+        rec.mask, rec.mask_fraction, rec.accepted = result.gate.mask, result.gate.fraction, result.gate.accepted
+        rec.probabilities, rec.grade = result.probabilities, result.grade
 
     def prepare(self, frame: Frame) -> tuple[np.ndarray, np.ndarray, pp.Region]:
-        """(gray display frame, preprocessed 224x224 image, region it came from): the preprocessing every path
-        shares (streaming, evaluation, INT8 calibration), so ranges measured offline match deployment."""
+        """(gray display frame, preprocessed image, region it came from): the preprocessing every path shares
+        (streaming, evaluation, INT8 calibration), so ranges measured offline match deployment."""
         gray = pp.to_gray(frame.pixels, frame.channel_order, frame.window)
-        image, region = pp.preprocess(gray, frame.region, size=self.size, crimmins_iterations=self.iterations)
-        if frame.meta.get("burned_in_annotation", False) is not False:
-            # A DICOM frame that has (or may have) names and dates burned into its pixels: what sinks save and show
-            # (video, viewer) is the ultrasound region only, never the scanner's text around it.
-            gray = np.ascontiguousarray(gray[region.y0:region.y1, region.x0:region.x1])
-            region = pp.Region(0, 0, gray.shape[1], gray.shape[0])
+        image, region = self.graph.preprocess(gray, frame.region)
+        gray, region = shown_part(gray, region, frame.meta)
         return gray, image, region
 
-    def features(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """VGG features of a preprocessed image under a 0/1 mask (training the booster uses this)."""
-        masked = apply_mask(image, mask)
-        return self.vgg.infer({self.vgg_spec.input_name: pp.to_input(masked, self.vgg_spec.channels)},
-                              [self.vgg_spec.output_name])[self.vgg_spec.output_name][0]
 
-    def segment(self, image: np.ndarray) -> np.ndarray:
-        """Binary 0/1 mask of a preprocessed image."""
-        prob = self.unet.infer({self.unet_spec.input_name: pp.to_input(image, 1)})[self.unet_spec.output_name]
-        return (prob[0, 0] > self.threshold).astype(np.uint8)
+def shown_part(gray: np.ndarray | None, region: pp.Region, meta: dict) -> tuple[np.ndarray | None, pp.Region]:
+    """What sinks may save and show of a frame (video, viewer): all of it, or only its ultrasound region when it
+    has (or may have) names and dates burned into its pixels (a DICOM frame), never the scanner's text around it."""
+    if gray is None or meta.get("burned_in_annotation", False) is False:
+        return gray, region
+    gray = np.ascontiguousarray(gray[region.y0:region.y1, region.x0:region.x1])
+    return gray, pp.Region(0, 0, gray.shape[1], gray.shape[0])
 
 
-def finish_record(rec: FrameRecord, t0: float) -> FrameRecord:
-    """The record's total latency: its queue time plus the time since perf_counter `t0`."""
-    rec.latency_ms["total"] = rec.latency_ms.get("queue", 0.0) + ms_since(t0)
-    return rec
+class Laps:
+    """Stage latencies: `lap(stage)` records the ms since the previous lap (or since it was made)."""
+
+    def __init__(self, latency_ms: dict[str, float]):
+        self.latency_ms, self.t = latency_ms, time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.latency_ms[stage] = (now - self.t) * 1e3
+        self.t = now
 
 
 def ms_since(t: float) -> float:

@@ -53,7 +53,6 @@ def main(argv=None) -> int:
     from calibration.quantize import float_layers, quantize_int8, quantized_layers, spread_indices
     from calibration.report import compare, run_precision
     from calibration.run import read_frames
-    from runtime import preprocess as pp
     from runtime.booster import Booster
     from runtime.bundle import Bundle, BundleError
     from runtime.pipeline import Pipeline
@@ -77,8 +76,8 @@ def main(argv=None) -> int:
     for spec in a.check:
         extra = read_frames([spec], pipe, max_frames=3000)
         sets[f"check {extra.sources[0]['source_id']}"] = extra.images
-    spec = bundle.network("unet")
-    inputs = [pp.to_input(img, 1) for img in sets["calibration"]]
+    graph = bundle.graph()
+    inputs = [graph.unet_feeds(img)[graph.unet_input] for img in sets["calibration"]]
     fp32_file = bundle.network_file("unet", "fp32")
     fp32 = onnx.load(str(fp32_file))
     vgg = bundle.network_file("vgg", "int8") if "vgg" in bundle.int8_networks else bundle.network_file("vgg", "fp32")
@@ -86,7 +85,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="sonoscore-sensitivity-") as tmp:
         tmp = Path(tmp)
         t = time.perf_counter()
-        quantize_int8(fp32_file, tmp / "unet.int8.onnx", spec.input_name, inputs, method=a.method)
+        quantize_int8(fp32_file, tmp / "unet.int8.onnx", graph.unet_input, inputs, method=a.method)
         qdq = onnx.load(str(tmp / "unet.int8.onnx"))
         layers = quantized_layers(qdq)
         _say(f"int8_sensitivity: UNet quantized ({a.method}, {len(inputs)} frames) in {time.perf_counter() - t:.0f} "
@@ -94,15 +93,15 @@ def main(argv=None) -> int:
         so = ort.SessionOptions()
         so.log_severity_level = 3
 
-        def probs(model) -> np.ndarray:
+        def masks(model) -> np.ndarray:
             s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-            return np.stack([s.run(None, {spec.input_name: x})[0][0, 0] for x in inputs])
+            return np.stack([graph.gate(s.run(None, {graph.unet_input: x})[0][0, 0]).mask for x in inputs])
 
-        ref = probs(fp32) > bundle.mask_threshold
-        base = int(((probs(qdq) > bundle.mask_threshold) != ref).sum())
+        ref = masks(fp32)
+        base = int((masks(qdq) != ref).sum())
         differ = {}
         for i, name in enumerate(layers, 1):
-            differ[name] = int(((probs(float_layers(qdq, fp32, [name])) > bundle.mask_threshold) != ref).sum())
+            differ[name] = int((masks(float_layers(qdq, fp32, [name])) != ref).sum())
             _say(f"  {i}/{len(layers)} {name}: {differ[name]} mask pixels differ from FP32 (all INT8: {base})")
         rank = sorted(layers, key=lambda name: differ[name])
 

@@ -13,7 +13,7 @@ pytest.importorskip("onnx")
 from export.baseline import TorchBaseline, WeightsMismatch, _read_onnx, load_onnx_weights, torch_networks  # noqa: E402
 from export.models import UNet  # noqa: E402
 from runtime import preprocess as pp  # noqa: E402
-from runtime.app import bench_frames  # noqa: E402
+from runtime.bench import bench_frames  # noqa: E402
 from runtime.bundle import Bundle  # noqa: E402
 from runtime.pipeline import Pipeline  # noqa: E402
 
@@ -31,7 +31,7 @@ def frames():
 
 
 def unet_prob(cpu: Pipeline, image: np.ndarray) -> np.ndarray:
-    return cpu.unet.infer({cpu.unet_spec.input_name: pp.to_input(image, 1)})[cpu.unet_spec.output_name][0, 0]
+    return cpu.graph.segment(cpu.unet, image)
 
 
 def same_mask_away_from_the_threshold(mask, ref_mask, ref_prob, margin, threshold=0.5):
@@ -50,7 +50,7 @@ def test_torch_baseline_on_cpu_reproduces_the_onnx_pipeline_masks_features_and_g
             assert a.error is None and a.accepted
             assert np.array_equal(a.image, b.image) and a.region == b.region      # the same CPU preprocessing
             same_mask_away_from_the_threshold(a.mask, b.mask, unet_prob(cpu, b.image), 1e-4)
-            fa, fb = team.features(b.image, b.mask), cpu.features(b.image, b.mask)
+            fa, fb = team.graph.features(team.vgg, b.image, b.mask)[0], cpu.graph.features(cpu.vgg, b.image, b.mask)[0]
             assert fa.shape == fb.shape == (1024,)
             assert np.abs(fa - fb).max() <= 1e-4 * max(1.0, float(np.abs(fb).max()))
             assert a.grade == b.grade
@@ -113,8 +113,8 @@ def test_gpu_torch_baseline_agrees_with_the_onnx_cpu_pipeline(bundle, frames):
         for f in frames:
             a, b = team.process(f), cpu.process(f)
             # cuDNN's TF32 convolutions round differently from the CPU: compare probabilities, not 0/1 masks
-            assert np.abs(team.unet_probabilities(b.image) - unet_prob(cpu, b.image)).max() <= 1e-3
-            fa, fb = team.features(b.image, b.mask), cpu.features(b.image, b.mask)
+            assert np.abs(team.graph.segment(team.unet, b.image) - unet_prob(cpu, b.image)).max() <= 1e-3
+            fa, fb = team.graph.features(team.vgg, b.image, b.mask)[0], cpu.graph.features(cpu.vgg, b.image, b.mask)[0]
             cos = float(fa @ fb / max(np.linalg.norm(fa) * np.linalg.norm(fb), 1e-30))
             assert cos >= 0.999
             assert a.latency_ms["unet"] > 0 and a.latency_ms["vgg"] > 0

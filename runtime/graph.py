@@ -1,0 +1,152 @@
+"""The IFTA per-frame graph, defined once. Every path that runs the two networks runs them through this module:
+the CPU pipeline, the device pipeline's host side, INT8 calibration and its accuracy check, training (the booster's
+features) and the PyTorch baseline. Its constants come from the bundle's manifest, never from the caller's code.
+
+    gray frame --preprocess--> image 224x224 uint8       crop, resize, Crimmins           (runtime.preprocess)
+    image      --segment-----> prob  224x224 float       UNet, sigmoid inside the network
+    prob       --gate--------> Gate(mask, fraction, accepted)   prob > mask_threshold; fraction >= min_mask_fraction
+    image,mask --features----> [1, F] float              image * mask (uint8), VGG-19-BN up to Fc2
+    features   --score-------> probabilities [C], grade  the booster's softmax, grade = argmax + 1
+
+`Graph.run` is that dataflow in one function; a pipeline supplies the runners (anything with
+`infer(feeds, outputs) -> {name: array}`), the booster (`predict_one(features) -> (probabilities, grade)`) and a
+clock for its stage latencies. The device pipeline runs the same steps as CUDA kernels (runtime.gpu.kernels) with
+the threshold and minimum fraction read from here, and decides acceptance with `Graph.accepts`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+
+from runtime import preprocess as pp
+
+# The gate and preprocessing a new bundle gets (docs/design.md, "The per-frame graph"). A bundle's manifest may
+# set others; every path reads them from the manifest through `Graph.from_manifest`.
+MASK_THRESHOLD = 0.5
+MIN_MASK_FRACTION = 0.05
+SIZE = 224
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The quality gate's verdict on one frame."""
+    mask: np.ndarray        # HxW uint8, 1 = kidney
+    fraction: float         # share of the mask that is kidney
+    accepted: bool          # fraction >= the minimum: the frame is scored
+
+
+@dataclass
+class Result:
+    """What the graph computed for one preprocessed image (features and scores only when the gate accepted it)."""
+    gate: Gate
+    features: np.ndarray | None = None
+    probabilities: list[float] | None = None
+    grade: int | None = None
+
+
+@dataclass(frozen=True)
+class Graph:
+    """The per-frame graph's pinned definitions: preprocessing, the networks' tensor names, the gate."""
+    size: int = SIZE
+    crimmins_iterations: int = 1
+    unet_input: str = "image"
+    unet_output: str = "mask"
+    vgg_input: str = "image"
+    vgg_output: str = "features"
+    vgg_channels: int = 1
+    mask_threshold: float = MASK_THRESHOLD
+    min_mask_fraction: float = MIN_MASK_FRACTION
+
+    # -- construction ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any], *, mask_threshold: float | None = None,
+                      min_mask_fraction: float | None = None) -> "Graph":
+        """The graph a manifest describes; `mask_threshold` / `min_mask_fraction` override its gate (e.g. the
+        bench opens the gate with 0)."""
+        pre, gate, nets = manifest.get("preprocess", {}), manifest.get("gate", {}), manifest["networks"]
+        unet, vgg = nets["unet"], nets["vgg"]
+        return cls(size=int(pre.get("size", SIZE)),
+                   crimmins_iterations=int(pre.get("crimmins_iterations", 1)),
+                   unet_input=unet["input"]["name"], unet_output=unet["output"]["name"],
+                   vgg_input=vgg["input"]["name"], vgg_output=vgg["output"]["name"],
+                   vgg_channels=int(vgg.get("channels", 1)),
+                   mask_threshold=float(gate.get("mask_threshold", MASK_THRESHOLD)
+                                        if mask_threshold is None else mask_threshold),
+                   min_mask_fraction=float(gate.get("min_mask_fraction", MIN_MASK_FRACTION)
+                                           if min_mask_fraction is None else min_mask_fraction))
+
+    def manifest_sections(self) -> dict[str, dict[str, Any]]:
+        """The manifest's `preprocess` and `gate` sections for this graph (what `from_manifest` reads back)."""
+        return {"preprocess": {"size": self.size, "crimmins_iterations": self.crimmins_iterations, "crop": "auto",
+                               "gray": "bt601", "input_scale": "uint8/255"},
+                "gate": {"mask_threshold": self.mask_threshold, "min_mask_fraction": self.min_mask_fraction}}
+
+    # -- the steps ---------------------------------------------------------------------------------------------
+    def preprocess(self, gray: np.ndarray, region: pp.Region | None = None) -> tuple[np.ndarray, pp.Region]:
+        """uint8 gray frame -> (size x size uint8 image after Crimmins, the region it was cut from)."""
+        return pp.preprocess(gray, region, size=self.size, crimmins_iterations=self.crimmins_iterations)
+
+    def segment(self, unet, image: np.ndarray) -> np.ndarray:
+        """The UNet's kidney probability (HxW) for a preprocessed image."""
+        return unet.infer(self.unet_feeds(image), [self.unet_output])[self.unet_output][0, 0]
+
+    def unet_feeds(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """The UNet's input: the preprocessed image as [1, 1, H, W] float32, uint8 / 255."""
+        return {self.unet_input: pp.to_input(image, 1)}
+
+    def gate(self, prob: np.ndarray) -> Gate:
+        """Threshold the probability into a 0/1 mask; accept the frame when enough of it is kidney."""
+        return self.gate_mask((prob > self.mask_threshold).astype(np.uint8))
+
+    def gate_mask(self, mask: np.ndarray) -> Gate:
+        """The gate's verdict on a 0/1 uint8 mask already made (an earlier run's, or a labelled one)."""
+        fraction = float(mask.mean())
+        return Gate(mask, fraction, self.accepts(fraction))
+
+    def accepts(self, fraction: float) -> bool:
+        """The gate's decision for a mask (or labelled mask) covering `fraction` of the image."""
+        return fraction >= self.min_mask_fraction
+
+    def vgg_feeds(self, image: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        """The VGG's input: the image under the 0/1 mask (cv2.multiply: uint8, saturating), scaled as the UNet's."""
+        return {self.vgg_input: pp.to_input(masked(image, mask), self.vgg_channels)}
+
+    def features(self, vgg, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The VGG's Fc2 features ([1, F]) of the image under the mask."""
+        return vgg.infer(self.vgg_feeds(image, mask), [self.vgg_output])[self.vgg_output]
+
+    @staticmethod
+    def score(booster, features: np.ndarray) -> tuple[list[float], int]:
+        """(class probabilities, grade 1..C) from the booster."""
+        return booster.predict_one(features)
+
+    # -- the whole graph ---------------------------------------------------------------------------------------
+    def run(self, image: np.ndarray, unet, vgg, booster=None, lap: Callable[[str], None] | None = None) -> Result:
+        """segment -> gate -> features -> score on one preprocessed image. `lap(stage)` is called as each stage
+        ends (the pipelines time their stages with it); with no booster the result stops at the features."""
+        lap = lap or _no_lap
+        prob = self.segment(unet, image)
+        lap("unet")
+        g = self.gate(prob)
+        lap("gate")
+        result = Result(g)
+        if not g.accepted:
+            return result
+        result.features = self.features(vgg, image, g.mask)
+        lap("vgg")
+        if booster is not None:
+            result.probabilities, result.grade = self.score(booster, result.features)
+            lap("booster")
+        return result
+
+
+def masked(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The image under a 0/1 uint8 mask, with cv2.multiply's semantics (what the VGG sees)."""
+    return cv2.multiply(image, mask)
+
+
+def _no_lap(stage: str) -> None:
+    pass
