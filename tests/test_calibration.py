@@ -18,13 +18,24 @@ from tests.conftest import sonoscore
 SIM = "sim://kidney?frames=16&fps=30&seed=4"   # fps=30 on purpose: calibration reads it unpaced
 
 
-def _open_gate(bundle_dir: Path) -> None:
-    """The tiny bundle's one-epoch UNet finds no kidney anywhere, so its gate rejects every frame and there would
-    be nothing to calibrate the VGG on. Opening the gate (a manifest setting, not a hashed file) lets every frame
-    through; the networks and their files stay exactly as trained."""
+def _open_gate(bundle_dir: Path, min_mask_fraction: float = 0.0) -> None:
+    """The tiny bundle's one-epoch UNet finds little or no kidney (how much depends on the machine it trained on),
+    so its gate may reject every frame and leave nothing to calibrate the VGG on. Opening the gate (a manifest
+    setting, not a hashed file) lets every frame through, whatever the weights; a fraction above 1 closes it for
+    every frame. The networks and their files stay exactly as trained."""
     m = json.loads((bundle_dir / "manifest.json").read_text())
-    m["gate"]["min_mask_fraction"] = 0.0
+    m["gate"]["min_mask_fraction"] = min_mask_fraction
     (bundle_dir / "manifest.json").write_text(json.dumps(m, indent=2))
+
+
+def _drop_fp16(bundle_dir: Path) -> None:
+    """Take the FP16 files out of a bundle's manifest (they stay on disk, unreferenced): calibrate then checks INT8
+    alone."""
+    from runtime.bundle import write_manifest
+    m = json.loads((bundle_dir / "manifest.json").read_text())
+    for net in m["networks"].values():
+        net["files"].pop("fp16", None)
+    write_manifest(bundle_dir, m)
 
 
 @pytest.fixture(scope="module")
@@ -131,22 +142,33 @@ def test_networks_auto_installs_both_when_both_pass_else_the_vgg_alone(calibrate
     assert set(report["accuracy"]["held-out"]) == {"int8", "int8-vgg", "fp16"}
     assert Bundle.load(b).manifest["networks"]["unet"]["files"]["int8"] == "unet.int8.onnx"
 
-    # The tiny model's INT8 UNet moves its masks (IoU about 0.76 with FP32) while the VGG alone in INT8 leaves them
-    # exactly as they are (IoU 1) and FP16 stays near 0.99: an IoU floor of 0.9 separates the three.
+    both_iou = report["accuracy"]["held-out"]["int8"]["mask_iou_mean"]
+    assert report["accuracy"]["held-out"]["int8-vgg"]["mask_iou_mean"] == 1.0   # the FP32 UNet's masks, exactly
+
+    # An IoU floor between what this run's INT8 UNet reached and 1 (what the VGG alone in INT8 keeps, by
+    # construction) separates the two sets. Derived from the run, not assumed: how far INT8 moves the masks depends
+    # on the CPU's integer kernels and on the weights a training run produced on this machine. FP16 is taken out
+    # of this copy so that its own IoU (also just below 1) cannot fail the run.
     b = tmp_path / "vgg"
     shutil.copytree(calibrated[0], b)
+    _drop_fp16(b)
+    floor = (both_iou + 1.0) / 2
     r = sonoscore("calibrate", "--bundle", b, "--frames", SIM, "--count", 8, "--holdout", 8, "--networks", "auto",
-                  "--min-iou", 0.9, *relaxed)
+                  "--min-iou", floor, *relaxed)
+    assert r.returncode == 0, r.stderr
     report = json.loads((b / "calibration_report.json").read_text())
     held = report["accuracy"]["held-out"]
-    assert held["int8"]["mask_iou_mean"] < 0.9 <= held["fp16"]["mask_iou_mean"], held  # the premise
-    assert r.returncode == 0, r.stderr
-    assert report["int8_networks"] == ["vgg"] and report["passed"] is True
-    assert report["int8_both_missed"] and "mask IoU" in report["int8_both_missed"][0]
-    assert "the VGG alone in INT8 passes" in r.stderr
+    assert set(held) == {"int8", "int8-vgg"} and held["int8"]["mask_iou_mean"] == both_iou   # same files, same run
     m = Bundle.load(b).manifest
-    assert m["networks"]["unet"]["files"]["int8"] == "unet.onnx" and not (b / "unet.int8.onnx").exists()
     assert m["networks"]["vgg"]["files"]["int8"] == "vgg.int8.onnx"
+    if both_iou < 1.0:   # the INT8 UNet moved some mask pixel: it misses the floor, the VGG alone is installed
+        assert report["int8_networks"] == ["vgg"] and report["passed"] is True
+        assert report["int8_both_missed"] and "mask IoU" in report["int8_both_missed"][0]
+        assert "the VGG alone in INT8 passes" in r.stderr
+        assert m["networks"]["unet"]["files"]["int8"] == "unet.onnx" and not (b / "unet.int8.onnx").exists()
+    else:                # INT8 kept every mask pixel here: both pass the floor of 1 and both are installed
+        assert report["int8_networks"] == ["unet", "vgg"] and report["int8_both_missed"] is None
+        assert m["networks"]["unet"]["files"]["int8"] == "unet.int8.onnx"
 
     # and when neither passes, nothing is installed and the command says so (exit 4)
     b = tmp_path / "none"
@@ -176,9 +198,10 @@ def test_a_missed_threshold_fails_and_keeps_the_bundle_unchanged(tiny_bundle, tm
 def test_calibrate_user_errors_are_one_sentence(tiny_bundle, tmp_path):
     r = sonoscore("calibrate", "--bundle", tiny_bundle, "--frames", tmp_path / "nope")
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
-    # the tiny bundle's closed gate rejects every frame: nothing to calibrate the VGG on, said in one sentence
+    # a gate closed to every frame: nothing to calibrate the VGG on, said in one sentence
     b = tmp_path / "b"
     shutil.copytree(tiny_bundle, b)
+    _open_gate(b, min_mask_fraction=1.5)
     r = sonoscore("calibrate", "--bundle", b, "--frames", SIM, "--count", 4, "--holdout", 4)
     assert r.returncode == 2 and "quality gate" in r.stderr and "Traceback" not in r.stderr
     r = sonoscore("run", "--bundle", tiny_bundle, "--source", SIM, "--precision", "int8")
