@@ -1,5 +1,7 @@
 """The onnxruntime runner on a small real model: metadata by name, dynamic batch, numbers, and one-sentence errors
-for every way a caller can get the feeds wrong. Also the backend registry that `sonoscore doctor` prints."""
+for every way a caller can get the feeds wrong. Also the backend registry that `sonoscore doctor` prints, and the
+base runner (runtime.backends.base.BaseRunner) whose guard and checks every runner uses: on a tiny runner of its
+own (`Toy`, which records what reaches the backend) and through OrtRunner on the real model."""
 import importlib.util
 import os
 
@@ -11,6 +13,7 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
 
 from runtime.backends import BackendUnavailable, TensorMeta, available_backends, make_runner  # noqa: E402
+from runtime.backends.base import BaseRunner  # noqa: E402
 from runtime.backends.ort import OrtRunner  # noqa: E402
 from tests.conftest import cuda_or_skip  # noqa: E402
 
@@ -214,21 +217,169 @@ def test_a_cuda_stream_without_the_cuda_provider_is_refused(model):
         OrtRunner(model, stream=0x1234)
 
 
+# -- BaseRunner: the guard and the checks, once for every backend ------------------------------------------------
+
+class Toy(BaseRunner):
+    """The smallest runner: y = x + 1 on a (n, 2) float32 input. Records every call reaching an *_impl method, so
+    a test sees whether the shared checks stopped a bad call before the backend."""
+
+    def __init__(self, fail_activate=False):
+        super().__init__("toy.onnx")
+        self.fail_activate = fail_activate
+        self.calls: list[tuple] = []
+
+    def activate_impl(self):
+        self.calls.append(("activate",))
+        self._inputs = {"x": TensorMeta(("n", 2), np.dtype(np.float32))}
+        self._outputs = {"y": TensorMeta(("n", 2), np.dtype(np.float32)), "n": TensorMeta((), np.dtype(np.int64))}
+        if self.fail_activate:
+            raise OSError("the model would not load")
+
+    def deactivate_impl(self):
+        self.calls.append(("deactivate",))
+
+    def infer_impl(self, arrays, wanted):
+        self.calls.append(("infer", {k: (v.dtype, v.flags.c_contiguous) for k, v in arrays.items()}, wanted))
+        out = {"y": arrays["x"] + 1, "n": np.int64(len(arrays["x"]))}
+        return {k: out[k] for k in wanted}
+
+    def infer_device_impl(self, addresses, shapes, buffers, stream):
+        self.calls.append(("infer_device", addresses, shapes, buffers, stream))
+        return {}
+
+
+def test_base_runner_checks_then_calls_the_backend():
+    r = Toy()
+    with pytest.raises(RuntimeError, match=r"^Toy for 'toy.onnx' is not active; use it inside `with Toy\(...\) as "
+                                           r"runner:`$"):
+        r.infer({"x": np.zeros((1, 2), np.float32)})
+    with pytest.raises(RuntimeError, match="Toy for 'toy.onnx' is not active"):
+        r.outputs
+    assert r.calls == []
+    with r:
+        assert r.is_active and r.calls == [("activate",)]
+        with pytest.raises(RuntimeError, match=r"^Toy for 'toy.onnx' is already active; enter it once$"):
+            r.activate()
+        x = np.arange(8, dtype=np.float64).reshape(2, 4)[:, ::2]     # float64, not contiguous
+        out = r.infer({"x": x})
+        assert r.calls[-1] == ("infer", {"x": (np.dtype(np.float32), True)}, ["y", "n"])   # cast, made contiguous
+        assert out["y"].dtype == np.float32 and np.array_equal(out["y"], x + 1) and out["n"] == 2
+        assert list(r.infer({"x": x}, ["n"])) == ["n"]
+        n_calls = len(r.calls)
+        for bad, err in [({"x": x, "z": x}, r"model 'toy.onnx' has no input 'z'; its inputs are 'x' float32\[n, 2\]$"),
+                         ({}, "input 'x' of model 'toy.onnx' is missing from the feeds"),
+                         ({"x": np.zeros((2, 3), np.float32)}, r"has shape \(2, 3\), but the model takes"),
+                         ({"x": np.zeros((2, 2), np.uint8)}, "must be float32, got uint8")]:
+            with pytest.raises((ValueError, TypeError), match=err):
+                r.infer(bad)
+        with pytest.raises(ValueError, match="has no output 'logits'; its outputs are 'y' float32"):
+            r.infer({"x": x}, ["logits"])
+        assert len(r.calls) == n_calls, "a call the checks refuse must not reach infer_impl"
+    assert not r.is_active and r.calls[-1] == ("deactivate",)
+    r.deactivate()                                        # nothing to release on an inactive runner
+    assert r.calls[-1] == ("deactivate",) and r.calls.count(("deactivate",)) == 1
+    with r:                                               # and it may be entered again
+        assert r.infer({"x": np.ones((1, 2), np.float32)})["y"][0, 0] == 2
+
+
+def test_base_runner_infer_device_checks_names_and_shapes_and_passes_the_stream_handle():
+    class PycudaLikeStream:
+        handle = 0xBEEF
+
+    with Toy() as r:
+        r.infer_device({"x": 0x1000}, shapes={"x": (3, 2)}, outputs={"y": 0x2000}, stream=PycudaLikeStream())
+        assert r.calls[-1] == ("infer_device", {"x": 0x1000}, {"x": (3, 2)}, {"y": 0x2000}, 0xBEEF)
+        r.infer_device({"x": 0x1000}, shapes={"x": None})   # None: as if not given
+        assert r.calls[-1] == ("infer_device", {"x": 0x1000}, {}, {}, None)
+        n_calls = len(r.calls)
+        for kwargs, err in [(dict(inputs={}), r"input\(s\) x of model 'toy.onnx' are missing"),
+                            (dict(inputs={"x": 1, "w": 2}), "has no input 'w'"),
+                            (dict(inputs={"x": 1}, outputs={"z": 3}), "has no output 'z'"),
+                            (dict(inputs={"x": 1}, shapes={"w": (1, 2)}), r"has no input 'w' \(given in shapes=\)"),
+                            (dict(inputs={"x": 1}, shapes={"x": (1, 3)}), r"has shape \(1, 3\), but the model "
+                                                                          r"takes float32\[n, 2\]")]:
+            with pytest.raises(ValueError, match=err):
+                r.infer_device(**kwargs)
+        assert len(r.calls) == n_calls
+    with pytest.raises(RuntimeError, match="not active"):
+        r.infer_device({"x": 1})
+
+
+def test_a_failed_activation_is_undone_and_leaves_the_runner_inactive():
+    r = Toy(fail_activate=True)
+    with pytest.raises(OSError, match="would not load"):
+        r.__enter__()
+    assert r.calls == [("activate",), ("deactivate",)] and not r.is_active
+    with pytest.raises(RuntimeError, match="not active"):
+        r.inputs                                          # the half-filled metadata is gone too
+    r.fail_activate = False
+    with r:
+        assert list(r.inputs) == ["x"]
+
+
+def test_a_runner_without_a_device_path_says_so():
+    class HostOnly(Toy):
+        infer_device_impl = BaseRunner.infer_device_impl
+
+    with HostOnly() as r:
+        with pytest.raises(BackendUnavailable, match="^HostOnly has no device path; use infer"):
+            r.infer_device({"x": 1})
+
+
+def test_ort_runner_takes_the_guard_and_checks_from_the_base_runner(model):
+    assert issubclass(OrtRunner, BaseRunner)
+    for name in ("infer", "infer_device", "inputs", "outputs", "__enter__", "__exit__", "activate"):
+        assert name not in vars(OrtRunner), f"OrtRunner re-implements {name}; the base runner's is the one"
+
+    class Counting(OrtRunner):
+        def infer_impl(self, arrays, wanted):
+            self.reached = getattr(self, "reached", 0) + 1
+            return super().infer_impl(arrays, wanted)
+
+    r = Counting(model, intra_op_threads=1)
+    with pytest.raises(FileNotFoundError):
+        Counting(model.parent / "missing.onnx").__enter__()
+    with r:
+        with pytest.raises(TypeError, match="must be float32, got int32"):
+            r.infer({"image": np.zeros((1, 1, 8, 8), np.int32), "gain": feeds()["gain"]})
+        assert getattr(r, "reached", 0) == 0              # refused before onnxruntime saw it
+        ref = r.infer(feeds(2, seed=1))
+        assert r.reached == 1
+    with pytest.raises(RuntimeError, match=r"^Counting for 'tiny.onnx' is not active"):
+        r.infer(feeds())
+    with r:                                               # a new session, the same numbers
+        again = r.infer(feeds(2, seed=1))
+    assert np.array_equal(ref["mask"], again["mask"]) and np.array_equal(ref["mean"], again["mean"])
+
+
+def test_ort_infer_device_refuses_shapes_for_unknown_inputs(model):
+    f = feeds(1)
+    addr = {"image": f["image"].ctypes.data, "gain": f["gain"].ctypes.data}
+    with OrtRunner(model, intra_op_threads=1) as r:
+        with pytest.raises(ValueError, match=r"model 'tiny.onnx' has no input 'img' \(given in shapes=\); its "
+                                             r"inputs are 'image'"):
+            r.infer_device(addr, shapes={"image": (1, 1, 8, 8), "img": (1, 1, 8, 8)})
+        out = r.infer_device(addr, shapes={"image": (1, 1, 8, 8)})
+        assert host_tensor(out["mean"])[0] == pytest.approx(float(f["image"].mean()), abs=1e-6)
+
+
 # -- on a GPU (onnxruntime-gpu + pycuda; ../shared/device/README.md; device/gpu_session.md) ------------------------
 
 @pytest.fixture()
 def cuda_stream():
+    """pycuda.driver and a stream of our own on the primary context, made current for the test (the device
+    pipeline's CudaDevice, runtime.backends.cuda)."""
+    from runtime.backends.cuda import CudaDevice
     cuda = cuda_or_skip()
-    ctx = cuda.Device(0).retain_primary_context()
-    ctx.push()
-    stream = cuda.Stream()
+    dev = CudaDevice(0)
     try:
-        yield cuda, stream
+        with dev.current():
+            try:
+                yield cuda, dev.stream
+            finally:
+                dev.synchronize()
     finally:
-        stream.synchronize()
-        del stream
-        cuda.Context.pop()
-        ctx.detach()
+        dev.close()
 
 
 def _upload(cuda, stream, a):

@@ -11,6 +11,8 @@ What needs TensorRT and a GPU is at the end, skipped here with the reason.
 """
 from __future__ import annotations
 
+import ast
+import ctypes
 import json
 import multiprocessing
 import os
@@ -28,6 +30,7 @@ import pytest
 from runtime.backends import BackendUnavailable, TensorMeta, make_runner
 from runtime.backends import engine_cache as ec
 from runtime.backends import trt as trtmod
+from runtime.backends import trt_build
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = ROOT / "device"
@@ -44,7 +47,7 @@ def base_key(**change):
 
 # -- import behaviour and the one sentence -------------------------------------------------------------------------
 def test_import_needs_neither_tensorrt_nor_pycuda():
-    code = ("import sys, runtime.backends.trt, runtime.backends.engine_cache; "
+    code = ("import sys, runtime.backends.trt, runtime.backends.trt_build, runtime.backends.engine_cache; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'pycuda')]; "
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -84,7 +87,7 @@ def test_broken_tensorrt_install_is_not_called_missing(monkeypatch):
     monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
     broken = r"^TensorRT's Python bindings are installed but fail to import \(libnvinfer.*use --backend ort$"
     with pytest.raises(BackendUnavailable, match=broken):
-        trtmod._import_tensorrt()
+        trt_build.import_tensorrt()
     status = trtmod.trt_status()
     assert status["available"] is False and status["tensorrt"] == "installed but fails to import"
 
@@ -144,6 +147,329 @@ def test_dla_runner_builds_for_its_opt_batch_only(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "pycuda.driver", types.ModuleType("pycuda.driver"))
     assert trtmod.TrtRunner(tmp_path / "unet.onnx", batch=(1, 2, 8)).batch == (1, 2, 8)
     assert trtmod.TrtRunner(tmp_path / "unet.onnx", batch=(1, 2, 8), dla_core=0).batch == (2, 2, 2)
+
+
+# -- the backends' layout: base runner, build module apart from the runner, one CUDA helper, no import cycle --------
+BACKENDS_DIR = ROOT / "runtime" / "backends"
+
+
+def test_no_backend_module_imports_its_package():
+    """The modules of runtime/backends import each other's modules (base above all), never the package, whose
+    __init__ is the registry that imports them lazily: so there is no import cycle between them."""
+    bad = []
+    for path in sorted(BACKENDS_DIR.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        nodes = tree.body if path.name == "__init__.py" else list(ast.walk(tree))
+        for node in nodes:
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] if node.level == 0 else [f"<relative {node.module}>"]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                if path.name == "__init__.py":   # at module level, the registry imports base and nothing else of ours
+                    if name.startswith("runtime.backends.") and name != "runtime.backends.base":
+                        bad.append(f"{path.name}: {name}")
+                elif name == "runtime.backends" or name.startswith("<relative"):
+                    bad.append(f"{path.name}: {name}")
+    assert not bad, bad
+    code = ("import sys, runtime.backends; "
+            "print(sorted(m for m in sys.modules if m.startswith('runtime.backends.')))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["['runtime.backends.base']"]
+
+
+def test_trt_runner_takes_the_guard_and_checks_from_the_base_runner(monkeypatch, tmp_path):
+    from runtime.backends.base import BaseRunner
+    assert issubclass(trtmod.TrtRunner, BaseRunner)
+    for name in ("infer", "infer_device", "inputs", "outputs", "__enter__", "__exit__", "activate"):
+        assert name not in vars(trtmod.TrtRunner), f"TrtRunner re-implements {name}; the base runner's is the one"
+    source = Path(trtmod.__file__).read_text()
+    for building in ("build_serialized_network", "create_builder_config", "OnnxParser", "set_timing_cache"):
+        assert building not in source, f"trt.py builds engines ({building}); runtime.backends.trt_build does that"
+    assert "retain_primary_context" not in source and ".push()" not in source   # the CUDA helper's job
+    _fake_tensorrt(monkeypatch, "10.3.0.30")
+    monkeypatch.setitem(sys.modules, "pycuda", types.ModuleType("pycuda"))
+    monkeypatch.setitem(sys.modules, "pycuda.driver", FakeDriver())
+    r = trtmod.TrtRunner(tmp_path / "unet.onnx")
+    with pytest.raises(RuntimeError, match=r"^TrtRunner for 'unet.onnx' is not active; use it inside "
+                                           r"`with TrtRunner\(...\) as runner:`$"):
+        r.infer({"image": np.zeros((1, 1, 4, 4), np.float32)})
+    with pytest.raises(RuntimeError, match="TrtRunner for 'unet.onnx' is not active"):
+        r.stream
+    with pytest.raises(FileNotFoundError, match="ONNX model .*unet.onnx' does not exist"):
+        r.__enter__()
+    assert not r.is_active
+
+
+class _HostAlloc:
+    """A 'device' allocation in host memory: int() is its address, as with pycuda's DeviceAllocation."""
+
+    def __init__(self, nbytes: int):
+        self.buf = np.zeros(max(int(nbytes), 1), np.uint8)
+
+    def __int__(self) -> int:
+        return self.buf.ctypes.data
+
+
+class FakeDriver(types.ModuleType):
+    """pycuda.driver on the host, as much of it as CudaDevice and TrtRunner call: contexts on a stack (retain, push,
+    pop and detach logged), streams and memory that may only be made or used while a context is current, host memory
+    standing in for device memory. A call outside a current context fails the test."""
+
+    def __init__(self, usable: bool = True):
+        super().__init__("pycuda.driver")
+        self.stack: list = []
+        self.log: list[str] = []
+        driver = self
+
+        class Context:
+            def push(self):
+                driver.stack.append(self)
+                driver.log.append("push")
+
+            @staticmethod
+            def pop():
+                driver.stack.pop()
+                driver.log.append("pop")
+
+            def detach(self):
+                driver.log.append("detach")
+
+        class Device:
+            def __init__(self, ordinal):
+                if not usable:
+                    raise RuntimeError("cuInit failed: no CUDA-capable device is detected")
+
+            def name(self):
+                return "Stand-in GPU"
+
+            def compute_capability(self):
+                return (9, 0)
+
+            def retain_primary_context(self):
+                driver.log.append("retain")
+                return Context()
+
+        class Stream:
+            def __init__(self):
+                driver.in_context("Stream()")
+                self.handle = 0x5000 + len(driver.log)
+
+            def synchronize(self):
+                driver.in_context("synchronize")
+
+        self.Context, self.Device, self.Stream = Context, Device, Stream
+
+    def in_context(self, what: str) -> None:
+        assert self.stack, f"{what} with no current CUDA context"
+
+    def init(self):
+        pass
+
+    def pagelocked_empty(self, shape, dtype):
+        self.in_context("pagelocked_empty")
+        return np.zeros(shape, dtype)
+
+    def mem_alloc(self, nbytes):
+        self.in_context("mem_alloc")
+        return _HostAlloc(nbytes)
+
+    def memcpy_htod_async(self, dest, src, stream=None):
+        self.in_context("memcpy_htod_async")
+        ctypes.memmove(int(dest), src.ctypes.data, src.nbytes)
+
+    def memcpy_dtoh_async(self, dest, src, stream=None):
+        self.in_context("memcpy_dtoh_async")
+        ctypes.memmove(dest.ctypes.data, int(src), dest.nbytes)
+
+
+def test_cuda_device_pushes_and_pops_the_primary_context_around_every_use(monkeypatch):
+    from runtime.backends.cuda import CudaDevice
+    from runtime.gpu import kernels
+    driver = FakeDriver()
+    monkeypatch.setitem(sys.modules, "pycuda", types.ModuleType("pycuda"))
+    monkeypatch.setitem(sys.modules, "pycuda.driver", driver)
+    dev = CudaDevice(0)
+    assert driver.log == ["retain", "push", "pop"] and driver.stack == []   # its stream made in the context
+    assert dev.name == "Stand-in GPU" and dev.compute_capability == (9, 0) and dev.stream.handle
+    assert dev.ort_options() == {"providers": ["cuda"], "stream": dev.stream, "device_id": 0}
+    with dev.current():
+        assert driver.stack == [dev.ctx]
+        with pytest.raises(KeyError):
+            with dev.current():
+                raise KeyError("popped even when the block raises")
+        assert driver.stack == [dev.ctx]
+    assert driver.stack == []
+    dev.close()
+    dev.close()
+    assert driver.log.count("detach") == 1 and driver.stack == [] and dev.stream is None
+    with pytest.raises(RuntimeError, match="CUDA device 0 was closed"):
+        with dev.current():
+            pass
+    ctx = kernels.primary_context(0)          # the GPU kernels' tests take the same helper's context
+    assert driver.stack == [ctx]
+    ctx.pop()
+    assert driver.stack == []
+
+
+def test_cuda_device_says_what_is_missing_in_the_callers_words(monkeypatch):
+    from runtime.backends.cuda import NO_PYCUDA, CudaDevice
+    from runtime.gpu import pipeline
+    assert pipeline.CudaDevice is CudaDevice   # the device pipeline's CudaDevice is the shared one
+    monkeypatch.setitem(sys.modules, "pycuda", None)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", None)
+    with pytest.raises(BackendUnavailable) as e:
+        CudaDevice(0)
+    assert str(e.value) == NO_PYCUDA and str(e.value).startswith("the device pipeline needs pycuda")
+    with pytest.raises(BackendUnavailable, match=r"^pycuda is not installed here: the trt backend"):
+        CudaDevice(0, missing=trtmod.NO_PYCUDA, or_else=trtmod.OR_ELSE)
+    monkeypatch.setitem(sys.modules, "pycuda", types.ModuleType("pycuda"))
+    monkeypatch.setitem(sys.modules, "pycuda.driver", FakeDriver(usable=False))
+    with pytest.raises(BackendUnavailable, match=r"^CUDA device 0 is not usable \(cuInit failed: no CUDA-capable "
+                                                 r"device is detected\); check the driver and that this user is in "
+                                                 r"the video group$"):
+        CudaDevice(0)
+    with pytest.raises(BackendUnavailable, match=r"in the video group, or use --backend ort$"):
+        CudaDevice(0, or_else="use --backend ort")
+
+
+# A TensorRT stand-in with one engine, y = 2 * x for x of shape (batch, 4), batch 1..3: enough for TrtRunner to
+# deserialise it from the cache, read its metadata, allocate, run on host and "device" buffers and release it.
+PLAN = b"stand-in serialized engine"
+
+
+def _fake_engine_tensorrt(monkeypatch, driver: FakeDriver, *, y_dtype="FLOAT"):
+    trt = _fake_tensorrt(monkeypatch, "10.3.0.30")
+    monkeypatch.setattr(trt_build, "_LOGGER", None)
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")
+    trt.handles = []
+    profile = [(1, 4), (2, 4), (3, 4)]
+
+    class ExecutionContext:
+        def __init__(self):
+            self.shape, self.addresses = None, {}
+
+        def set_input_shape(self, name, shape):
+            ok = len(shape) == 2 and profile[0][0] <= shape[0] <= profile[2][0] and shape[1] == 4
+            self.shape = tuple(shape) if ok else self.shape
+            return ok
+
+        def get_tensor_shape(self, name):
+            return self.shape or (-1, 4)
+
+        def set_tensor_address(self, name, ptr):
+            self.addresses[name] = int(ptr)
+
+        def execute_async_v3(self, handle):
+            driver.in_context("execute_async_v3")
+            trt.handles.append(handle)
+            n = int(np.prod(self.shape))
+            x = np.ctypeslib.as_array((ctypes.c_float * n).from_address(self.addresses["x"]))
+            y = np.ctypeslib.as_array((ctypes.c_float * n).from_address(self.addresses["y"]))
+            y[:] = 2 * x
+            return True
+
+    class Engine:
+        num_io_tensors = 2
+
+        def get_tensor_name(self, i):
+            return ("x", "y")[i]
+
+        def get_tensor_dtype(self, name):
+            return types.SimpleNamespace(name="FLOAT" if name == "x" else y_dtype)
+
+        def get_tensor_shape(self, name):
+            return (-1, 4)
+
+        def get_tensor_mode(self, name):
+            return trt.TensorIOMode.INPUT if name == "x" else trt.TensorIOMode.OUTPUT
+
+        def get_tensor_profile_shape(self, name, index):
+            return profile
+
+        def create_execution_context(self):
+            driver.in_context("create_execution_context")
+            return ExecutionContext()
+
+    class Runtime:
+        def __init__(self, logger):
+            self.DLA_core = None
+
+        def deserialize_cuda_engine(self, blob):
+            driver.in_context("deserialize_cuda_engine")
+            return Engine() if blob == PLAN else None
+
+    trt.Runtime = Runtime
+    return trt
+
+
+def _cached_runner(monkeypatch, tmp_path, **kw):
+    """A TrtRunner over the stand-ins whose engine is already in the cache (as a first run would leave it)."""
+    driver = FakeDriver()
+    monkeypatch.setitem(sys.modules, "pycuda", types.ModuleType("pycuda"))
+    monkeypatch.setitem(sys.modules, "pycuda.driver", driver)
+    trt = _fake_engine_tensorrt(monkeypatch, driver, **kw)
+    model = tmp_path / "double.onnx"
+    model.write_bytes(b"the ONNX file's bytes (only hashed here)")
+    runner = trtmod.TrtRunner(model, cache_dir=tmp_path, precision="fp32", batch=(1, 2, 3), progress=False)
+    key = trt_build.engine_key(trt.__version__, ec.GpuInfo("Stand-in GPU", (9, 0)), runner.spec)
+    ec.write_entry(ec.entry_dir(ec.engines_root(tmp_path), key), key, PLAN)
+    return runner, driver, trt
+
+
+def test_trt_runner_runs_a_cached_engine_inside_its_cuda_context(monkeypatch, tmp_path):
+    runner, driver, trt = _cached_runner(monkeypatch, tmp_path)
+    x = np.arange(8, dtype=np.float64).reshape(2, 4)
+    with runner as r:
+        assert not r.built and r.engine_path.read_bytes() == PLAN       # from the cache: nothing was built
+        assert r.inputs == {"x": TensorMeta((None, 4), np.dtype(np.float32))}
+        assert driver.stack == []                                       # the context is current only inside calls
+        out = r.infer({"x": x})
+        assert out["y"].dtype == np.float32 and np.array_equal(out["y"], 2 * x) and driver.stack == []
+        assert trt.handles[-1] == r.stream.handle                       # on the runner's own stream
+        with pytest.raises(ValueError, match=r"has shape \(4, 4\), outside the engine's profile \(1, 4\)\.\.\(3, 4\)"):
+            r.infer({"x": np.zeros((4, 4), np.float32)})
+        with pytest.raises(ValueError, match=r"has no input 'image'"):
+            r.infer({"image": x})
+        xd, yd = np.ones((3, 4), np.float32), np.zeros((3, 4), np.float32)
+        dev = r.infer_device({"x": xd.ctypes.data}, shapes={"x": (3, 4)}, outputs={"y": yd.ctypes.data},
+                             stream=types.SimpleNamespace(handle=0x77))
+        assert dev["y"].ptr == yd.ctypes.data and dev["y"].shape == (3, 4) and np.all(yd == 2)
+        assert trt.handles[-1] == 0x77 and driver.stack == []
+        with pytest.raises(ValueError, match=r"input 'x' of 'double.onnx' is float32\[\?, 4\]: give its shape"):
+            r.infer_device({"x": xd.ctypes.data})
+    assert driver.stack == [] and driver.log.count("retain") == driver.log.count("detach") == 1
+    assert driver.log.count("push") == driver.log.count("pop")
+    with pytest.raises(RuntimeError, match="TrtRunner for 'double.onnx' is not active"):
+        runner.infer({"x": x})
+    with runner as again:                                               # entered again: a new context retain
+        assert np.array_equal(again.infer({"x": x[:1]})["y"], 2 * x[:1])
+    assert driver.log.count("retain") == driver.log.count("detach") == 2
+
+
+def test_a_trt_runner_that_fails_to_start_releases_its_context(monkeypatch, tmp_path):
+    runner, driver, _ = _cached_runner(monkeypatch, tmp_path, y_dtype="BF16")
+    with pytest.raises(BackendUnavailable, match="tensor 'y' of 'double.onnx' is BF16, which numpy cannot hold"):
+        runner.__enter__()
+    assert not runner.is_active and driver.stack == []
+    assert driver.log.count("retain") == driver.log.count("detach") == 1
+
+
+def test_engine_key_and_spec_come_from_the_runner_options(tmp_path):
+    model = tmp_path / "vgg.int8.onnx"
+    model.write_bytes(b"x")
+    spec = trt_build.EngineSpec(model, precision="int8", batch=(1, 2, 4), dims={"H": 224}, dla_core=None)
+    gpu = ec.GpuInfo("Orin", (8, 7))
+    assert spec.label == "vgg.int8.onnx (int8)"
+    assert trt_build.engine_key("10.3.0", gpu, spec) == ec.engine_key(
+        onnx_sha256=ec.sha256_file(model), trt_version="10.3.0", gpu=gpu, precision="int8", batch=(1, 2, 4),
+        dims={"H": 224}, dla_core=None)
+    assert trt_build.engine_key("10.3.0", gpu, spec) != trt_build.engine_key(
+        "10.3.0", gpu, trt_build.EngineSpec(model, precision="int8", batch=(1, 2, 4), dims={"H": 224}, dla_core=0))
 
 
 # -- cache key -------------------------------------------------------------------------------------------------------
@@ -377,8 +703,8 @@ def test_dims_and_precision_labels():
 def test_network_flags_set_strongly_typed_when_the_enum_has_it():
     # The flag is 1 << int(member) (Builder docs); 11.x keeps STRONGLY_TYPED as a deprecated always-on member.
     with_flag = types.SimpleNamespace(NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=1))
-    assert trtmod.network_flags(with_flag) == 2
-    assert trtmod.network_flags(types.SimpleNamespace(NetworkDefinitionCreationFlag=types.SimpleNamespace())) == 0
+    assert trt_build.network_flags(with_flag) == 2
+    assert trt_build.network_flags(types.SimpleNamespace(NetworkDefinitionCreationFlag=types.SimpleNamespace())) == 0
 
 
 def test_tf32_is_cleared_when_the_flag_exists():
@@ -394,10 +720,10 @@ def test_tf32_is_cleared_when_the_flag_exists():
 
     config = Config()
     trt = types.SimpleNamespace(BuilderFlag=types.SimpleNamespace(TF32="TF32", GPU_FALLBACK="GPU_FALLBACK"))
-    assert trtmod.clear_tf32(trt, config) is False and config.flags == set()
+    assert trt_build.clear_tf32(trt, config) is False and config.flags == set()
     untouched = types.SimpleNamespace()  # a TensorRT without the member: nothing to clear, nothing called
-    assert trtmod.clear_tf32(types.SimpleNamespace(BuilderFlag=types.SimpleNamespace()), untouched) is False
-    assert trtmod.clear_tf32(types.SimpleNamespace(), untouched) is False
+    assert trt_build.clear_tf32(types.SimpleNamespace(BuilderFlag=types.SimpleNamespace()), untouched) is False
+    assert trt_build.clear_tf32(types.SimpleNamespace(), untouched) is False
 
 
 # -- device/ -------------------------------------------------------------------------------------------------------
@@ -566,13 +892,13 @@ def test_trt_runner_matches_onnxruntime_and_caches(tiny_bundle, tmp_path):
         got = runner.infer({"image": x})["mask"]
         np.testing.assert_allclose(got, want, atol=2e-3)
         import pycuda.driver as cuda
-        with runner._current():
+        with runner.cuda_device.current():
             d_in = cuda.mem_alloc(x.nbytes)
             d_out = cuda.mem_alloc(got.nbytes)
             cuda.memcpy_htod(d_in, x)
         out = runner.infer_device({"image": d_in}, shapes={"image": x.shape}, outputs={"mask": d_out})
         runner.stream.synchronize()
-        with runner._current():
+        with runner.cuda_device.current():
             host = np.empty_like(got)
             cuda.memcpy_dtoh(host, d_out)
         assert out["mask"].shape == got.shape

@@ -7,112 +7,26 @@
 
 A backend module is imported only when asked for, so a missing TensorRT or onnxruntime-gpu costs one sentence
 (BackendUnavailable), not an ImportError at start-up.
+
+Layout: `base` (BaseRunner: lifetime guard and feed checks; TensorMeta, DeviceTensor, BackendUnavailable), `ort`
+and `trt` (the runners), `trt_build` (TensorRT engine building) over `engine_cache` (the cache, no TensorRT
+needed), `cuda` (the CUDA device/primary-context helper shared with runtime.gpu). This module only re-exports and
+picks a backend (`make_runner`, `available_backends`).
 """
 from __future__ import annotations
 
 import importlib
-import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+# Re-exported: the runner interface and its errors live in `base`, which every backend module imports (never this
+# package), so importing a backend does not import this registry back.
+from runtime.backends.base import (BackendUnavailable, BaseRunner, DeviceTensor, TensorMeta, check_device_names,
+                                   check_input, check_names, check_shape, stream_handle, tensor_names)
 
 BACKENDS = ("ort", "trt")
-
-
-class BackendUnavailable(RuntimeError):
-    """The backend or execution provider asked for cannot run in this install; the message says why."""
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    """A model input or output: dims are ints, or None / a symbol name (str) where the model leaves them free."""
-
-    shape: tuple[int | str | None, ...]
-    dtype: np.dtype
-
-    def __str__(self) -> str:
-        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
-        return f"{np.dtype(self.dtype).name}[{dims}]"
-
-
-@dataclass(frozen=True)
-class DeviceTensor:
-    """An output left on the GPU by infer_device: `ptr` is a CUDA device address of `shape` x `dtype`."""
-
-    ptr: int
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-
-
-def tensor_names(metas: dict[str, "TensorMeta"]) -> str:
-    return ", ".join(f"'{n}' {m}" for n, m in metas.items())
-
-
-def check_names(model: str, inputs: dict[str, "TensorMeta"], outputs: dict[str, "TensorMeta"], feeds,
-                wanted: list[str] | None) -> list[str]:
-    """Every runner's name checks, with the same sentences: each input fed, nothing unknown fed or asked for.
-    Returns the outputs to produce (all when `wanted` is None)."""
-    for name in feeds:
-        if name not in inputs:
-            raise ValueError(f"model '{model}' has no input '{name}'; its inputs are {tensor_names(inputs)}")
-    for name in inputs:
-        if name not in feeds:
-            raise ValueError(f"input '{name}' of model '{model}' is missing from the feeds; "
-                             f"it takes {tensor_names(inputs)}")
-    out = list(outputs) if wanted is None else list(wanted)
-    for name in out:
-        if name not in outputs:
-            raise ValueError(f"model '{model}' has no output '{name}'; its outputs are {tensor_names(outputs)}")
-    return out
-
-
-def check_input(model: str, name: str, meta: "TensorMeta", value):
-    """A feed as the model takes it: cast between float widths (or to a wider int); refuse any other dtype and a
-    shape that contradicts a fixed dimension. Returns a C-contiguous array."""
-    import numpy as np
-    a = np.asarray(value)
-    if a.dtype != meta.dtype:
-        both_float = a.dtype.kind == "f" and meta.dtype.kind == "f"
-        widening_int = a.dtype.kind in "iu" and meta.dtype.kind in "iu" and np.can_cast(a.dtype, meta.dtype)
-        if not (both_float or widening_int):
-            raise TypeError(f"input '{name}' of model '{model}' must be {meta.dtype}, got "
-                            f"{a.dtype}; convert it first (images: uint8 / 255 as float32)")
-        a = a.astype(meta.dtype)
-    if a.ndim != len(meta.shape) or any(isinstance(d, int) and d != n for d, n in zip(meta.shape, a.shape)):
-        raise ValueError(f"input '{name}' of model '{model}' has shape {a.shape}, but the model takes {meta}")
-    return np.ascontiguousarray(a)
-
-
-def check_device_names(model: str, inputs: dict[str, "TensorMeta"], outputs: dict[str, "TensorMeta"],
-                       addresses: dict, buffers: dict | None) -> None:
-    """infer_device's name checks: every input given an address, nothing unknown given, caller buffers only for
-    outputs the model has. Same sentences as `check_names`."""
-    for name in addresses:
-        if name not in inputs:
-            raise ValueError(f"model '{model}' has no input '{name}'; its inputs are {tensor_names(inputs)}")
-    missing = [n for n in inputs if n not in addresses]
-    if missing:
-        raise ValueError(f"input(s) {', '.join(missing)} of model '{model}' are missing; it takes "
-                         f"{tensor_names(inputs)}")
-    for name in buffers or {}:
-        if name not in outputs:
-            raise ValueError(f"model '{model}' has no output '{name}'; its outputs are {tensor_names(outputs)}")
-
-
-def stream_handle(stream) -> int | None:
-    """A CUDA stream as the integer cudaStream_t: a pycuda Stream (`.handle`), a cupy/torch stream (`.ptr`,
-    `.cuda_stream`) or the integer itself; None stays None."""
-    if stream is None:
-        return None
-    for attr in ("handle", "ptr", "cuda_stream"):
-        if hasattr(stream, attr):
-            return int(getattr(stream, attr))
-    return int(stream)
+__all__ = ["BACKENDS", "BackendUnavailable", "BaseRunner", "DeviceTensor", "TensorMeta", "available_backends",
+           "check_device_names", "check_input", "check_names", "check_shape", "make_runner", "stream_handle",
+           "tensor_names"]
 
 
 def make_runner(backend: str, model_path: Path, **options):

@@ -1,6 +1,6 @@
 """The TensorRT engine cache: everything about engines that does not need TensorRT, so it is tested on any machine.
 
-An engine is built on the target, on first use, from the bundle's ONNX file (DESIGN.md, "caching rule"), and kept
+An engine is built on the target, on first use, from the bundle's ONNX file (docs/design.md, "caching rule"), and kept
 under `$SONOSCORE_CACHE/engines/<digest>/` where the digest is a hash of the key
 
     (cache format, ONNX sha256, TensorRT version, GPU name, compute capability, CPU arch, precision,
@@ -19,8 +19,9 @@ service and a self-test) neither corrupt the cache nor build twice: the second w
 built. A TensorRT timing cache per (GPU, TensorRT version) lives beside the entries so later builds on that device
 (other networks, other precisions) reuse the kernel timings.
 
-Nothing here imports tensorrt or pycuda: the runner (`runtime.backends.trt`) calls these functions with plain
-values (version strings, GPU name and compute capability, bytes).
+Nothing here imports tensorrt or pycuda: the build module (`runtime.backends.trt_build`) and the runner
+(`runtime.backends.trt`) call these functions with plain values (version strings, GPU name and compute capability,
+bytes).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from typing import Any, Callable, Union
 
 import numpy as np
 
-from runtime.backends import TensorMeta
+from runtime.backends.base import TensorMeta
 from runtime.bundle import sha256_file  # noqa: F401  (one sha256 for bundles, boosters and engines)
 from runtime.cachefs import file_lock  # noqa: F401  (one build lock for boosters and engines)
 

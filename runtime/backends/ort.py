@@ -3,8 +3,9 @@
     with OrtRunner("vgg.onnx") as vgg:
         feats = vgg.infer({"image": x}, ["features"])["features"]
 
-The session lives between __enter__ and __exit__ (as in Polygraphy's runners). infer() checks feed names, dtypes
-and ranks against the model before onnxruntime sees them, so a mistake is one sentence naming the tensor.
+The session lives between __enter__ and __exit__ (as in Polygraphy's runners; the lifetime guard and the checks of
+feed names, dtypes and ranks are `runtime.backends.base.BaseRunner`'s, done before onnxruntime sees anything), so a
+mistake is one sentence naming the tensor.
 
 On a GPU, `infer_device` keeps a frame on the device (the contract of TrtRunner.infer_device): device addresses
 in through IO binding, outputs into runner-owned or caller device buffers, nothing synchronised.
@@ -37,8 +38,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from runtime.backends import (BackendUnavailable, DeviceTensor, TensorMeta, check_device_names, check_input,
-                              check_names, stream_handle)
+from runtime.backends.base import BackendUnavailable, BaseRunner, DeviceTensor, TensorMeta, stream_handle
 
 ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
            "trt": "TensorrtExecutionProvider"}
@@ -87,7 +87,7 @@ def provider_status() -> dict[str, str]:
     return status
 
 
-class OrtRunner:
+class OrtRunner(BaseRunner):
     """An onnxruntime session as a runner: inputs/outputs metadata by tensor name, infer(feeds) -> outputs."""
 
     def __init__(self, model_path: Path, *, providers: list[str] | None = None, intra_op_threads: int | None = None,
@@ -95,7 +95,7 @@ class OrtRunner:
                  device_id: int = 0):
         """`stream`: the CUDA stream the CUDA EP computes on (a pycuda Stream or a raw cudaStream_t); `dims`:
         values for symbolic dims (e.g. {"N": 1}), fixed for the session's life; `device_id`: the CUDA device."""
-        self.model_path = Path(model_path)
+        super().__init__(model_path)
         # onnxruntime's worker threads busy-wait after each run by default, burning cores that the capture
         # thread and the steps between network calls need on a small device. Off unless asked for.
         self.spin = spin
@@ -122,9 +122,7 @@ class OrtRunner:
         self._lock = threading.Lock()
 
     # -- lifetime --------------------------------------------------------------------------------------------------
-    def __enter__(self) -> "OrtRunner":
-        if self._session is not None:
-            raise RuntimeError(f"OrtRunner for '{self.model_path.name}' is already active; enter it once")
+    def activate_impl(self) -> None:
         if not self.model_path.is_file():
             raise FileNotFoundError(f"ONNX model '{self.model_path}' does not exist; check the bundle or the path")
         options = ort.SessionOptions()
@@ -149,9 +147,8 @@ class OrtRunner:
         self._outputs = {a.name: _meta(a) for a in session.get_outputs()}
         self._graph = _CudaGraph(session, self._outputs) if self.cuda_graphs else None
         self._device = None
-        return self
 
-    def __exit__(self, *exc) -> None:
+    def deactivate_impl(self) -> None:
         # Bindings and runner-owned device buffers before the session; the caller's stream outlives all three.
         self._device = self._graph = None
         self._session = None
@@ -165,48 +162,30 @@ class OrtRunner:
             opts["user_compute_stream"] = str(self.stream_handle)
         return opts
 
-    def _active(self) -> ort.InferenceSession:
-        if self._session is None:
-            raise RuntimeError(f"OrtRunner for '{self.model_path.name}' is not active; use it inside "
-                               f"`with OrtRunner(...) as runner:`")
-        return self._session
-
-    # -- metadata --------------------------------------------------------------------------------------------------
-    @property
-    def inputs(self) -> dict[str, TensorMeta]:
-        self._active()
-        return dict(self._inputs)
-
-    @property
-    def outputs(self) -> dict[str, TensorMeta]:
-        self._active()
-        return dict(self._outputs)
-
+    # -- metadata (inputs and outputs: BaseRunner's) ---------------------------------------------------------------
     @property
     def providers(self) -> list[str]:
         """The providers the session actually uses, in priority order."""
-        return self._active().get_providers()
+        self.check_active()
+        return self._session.get_providers()
 
     # -- inference -------------------------------------------------------------------------------------------------
-    def infer(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Run the model on `feeds` (every input, by name); return `outputs` (default: all) by name."""
-        session = self._active()
-        model = self.model_path.name
-        wanted = check_names(model, self._inputs, self._outputs, feeds, outputs)
-        arrays = {name: check_input(model, name, self._inputs[name], value) for name, value in feeds.items()}
+    def infer_impl(self, arrays: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
+        """Run the model on the (checked) host arrays; return `wanted` by name."""
         if self._graph is not None:
             if self._device is not None:
-                raise RuntimeError(_MIXED_GRAPHS.format(model=model, first="infer_device", then="infer"))
+                raise RuntimeError(_MIXED_GRAPHS.format(model=self.model_path.name, first="infer_device",
+                                                        then="infer"))
             return self._graph.run(arrays, self._inputs, wanted)
-        return dict(zip(wanted, session.run(wanted, arrays)))
+        return dict(zip(wanted, self._session.run(wanted, arrays)))
 
-    def infer_device(self, inputs: dict[str, int], shapes: dict[str, tuple[int, ...]] | None = None,
-                     outputs: dict[str, int] | None = None, stream=None) -> dict[str, DeviceTensor]:
+    def infer_device_impl(self, addresses: dict[str, int], shapes: dict[str, tuple[int, ...]],
+                          buffers: dict[str, int], stream: int | None) -> dict[str, DeviceTensor]:
         """Run on device buffers: a frame stays on the GPU from preprocessing to features.
 
-        `inputs`: tensor name -> device address (anything int() takes: a pycuda DeviceAllocation, cupy's
+        `addresses`: tensor name -> device address (anything int() takes: a pycuda DeviceAllocation, cupy's
         `.data.ptr`, an OrtValue's `data_ptr()`) of contiguous data in the input's dtype. `shapes`: the input
-        shapes, required where a dim is symbolic and not pinned by `dims`. `outputs`: optional caller buffers by
+        shapes, required where a dim is symbolic and not pinned by `dims`. `buffers`: optional caller buffers by
         name (large enough for the output shape); the other outputs land in the runner's own device buffers,
         allocated once per shape and valid until the next call. `stream`: None or the runner's own stream
         (onnxruntime computes on the stream the session was made with and cannot switch per call).
@@ -214,20 +193,17 @@ class OrtRunner:
         Nothing is synchronised when the runner was made with a stream: the outputs are ready when that stream
         is, so the next kernel on it can consume them. Without one, onnxruntime computes on a stream of its own
         and waits for it before returning: the inputs must then be complete before the call."""
-        self._active()
         model = self.model_path.name
-        check_device_names(model, self._inputs, self._outputs, inputs, outputs)
-        handle = stream_handle(stream)
-        if handle is not None and handle != self.stream_handle:
+        if stream is not None and stream != self.stream_handle:
             mine = "onnxruntime's own stream" if self.stream_handle is None else f"stream {self.stream_handle:#x}"
             raise ValueError(f"OrtRunner for '{model}' computes on {mine}, which is fixed when the session is made; "
-                             f"make the runner with stream=<that stream> instead of passing stream {handle:#x}")
+                             f"make the runner with stream=<that stream> instead of passing stream {stream:#x}")
         if self._graph is not None and self._graph.shapes is not None:
             raise RuntimeError(_MIXED_GRAPHS.format(model=model, first="infer", then="infer_device"))
         with self._lock:
             if self._device is None:
                 self._device = _DeviceBinding(self)
-            return self._device.run(inputs, shapes or {}, outputs or {})
+            return self._device.run(addresses, shapes, buffers)
 
 
 
@@ -354,11 +330,8 @@ class _DeviceBinding:
 
     def _input_shape(self, name: str, meta: TensorMeta, given) -> tuple[int, ...]:
         model = self.runner.model_path.name
-        if given is not None:
-            shape = tuple(int(d) for d in given)
-            if len(shape) != len(meta.shape) or any(isinstance(d, int) and d != n for d, n in zip(meta.shape, shape)):
-                raise ValueError(f"input '{name}' of model '{model}' has shape {shape}, but the model takes {meta}")
-            return shape
+        if given is not None:   # checked against the input's rank and fixed dims by BaseRunner.infer_device
+            return tuple(given)
         shape = tuple(d if isinstance(d, int) else self.runner.dims.get(d) if isinstance(d, str) else None
                       for d in meta.shape)
         if any(d is None for d in shape):

@@ -22,7 +22,7 @@ frame and CUDA graphs. The booster, which is the only CPU work after the sync, r
 
 Stage times come from CUDA events recorded between the stages on the stream (`preprocess` includes the host-side
 work before the upload: the region search, and 16-bit/windowed or colour-without-region frames converted to
-uint8 gray on the CPU with `runtime.preprocess.to_gray`, as DESIGN.md pins); `booster` and `total` are host
+uint8 gray on the CPU with `runtime.preprocess.to_gray`, as docs/design.md pins); `booster` and `total` are host
 clocks. The CUDA primary context is shared by the kernels, pycuda, onnxruntime (CUDA runtime) and TensorRT.
 """
 from __future__ import annotations
@@ -30,98 +30,20 @@ from __future__ import annotations
 import ctypes
 import importlib
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from runtime import preprocess as pp
 from runtime.backends import BackendUnavailable
-from runtime.booster import Booster
+from runtime.backends.cuda import CudaDevice
 from runtime.bundle import Bundle
-from runtime.pipeline import bind_bundle, finish_record, ms_since, start_record
+from runtime.pipeline import FramePipeline, Laps, shown_part
 from runtime.record import FrameRecord
 from runtime.sources import Frame
 
-NO_PYCUDA = ("the device pipeline needs pycuda (pip install 'sonoscore[gpu]', built against this machine's CUDA); "
-             "use the CPU pipeline (no --device cuda)")
 # The GPU stages, in order; an event is recorded before the first and after each.
 GPU_STAGES = ("preprocess", "unet", "gate", "vgg")
-
-
-class CudaDevice:
-    """One GPU's primary context (shared with onnxruntime and TensorRT, which use the CUDA runtime) and the stream
-    every stage of a frame is enqueued on. `current()` makes the context current in the calling thread."""
-
-    kind = "cuda"
-
-    def __init__(self, ordinal: int = 0):
-        try:
-            self.cuda = importlib.import_module("pycuda.driver")
-        except ImportError as e:
-            if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "pycuda":
-                raise BackendUnavailable(NO_PYCUDA) from None
-            raise BackendUnavailable(f"pycuda is installed but fails to import ({_short(e)}); rebuild it for this "
-                                     f"CUDA (device/setup.sh)") from None
-        cuda = self.cuda
-        try:
-            cuda.init()
-            self.dev = cuda.Device(int(ordinal))
-            self.ctx = self.dev.retain_primary_context()
-        except Exception as e:  # pycuda.driver.Error: no driver, no device, no permission
-            raise BackendUnavailable(f"CUDA device {ordinal} is not usable ({_short(e)}); check the driver and that "
-                                     f"this user is in the video group") from None
-        self.ordinal = int(ordinal)
-        self.ctx.push()
-        try:
-            self.stream = cuda.Stream()  # not the legacy default stream: onnxruntime reads handle 0 as "none"
-        finally:
-            cuda.Context.pop()
-
-    @property
-    def name(self) -> str:
-        return self.dev.name()
-
-    @contextmanager
-    def current(self):
-        self.ctx.push()
-        try:
-            yield
-        finally:
-            self.cuda.Context.pop()
-
-    def event(self):
-        return self.cuda.Event()
-
-    def record(self, event) -> None:
-        event.record(self.stream)
-
-    @staticmethod
-    def elapsed_ms(start, end) -> float:
-        return float(end.time_since(start))
-
-    def pinned(self, shape, dtype) -> np.ndarray:
-        return self.cuda.pagelocked_empty(shape, dtype)
-
-    def download_async(self, host: np.ndarray, ptr: int) -> None:
-        self.cuda.memcpy_dtoh_async(host, int(ptr), self.stream)
-
-    def synchronize(self) -> None:
-        self.stream.synchronize()
-
-    def ort_options(self) -> dict:
-        return {"providers": ["cuda"], "stream": self.stream, "device_id": self.ordinal}
-
-    def close(self) -> None:
-        ctx, self.ctx = getattr(self, "ctx", None), None
-        if ctx is None:
-            return
-        ctx.push()
-        try:
-            self.stream = None
-        finally:
-            self.cuda.Context.pop()
-            ctx.detach()
 
 
 def _load_kernels():
@@ -136,7 +58,7 @@ def _load_kernels():
     return module.GpuKernels
 
 
-class DevicePipeline:
+class DevicePipeline(FramePipeline):
     """Runs a bundle on frames with the frame resident on the GPU. A context manager, like `Pipeline`.
 
     backend "ort" (onnxruntime CUDA EP, IO binding on our stream; `cuda_graphs` replays each network as a CUDA
@@ -154,14 +76,14 @@ class DevicePipeline:
         if cuda_graphs and backend != "ort":
             raise BackendUnavailable("CUDA graphs are implemented for the ort backend (onnxruntime captures them); "
                                      "with --backend trt leave them off")
-        bind_bundle(self, bundle, backend=backend, precision=precision, booster_backend=booster_backend,
-                    cache_dir=cache_dir, min_mask_fraction=min_mask_fraction, mask_threshold=mask_threshold)
+        super().__init__(bundle, backend=backend, precision=precision, booster_backend=booster_backend,
+                         cache_dir=cache_dir, min_mask_fraction=min_mask_fraction, mask_threshold=mask_threshold)
         self.cuda_graphs = bool(cuda_graphs)
         self.keep_mask, self.keep_image, self.keep_display = keep_mask, keep_image, keep_display
         self.ordinal = int(device)
         self._device_factory = _device
         self._kernels_factory = _kernels
-        self.device = self.kernels = self.unet = self.vgg = self.booster = None
+        self.device = self.kernels = None
         self.timing: dict[str, float] = {}   # the last frame's finer split (host_prep_ms, ...), for the bench
 
     # -- lifetime --------------------------------------------------------------------------------------------------
@@ -174,20 +96,20 @@ class DevicePipeline:
             with self.device.current():
                 self.unet = self._runner(self.unet_file, self.unet_spec).__enter__()
                 self.vgg = self._runner(self.vgg_file, self.vgg_spec).__enter__()
-                u_in, u_out = self.unet.inputs[self.unet_spec.input_name], self.unet.outputs[self.unet_spec.output_name]
-                v_in, v_out = self.vgg.inputs[self.vgg_spec.input_name], self.vgg.outputs[self.vgg_spec.output_name]
+                g = self.graph
+                u_in, u_out = self.unet.inputs[g.unet_input], self.unet.outputs[g.unet_output]
+                v_in, v_out = self.vgg.inputs[g.vgg_input], self.vgg.outputs[g.vgg_output]
                 self.prob_dtype = np.dtype(u_out.dtype)
-                self.kernels = kernels_cls(size=self.size, iterations=self.iterations, input_dtype=u_in.dtype,
-                                           vgg_channels=self.vgg_spec.channels, vgg_dtype=v_in.dtype,
+                self.kernels = kernels_cls(size=g.size, iterations=g.crimmins_iterations, input_dtype=u_in.dtype,
+                                           vgg_channels=g.vgg_channels, vgg_dtype=v_in.dtype,
                                            stream=self.device.stream)
                 self.max_frame = tuple(getattr(self.kernels, "max_frame", (2160, 3840, 3)))
-                self.unet_shape = {self.unet_spec.input_name: (1, 1, self.size, self.size)}
-                self.vgg_shape = {self.vgg_spec.input_name: (1, self.vgg_spec.channels, self.size, self.size)}
+                self.unet_shape = {g.unet_input: (1, 1, g.size, g.size)}
+                self.vgg_shape = {g.vgg_input: (1, g.vgg_channels, g.size, g.size)}
                 n_features = int(np.prod([d for d in v_out.shape[1:] if isinstance(d, int)] or [1]))
                 self.features = self.device.pinned((1, n_features), np.dtype(v_out.dtype))
                 self.events = [self.device.event() for _ in range(len(GPU_STAGES) + 2)]
-            self.booster = Booster.load(self.bundle.booster_file, num_class=self.bundle.num_classes,
-                                        cache_dir=self.cache_dir, backend=self.booster_backend)
+            self.booster = self.load_booster()
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -221,62 +143,51 @@ class DevicePipeline:
         return OrtRunner(path, cuda_graphs=self.cuda_graphs, dims=dims, **self.device.ort_options())
 
     # -- the graph -------------------------------------------------------------------------------------------------
-    def process(self, frame: Frame, t_start: float | None = None) -> FrameRecord:
-        """One frame -> one record. Never raises for a bad frame: the record carries the error instead."""
-        t0 = time.perf_counter() if t_start is None else t_start
-        rec = start_record(frame, t0)
-        lat = rec.latency_ms
-        if frame.error:
-            return finish_record(rec, t0)
+    def _run(self, frame: Frame, rec: FrameRecord, lap: Laps) -> None:
         if self.device is None:
             raise RuntimeError("DevicePipeline is not active; use it inside `with DevicePipeline(...) as pipe:`")
-        dev, k, ev = self.device, self.kernels, self.events
-        try:
-            with dev.current():
-                dev.record(ev[0])
-                pixels, order, upload_region, gray, region = self._host_side(frame)
-                dev.record(ev[1])
-                k.preprocess(pixels, upload_region, order)
-                dev.record(ev[2])
-                prob = self.unet.infer_device({self.unet_spec.input_name: k.unet_input}, shapes=self.unet_shape,
-                                              stream=dev.stream)[self.unet_spec.output_name]
-                dev.record(ev[3])
-                k.gate(prob.ptr, prob_dtype=self.prob_dtype, threshold=self.threshold)
-                dev.record(ev[4])
-                feats = self.vgg.infer_device({self.vgg_spec.input_name: k.vgg_input}, shapes=self.vgg_shape,
-                                              stream=dev.stream)[self.vgg_spec.output_name]
-                dev.download_async(self.features, feats.ptr)
-                dev.record(ev[5])
-                dev.synchronize()                              # the one wait of the frame
-                rec.mask_fraction = float(k.fraction())
-                lat["preprocess"] = dev.elapsed_ms(ev[0], ev[2])
-                for i, stage in enumerate(GPU_STAGES[1:], start=2):
-                    lat[stage] = dev.elapsed_ms(ev[i], ev[i + 1])
-                self.timing = {"host_prep_ms": dev.elapsed_ms(ev[0], ev[1]),
-                               "upload_preprocess_ms": dev.elapsed_ms(ev[1], ev[2])}
-                rec.region = region
-                if self.keep_mask:
-                    rec.mask = k.download_mask()
-                if self.keep_image:
-                    rec.image = k.download_image()
-                if self.keep_display:
-                    rec.display, rec.region = _display(gray, region, frame.meta)
-            rec.accepted = rec.mask_fraction >= self.min_fraction
-            if rec.accepted:
-                t = time.perf_counter()
-                rec.probabilities, rec.grade = self.booster.predict_one(self.features)
-                lat["booster"] = ms_since(t)
-        except pp.FrameError as e:
-            rec.error = f"frame {frame.index}: {e}"
-            rec.accepted = False
-        return finish_record(rec, t0)
+        dev, k, ev, g, lat = self.device, self.kernels, self.events, self.graph, rec.latency_ms
+        with dev.current():
+            dev.record(ev[0])
+            pixels, order, upload_region, gray, region = self._host_side(frame)
+            dev.record(ev[1])
+            k.preprocess(pixels, upload_region, order)
+            dev.record(ev[2])
+            prob = self.unet.infer_device({g.unet_input: k.unet_input}, shapes=self.unet_shape,
+                                          stream=dev.stream)[g.unet_output]
+            dev.record(ev[3])
+            k.gate(prob.ptr, prob_dtype=self.prob_dtype, threshold=g.mask_threshold)
+            dev.record(ev[4])
+            feats = self.vgg.infer_device({g.vgg_input: k.vgg_input}, shapes=self.vgg_shape,
+                                          stream=dev.stream)[g.vgg_output]
+            dev.download_async(self.features, feats.ptr)
+            dev.record(ev[5])
+            dev.synchronize()                              # the one wait of the frame
+            rec.mask_fraction = float(k.fraction())
+            lat["preprocess"] = dev.elapsed_ms(ev[0], ev[2])
+            for i, stage in enumerate(GPU_STAGES[1:], start=2):
+                lat[stage] = dev.elapsed_ms(ev[i], ev[i + 1])
+            self.timing = {"host_prep_ms": dev.elapsed_ms(ev[0], ev[1]),
+                           "upload_preprocess_ms": dev.elapsed_ms(ev[1], ev[2])}
+            rec.region = region
+            if self.keep_mask:
+                rec.mask = k.download_mask()
+            if self.keep_image:
+                rec.image = k.download_image()
+            if self.keep_display:
+                rec.display, rec.region = shown_part(gray, region, frame.meta)
+        rec.accepted = g.accepts(rec.mask_fraction)
+        if rec.accepted:
+            lap.t = time.perf_counter()
+            rec.probabilities, rec.grade = g.score(self.booster, self.features)
+            lap("booster")
 
     def _host_side(self, frame: Frame):
         """(pixels to upload, their channel order, the region to crop from them, the gray frame or None, the
         ultrasound region in frame coordinates).
 
         The frame goes up as it is (uint8 gray or RGB/BGR) unless the CPU must see it first: 16-bit or windowed
-        frames and other channel counts are converted with `to_gray` (DESIGN.md's pinned definition); a colour
+        frames and other channel counts are converted with `to_gray` (docs/design.md's pinned definition); a colour
         frame with no known region, or one a sink will display, is converted too, because the region search and
         the display need gray (and a gray upload is a third of the bytes). The region search itself
         (`preprocess.auto_region`, when the source gives no region) runs on the CPU."""
@@ -302,15 +213,6 @@ class DevicePipeline:
                                     f"staging buffer ({self.max_frame[1]}x{self.max_frame[0]})")
             return px, order, pp.Region(0, 0, px.shape[1], px.shape[0]), gray, region
         return px, order, region, gray, region
-
-
-def _display(gray: np.ndarray | None, region: pp.Region, meta: dict):
-    """What `Pipeline.prepare` shows: the gray frame, or only its ultrasound region when the frame may carry
-    burned-in text (DICOM)."""
-    if gray is None or meta.get("burned_in_annotation", False) is False:
-        return gray, region
-    gray = np.ascontiguousarray(gray[region.y0:region.y1, region.x0:region.x1])
-    return gray, pp.Region(0, 0, gray.shape[1], gray.shape[0])
 
 
 def host_view(ptr: int, shape, dtype) -> np.ndarray:
