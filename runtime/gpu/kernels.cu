@@ -30,8 +30,8 @@ sono_crimmins(const unsigned char* src, unsigned char* dst, int h, int w, int ti
                         blockDim.x, blockDim.y, sono_tile, net_out, lut, lut_elem);
 }
 
-// Gate: one thread per pixel. The mask count is reduced per block (__syncthreads_count), added to counter[0];
-// the last block to finish (ticket in counter[1]) moves the total to *result and zeroes both counters, so the
+// Gate: one thread per pixel. The mask count is reduced per block (__syncthreads_count), then thread 0 hands it
+// to sono_gate_block_done: the last block to finish moves the total to *result and zeroes the counters, so the
 // kernel needs no memset between frames and replays unchanged inside a CUDA graph.
 extern "C" __global__ void __launch_bounds__(256)
 sono_gate(const void* prob, int prob_half, float threshold, const unsigned char* image, int n,
@@ -42,15 +42,7 @@ sono_gate(const void* prob, int prob_half, float threshold, const unsigned char*
     int m = 0;
     if (i < n) m = sono_gate_pixel(prob, prob_half, threshold, image, n, mask, vgg_out, channels, lut, lut_elem, i);
     int count = __syncthreads_count(m);
-    if (threadIdx.x == 0) {
-        atomicAdd(&counter[0], (unsigned int)count);
-        __threadfence();
-        unsigned int ticket = atomicAdd(&counter[1], 1u);
-        if (ticket == gridDim.x - 1) {
-            *result = atomicExch(&counter[0], 0u);
-            atomicExch(&counter[1], 0u);
-        }
-    }
+    if (threadIdx.x == 0) sono_gate_block_done(counter, result, (unsigned int)count, gridDim.x);
 }
 
 // Timing aid: keeps the stream busy for `cycles` clock ticks so that the launches queued behind it run back to

@@ -67,12 +67,9 @@ def available() -> tuple[bool, str]:
 
 def primary_context(device: int = 0):
     """Make the device's primary context current (the one onnxruntime and TensorRT use) and return it; pop it
-    with `ctx.pop()` when done."""
-    import pycuda.driver as cuda
-    cuda.init()
-    ctx = cuda.Device(device).retain_primary_context()
-    ctx.push()
-    return ctx
+    with `ctx.pop()` when done. (runtime.backends.cuda.primary_context, the one CUDA helper.)"""
+    from runtime.backends.cuda import primary_context as _primary_context
+    return _primary_context(device)
 
 
 @dataclass(frozen=True)
@@ -172,16 +169,24 @@ class GpuKernels:
     graphs need fixed addresses). `crimmins_tile` is the core each Crimmins block owns (halo 24 around it); a
     tile >= size runs the whole image in one block (100 KB of shared memory at 224, opted in).
     `profile=True` records CUDA events at the stage boundaries; `timings()` reads them.
+    `max_frame` = (height, width, channels) bounds every frame preprocess() takes (it sizes the pinned staging
+    buffer and the device frame): an HxWx4 frame needs channels 4, the default (3) refuses it.
+    `cuda` replaces pycuda: an object with pycuda.driver's API and pycuda.compiler's `SourceModule` as an
+    attribute (tests/gpu_harness/fake_cuda.py runs this class unchanged on the CPU through one); None, in
+    production, imports pycuda.
     """
 
     def __init__(self, *, size: int = 224, iterations: int = 1, input_dtype=np.float32, vgg_channels: int = 1,
                  vgg_dtype=np.float32, max_frame: tuple[int, int, int] = (2160, 3840, 3), stream=None,
-                 crimmins_tile: int = 32, profile: bool = False):
-        ok, why = available()
-        if not ok:
-            raise RuntimeError(f"GPU kernels unavailable: {why}")
-        import pycuda.driver as cuda
-        from pycuda.compiler import SourceModule
+                 crimmins_tile: int = 32, profile: bool = False, cuda=None):
+        if cuda is None:
+            ok, why = available()
+            if not ok:
+                raise RuntimeError(f"GPU kernels unavailable: {why}")
+            import pycuda.driver as cuda
+            from pycuda.compiler import SourceModule
+        else:
+            SourceModule = cuda.SourceModule
 
         if cuda.Context.get_current() is None:
             raise RuntimeError("GpuKernels needs a current CUDA context: push the device's primary context first "
@@ -271,9 +276,9 @@ class GpuKernels:
         return self._staging[:int(np.prod(shape))].reshape(shape)
 
     def preprocess(self, pixels: np.ndarray, region: Region | None = None, channel_order: str = "RGB") -> None:
-        """Copy `pixels` (HxW or HxWx3 uint8; HxWx4 drops alpha) into pinned staging, upload async on `stream`,
-        then gray -> crop(region: Region, or None = whole frame) -> resize -> Crimmins -> unet_input.
-        Nothing synchronised."""
+        """Copy `pixels` (HxW or HxWx3 uint8; HxWx4, when max_frame allows 4 channels, drops alpha) into pinned
+        staging, upload async on `stream`, then gray -> crop(region: Region, or None = whole frame) -> resize ->
+        Crimmins -> unet_input. Nothing synchronised (a copy into staging first waits for the previous upload)."""
         cuda, stream = self._cuda, self.stream
         channels, r_index = check_frame(pixels, self.max_frame, channel_order)
         r = clip_region(region, pixels.shape)

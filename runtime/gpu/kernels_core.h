@@ -13,6 +13,7 @@
  *   sono_crimmins_block  runtime.preprocess.crimmins, one iteration (32 whole-image passes, borders
  *                        replicated) on one tile held in shared memory, exact.
  *   sono_gate_pixel      prob > threshold -> 0/1 mask, masked image (cv2.multiply with a 0/1 mask), network input.
+ *   sono_gate_block_done the mask count's cross-block reduction (self-resetting counters).
  * Network inputs are written through a 256-entry table built on the host by runtime.preprocess.to_input itself,
  * so uint8 -> float32/float16 is the CPU's conversion by construction.
  *
@@ -41,6 +42,9 @@
 #define SONO_DMUL(a, b) __dmul_rn((a), (b))
 #define SONO_DDIV(a, b) __ddiv_rn((a), (b))
 #define SONO_D2F(a) __double2float_rn(a)
+#define SONO_ATOMIC_ADD(p, v) atomicAdd((p), (v))
+#define SONO_ATOMIC_EXCH(p, v) atomicExch((p), (v))
+#define SONO_FENCE() __threadfence()
 #else
 #define SONO_SYNC() ((void)0)
 #define SONO_FADD(a, b) ((float)(a) + (float)(b))
@@ -50,6 +54,22 @@
 #define SONO_DMUL(a, b) ((double)(a) * (double)(b))
 #define SONO_DDIV(a, b) ((double)(a) / (double)(b))
 #define SONO_D2F(a) ((float)(a))
+/* Host: blocks run one after another, so plain read-modify-write is the atomic. */
+#define SONO_ATOMIC_ADD(p, v) sono_host_fetch_add((p), (v))
+#define SONO_ATOMIC_EXCH(p, v) sono_host_exchange((p), (v))
+#define SONO_FENCE() ((void)0)
+SONO_HD unsigned int sono_host_fetch_add(unsigned int* p, unsigned int v)
+{
+    unsigned int old = *p;
+    *p = old + v;
+    return old;
+}
+SONO_HD unsigned int sono_host_exchange(unsigned int* p, unsigned int v)
+{
+    unsigned int old = *p;
+    *p = v;
+    return old;
+}
 #endif
 
 #ifndef SONO_CHECK
@@ -302,7 +322,7 @@ SONO_HD void sono_resize_block(const unsigned char* src, int pitch, int channels
 
 /* --------------------------------------------------------------------------------------------- Crimmins */
 
-/* One rule at one pixel (DESIGN.md): a = neighbour on the first side, c = the other side.
+/* One rule at one pixel (docs/design.md): a = neighbour on the first side, c = the other side.
  * dark (b += 1): r0 a >= b+2; r1 a > b and b <= c; r2 c > b and b <= a; r3 c >= b+2.
  * light (b -= 1): the mirror image. b never wraps: b only rises below a neighbour and falls above one. */
 SONO_HD int sono_crimmins_rule(int a, int b, int c, int rule, int dark)
@@ -467,6 +487,21 @@ SONO_HD int sono_gate_pixel(const void* prob, int prob_half, float threshold, co
     int v = m ? image[i] : 0;
     for (int c = 0; c < channels; ++c) sono_store_input(vgg_out, c * n + i, lut, lut_elem, v);
     return m;
+}
+
+/* The end of one gate block, run by its thread 0 with the block's mask count: add it to counter[0], take a
+ * ticket from counter[1]; the last of `nblocks` blocks moves the total to *result and zeroes both counters, so
+ * the kernel needs no memset between frames and replays unchanged inside a CUDA graph. */
+SONO_HD void sono_gate_block_done(unsigned int* counter, unsigned int* result, unsigned int count,
+                                 unsigned int nblocks)
+{
+    SONO_ATOMIC_ADD(&counter[0], count);
+    SONO_FENCE();
+    unsigned int ticket = SONO_ATOMIC_ADD(&counter[1], 1u);
+    if (ticket == nblocks - 1) {
+        *result = SONO_ATOMIC_EXCH(&counter[0], 0u);
+        SONO_ATOMIC_EXCH(&counter[1], 0u);
+    }
 }
 
 #endif /* SONO_KERNELS_CORE_H */

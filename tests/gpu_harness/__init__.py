@@ -1,1 +1,2 @@
-"""Host harness for the GPU kernels' arithmetic (runtime/gpu/kernels_core.h), built and loaded by host.py."""
+"""Host harness for the GPU kernels' arithmetic (runtime/gpu/kernels_core.h), built and loaded by host.py; fake_cuda.py
+runs runtime.gpu.kernels.GpuKernels on the CPU through it (a stand-in for pycuda)."""

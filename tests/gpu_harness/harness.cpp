@@ -1,7 +1,8 @@
 // Host harness for runtime/gpu/kernels_core.h: the kernels' own per-pixel and per-block functions, compiled by
 // a plain C++ compiler and driven the way the CUDA grid drives them (every block of sono_resize and every
 // tile of sono_crimmins with one "thread", every pixel of sono_gate). Built by tests/test_gpu_kernels.py into a
-// temporary shared library and called through ctypes.
+// temporary shared library and called through ctypes. The *_launch functions run one kernel launch over the grid
+// that GpuKernels asked for (tests/gpu_harness/fake_cuda.py: the CPU stand-in for pycuda calls them).
 //
 // Checks compiled in here only: SONO_CHECK records any index outside the tile or crop; SONO_BEFORE_PASS fills a
 // Crimmins buffer with noise before each pass, so a read of a value no pass wrote would change the output.
@@ -39,18 +40,43 @@ void harness_gray(const unsigned char* src, int h, int w, int channels, int r_in
             out[y * w + x] = (unsigned char)sono_src_gray(src, w * channels, channels, r_index, y, x);
 }
 
-// The sono_resize grid, block by block; `src` is the crop's top-left pixel, `pitch` bytes per row.
-void harness_resize(const unsigned char* src, int pitch, int channels, int r_index, int src_w, int src_h, int mode,
-                    double scale_x, double scale_y, double inv_scale_x, double inv_scale_y, int iscale_x,
-                    int iscale_y, unsigned char* dst, int size, void* net_out, const void* lut, int lut_elem)
+// One sono_resize launch over a gx x gy grid, block by block (sono_resize's arguments, then the grid).
+void harness_resize_launch(const unsigned char* src, int pitch, int channels, int r_index, int src_w, int src_h,
+                           int mode, double scale_x, double scale_y, double inv_scale_x, double inv_scale_y,
+                           int iscale_x, int iscale_y, unsigned char* dst, int size, void* net_out, const void* lut,
+                           int lut_elem, int gx, int gy)
 {
     SonoAxis ax[SONO_RESIZE_BX], ay[SONO_RESIZE_BY];
-    int gx = (size + SONO_RESIZE_BX - 1) / SONO_RESIZE_BX, gy = (size + SONO_RESIZE_BY - 1) / SONO_RESIZE_BY;
     for (int by = 0; by < gy; ++by)
         for (int bx = 0; bx < gx; ++bx)
             sono_resize_block(src, pitch, channels, r_index, src_w, src_h, mode, scale_x, scale_y, inv_scale_x,
                               inv_scale_y, iscale_x, iscale_y, dst, size, net_out, lut, lut_elem, bx, by, 0, 0, 1,
                               1, ax, ay);
+}
+
+// The sono_resize grid, block by block; `src` is the crop's top-left pixel, `pitch` bytes per row.
+void harness_resize(const unsigned char* src, int pitch, int channels, int r_index, int src_w, int src_h, int mode,
+                    double scale_x, double scale_y, double inv_scale_x, double inv_scale_y, int iscale_x,
+                    int iscale_y, unsigned char* dst, int size, void* net_out, const void* lut, int lut_elem)
+{
+    harness_resize_launch(src, pitch, channels, r_index, src_w, src_h, mode, scale_x, scale_y, inv_scale_x,
+                          inv_scale_y, iscale_x, iscale_y, dst, size, net_out, lut, lut_elem,
+                          (size + SONO_RESIZE_BX - 1) / SONO_RESIZE_BX, (size + SONO_RESIZE_BY - 1) / SONO_RESIZE_BY);
+}
+
+// One sono_crimmins launch (one iteration) over a gx x gy grid: every block in its own `smem_bytes` of shared
+// memory, poisoned first (and before each pass) when `poison` is set.
+void harness_crimmins_launch(const unsigned char* src, unsigned char* dst, int h, int w, int tile, void* net_out,
+                             const void* lut, int lut_elem, int gx, int gy, int smem_bytes, int poison)
+{
+    g_poison = poison;
+    std::vector<unsigned char> smem(smem_bytes > 0 ? smem_bytes : 1);
+    for (int by = 0; by < gy; ++by)
+        for (int bx = 0; bx < gx; ++bx) {
+            sono_host_poison(smem.data(), smem_bytes);
+            sono_crimmins_block(src, dst, h, w, tile, bx, by, 0, 0, 1, 1, smem.data(), net_out, lut, lut_elem);
+        }
+    g_poison = 0;
 }
 
 int harness_crimmins_smem_bytes(int h, int w, int tile) { return sono_crimmins_smem_bytes(h, w, tile); }
@@ -77,6 +103,24 @@ void harness_crimmins(const unsigned char* src, unsigned char* dst, int h, int w
         if (out != dst) a.swap(b);
     }
     g_poison = 0;
+}
+
+// One sono_gate launch: gx blocks of bdx threads; each block counts its mask bits (__syncthreads_count) and
+// hands the count to sono_gate_block_done, as the block's thread 0 does.
+void harness_gate_launch(const void* prob, int prob_half, float threshold, const unsigned char* image, int n,
+                         unsigned char* mask, void* vgg_out, int channels, const void* lut, int lut_elem,
+                         unsigned int* counter, unsigned int* result, int gx, int bdx)
+{
+    for (int b = 0; b < gx; ++b) {
+        unsigned int count = 0;
+        for (int t = 0; t < bdx; ++t) {
+            long long i = (long long)b * bdx + t;
+            if (i < n)
+                count += (unsigned int)sono_gate_pixel(prob, prob_half, threshold, image, n, mask, vgg_out, channels,
+                                                       lut, lut_elem, i);
+        }
+        sono_gate_block_done(counter, result, count, (unsigned int)gx);
+    }
 }
 
 // The sono_gate grid; returns the mask count the reduction would produce.

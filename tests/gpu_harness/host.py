@@ -55,6 +55,9 @@ class Harness:
         lib.harness_gate.argtypes = [P, I, F, P, I, P, P, I, P, I]
         lib.harness_gate.restype = ctypes.c_longlong
         lib.harness_half_to_float.argtypes = [P, P, I]
+        lib.harness_resize_launch.argtypes = [P, I, I, I, I, I, I, D, D, D, D, I, I, P, I, P, P, I, I, I]
+        lib.harness_crimmins_launch.argtypes = [P, P, I, I, I, P, P, I, I, I, I, I]
+        lib.harness_gate_launch.argtypes = [P, I, F, P, I, P, P, I, P, I, P, P, I, I]
         lib.harness_crimmins_reach.argtypes = [I, I]
         lib.harness_crimmins_reach.restype = I
 
