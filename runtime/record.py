@@ -11,6 +11,10 @@ from runtime.preprocess import Region
 # Stage names, in pipeline order. `total` is capture -> result.
 STAGES = ("queue", "preprocess", "unet", "gate", "vgg", "booster")
 
+# The error of the record of a frame that the stream's `newest` policy skipped (runtime/stream.py): the frame is
+# counted and keeps its place in the results, but was never processed. Sinks tell it from a real error by it.
+DROPPED = "dropped: a newer frame arrived before this one was processed (policy newest)"
+
 
 @dataclass
 class FrameRecord:

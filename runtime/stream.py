@@ -12,12 +12,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from runtime.record import FrameRecord
+from runtime.record import DROPPED, FrameRecord
 from runtime.sinks import Sink
 from runtime.sources import Frame, Source
 
 POLICIES = ("newest", "all")
-DROPPED = "dropped: a newer frame arrived before this one was processed (policy newest)"
 
 
 @dataclass

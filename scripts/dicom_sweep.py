@@ -194,8 +194,8 @@ def run_one(bundle: Path, f: KnownFile, workdir: Path, *, in_process: bool = Fal
     t0 = time.perf_counter()
     status: int | None = None
     if in_process:
-        from runtime.app import run_bundle
-        run_bundle(bundle, f.path, policy="all", results=results, quiet=True)
+        from runtime.app import RunConfig, run_bundle
+        run_bundle(RunConfig(bundle, f.path, policy="all", results=results, quiet=True))
     else:
         r = subprocess.run([sys.executable, "-m", "runtime.cli", "run", "--bundle", str(bundle), "--source", f.path,
                             "--policy", "all", "--quiet", "--results", str(results)], cwd=ROOT, capture_output=True,

@@ -592,7 +592,8 @@ def test_a_folder_of_dicom_files_numbers_frames_continuously_and_names_no_file(t
 def test_real_ultrasound_dicom_through_the_pipeline(tiny_bundle, tmp_path):
     from runtime.bundle import Bundle
     from runtime.pipeline import Pipeline
-    from runtime.stream import DROPPED, run_stream
+    from runtime.record import DROPPED
+    from runtime.stream import run_stream
 
     phi_file = write_us(tmp_path / "Doe^Jane^Quintessa_PHI-4711-0815.dcm",
                         speckle((2, 120, 160), np.uint16, seed=15, hi=4095), bits_stored=12, sop_uid=SOP_UID,

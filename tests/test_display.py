@@ -8,7 +8,8 @@ What must be on the machine (each test skips, saying which is missing, where it 
   tests/test_viewer.py), so the window runs in a subprocess that puts a GUI build of the same OpenCV version first
   on its path: the venv's own cv2 when it has a GUI, else `$SONOSCORE_GUI_OPENCV`, else `build/opencv-gui`, where
   `.ci/run` puts one (`pip install --no-deps --target build/opencv-gui opencv-python==<the pinned version>`).
-Everything else is the real code: runtime.viewer.DisplayWindow, runtime.overlay.render_overlay, the real CLI.
+Everything else is the real code: runtime.sinks.display.DisplayWindow, runtime.sinks.overlay.render_overlay, the
+real CLI.
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime.overlay import BANNER_BG, CONTOUR, GRADE_COLOURS, PANEL_BG
-from runtime.viewer import _x_server_problem
+from runtime.sinks.display import _x_server_problem
+from runtime.sinks.overlay import BANNER_BG, CONTOUR, GRADE_COLOURS, PANEL_BG
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREEN = (1200, 1600)  # rows, columns of the virtual screen: the overlay of a 480-row frame fits at 1:1
@@ -204,9 +205,10 @@ def _colour(img: np.ndarray, bgr) -> np.ndarray:
 DRIVER = r"""
 import select, sys, time
 import cv2, numpy as np
+from runtime.bundle import DEMO_DISCLAIMER
 from runtime.record import FrameRecord
-from runtime.overlay import DEFAULT_CLASS_NAMES, DEFAULT_DISCLAIMER, render_overlay
-from runtime.viewer import DisplayWindow
+from runtime.sinks.display import DisplayWindow
+from runtime.sinks.overlay import DEFAULT_CLASS_NAMES, render_overlay
 
 rng = np.random.default_rng(3)
 display = cv2.GaussianBlur(rng.integers(0, 256, (480, 640), dtype=np.uint8), (0, 0), 2)  # speckle-like frame
@@ -217,7 +219,7 @@ rec = FrameRecord(17, "test-source", time.time(), accepted=True, mask_fraction=f
                   mask=mask, display=display)
 win = DisplayWindow(name="sonoscore-test", max_fps=0)
 win.write(rec)
-cv2.imwrite(sys.argv[1], render_overlay(rec, fps=None, disclaimer=DEFAULT_DISCLAIMER,
+cv2.imwrite(sys.argv[1], render_overlay(rec, fps=None, disclaimer=DEMO_DISCLAIMER,
                                         class_names=DEFAULT_CLASS_NAMES))
 print("shown", win.shown, flush=True)
 

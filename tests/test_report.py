@@ -13,10 +13,9 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime.record import FrameRecord
-from runtime.report import Timeline
+from runtime.record import DROPPED, FrameRecord
+from runtime.sinks.report import Timeline
 from runtime.sinks.summary import StudySummary
-from runtime.stream import DROPPED
 
 CHROMIUM = "/usr/bin/chromium"
 DISCLAIMER = "synthetic demo model - not for clinical use"

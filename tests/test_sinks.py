@@ -5,16 +5,15 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime.overlay import (BANNER_BG, PLACEHOLDER_BG, frame_scale, mask_to_frame, render_overlay,
-                             text_width, wrap_text)
 from runtime.preprocess import Region
-from runtime.record import FrameRecord
+from runtime.record import DROPPED, FrameRecord
 from runtime.sinks import Sink
 from runtime.sinks.jsonl import JsonlSink
 from runtime.sinks.masks import MaskSink
+from runtime.sinks.overlay import (BANNER_BG, PLACEHOLDER_BG, frame_scale, mask_to_frame, render_overlay,
+                                   text_width, wrap_text)
 from runtime.sinks.summary import StudySummary
 from runtime.sinks.video import VideoSink
-from runtime.stream import DROPPED
 
 GREY = 100
 
@@ -257,7 +256,7 @@ def test_study_summary_without_accepted_frames_has_no_grade():
 
 
 def test_overlay_falls_back_to_hershey_fonts_where_opencv_has_no_truetype(monkeypatch):
-    import runtime.overlay as overlay
+    import runtime.sinks.overlay as overlay
     monkeypatch.setattr(overlay, "_FACE", [None])               # as on OpenCV 4.x
     img = render_overlay(scored(), disclaimer="synthetic demo model \u2014 not for clinical use")
     assert img.shape == render_overlay(scored()).shape

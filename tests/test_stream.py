@@ -6,10 +6,10 @@ import time
 import numpy as np
 import pytest
 
-from runtime.record import FrameRecord
+from runtime.record import DROPPED, FrameRecord
 from runtime.sinks import Sink
 from runtime.sources import Frame
-from runtime.stream import DROPPED, run_stream
+from runtime.stream import run_stream
 
 
 class Collect(Sink):

@@ -10,6 +10,7 @@ import dataclasses
 import http.client
 import json
 import os
+import re
 import select
 import shutil
 import socket
@@ -25,12 +26,12 @@ import numpy as np
 import pytest
 
 from runtime.errors import UserError
-from runtime.overlay import CONTOUR
 from runtime.phantom import KidneyPhantom
 from runtime.preprocess import crop_mask, preprocess
-from runtime.record import FrameRecord
-from runtime.stream import DROPPED
-from runtime.viewer import DisplayWindow, LiveViewer, gui_problem, render_frame
+from runtime.record import DROPPED, FrameRecord
+from runtime.sinks.display import DisplayWindow, gui_problem
+from runtime.sinks.overlay import CONTOUR
+from runtime.sinks.viewer import LiveViewer, render_frame
 
 CHROMIUM = "/usr/bin/chromium"
 DISCLAIMER = "synthetic demo model - not for clinical use"
@@ -149,6 +150,18 @@ def test_a_token_is_required_on_every_path_when_set(frames):
         assert status == 200 and headers["Content-Type"].startswith("text/html") and DISCLAIMER.encode() in body
         assert get(base_url(v) + "/state.json?token=s3cret-token")[0] == 200
         assert get(base_url(v) + "/frame.jpg?n=1&token=s3cret-token")[0] == 200
+
+
+def test_the_page_is_the_asset_beside_the_module_with_its_placeholders_filled():
+    import runtime.sinks.viewer
+    asset = Path(runtime.sinks.viewer.__file__).with_name(runtime.sinks.viewer.PAGE_ASSET).read_text("utf-8")
+    assert all(p in asset for p in ("__TITLE__", "__BANNER__", "__COLOURS__", "__CONTOUR__"))
+    with LiveViewer(disclaimer=None, title="a <b> title") as v:
+        status, body, _ = get(base_url(v) + "/")
+    page = body.decode("utf-8")
+    assert status == 200 and not re.search(r"__[A-Z]+__", page)
+    assert page.count("<title>a &lt;b&gt; title</title>") == 1 and '<div id="disclaimer" hidden></div>' in page
+    assert re.search(r'const COLOURS = \["#[0-9a-f]{6}"(, "#[0-9a-f]{6}"){3}\];', page)
 
 
 def test_binding_beyond_loopback_generates_a_token():

@@ -1,4 +1,13 @@
-"""Sinks: what consumes per-frame records (results JSONL, masks, the overlay video, the study summary).
+"""Sinks: what consumes per-frame records, and what they draw.
+
+    jsonl.py     `--results`: one JSON object per frame
+    masks.py     `--save-masks`: each frame's binary mask as PNG
+    video.py     `--video`: the overlay video (MP4)
+    summary.py   `--study-summary` / `--study-report`: the per-study aggregate (JSON) and its HTML report
+    viewer.py    `--view`: the live browser viewer (HTTP server; its page is viewer_page.html beside it)
+    display.py   `--display`: the overlay in a window on the device's own screen
+    overlay.py   the overlay picture of one record (video, display; the viewer draws its frame and contour)
+    report.py    the study's bounded timeline and the one-page HTML report drawn from it
 
 The stream's worker thread hands every sink every record, in input order, one at a time; a sink needs no locks.
 Each sink is a context manager and `close()` may be called any number of times (the run closes its sinks in a

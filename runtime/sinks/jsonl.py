@@ -1,4 +1,4 @@
-"""`--results`: one JSON object per input frame, one per line, in input order (DESIGN.md "Results JSONL")."""
+"""`--results`: one JSON object per input frame, one per line, in input order (docs/design.md "Results JSONL")."""
 from __future__ import annotations
 
 import json

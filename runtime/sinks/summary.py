@@ -1,5 +1,5 @@
 """`--study-summary` / `--study-report`: the per-study aggregate of a run (counts, the study grade, its smoothed
-value, latency percentiles) as JSON, and the one-page HTML report (runtime/report.py)."""
+value, latency percentiles) as JSON, and the one-page HTML report (runtime/sinks/report.py)."""
 from __future__ import annotations
 
 import json
@@ -10,12 +10,11 @@ from typing import Sequence
 
 import numpy as np
 
-from runtime.overlay import DEFAULT_CLASS_NAMES
-from runtime.record import STAGES, FrameRecord
-from runtime.report import (STATUS_ACCEPTED, STATUS_DROPPED, STATUS_ERROR, STATUS_REJECTED, Timeline,
-                            render_html, write_html)
+from runtime.record import DROPPED, STAGES, FrameRecord
 from runtime.sinks import Sink
-from runtime.stream import DROPPED
+from runtime.sinks.overlay import DEFAULT_CLASS_NAMES
+from runtime.sinks.report import (STATUS_ACCEPTED, STATUS_DROPPED, STATUS_ERROR, STATUS_REJECTED, Timeline,
+                                  render_html, write_html)
 
 
 class StudySummary(Sink):
@@ -32,7 +31,7 @@ class StudySummary(Sink):
     distribution of the per-frame smoothed grades.
 
     Memory stays bounded whatever the study's length: counts and sums, the plot's timeline in a fixed number of
-    bins (runtime/report.py), and the latencies as float64 arrays (8 bytes per frame and stage, kept exact
+    bins (runtime/sinks/report.py), and the latencies as float64 arrays (8 bytes per frame and stage, kept exact
     because the percentiles are).
     """
 

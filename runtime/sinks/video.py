@@ -1,4 +1,4 @@
-"""`--video`: the annotated stream as MP4, one overlay picture (runtime/overlay.py) per input frame."""
+"""`--video`: the annotated stream as MP4, one overlay picture (runtime/sinks/overlay.py) per input frame."""
 from __future__ import annotations
 
 import time
@@ -9,10 +9,10 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from runtime.overlay import DEFAULT_CLASS_NAMES, DEFAULT_DISCLAIMER, PANEL_BG, fill, render_overlay
-from runtime.record import FrameRecord
+from runtime.bundle import DEMO_DISCLAIMER
+from runtime.record import DROPPED, FrameRecord
 from runtime.sinks import Sink
-from runtime.stream import DROPPED
+from runtime.sinks.overlay import DEFAULT_CLASS_NAMES, PANEL_BG, fill, render_overlay
 
 
 class VideoSink(Sink):
@@ -24,7 +24,7 @@ class VideoSink(Sink):
     pictures is the measured processing rate (records that went through the pipeline, last 30).
     """
 
-    def __init__(self, path: str | Path, fps: float = 30.0, disclaimer: str | None = DEFAULT_DISCLAIMER,
+    def __init__(self, path: str | Path, fps: float = 30.0, disclaimer: str | None = DEMO_DISCLAIMER,
                  class_names: Sequence[str] = DEFAULT_CLASS_NAMES):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)

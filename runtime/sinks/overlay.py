@@ -1,7 +1,8 @@
 """The overlay picture: what a sonographer sees for one frame.
 
-The video sink writes it and a live viewer will show it, so it is one pure function of a record:
-`render_overlay(record) -> BGR image`. Layout, left to right and top to bottom:
+The video sink writes it and the display window shows it (the browser viewer draws only its frame and contour,
+`render_frame`), so it is one pure function of a record: `render_overlay(record) -> BGR image`. Layout, left to
+right and top to bottom:
 
     +------------------------------+-------------------+
     | the frame, grey, with the    | IFTA GRADE  3     |
@@ -23,10 +24,10 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from runtime.bundle import DEMO_DISCLAIMER
 from runtime.preprocess import Region, window_to_uint8
 from runtime.record import FrameRecord
 
-DEFAULT_DISCLAIMER = "synthetic demo model - not for clinical use"
 DEFAULT_CLASS_NAMES = ("1: <25%", "2: 25-49%", "3: 50-74%", "4: >=75%")
 
 MIN_HEIGHT = 480          # small frames are enlarged to this many rows so that text and contour are legible
@@ -201,7 +202,7 @@ def _draw_contour(canvas: np.ndarray, frame_mask: np.ndarray, scale: float, thic
 
 # -- the picture -----------------------------------------------------------------------------------------------
 def render_overlay(record: FrameRecord, *, fps: float | None = None,
-                   disclaimer: str | None = DEFAULT_DISCLAIMER,
+                   disclaimer: str | None = DEMO_DISCLAIMER,
                    class_names: Sequence[str] = DEFAULT_CLASS_NAMES) -> np.ndarray:
     """One record -> the annotated BGR uint8 picture (even width and height, so any video encoder takes it).
 

@@ -21,13 +21,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from runtime.overlay import DEFAULT_CLASS_NAMES
+from runtime.sinks.overlay import DEFAULT_CLASS_NAMES
 
 STATUSES = ("accepted", "rejected", "error", "dropped")
 STATUS_ACCEPTED, STATUS_REJECTED, STATUS_ERROR, STATUS_DROPPED = range(4)   # indices into STATUSES
 
-# Grade colours on white: the overlay's green-to-red scale (runtime/overlay.py GRADE_COLOURS), darkened to read
-# as thin lines on paper.
+# Grade colours on white: the overlay's green-to-red scale (runtime/sinks/overlay.py GRADE_COLOURS), darkened to
+# read as thin lines on paper.
 GRADE_HEX = ("#2f9e5a", "#c49b00", "#e07a12", "#d13a3a")
 STATUS_HEX = ("#5fb37c", "#f0a040", "#d9534f", "#b9bcc0")
 
