@@ -84,7 +84,9 @@ def calibrate_bench(bundle: Path, bench: Path, *, frames: str = "sim://kidney?fr
 def run_demo(out: Path, *, frames: int = 150, fps: float = 30.0, bench_frames: int = 20, rebuild: bool = False,
              grade: int = 3, seed: int = 11) -> None:
     from export.recipe import TrainConfig, export_from_checkpoints, train_bundle
-    from runtime.app import bench_bundle, evaluate_bundle, run_bundle
+    from runtime.app import RunConfig, run_bundle
+    from runtime.bench import bench_bundle
+    from runtime.evaluate import evaluate_bundle
     from runtime.dataset import write_dataset
 
     t0 = time.time()
@@ -109,8 +111,8 @@ def run_demo(out: Path, *, frames: int = 150, fps: float = 30.0, bench_frames: i
 
     source = f"sim://kidney?grade={grade}&fps={fps:g}&frames={frames}&seed={seed}"
     _say(f"demo: streaming the simulated probe {source}")
-    run_bundle(bundle, source, results=out / "results.jsonl", video=out / "overlay.mp4",
-               summary=out / "summary.json")
+    run_bundle(RunConfig(bundle, source, results=out / "results.jsonl", video=out / "overlay.mp4",
+                         summary=out / "summary.json"))
 
     _say("demo: evaluating on held-out synthetic patients")
     evaluate_bundle(bundle, heldout, report=out / "eval.json", quiet=True)

@@ -27,18 +27,19 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 # --- commands ---------------------------------------------------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from runtime.app import run_bundle
-    stats = run_bundle(args.bundle, args.source, backend=args.backend, precision=args.precision,
-                       policy=args.policy, results=args.results, video=args.video, masks=args.save_masks,
-                       summary=args.study_summary, quiet=args.quiet, threads=args.threads,
-                       report=args.study_report, smoothing=args.smooth, display=args.display,
-                       view=dict(host=args.view_host, port=args.view_port, token=args.view_token) if args.view else None,
-                       keep_view=args.view_keep)
+    from runtime.app import RunConfig, ViewConfig, run_bundle
+    view = (ViewConfig(host=args.view_host, port=args.view_port, token=args.view_token, keep=args.view_keep)
+            if args.view else None)
+    config = RunConfig(bundle=args.bundle, source=args.source, backend=args.backend, precision=args.precision,
+                       policy=args.policy, threads=args.threads, results=args.results, video=args.video,
+                       masks=args.save_masks, summary=args.study_summary, report=args.study_report,
+                       smoothing=args.smooth, view=view, display=args.display, quiet=args.quiet)
+    stats = run_bundle(config)
     return EXIT_FRAME_ERRORS if stats.errors else EXIT_OK
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from runtime.app import evaluate_bundle
+    from runtime.evaluate import evaluate_bundle
     report = evaluate_bundle(args.bundle, args.data, precision=args.precision, backend=args.backend,
                              report=args.report, quiet=args.quiet)
     return EXIT_FRAME_ERRORS if report["errors"] else EXIT_OK
@@ -47,7 +48,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     baseline = args.baseline or ("torch" if args.device == "cuda" else "none")
     if args.device is None and baseline == "none":
-        from runtime.app import bench_bundle
+        from runtime.bench import bench_bundle
         bench_bundle(args.bundle, backend=args.backend, precision=args.precision or "fp32", frames=args.frames,
                      warmup=3 if args.warmup is None else args.warmup, json_path=args.json, threads=args.threads,
                      plot=args.plot)
@@ -59,7 +60,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from export.baseline import TorchBaseline
         factory = TorchBaseline
     device = args.device or "cpu"
-    from runtime.gpu.bench import bench_device
+    from runtime.bench import bench_device
     bench_device(args.bundle, device=device, backend=args.backend,
                  precision=args.precision or ("fp32,fp16" if device == "cuda" else "fp32"),
                  cuda_graphs=args.cuda_graphs, baseline=factory, frames=args.frames,

@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 
 from runtime import preprocess as pp
-from runtime.app import bench_frames
 from runtime.backends import BackendUnavailable
+from runtime.bench import bench_frames
 from runtime.bundle import Bundle
 from runtime.gpu.pipeline import DevicePipeline, host_view
 from runtime.phantom import KidneyPhantom
-from runtime.pipeline import Pipeline, apply_mask
+from runtime.graph import masked
+from runtime.pipeline import Pipeline
 from runtime.sources import Frame
 
 from tests.conftest import cuda_or_skip, sonoscore
@@ -94,7 +95,7 @@ class HostKernels:
         p = host_view(prob, (self.size, self.size), prob_dtype)
         self._mask = (p > threshold).astype(np.uint8)
         self._fraction = float(self._mask.mean())
-        self._vgg[...] = pp.to_input(apply_mask(self._image, self._mask), self.channels)
+        self._vgg[...] = pp.to_input(masked(self._image, self._mask), self.channels)
 
     def fraction(self):
         return self._fraction
@@ -148,7 +149,7 @@ def test_device_pipeline_records_equal_the_cpu_pipelines_frame_for_frame(bundle,
             assert set(a.latency_ms) == stages and all(v >= 0 for v in a.latency_ms.values())
             assert a.accepted == (min_fraction == 0.0)
             assert a.mask is None and a.image is None and a.display is None   # nothing came back unasked
-            feats = cpu.features(b.image, b.mask)
+            feats = cpu.graph.features(cpu.vgg, b.image, b.mask)[0]
             assert np.array_equal(dev.features[0], feats)     # the VGG ran, rejected frames too (gated on GPU)
 
 
@@ -235,7 +236,7 @@ def cosine(a, b):
 
 
 def unet_prob(cpu: Pipeline, image: np.ndarray) -> np.ndarray:
-    return cpu.unet.infer({cpu.unet_spec.input_name: pp.to_input(image, 1)})[cpu.unet_spec.output_name][0, 0]
+    return cpu.graph.segment(cpu.unet, image)
 
 
 def device_prob(dev: DevicePipeline) -> np.ndarray:
@@ -267,7 +268,7 @@ def test_gpu_device_pipeline_agrees_with_the_cpu_pipeline(bundle, frames, precis
             assert np.abs(prob - unet_prob(cpu, a.image)).max() <= tol
             assert np.array_equal(a.mask, (prob > dev.threshold).astype(np.uint8))
             assert a.mask_fraction == pytest.approx(float(a.mask.mean()), abs=1e-6)
-            assert cosine(dev.features[0], cpu.features(a.image, a.mask)) >= min_cos
+            assert cosine(dev.features[0], cpu.graph.features(cpu.vgg, a.image, a.mask)[0]) >= min_cos
             assert set(a.to_json()) == set(b.to_json())
             assert all(a.latency_ms[s] > 0 for s in ("preprocess", "unet", "gate", "vgg", "booster", "total"))
 
@@ -287,13 +288,62 @@ def test_gpu_bench_runs_every_configuration_and_the_torch_baseline_in_one_run(ti
     assert out["speedup"]["fp16+graphs"]["total_p50"] > 0
     assert out["agreement"]["fp32"]["frames"] == 6
     assert {"onnxruntime", "pycuda", "torch", "cuda_driver"} <= set(out["versions"])
-    assert set(out["acceptance"]) >= {"met", "total_p50_ms", "speedup_vs_baseline"}
+    assert set(out["acceptance"]) >= {"met", "total_p50_ms", "speedup_vs_baseline", "kernels_p50_ms"}
+    for name in ("fp32", "fp32+graphs", "fp16", "fp16+graphs"):
+        c = out["configs"][name]
+        # The kernel timer's figure: GPU time of the launches only, well under the pipeline's host-inclusive span
+        assert c["kernel_timer"]["frames"] == 6 and 0 < c["kernels_p50_ms"] == c["kernel_timer"]["kernels"]["p50_ms"]
+        assert c["kernels_p50_ms"] < c["host_copy_upload_preprocess"]["p50_ms"] + c["stages"]["gate"]["p50_ms"]
+        assert c["kernel_timer"]["upload"]["p50_ms"] > 0
+    assert out["acceptance"]["kernels_p50_ms"] == out["configs"]["fp16+graphs"]["kernels_p50_ms"]
+    assert "torch-eager-fp32" in out["configs"] and "kernel_timer" not in out["configs"]["torch-eager-fp32"]
+
+
+def test_device_bench_takes_its_kernel_figure_from_the_kernel_timer_on_the_pipelines_own_kernels(
+        tiny_bundle, bundle, monkeypatch):
+    """Without a GPU, on the host stand-ins: `kernels_p50_ms` comes from runtime.gpu.kernels.time_kernels, called
+    once per timed frame with the pipeline's own kernels, what the pipeline uploads for that frame and the UNet's
+    probabilities for it; the pipeline's own host-inclusive span keeps its own name."""
+    from runtime import bench
+    from runtime.gpu import kernels as gpu_kernels
+    calls = []
+
+    def time_kernels(kernels, pixels, region, prob, *, frames=200, prob_dtype=np.float32, channel_order="RGB"):
+        size = kernels.size
+        calls.append(dict(own=kernels is made[0].kernels, pixels=pixels.copy(), region=region, frames=frames,
+                          order=channel_order, prob=host_view(prob, (size, size), prob_dtype).copy(),
+                          unet_input=host_view(kernels.unet_input, (1, 1, size, size), np.float32).copy()))
+        return {"upload": 0.5, "preprocess": 0.01 * len(calls), "gate": 0.01, "kernels": 0.01 * len(calls) + 0.01}
+
+    made = []
+
+    def make(bundle_, device, backend, precision, graphs, threads, cache_dir):
+        made.append(host_pipeline(bundle_, precision=precision, min_mask_fraction=0.0))
+        return made[-1]
+
+    monkeypatch.setattr(gpu_kernels, "time_kernels", time_kernels)
+    monkeypatch.setattr(bench, "_make_pipeline", make)
+    out = bench.bench_device(tiny_bundle, device="cuda", precision="fp32", cuda_graphs="off", baseline=None,
+                             frames=3, warmup=1)
+    assert out["errors"] == {} and list(out["configs"]) == ["fp32"]
+    c = out["configs"]["fp32"]
+    assert c["kernel_timer"]["frames"] == 3 and c["kernels_p50_ms"] == pytest.approx(0.03)   # 0.02, 0.03, 0.04
+    assert c["kernel_timer"]["upload"]["p50_ms"] == 0.5
+    assert c["host_copy_upload_preprocess"]["p50_ms"] > 0 and "upload_preprocess" not in c
+    timed = bench_frames(4)[1:]                                # the bench's frames after the warm-up
+    with Pipeline(bundle, threads=1, min_mask_fraction=0.0) as cpu:
+        for call, f in zip(calls, timed, strict=True):
+            assert call["own"] and call["frames"] == 1 and call["order"] == "RGB"
+            assert np.array_equal(call["pixels"], f.pixels) and call["region"] == pp.auto_region(f.pixels)
+            image, _ = cpu.graph.preprocess(f.pixels, call["region"])
+            assert np.array_equal(call["unet_input"], pp.to_input(image, 1))
+            assert np.abs(call["prob"] - unet_prob(cpu, image)).max() < 1e-5
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pycuda") is not None, reason="pycuda is installed here")
 def test_gpu_bench_without_a_gpu_names_each_configuration_and_why_once(tiny_bundle):
     from runtime.errors import UserError
-    from runtime.gpu.bench import bench_device
+    from runtime.bench import bench_device
     with pytest.raises(UserError, match=r"^no configuration could start on cuda: fp32, fp32\+graphs, fp16, "
                                         r"fp16\+graphs: BackendUnavailable: [^;]*pycuda[^;]*$"):
         bench_device(tiny_bundle, device="cuda", baseline=None, frames=1, warmup=0)
