@@ -1,6 +1,6 @@
 """FP32 ONNX -> INT8 Q/DQ ONNX with onnxruntime's static quantizer, in the form TensorRT builds from.
 
-What the file must look like (DESIGN.md, "The model bundle"; TensorRT's "Working with Quantized Types"):
+What the file must look like (docs/design.md, "The model bundle"; TensorRT's "Working with Quantized Types"):
 - QDQ format: QuantizeLinear/DequantizeLinear pairs around float operators, so the same file runs on onnxruntime
   (which fuses the pairs into integer kernels) and TensorRT (which builds what the Q/DQ nodes say).
 - Symmetric signed INT8 for activations and weights: every zero point is 0 (TensorRT rejects others).

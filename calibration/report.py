@@ -12,7 +12,7 @@ its own masked image and VGG features, and the bundle's booster. Compared with F
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

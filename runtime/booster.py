@@ -1,6 +1,6 @@
 """The XGBoost booster (multi:softprob), compiled for this machine by TL2cgen, or interpreted by treelite's GTIL.
 
-The compiled library is built on the target on first use and cached (DESIGN.md, "caching rule") under a key of
+The compiled library is built on the target on first use and cached (docs/design.md, "Caching rule") under a key of
 (model sha256, tl2cgen version, treelite version, CPU arch/platform, compiler identity). An entry is used only when
 its metadata matches the key and the library's own sha256 matches the one recorded when it was built; anything
 else is rebuilt, never loaded. Writes are atomic (temp file + rename, metadata last) and builds of one key are

@@ -1,4 +1,4 @@
-"""Frame preprocessing, one small pure function per step (the pinned definitions of DESIGN.md).
+"""Frame preprocessing, one small pure function per step (docs/design.md, "Pinned definitions").
 
 The same functions feed inference, evaluation, training and INT8 calibration: a model only sees images made
 by this module, so ranges measured at calibration match what the device sees.
@@ -99,7 +99,7 @@ def resize(img: np.ndarray, size: int = SIZE) -> np.ndarray:
 
 
 def crimmins(img: np.ndarray, iterations: int = 1) -> np.ndarray:
-    """Crimmins complementary-hulling speckle filter (DESIGN.md pinned definition), uint8 HxW -> uint8 HxW.
+    """Crimmins complementary-hulling speckle filter (docs/design.md, "Pinned definitions"), uint8 HxW -> uint8 HxW.
 
     One iteration = dark-pixel adjustment then light-pixel adjustment; each = 4 directions x 4 rules, one
     whole-image pass per rule (decided from the image before that pass), borders replicated. 32 passes.

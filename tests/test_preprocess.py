@@ -1,4 +1,5 @@
-"""Pinned preprocessing definitions (DESIGN.md): Crimmins bit-exact with the golden file, BT.601 gray, resize rule."""
+"""Pinned preprocessing definitions (docs/design.md, "Pinned definitions"): Crimmins bit-exact with the golden file,
+BT.601 gray, resize rule."""
 from pathlib import Path
 
 import cv2

@@ -1,7 +1,8 @@
 """Frame sources. A source is an iterable of `Frame`s plus what the streamer needs to know about it.
 
-Source strings (DESIGN.md): a path (image, folder, video, DICOM file or folder of DICOM files), `sim://kidney?grade=3&fps=30&frames=300&seed=1`,
-`igtl://host:18944/Device` (OpenIGTLink IMAGE stream), `v4l2:///dev/video0` and `gst://<pipeline>` (capture).
+Source strings (docs/design.md, "Streaming"): a path (image, folder, video, DICOM file or folder of DICOM files),
+`sim://kidney?grade=3&fps=30&frames=300&seed=1`, `igtl://host:18944/Device` (OpenIGTLink IMAGE stream),
+`v4l2:///dev/video0` and `gst://<pipeline>` (capture).
 A frame that cannot be read is still yielded, with `error` set, so the results keep one record per input.
 """
 from __future__ import annotations

@@ -16,8 +16,9 @@ so a long cine is never decoded, nor held in memory, all at once. What pydicom r
   = (row mm, column mm) from that region's PhysicalDeltaY/X (when its units are cm), else from PixelSpacing, and
   `meta["pixel_spacing_mm"]` (one float) only when the pixels are square.
 
-Safety (DESIGN.md): nothing identifying leaves this module. `source_id` is an opaque hash of the path, `meta`
-holds only technical facts, and per-frame error sentences never name the file (its name may be a patient's).
+Safety (docs/design.md, "Safety"): nothing identifying leaves this module. `source_id` is an opaque hash of the
+path, `meta` holds only technical facts, and per-frame error sentences never name the file (its name may be a
+patient's).
 Errors when opening are `SourceError` sentences for the user's terminal; a frame that fails to decode is
 yielded with `pixels=None` and `error` set, so the results keep one record per frame.
 
