@@ -46,6 +46,7 @@ from runtime import preprocess as pp
 from runtime.bundle import Bundle
 from runtime.errors import UserError
 from runtime.sources import Frame
+from runtime.stats import percentiles
 
 STAGES = ("preprocess", "unet", "gate", "vgg", "booster", "total")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -75,17 +76,6 @@ def _say(msg: str) -> None:
 
 
 # -- the shared parts ------------------------------------------------------------------------------------------------
-
-def percentiles(values) -> dict[str, float]:
-    """p50, p95, p99 and max (ms) of the finite values (numpy's linear interpolation); NaN for each when there is
-    none. The one percentile function of the bench: stages, networks, the kernel timer and the booster alone."""
-    a = np.asarray(values, dtype=np.float64).ravel()
-    a = a[np.isfinite(a)]
-    if a.size == 0:
-        return {"p50_ms": float("nan"), "p95_ms": float("nan"), "p99_ms": float("nan"), "max_ms": float("nan")}
-    p50, p95, p99 = np.percentile(a, [50, 95, 99])
-    return {"p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99), "max_ms": float(a.max())}
-
 
 def parse_precisions(text: str) -> list[str]:
     """"fp32,int8" -> ["fp32", "int8"] (in the order given, each once); UserError in one sentence otherwise."""

@@ -10,6 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
+from runtime import stats
+
 from runtime.record import DROPPED, STAGES, FrameRecord
 from runtime.sinks import Sink
 from runtime.sinks.overlay import DEFAULT_CLASS_NAMES
@@ -167,8 +169,5 @@ class _Floats:
 
 
 def percentiles(values) -> dict[str, float]:
-    """p50/p95/p99/max in ms (numpy's linear interpolation), rounded to 0.1 us."""
-    a = np.asarray(values, np.float64)
-    p50, p95, p99 = np.percentile(a, [50, 95, 99])
-    return {"p50": round(float(p50), 4), "p95": round(float(p95), 4), "p99": round(float(p99), 4),
-            "max": round(float(a.max()), 4)}
+    """p50/p95/p99/max in ms (runtime.stats.percentiles), rounded to 0.1 us, as the summary names them."""
+    return {k.removesuffix("_ms"): round(v, 4) for k, v in stats.percentiles(values).items()}
