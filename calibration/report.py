@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 
-
 @dataclass
 class Thresholds:
     """Defaults from the INT8 issue; every one can be changed on the command line."""

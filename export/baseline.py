@@ -19,7 +19,6 @@ in which the layers run, with every shape checked.
 """
 from __future__ import annotations
 
-
 from pathlib import Path
 
 import numpy as np

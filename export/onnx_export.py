@@ -29,8 +29,9 @@ _NOISY_LOGGERS = ("torch.onnx._internal.exporter._registration", "torch.onnx._in
                   "onnxscript.version_converter")
 
 
-def parity_inputs(channels: int, seed: int = 0) -> list[np.ndarray]:
+def parity_inputs(channels: int, seed: int = 0, size: int = SIZE) -> list[np.ndarray]:
     """Batches that exercise the dynamic batch: random, structured (ramp, disc, edges, black, white)."""
+    SIZE = size  # noqa: N806 (the planes below are size x size)
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:SIZE, :SIZE].astype(np.float32) / (SIZE - 1)
     disc = (((yy - 0.5) / 0.3) ** 2 + ((xx - 0.5) / 0.4) ** 2 < 1).astype(np.float32)
@@ -71,7 +72,8 @@ def ort_session(path: Path | str):
 
 def _run_ort(session, batches: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
     names = [o.name for o in session.get_outputs()]
-    return [dict(zip(names, session.run(names, {"image": x}))) for x in batches]
+    feed = session.get_inputs()[0].name
+    return [dict(zip(names, session.run(names, {feed: x}))) for x in batches]
 
 
 def _max_abs(a: list[dict], b: list[dict]) -> dict[str, float]:
@@ -84,7 +86,7 @@ def _shape(value) -> list:
     return [d if isinstance(d, int) else d.value for d in value.shape]
 
 
-def _export(module, path: Path, channels: int, output_names: list[str]) -> dict:
+def _export(module, path: Path, channels: int, input_name: str, output_names: list[str], size: int) -> dict:
     import onnx
     import torch
     path = Path(path)
@@ -95,11 +97,11 @@ def _export(module, path: Path, channels: int, output_names: list[str]) -> dict:
     module.eval()
     t0 = time.perf_counter()
     try:
-        example = torch.rand(2, channels, SIZE, SIZE)  # batch 2: a batch of 1 would be specialised away
+        example = torch.rand(2, channels, size, size)  # batch 2: a batch of 1 would be specialised away
         batch = torch.export.Dim("N", min=1, max=4096)
         with _quiet_exporter(), torch.no_grad():
             program = torch.onnx.export(module, (example,), str(path), dynamo=True, external_data=False,
-                                        opset_version=OPSET, input_names=["image"], output_names=output_names,
+                                        opset_version=OPSET, input_names=[input_name], output_names=output_names,
                                         dynamic_shapes=({0: batch},), optimize=True, verbose=False)
         export_s = time.perf_counter() - t0
         if path.with_name(path.name + ".data").exists():
@@ -117,7 +119,7 @@ def _export(module, path: Path, channels: int, output_names: list[str]) -> dict:
             "export_seconds": round(export_s, 2),
         }
         del program, graph
-        batches = parity_inputs(channels)
+        batches = parity_inputs(channels, size=size)
         with torch.no_grad():
             ref = []
             for x in batches:
@@ -134,15 +136,22 @@ def _export(module, path: Path, channels: int, output_names: list[str]) -> dict:
         module.train(was_training)
 
 
-def export_unet(model, path: Path | str) -> dict:
-    """UNet -> ONNX: "image" [N,1,224,224] float32 in [0,1] -> "mask" [N,1,224,224] sigmoid probabilities."""
-    return _export(model, Path(path), 1, ["mask"])
+def export_unet(model, path: Path | str, graph=None) -> dict:
+    """UNet -> ONNX with the graph's names and size (runtime.graph.Graph; its defaults when None): "image"
+    [N,1,224,224] float32 in [0,1] -> "mask" [N,1,224,224] sigmoid probabilities."""
+    from runtime.graph import Graph
+    g = graph or Graph()
+    return _export(model, Path(path), 1, g.unet_input, [g.unet_output], g.size)
 
 
-def export_vgg(model, path: Path | str) -> dict:
-    """VGG19BN -> ONNX: "image" [N,C,224,224] -> "features" [N,1024] (ReLU'd Fc2) and "logits" [N,4]."""
+def export_vgg(model, path: Path | str, graph=None) -> dict:
+    """VGG19BN -> ONNX with the graph's names and size: "image" [N,C,224,224] -> "features" [N,1024] (ReLU'd Fc2)
+    and "logits" [N,4]."""
     from export.models import VGGFeaturesAndLogits
-    return _export(VGGFeaturesAndLogits(model), Path(path), model.in_channels, ["features", "logits"])
+    from runtime.graph import Graph
+    g = graph or Graph()
+    return _export(VGGFeaturesAndLogits(model), Path(path), model.in_channels, g.vgg_input, [g.vgg_output, "logits"],
+                   g.size)
 
 
 def _sort_topologically(graph) -> None:

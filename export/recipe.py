@@ -83,7 +83,7 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
     _say(f"train: UNet width {cfg.unet_width}, {cfg.unet_epochs} epochs (MSE loss)")
     unet, unet_hist = train_unet(images[tr], masks[tr], width=cfg.unet_width, epochs=cfg.unet_epochs,
                                  seed=cfg.seed, val=(images[va], masks[va]) if va.any() else None,
-                                 progress=progress)
+                                 progress=progress, graph=graph)
     # The VGG learns from labelled kidneys the gate would pass, under their labelled masks.
     kidney = np.array([graph.gate_mask(m).accepted for m in masks]) & (grades > 0)
     masked_images = np.stack([masked(i, m) for i, m in zip(images, masks)])
@@ -99,7 +99,6 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     nets = export_networks(unet, vgg, tmp, cfg.unet_width, cfg.vgg_width, graph)
-    graph = Graph.from_manifest({"networks": nets, **graph.manifest_sections()})   # as the bundle will pin it
 
     # Booster features from the exported networks, the deployed way: predicted mask, gate, masked image.
     from runtime.backends.ort import OrtRunner
@@ -147,14 +146,11 @@ def export_networks(unet, vgg, out: Path, unet_width: float, vgg_width: float, g
     from export.onnx_export import export_unet, export_vgg, to_fp16
     nets = {}
     s = graph.size
-    for name, model, exporter, width, channels, out_name in (
-            ("unet", unet, export_unet, unet_width, 1, graph.unet_output),
-            ("vgg", vgg, export_vgg, vgg_width, graph.vgg_channels, graph.vgg_output)):
+    for name, model, exporter, width, channels, in_name, out_name in (
+            ("unet", unet, export_unet, unet_width, 1, graph.unet_input, graph.unet_output),
+            ("vgg", vgg, export_vgg, vgg_width, graph.vgg_channels, graph.vgg_input, graph.vgg_output)):
         t = time.time()
-        info = exporter(model, out / f"{name}.onnx")
-        in_name = next(iter(info["inputs"]))   # the names the file has: the manifest, and so every path, reads these
-        if out_name not in info["outputs"]:
-            raise RuntimeError(f"the exported {name} has no output '{out_name}' (it has {', '.join(info['outputs'])})")
+        info = exporter(model, out / f"{name}.onnx", graph)   # the graph's tensor names and size
         half = to_fp16(out / f"{name}.onnx", out / f"{name}.fp16.onnx")
         _say(f"export: {name} -> {name}.onnx, {name}.fp16.onnx in {time.time() - t:.1f} s "
              f"(parity vs torch {info.get('parity_max_abs', float('nan')):.2e})")

@@ -17,6 +17,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from runtime.graph import Graph
+
 NUM_CLASSES = 4
 BOOSTER_PARAMS = {  # the paper's XGBoost
     "objective": "multi:softprob", "num_class": NUM_CLASSES, "eta": 0.01, "max_depth": 16, "subsample": 0.5,
@@ -160,7 +162,7 @@ def _fit(model, images, targets, loss_fn, *, channels, epochs, batch_size, lr, s
 
 def train_unet(images: np.ndarray, masks: np.ndarray, *, width: float = 0.25, epochs: int = 8, batch_size: int = 8,
                lr: float = 1e-3, seed: int = 0, val: tuple[np.ndarray, np.ndarray] | None = None,
-               progress: bool = True):
+               progress: bool = True, graph: Graph | None = None):
     """UNet on preprocessed uint8 images [N,224,224] and 0/1 masks; MSE on the sigmoid (the paper's loss).
 
     Returns (model in eval mode, history: train_loss, epoch_seconds and, with `val`, val_iou per epoch).
@@ -175,12 +177,14 @@ def train_unet(images: np.ndarray, masks: np.ndarray, *, width: float = 0.25, ep
     torch.manual_seed(seed)
     model = UNet(width=width)
     truth = (masks > 0).astype(np.uint8)
+    graph = graph or Graph()   # validation IoU of the masks the gate would make
 
     def validate(m):
         if val is None or len(val[0]) == 0:
             return {}
         v_img, v_mask = _check_images(val[0], "UNet validation images"), np.asarray(val[1]) > 0
-        return {"val_iou": float(mask_iou(predict_masks(m, v_img) > 0.5, v_mask).mean())}
+        masks = np.stack([graph.gate(prob).mask for prob in predict_masks(m, v_img)])   # masks as deployed
+        return {"val_iou": float(mask_iou(masks, v_mask).mean())}
 
     return _fit(model, images, lambda idx, flip: _rows(truth, idx, flip).float(), torch.nn.MSELoss(), channels=1,
                 epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, desc="unet", progress=progress,

@@ -44,6 +44,7 @@ import numpy as np
 
 from runtime import preprocess as pp
 from runtime.bundle import Bundle
+from runtime.backends.base import BackendUnavailable, short
 from runtime.errors import UserError
 from runtime.sources import Frame
 from runtime.stats import percentiles
@@ -144,7 +145,7 @@ class Configurations:
                 except Exception as e:  # BackendUnavailable, onnxruntime's own errors, a missing bundle file
                     if not self.keep_going:
                         raise
-                    self.errors[name] = f"{type(e).__name__}: {_short(e)}"
+                    self.errors[name] = f"{type(e).__name__}: {short(e, 300)}"
                     _say(f"  {name} could not start: {self.errors[name]}")
         except BaseException:
             self.__exit__(None, None, None)
@@ -176,10 +177,12 @@ class Configurations:
                     rec = pipe.process(f, t0)
                     if rec.error:
                         raise RuntimeError(rec.error)
+                except (UserError, BackendUnavailable):
+                    raise                   # one sentence for the user, as at start-up
                 except Exception as e:  # a configuration that fails mid-run is reported, the others go on
                     if not self.keep_going:
-                        raise RuntimeError(f"bench frame {k} failed ({name}): {_short(e)}") from e
-                    self._drop(name, f"frame {k}: {type(e).__name__}: {_short(e)}")
+                        raise RuntimeError(f"bench frame {k} failed ({name}): {short(e, 300)}") from e
+                    self._drop(name, f"frame {k}: {type(e).__name__}: {short(e, 300)}")
                     continue
                 wall = time.perf_counter() - t0
                 if k >= warmup:
@@ -379,8 +382,8 @@ def bench_device(bundle_path, *, device: str = "cuda", backend: str = "ort", pre
                 try:
                     kernels[name] = kernel_times(pipe, data[warmup:])
                 except Exception as e:  # the stage figures stand; the kernel figure is missing, and says why
-                    confs.errors[f"{name} kernel timer"] = f"{type(e).__name__}: {_short(e)}"
-                    _say(f"  {name}: the kernel timer failed: {_short(e)}")
+                    confs.errors[f"{name} kernel timer"] = f"{type(e).__name__}: {short(e, 300)}"
+                    _say(f"  {name}: the kernel timer failed: {short(e, 300)}")
         device_info = _device_info(device, confs.pipes)
         booster = next((b for b in (getattr(p, "booster", None) for p in confs.pipes.values()) if b is not None),
                        None)
@@ -428,7 +431,9 @@ def profiled_kernels() -> Callable:
     the pipeline's own kernels (they cost the pipeline five event records per frame). BackendUnavailable, in the
     words of the pipeline's own loader, when the kernels cannot run here."""
     from runtime.backends import BackendUnavailable
+    from runtime.backends.cuda import import_driver
     from runtime.gpu import kernels
+    import_driver()   # no pycuda: the device pipeline's own sentence
     ok, why = kernels.available()
     if not ok:
         raise BackendUnavailable(f"the GPU kernels cannot run here: {why}")
@@ -450,7 +455,7 @@ def kernel_times(pipe, frames: list[Frame]) -> dict[str, list[float]]:
             prob = pipe.unet.infer_device({g.unet_input: k.unet_input}, shapes=pipe.unet_shape,
                                           stream=dev.stream)[g.unet_output]
             t = time_kernels(k, pixels, region, int(prob.ptr), frames=1, prob_dtype=pipe.prob_dtype,
-                             channel_order=order)
+                             channel_order=order, threshold=g.mask_threshold)
             for key in out:
                 out[key].append(float(t[key]))
     return out
@@ -468,7 +473,7 @@ def _close(pipe) -> None:
     try:
         pipe.__exit__(None, None, None)
     except Exception as e:  # closing must not hide the figures of the others
-        _say(f"  warning: closing a pipeline failed ({_short(e)})")
+        _say(f"  warning: closing a pipeline failed ({short(e, 300)})")
 
 
 def _agreement(mine: list, base: list) -> dict:
@@ -559,7 +564,3 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def _short(e, n: int = 300) -> str:
-    return " ".join(str(e).split())[:n]

@@ -8,7 +8,8 @@ features) and the PyTorch baseline. Its constants come from the bundle's manifes
     image,mask --features----> [1, F] float              image * mask (uint8), VGG-19-BN up to Fc2
     features   --score-------> probabilities [C], grade  the booster's softmax, grade = argmax + 1
 
-`Graph.run` is that dataflow in one function; a pipeline supplies the runners (anything with
+`Graph.run` is that dataflow in one function (its stage times: the masked image is made within `gate`, as the device
+pipeline's gate kernel makes it, so `vgg` times the network alone); a pipeline supplies the runners (anything with
 `infer(feeds, outputs) -> {name: array}`), the booster (`predict_one(features) -> (probabilities, grade)`) and a
 clock for its stage latencies. The device pipeline runs the same steps as CUDA kernels (runtime.gpu.kernels) with
 the threshold and minimum fraction read from here, and decides acceptance with `Graph.accepts`.
@@ -116,7 +117,10 @@ class Graph:
 
     def features(self, vgg, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """The VGG's Fc2 features ([1, F]) of the image under the mask."""
-        return vgg.infer(self.vgg_feeds(image, mask), [self.vgg_output])[self.vgg_output]
+        return self.infer_features(vgg, self.vgg_feeds(image, mask))
+
+    def infer_features(self, vgg, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return vgg.infer(feeds, [self.vgg_output])[self.vgg_output]
 
     @staticmethod
     def score(booster, features: np.ndarray) -> tuple[list[float], int]:
@@ -131,11 +135,12 @@ class Graph:
         prob = self.segment(unet, image)
         lap("unet")
         g = self.gate(prob)
+        feeds = self.vgg_feeds(image, g.mask) if g.accepted else None   # masking is the gate's work
         lap("gate")
         result = Result(g)
-        if not g.accepted:
+        if feeds is None:
             return result
-        result.features = self.features(vgg, image, g.mask)
+        result.features = self.infer_features(vgg, feeds)
         lap("vgg")
         if booster is not None:
             result.probabilities, result.grade = self.score(booster, result.features)

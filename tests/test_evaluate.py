@@ -2,7 +2,6 @@
 import json
 
 import cv2
-import onnx
 import numpy as np
 import pytest
 
@@ -146,7 +145,8 @@ def _feature(brightness):
 
 @pytest.fixture(scope="module")
 def known_bundle(tmp_path_factory):
-    import xgboost as xgb
+    onnx = pytest.importorskip("onnx")
+    xgb = pytest.importorskip("xgboost")
     from onnx import TensorProto, helper
 
     from runtime.bundle import CLASS_NAMES, write_manifest

@@ -266,7 +266,7 @@ def test_gpu_device_pipeline_agrees_with_the_cpu_pipeline(bundle, frames, precis
             # rounding apart); the gate thresholds exactly the probabilities the GPU computed.
             prob = device_prob(dev)
             assert np.abs(prob - unet_prob(cpu, a.image)).max() <= tol
-            assert np.array_equal(a.mask, (prob > dev.threshold).astype(np.uint8))
+            assert np.array_equal(a.mask, dev.graph.gate(prob).mask)
             assert a.mask_fraction == pytest.approx(float(a.mask.mean()), abs=1e-6)
             assert cosine(dev.features[0], cpu.graph.features(cpu.vgg, a.image, a.mask)[0]) >= min_cos
             assert set(a.to_json()) == set(b.to_json())
@@ -308,7 +308,8 @@ def test_device_bench_takes_its_kernel_figure_from_the_kernel_timer_on_the_pipel
     from runtime.gpu import kernels as gpu_kernels
     calls = []
 
-    def time_kernels(kernels, pixels, region, prob, *, frames=200, prob_dtype=np.float32, channel_order="RGB"):
+    def time_kernels(kernels, pixels, region, prob, *, frames=200, prob_dtype=np.float32, channel_order="RGB",
+                     threshold=0.5):
         size = kernels.size
         calls.append(dict(own=kernels is made[0].kernels, pixels=pixels.copy(), region=region, frames=frames,
                           order=channel_order, prob=host_view(prob, (size, size), prob_dtype).copy(),
@@ -345,5 +346,6 @@ def test_gpu_bench_without_a_gpu_names_each_configuration_and_why_once(tiny_bund
     from runtime.errors import UserError
     from runtime.bench import bench_device
     with pytest.raises(UserError, match=r"^no configuration could start on cuda: fp32, fp32\+graphs, fp16, "
-                                        r"fp16\+graphs: BackendUnavailable: [^;]*pycuda[^;]*$"):
+                                        r"fp16\+graphs: BackendUnavailable: the device pipeline needs pycuda [^;]*; use the CPU pipeline "
+                                        r"\(no --device cuda\)$"):
         bench_device(tiny_bundle, device="cuda", baseline=None, frames=1, warmup=0)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.graph import MASK_THRESHOLD
 from runtime.preprocess import Region, to_input
 
 HERE = Path(__file__).resolve().parent
@@ -322,7 +323,7 @@ class GpuKernels:
         if ev:
             ev["preprocessed"].record(stream)
 
-    def gate(self, prob: int, prob_dtype=np.float32, threshold: float = 0.5) -> None:
+    def gate(self, prob: int, prob_dtype=np.float32, threshold: float = MASK_THRESHOLD) -> None:
         """From the UNet output at device address `prob` (1x1xSxS): mask, fraction (written into pinned host
         memory by an async copy), masked image -> vgg_input. Nothing synchronised."""
         dt = np.dtype(prob_dtype)
@@ -411,7 +412,8 @@ def crimmins_smem_bytes(h: int, w: int, tile: int) -> int:
 
 
 def time_kernels(kernels: GpuKernels, pixels: np.ndarray, region: Region | None, prob: int, *,
-                 frames: int = 200, prob_dtype=np.float32, channel_order: str = "RGB") -> dict[str, float]:
+                 frames: int = 200, prob_dtype=np.float32, channel_order: str = "RGB",
+                 threshold: float = MASK_THRESHOLD) -> dict[str, float]:
     """Median GPU milliseconds per frame of each stage, with `kernels` made with profile=True. Each frame is
     queued behind a short stall so its launches run back to back; `kernels` (preprocess + gate, the
     acceptance figure) excludes the frame upload, which depends on the frame size and the bus."""
@@ -419,7 +421,7 @@ def time_kernels(kernels: GpuKernels, pixels: np.ndarray, region: Region | None,
     for i in range(frames + 5):
         kernels.stall(1000)
         kernels.preprocess(pixels, region, channel_order)
-        kernels.gate(prob, prob_dtype)
+        kernels.gate(prob, prob_dtype, threshold)
         t = kernels.timings()
         if i >= 5:  # warm-up: module load, first-touch of buffers
             for k, v in t.items():

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime import preprocess as pp
-from runtime.backends import BackendUnavailable
+from runtime.backends.base import BackendUnavailable, short
 from runtime.backends.cuda import CudaDevice
 from runtime.bundle import Bundle
 from runtime.pipeline import FramePipeline, Laps, shown_part
@@ -50,7 +50,7 @@ def _load_kernels():
     try:
         module = importlib.import_module("runtime.gpu.kernels")
     except ImportError as e:
-        raise BackendUnavailable(f"the GPU kernels (runtime.gpu.kernels) cannot be imported ({_short(e)}); use the "
+        raise BackendUnavailable(f"the GPU kernels (runtime.gpu.kernels) cannot be imported ({short(e)}); use the "
                                  f"CPU pipeline") from None
     ok, why = module.available()
     if not ok:
@@ -220,7 +220,3 @@ def host_view(ptr: int, shape, dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     return np.frombuffer((ctypes.c_char * n).from_address(int(ptr)), dtype).reshape(shape)
-
-
-def _short(e, n: int = 200) -> str:
-    return " ".join(str(e).split())[:n]

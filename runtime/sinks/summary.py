@@ -11,7 +11,6 @@ from typing import Sequence
 import numpy as np
 
 from runtime import stats
-
 from runtime.record import DROPPED, STAGES, FrameRecord
 from runtime.sinks import Sink
 from runtime.sinks.overlay import DEFAULT_CLASS_NAMES
