@@ -14,8 +14,10 @@ when asked for.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -52,6 +54,17 @@ class DeviceTensor:
 def short(e, n: int = 200) -> str:
     """An error (or any text) on one line, at most `n` characters: for the parenthesis of a one-sentence error."""
     return " ".join(str(e).split())[:n]
+
+
+def import_optional(module: str, missing: str, broken: Callable[[str], str]):
+    """`module`, or BackendUnavailable: `missing` when its package is not installed, `broken(reason)` when it is
+    installed but fails to import (e.g. built for another CUDA: a shared library not found)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == module.split(".")[0]:
+            raise BackendUnavailable(missing) from None
+        raise BackendUnavailable(broken(short(e))) from None
 
 
 def tensor_names(metas: dict[str, TensorMeta]) -> str:

@@ -20,12 +20,11 @@ pycuda is imported when a CudaDevice is made, not when this module is: a missing
 """
 from __future__ import annotations
 
-import importlib
 from contextlib import contextmanager
 
 import numpy as np
 
-from runtime.backends.base import BackendUnavailable, short
+from runtime.backends.base import BackendUnavailable, import_optional, short
 
 NO_PYCUDA = ("the device pipeline needs pycuda (pip install 'sonoscore[gpu]', built against this machine's CUDA); "
              "use the CPU pipeline (no --device cuda)")
@@ -38,14 +37,9 @@ def _or(or_else: str | None) -> str:
 def import_driver(missing: str = NO_PYCUDA, or_else: str | None = None):
     """pycuda.driver, or BackendUnavailable: `missing` when pycuda is not installed, or one sentence saying the
     installed one fails to import (e.g. built for another CUDA), ending with `or_else` when given."""
-    try:
-        return importlib.import_module("pycuda.driver")
-    except ImportError as e:
-        if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "pycuda":
-            raise BackendUnavailable(missing) from None
-        # e.g. libcuda.so.1 not found: installed, but not for this system
-        raise BackendUnavailable(f"pycuda is installed but fails to import ({short(e)}); rebuild it for this "
-                                 f"JetPack/CUDA (device/setup.sh){_or(or_else)}") from None
+    return import_optional("pycuda.driver", missing,
+                           lambda why: f"pycuda is installed but fails to import ({why}); rebuild it for this "
+                                       f"JetPack/CUDA (device/setup.sh){_or(or_else)}")
 
 
 def retain_primary(driver, ordinal: int, or_else: str | None = None):

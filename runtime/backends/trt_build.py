@@ -49,7 +49,6 @@ Written against the TensorRT Python API of 10.3 (JetPack 6.1/6.2) and 11.x. What
 """
 from __future__ import annotations
 
-import importlib
 import platform
 import re
 from dataclasses import dataclass, field
@@ -59,7 +58,7 @@ from typing import Any
 import numpy as np
 
 import runtime.backends.engine_cache as ec
-from runtime.backends.base import BackendUnavailable, TensorMeta, short
+from runtime.backends.base import BackendUnavailable, TensorMeta, import_optional, short
 
 UNAVAILABLE = ("TensorRT is not installed here: the trt backend runs on a Jetson (JetPack 6.1 or newer) or an x86 "
                "host with NVIDIA's tensorrt wheel; use --backend ort")
@@ -69,14 +68,9 @@ MIN_TENSORRT = (10, 3)
 # -- TensorRT itself -------------------------------------------------------------------------------------------------
 def import_tensorrt():
     """The tensorrt module, or BackendUnavailable: not installed (UNAVAILABLE) or installed but broken."""
-    try:
-        return importlib.import_module("tensorrt")
-    except ImportError as e:
-        if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "tensorrt":
-            raise BackendUnavailable(UNAVAILABLE) from None
-        # e.g. libnvinfer.so.10 not found: installed, but not for this system
-        raise BackendUnavailable(f"TensorRT's Python bindings are installed but fail to import ({short(e)}); "
-                                 f"reinstall for this JetPack/CUDA (device/setup.sh), or use --backend ort") from None
+    return import_optional("tensorrt", UNAVAILABLE,
+                           lambda why: f"TensorRT's Python bindings are installed but fail to import ({why}); "
+                                       f"reinstall for this JetPack/CUDA (device/setup.sh), or use --backend ort")
 
 
 def load_tensorrt():
