@@ -174,6 +174,21 @@ def test_binding_beyond_loopback_generates_a_token():
         assert w.token != v.token                               # a fresh one each time
 
 
+def test_a_short_token_is_refused_on_a_network_address_and_the_command_says_so(tiny_bundle):
+    from runtime.errors import UserError
+    from tests.conftest import sonoscore
+    with pytest.raises(UserError, match="at least 16 characters"):
+        LiveViewer(host="0.0.0.0", token="x")
+    with LiveViewer(host="0.0.0.0", token="y" * 16) as v:                # long enough: used as given
+        assert v.token == "y" * 16
+    with LiveViewer(token="x") as v:                                     # loopback: any token narrows access further
+        assert v.token == "x"
+    r = sonoscore("run", "--bundle", tiny_bundle, "--source", "sim://kidney?fps=0&frames=2", "--view",
+                  "--view-host", "0.0.0.0", "--view-port", 0, "--view-token", "x")
+    assert r.returncode == 2 and "--view-token must have at least 16 characters" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_without_a_token_only_loopback_host_names_are_served():
     with LiveViewer() as v:
         for host, code in ((f"127.0.0.1:{v.port}", 200), (f"localhost:{v.port}", 200), ("[::1]", 200),

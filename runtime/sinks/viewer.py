@@ -52,6 +52,7 @@ import numpy as np
 
 from runtime.bundle import DEMO_DISCLAIMER
 from runtime.errors import UserError
+from runtime.errors import UserError
 from runtime.preprocess import Region
 from runtime.record import DROPPED, FrameRecord
 from runtime.sinks import Sink
@@ -61,6 +62,7 @@ from runtime.sinks.overlay import (CONTOUR, DEFAULT_CLASS_NAMES, GRADE_COLOURS, 
 PAGE_ASSET = "viewer_page.html"   # beside this module; pyproject.toml's package-data ships it
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+MIN_TOKEN_CHARS = 16       # a token given for a network address (the generated ones have 24)
 POLL_WAIT_S = 1.0          # how long /state.json?after=N waits for a newer state
 CLIENT_IDLE_S = 3.0        # no request for this long: stop drawing pictures
 KEEP_PICTURES = 4          # pictures kept by state number, so a page gets the one that matches its numbers
@@ -132,6 +134,9 @@ class LiveViewer(Sink):
                  max_fps: float = 15.0, jpeg_quality: int = 80, title: str = "sonoscore live"):
         self.host = host
         self.loopback = _is_loopback(host)
+        if token is not None and not self.loopback and len(token) < MIN_TOKEN_CHARS:
+            raise UserError(f"--view-token must have at least {MIN_TOKEN_CHARS} characters when the viewer listens "
+                            f"on {host} (a network address); leave it out and one is generated")
         self.token: str | None = token or (None if self.loopback else secrets.token_urlsafe(18))
         self.disclaimer = disclaimer or None
         self.class_names = [str(n) for n in class_names]
