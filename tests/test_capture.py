@@ -250,3 +250,18 @@ def test_option_errors_are_one_sentence():
             CaptureSource.from_uri(uri)
     with pytest.raises(SourceError, match=r"option\(s\) width belong in the pipeline's caps"):
         CaptureSource.from_uri("gst://videotestsrc ! appsink", width=640)
+
+
+def test_a_device_that_opens_but_gives_no_frame_is_backed_off(tmp_path, caplog):
+    """Issue 12 item 8: a device that opens and yields nothing (here a stream with a header and no frame, which
+    FFmpeg opens) is re-opened with the back-off (0.5 s doubling), not at once each time; one warning per step."""
+    empty = tmp_path / "empty.y4m"
+    empty.write_bytes(f"YUV4MPEG2 W{W} H{H} F25:1 Ip A1:1 Cmono\n".encode())
+    caplog.set_level("WARNING", logger="runtime.sources.capture")
+    src = CaptureSource(str(empty), api=cv2.CAP_FFMPEG, name="test-card", duration=6)
+    assert list(src) == []
+    # opens at 0, 0.5, 1.5, 3.5 s (7.5 s is past the end); the old code re-opened hundreds of times
+    assert 3 <= src.opens <= 5, src.opens
+    warnings = [r.getMessage() for r in caplog.records if r.name == "runtime.sources.capture"]
+    assert len(warnings) == src.warnings <= src.opens and len(set(warnings)) == len(warnings)
+    assert "stopped giving frames" in warnings[0] and "trying again in 0.5 s" in warnings[0]

@@ -108,7 +108,9 @@ def test_bad_inputs_each_get_a_record_and_a_sentence_and_the_good_ones_are_score
     assert [x["frame"] for x in recs] == list(range(8))
     for name, x in zip(names, recs):
         if name in broken:
-            assert x["error"] and name in x["error"] and x["grade"] is None, (name, x)
+            k = names.index(name) + 1          # named by position, never by file name (no identifier in results)
+            assert x["error"] and f"image {k} of 8" in x["error"] and name not in x["error"], (name, x)
+            assert x["grade"] is None
         else:
             assert x["error"] is None, (name, x)
             assert 0.0 <= x["mask_fraction"] <= 1.0
@@ -245,4 +247,4 @@ def test_a_labelme_folder_streams_its_images_not_their_annotations(tiny_bundle, 
     assert "2 annotation files beside their images are not frames" in r.stderr
     recs = read_jsonl(res)
     assert len(recs) == 3 and [x["error"] is None for x in recs] == [True, True, False], r.stderr
-    assert "zz_orphan.json" in recs[2]["error"]
+    assert "image 3 of 3" in recs[2]["error"] and "zz_orphan" not in recs[2]["error"]

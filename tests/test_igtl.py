@@ -309,3 +309,100 @@ def test_a_server_that_is_not_openigtlink_is_named():
     finally:
         listener.close()
         t.join(timeout=2)
+
+
+# -- issue 12 item 8: reconnect storms, broken headers, CRC on by default -----------------------------------------
+
+class AcceptAndClose(threading.Thread):
+    """A server (or an ssh tunnel, a docker proxy with nothing behind it) that accepts and closes at once."""
+
+    def __init__(self, first: bytes = b""):
+        super().__init__(daemon=True)
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.first, self.connections, self.stop = first, 0, False
+
+    def run(self):
+        while not self.stop:
+            try:
+                conn, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            if self.first:
+                conn.sendall(self.first)
+            conn.close()
+
+
+def test_accept_and_close_is_backed_off_with_one_warning_per_step(caplog):
+    server = AcceptAndClose()
+    server.start()
+    try:
+        caplog.set_level("WARNING", logger="runtime.sources.igtl")
+        src = IgtlSource.from_uri(f"igtl://127.0.0.1:{server.port}/Probe?duration=6")
+        assert list(src) == []
+    finally:
+        server.stop = True
+        server.listener.close()
+    # 0.5 s doubling: connections at 0, 0.5, 1.5, 3.5 s (7.5 s is past the end); the old code made ~45
+    assert 3 <= server.connections <= 5, server.connections
+    warnings = [r.getMessage() for r in caplog.records if r.name == "runtime.sources.igtl"]
+    assert len(warnings) == src.warnings <= server.connections
+    assert len(set(warnings)) == len(warnings)      # one per back-off step
+    assert "trying again in 0.5 s" in warnings[0] and "closed" in warnings[0]
+
+
+def test_a_broken_header_after_valid_messages_is_reported_in_one_sentence(caplog):
+    good = pyigtl.ImageMessage(make(0)[0], device_name="Probe").pack()
+    server = AcceptAndClose(first=good + b"GARBAGE-NOT-A-HEADER" * 4)
+    server.start()
+    try:
+        caplog.set_level("WARNING", logger="runtime.sources.igtl")
+        src = IgtlSource.from_uri(f"igtl://127.0.0.1:{server.port}/Probe?duration=1.2")
+        frames = list(src)
+    finally:
+        server.stop = True
+        server.listener.close()
+    assert frames and all(f.error is None for f in frames)
+    broken = [r.getMessage() for r in caplog.records if "broken OpenIGTLink header" in r.getMessage()]
+    assert len(broken) >= 1 and "\n" not in broken[0] and broken[0].startswith(src.name)
+
+
+def _raw_server(payload: bytes):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def serve():
+        conn, _ = listener.accept()
+        conn.sendall(payload)
+        time.sleep(1.0)
+        conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return listener, t
+
+
+def test_crc_is_checked_by_default_when_the_sender_sets_it():
+    sent = [pyigtl.ImageMessage(make(n)[0], device_name="Probe").pack() for n in range(3)]
+    corrupt = bytearray(sent[1])
+    corrupt[-5] ^= 0xFF                  # one pixel damaged on the way; the header's CRC64 is the sender's
+    no_crc = bytearray(sent[2])
+    no_crc[50:58] = bytes(8)             # a sender that leaves the CRC field 0: not checked under `auto`
+    listener, t = _raw_server(sent[0] + bytes(corrupt) + bytes(no_crc))
+    try:
+        src = IgtlSource.from_uri(f"igtl://127.0.0.1:{listener.getsockname()[1]}/Probe?frames=3")
+        frames = list(src)
+    finally:
+        listener.close()
+        t.join(timeout=3)
+    check_frame_pixels = [f.pixels is not None for f in frames]
+    assert check_frame_pixels == [True, False, True]
+    assert "failed its CRC check" in frames[1].error and src.crc_failures == 1
+    np.testing.assert_array_equal(frames[2].pixels, make(2)[1])

@@ -8,7 +8,12 @@ A frame that cannot be read is still yielded, with `error` set, so the results k
 from __future__ import annotations
 
 import hashlib
+import hmac
+import logging
 import math
+import os
+import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,9 +86,85 @@ class Source:
         self.close()
 
 
+# Decoded-pixel budget (docs/design.md, "Sources"): no image file, DICOM frame or OpenIGTLink IMAGE message larger
+# than this many pixels is decoded; the size is read from the header and checked before any pixel is allocated.
+MAX_PIXELS = 64_000_000
+
+SALT_FILE = "source-id.salt"   # under $SONOSCORE_CACHE: 32 random bytes, made once per installation
+_SALT_BYTES = 32
+_salts: dict[str, bytes] = {}
+_salt_lock = threading.Lock()
+
+
+def cache_dir() -> Path:
+    """$SONOSCORE_CACHE, else ~/.cache/sonoscore (the caching rule of docs/design.md)."""
+    env = os.environ.get("SONOSCORE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sonoscore"
+
+
+def installation_salt() -> bytes:
+    """The installation's secret salt for source ids: `<cache>/source-id.salt`, 32 random bytes, created once
+    (mode 0600, written to a temporary file and linked into place, so processes that start together agree on one)
+    and reused after. Where it cannot be created or read, a random salt for this process only (ids then differ
+    between runs; a warning says so). Never an unsalted hash: a path's hash alone is reversible by guessing."""
+    folder = cache_dir()
+    key = str(folder)
+    with _salt_lock:
+        if key not in _salts:
+            _salts[key] = _load_or_make_salt(folder)
+        return _salts[key]
+
+
+def _load_or_make_salt(folder: Path) -> bytes:
+    path = folder / SALT_FILE
+    try:
+        data = path.read_bytes()
+        if len(data) == _SALT_BYTES:
+            return data
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        return _process_salt(f"{path} cannot be read ({e.strerror})")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{SALT_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(_SALT_BYTES))
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)           # atomic: fails if another process made it first
+            except FileExistsError:
+                if len(path.read_bytes()) != _SALT_BYTES:   # a damaged salt is replaced (ids change once)
+                    os.replace(tmp, path)
+            except OSError:                  # no hard links on this file system
+                os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        data = path.read_bytes()
+        if len(data) == _SALT_BYTES:
+            return data
+        return _process_salt(f"{path} is damaged")
+    except OSError as e:
+        return _process_salt(f"{folder} is not writable ({e.strerror})")
+
+
+def _process_salt(why: str) -> bytes:
+    logging.getLogger(__name__).warning(
+        "source ids: %s, so this run uses its own salt and its source ids will not match other runs'; set "
+        "SONOSCORE_CACHE to a writable folder", why)
+    return secrets.token_bytes(_SALT_BYTES)
+
+
 def opaque_id(text: str, prefix: str) -> str:
-    """A stable id that does not reveal the path (which may carry a patient's name)."""
-    return f"{prefix}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    """A stable id that does not reveal the path (which may carry a patient's name): HMAC-SHA256 of the text under
+    the installation's secret salt, 12 hex digits. Stable on one installation, meaningless anywhere else, and not
+    reversible by hashing guessed paths (the salt is not in any output)."""
+    digest = hmac.new(installation_salt(), text.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
+    return f"{prefix}-{digest[:12]}"
 
 
 def now() -> float:

@@ -33,8 +33,8 @@ from urllib.parse import unquote, urlsplit
 import cv2
 
 from runtime.sources import Frame, Source, SourceError, now, opaque_id
-from runtime.sources.reconnect import (Backoff, EndOfRun, LinkCounters, LinkStats, RateEstimate, RunEnd, describe,
-                                       parse_options, positive_float, positive_int, retry_open)
+from runtime.sources.reconnect import (Backoff, EndOfRun, LinkCounters, LinkStats, RateEstimate, Reconnects, RunEnd,
+                                       describe, parse_options, positive_float, positive_int, retry_open)
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,9 @@ class CaptureSource(RunEnd, LinkCounters, Source):
         self._lock = threading.Lock()                 # held while a capture call runs on the device
         self._last_frame_mono = time.monotonic()
         self._deadline_end: float | None = None
+        self._links = Reconnects(self.name, log, Backoff(self.backoff, self.backoff_max))
+        self._delay = 0.0                             # wait before the next re-open (the back-off's)
+        self.opens = 0                                # successful opens of the device (the first included)
         self._cap = self._open()
         if self._cap is None:
             raise SourceError(open_error or f"{self.name}: OpenCV could not open this capture source; check that "
@@ -212,6 +215,7 @@ class CaptureSource(RunEnd, LinkCounters, Source):
         if not cap.isOpened():
             cap.release()
             return None
+        self.opens += 1
         if self.fourcc:   # before the size: V4L2 drivers pick sizes per pixel format
             cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*self.fourcc))
         if self.width:
@@ -238,9 +242,20 @@ class CaptureSource(RunEnd, LinkCounters, Source):
         with self._lock:
             self._release_locked()
 
+    @property
+    def warnings(self) -> int:
+        """Link warnings logged so far (rate-limited: one per back-off step, then a summary line a minute)."""
+        return self._links.warnings
+
     def _reopen(self) -> "cv2.VideoCapture":
-        result = retry_open(self._open, stop=self._closed, backoff=Backoff(self.backoff, self.backoff_max),
-                            deadline=self._end_deadline())
+        if self._delay > 0:   # also after an open that gave no frame: the back-off survives it
+            deadline = self._end_deadline()
+            wait = self._delay if deadline is None else max(0.0, min(self._delay, deadline - time.monotonic()))
+            self._closed.wait(wait)
+            self._check_end()
+        result = retry_open(self._open, stop=self._closed, backoff=self._links.backoff,
+                            deadline=self._end_deadline(), reset=False,
+                            failed=lambda e: self._links.failed(f"the device cannot be opened ({e})"))
         cap = result.resource
         if cap is None:
             self.last_error = result.error or self.last_error
@@ -297,10 +312,11 @@ class CaptureSource(RunEnd, LinkCounters, Source):
             img, t, mono, pos_ms = self._grab(cap)
             if img is None:
                 self.last_error = "the device stopped giving frames (cable pulled, signal lost or device reset)"
-                log.warning("%s: %s; re-opening it", self.name, self.last_error)
                 self._release()
+                self._delay = self._links.failed(self.last_error + "; re-opening it")
                 lost = True
                 continue
+            self._links.good()     # only a frame proves the device works
             if fresh:  # counted once a frame comes: an open that gives no frame is not a reconnect
                 self.link.reconnects += 1
                 fresh = False

@@ -38,10 +38,10 @@ from typing import Any, Iterator
 import numpy as np
 
 from runtime.preprocess import Region
-from runtime.sources import Frame, Source, SourceError, now, opaque_id, spacing_meta
+from runtime.sources import MAX_PIXELS, Frame, Source, SourceError, now, opaque_id, spacing_meta
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
-MAX_PIXELS = 64_000_000  # per frame; a header can claim anything
+# MAX_PIXELS: per frame (the decoded-pixel budget shared by every source); a header can claim anything
 
 INSTALL_HINT = "pip install 'sonoscore[dicom]'"
 

@@ -1,50 +1,185 @@
 """Image files, folders of images, and video files."""
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 from typing import Iterator
 
 import cv2
 import numpy as np
 
-from runtime.sources import Frame, Source, SourceError, now, opaque_id
+from runtime.sources import MAX_PIXELS, Frame, Source, SourceError, now, opaque_id
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".ppm", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".wmv"}
-MAX_PIXELS = 64_000_000  # refuse to decode images larger than this (a header can claim anything)
+FORMATS = "PNG, JPEG, BMP, TIFF, WebP or PGM/PPM"
+# The decoded-pixel budget (runtime.sources.MAX_PIXELS): every image's size is read from its header and checked
+# before OpenCV decodes it; a format whose header this module cannot read is not decoded at all.
 
 # Decoder warnings ("PNG input buffer is incomplete") are replaced by our own one-sentence frame errors.
 if hasattr(cv2, "utils") and hasattr(cv2.utils, "logging"):
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
-def read_image(path: Path) -> tuple[np.ndarray | None, str | None]:
-    """(pixels, None) or (None, one-sentence error). Colour comes back in BGR order (OpenCV's)."""
+def read_image(path: Path, label: str = "the image") -> tuple[np.ndarray | None, str | None]:
+    """(pixels, None) or (None, one-sentence error). Colour comes back in BGR order (OpenCV's).
+
+    The error names the frame by `label` (say, "image 17 of 40 in the folder"), never by the file's name, which may
+    carry a patient's name."""
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
-        return None, f"{path.name}: cannot be read ({e.strerror}); check the file's permissions"
+        why = (e.strerror or type(e).__name__).lower()
+        return None, f"{label} cannot be read ({why}); check the file's permissions"
     if data.size == 0:
-        return None, f"{path.name}: the file is empty; re-export or re-copy the image"
-    claimed = _claimed_pixels(data)
-    if claimed is not None and claimed > MAX_PIXELS:
-        return None, f"{path.name}: the image claims {claimed} pixels, more than this runtime accepts; check the file"
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        return None, f"{label} is an empty file; re-export or re-copy the image"
+    size = image_size(data)
+    if size is None:
+        return None, (f"{label} is not an image this runtime reads (not {FORMATS}, or its header is damaged); "
+                      f"re-export it as PNG or JPEG")
+    w, h = size
+    if w <= 0 or h <= 0:
+        return None, f"{label} has no pixels ({w}x{h} in its header); re-export it"
+    if w * h > MAX_PIXELS:
+        return None, (f"{label} claims {w}x{h} pixels, more than this runtime decodes ({MAX_PIXELS // 1_000_000} "
+                      f"megapixels); check the file, or downscale it")
+    try:
+        img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        img = None
     if img is None:
-        return None, (f"{path.name}: not a decodable image (truncated, corrupt or not an image format); "
+        return None, (f"{label} is not a decodable image (truncated, corrupt or not an image format); "
                       f"re-export it as PNG or JPEG")
     if img.size == 0:
-        return None, f"{path.name}: the image has no pixels; re-export it"
+        return None, f"{label} has no pixels; re-export it"
     return img, None
 
 
-def _claimed_pixels(data: np.ndarray) -> int | None:
-    """Width x height from a PNG header, so a lying header is refused before any allocation."""
-    if data.size >= 24 and bytes(data[:8]) == b"\x89PNG\r\n\x1a\n":
-        w = int.from_bytes(bytes(data[16:20]), "big")
-        h = int.from_bytes(bytes(data[20:24]), "big")
-        return w * h
+def image_size(data) -> tuple[int, int] | None:
+    """(width, height) from the header of a PNG, JPEG, BMP, TIFF (first page), WebP or PNM (PBM/PGM/PPM) file;
+    None for anything else or a header that cannot be read. Reads the header only, so a lying header is refused
+    before any pixel is allocated (OpenCV itself allows 2^30 pixels unless OPENCV_IO_MAX_IMAGE_PIXELS was set
+    before it was imported)."""
+    b = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+    try:
+        if b[:8] == b"\x89PNG\r\n\x1a\n":
+            if len(b) < 24 or b[12:16] != b"IHDR":
+                return None
+            return _be(b, 16, 4), _be(b, 20, 4)
+        if b[:2] == b"\xff\xd8":
+            return _jpeg_size(b)
+        if b[:2] == b"BM":
+            return _bmp_size(b)
+        if b[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+            return _tiff_size(b)
+        if b[:4] == b"RIFF" and b[8:12] == b"WEBP":
+            return _webp_size(b)
+        if len(b) > 2 and b[0] == ord("P") and chr(b[1]) in "123456" and chr(b[2]) in " \t\r\n#":
+            return _pnm_size(b)
+    except (IndexError, ValueError, struct.error):
+        return None
     return None
+
+
+def _be(b, at: int, n: int) -> int:
+    if at + n > len(b):
+        raise IndexError
+    return int.from_bytes(bytes(b[at:at + n]), "big")
+
+
+def _le(b, at: int, n: int) -> int:
+    if at + n > len(b):
+        raise IndexError
+    return int.from_bytes(bytes(b[at:at + n]), "little")
+
+
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(b) -> tuple[int, int] | None:
+    """The first start-of-frame segment's size (what libjpeg allocates for); a height of 0 (set later by a DNL
+    marker, which OpenCV does not read) is refused."""
+    i = 2
+    while i + 4 <= len(b):
+        if b[i] != 0xFF:
+            return None
+        marker = b[i + 1]
+        if marker == 0xFF:           # fill byte
+            i += 1
+            continue
+        if marker in (0x01,) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        length = _be(b, i + 2, 2)
+        if marker in _SOF:
+            h, w = _be(b, i + 5, 2), _be(b, i + 7, 2)
+            return (w, h) if h else None
+        if marker in (0xD9, 0xDA) or length < 2:   # end of image, or scan data before any frame header
+            return None
+        i += 2 + length
+    return None
+
+
+def _bmp_size(b) -> tuple[int, int] | None:
+    header = _le(b, 14, 4)
+    if header == 12:                 # BITMAPCOREHEADER
+        return _le(b, 18, 2), _le(b, 20, 2)
+    if header < 40:
+        return None
+    w = int.from_bytes(bytes(b[18:22]), "little", signed=True)
+    h = int.from_bytes(bytes(b[22:26]), "little", signed=True)
+    return w, abs(h)
+
+
+def _tiff_size(b) -> tuple[int, int] | None:
+    """ImageWidth (256) and ImageLength (257) of the first directory (the page OpenCV decodes); BigTIFF too."""
+    rd = _le if b[:2] == b"II" else _be
+    big = rd(b, 2, 2) == 43
+    if big:
+        at, count_size, entry_size, value_at = rd(b, 8, 8), 8, 20, 12
+    else:
+        at, count_size, entry_size, value_at = rd(b, 4, 4), 2, 12, 8
+    count = rd(b, at, count_size)
+    size = {}
+    for k in range(min(count, 4096)):
+        e = at + count_size + k * entry_size
+        tag, kind = rd(b, e, 2), rd(b, e + 2, 2)
+        if tag in (256, 257):
+            n = {3: 2, 4: 4, 16: 8}.get(kind)
+            if n is None:
+                return None
+            size[tag] = rd(b, e + value_at, n)
+    if 256 not in size or 257 not in size:
+        return None
+    return size[256], size[257]
+
+
+def _webp_size(b) -> tuple[int, int] | None:
+    chunk = bytes(b[12:16])
+    if chunk == b"VP8 ":             # lossy: 3-byte frame tag, start code 9d 01 2a, 14-bit sizes
+        if bytes(b[23:26]) != b"\x9d\x01\x2a":
+            return None
+        return _le(b, 26, 2) & 0x3FFF, _le(b, 28, 2) & 0x3FFF
+    if chunk == b"VP8L":             # lossless: signature 0x2f, then 14-bit width-1 and height-1
+        if b[20] != 0x2F:
+            return None
+        bits = _le(b, 21, 4)
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X":             # extended: 24-bit canvas width-1 and height-1
+        return _le(b, 24, 3) + 1, _le(b, 27, 3) + 1
+    return None
+
+
+def _pnm_size(b) -> tuple[int, int] | None:
+    head = bytes(b[:1024])
+    tokens: list[bytes] = []
+    for line in head.split(b"\n"):
+        tokens += line.split(b"#", 1)[0].split()
+        if len(tokens) >= 3:
+            break
+    if len(tokens) < 3 or not (tokens[1].isdigit() and tokens[2].isdigit()):
+        return None
+    return int(tokens[1]), int(tokens[2])
 
 
 class FolderSource(Source):
@@ -59,7 +194,8 @@ class FolderSource(Source):
     def __init__(self, path: Path):
         self.path = Path(path)
         self.annotations = 0
-        if self.path.is_dir():
+        self._folder = self.path.is_dir()
+        if self._folder:
             files = sorted(p for p in self.path.iterdir() if p.is_file() and not p.name.startswith("."))
             images = {p.stem for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
             self.files = [p for p in files if not (p.suffix.lower() == ".json" and p.stem in images)]
@@ -72,10 +208,13 @@ class FolderSource(Source):
         self.total = len(self.files)
 
     def __iter__(self) -> Iterator[Frame]:
+        n = len(self.files)
         for i, f in enumerate(self.files):
             t = now()
-            pixels, error = read_image(f)
-            yield Frame(i, self.source_id, t, pixels, channel_order="BGR", error=error, meta={"name": f.name})
+            # Named by its place, never by its file name (which may be a patient's): "image 17 of 40 in the folder"
+            label = f"image {i + 1} of {n} (in name order) in the folder" if self._folder else "the image"
+            pixels, error = read_image(f, label)
+            yield Frame(i, self.source_id, t, pixels, channel_order="BGR", error=error)
 
 
 class VideoSource(Source):

@@ -13,9 +13,14 @@ and keeps one record per received IMAGE message.
 Time: `t_capture` is the message's timestamp when it is plausible on this machine's clock (at most 2 s old, not in
 the future), else the arrival time (`timestamps=auto`; `message` or `arrival` force one).
 
+Integrity and limits: the header's CRC64 (over the whole body) is checked whenever it is set (`crc=auto`, the
+default; `crc=1` always, `crc=0` never); a frame that fails it is an error, never graded. A header declaring a body
+over MAX_BODY is refused before a byte of it is read, and an IMAGE declaring more than the pixel budget before it is
+decoded: one error, and the connection is dropped and re-made with the back-off.
+
 Link: at start the source tries for `connect_timeout` seconds (default 10) and then raises one sentence. Once
-running, a server that goes away is re-connected with back-off (0.5 s doubling to 5 s) for as long as the run
-lasts; `reconnects`, `gap_s` and `gap_frames` count it, and the first frame after a gap carries `meta["gap_s"]`,
+running, a server that goes away is re-connected with back-off (0.5 s doubling to 5 s; kept across a connection
+that closes before a valid frame, reset only by one; one warning per step) for as long as the run lasts; `reconnects`, `gap_s` and `gap_frames` count it, and the first frame after a gap carries `meta["gap_s"]`,
 `meta["gap_frames"]` (estimated from the frame rate: the `fps` option, else the rate measured before the gap) and
 `meta["reconnects"]`. A run ends after `frames=N` frames, `duration=S` seconds, `timeout=S` seconds without a frame
 (a clean end, not an error), or when the source is closed; otherwise it runs until stopped, like a scanner feed.
@@ -32,9 +37,9 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
-from runtime.sources import Frame, Source, SourceError, now, opaque_id, spacing_meta
-from runtime.sources.reconnect import (Backoff, EndOfRun, LinkCounters, LinkStats, RateEstimate, RunEnd, choice,
-                                       describe, flag, non_negative_float, parse_options, positive_float,
+from runtime.sources import MAX_PIXELS, Frame, Source, SourceError, now, opaque_id, spacing_meta
+from runtime.sources.reconnect import (Backoff, EndOfRun, LinkCounters, LinkStats, RateEstimate, Reconnects, RunEnd,
+                                       choice, describe, flag, non_negative_float, parse_options, positive_float,
                                        positive_int, retry_open)
 
 log = logging.getLogger(__name__)
@@ -42,7 +47,9 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 18944
 HEADER = struct.Struct("> H 12s 20s I I Q Q")   # version, type, device, seconds, fraction, body size, CRC64
 HEADER_SIZE = HEADER.size                        # 58
-MAX_BODY = 1 << 30                               # a larger body is not an image this runtime would take
+MAX_BODY = 4 * MAX_PIXELS + (1 << 20)           # the pixel budget at 4 bytes a pixel, + 1 MiB of headers/metadata
+IMAGE_HEAD = struct.Struct("> H B B B B 3H 12f 3H 3H")   # the IMAGE message's own header (72 bytes)
+_SCALAR_BYTES = {2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 4, 10: 4, 11: 8}
 POLL_S = 0.2                                     # how often a blocked receive looks at close()/timeouts
 PLAUSIBLE_AGE_S = 2.0                            # message timestamps older than this are someone else's clock
 
@@ -54,7 +61,7 @@ OPTIONS = {
     "fps": non_negative_float,
     "backoff": positive_float,
     "backoff_max": positive_float,
-    "crc": flag,
+    "crc": lambda v: "auto" if str(v).strip().lower() == "auto" else flag(v),
     "timestamps": choice("auto", "message", "arrival"),
 }
 
@@ -66,13 +73,33 @@ class _ProtocolError(Exception):
     """The bytes on the socket are not an OpenIGTLink message."""
 
 
+class _TooLarge(Exception):
+    """A valid header whose body is over the budget; args: (fields, one phrase). The body is never read."""
+
+
+class _Body:
+    """A received body as pyigtl's unpack sees it: small slices as bytes (struct, text), large ones as views into
+    the one buffer, so decoding an IMAGE copies its pixels once (our copy), not three times."""
+
+    def __init__(self, buf):
+        self._view = memoryview(buf)
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def __getitem__(self, key):
+        part = self._view[key]
+        return part.tobytes() if len(part) <= 65536 else part
+
+
 class IgtlSource(RunEnd, LinkCounters, Source):
     live = True
 
     def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT, device: str | None = None, *,
                  connect_timeout: float = 10.0, frames: int | None = None, timeout: float | None = None,
                  duration: float | None = None, fps: float = 0.0, backoff: float = 0.5, backoff_max: float = 5.0,
-                 crc: bool = False, timestamps: str = "auto", name: str | None = None, connect: bool = True):
+                 crc: bool | str = "auto", timestamps: str = "auto", name: str | None = None,
+                 connect: bool = True):
         try:
             from pyigtl.messages import CRC64, ImageMessage
         except ImportError:
@@ -87,7 +114,11 @@ class IgtlSource(RunEnd, LinkCounters, Source):
         self.timeout, self.duration = timeout, duration
         self.fps = float(fps)
         self.backoff, self.backoff_max = float(backoff), max(float(backoff_max), float(backoff))
-        self.crc, self.timestamps = bool(crc), timestamps
+        self.crc = "auto" if crc == "auto" else bool(crc)   # auto: checked whenever the header carries one
+        self.timestamps = timestamps
+        self.crc_failures = 0
+        self._links = Reconnects(self.name, log, Backoff(self.backoff, self.backoff_max))
+        self._delay = 0.0                  # wait before the next reconnect (the back-off's, after a failure)
         self.link = LinkStats()
         self.messages_skipped = 0          # messages that were not IMAGE from the device asked for
         self.devices_seen: set[str] = set()
@@ -176,9 +207,26 @@ class IgtlSource(RunEnd, LinkCounters, Source):
                               f"({result.error}); start PLUS or the scanner's OpenIGTLink server, or check the "
                               f"host and port")
 
+    @property
+    def warnings(self) -> int:
+        """Link warnings logged so far (rate-limited: one per back-off step, then a summary line a minute)."""
+        return self._links.warnings
+
+    def _lost(self, sock: socket.socket | None, reason: str) -> None:
+        """The link failed before or after frames: drop it; the next reconnect waits the back-off's delay."""
+        self.last_error = reason
+        self._drop(sock)
+        self._delay = self._links.failed(reason)
+
     def _reconnect(self) -> socket.socket:
-        result = retry_open(self._open_socket, stop=self._closed, backoff=Backoff(self.backoff, self.backoff_max),
-                            deadline=self._end_deadline())
+        if self._delay > 0:   # also after a connect-then-close: the back-off survives it
+            deadline = self._end_deadline()
+            wait = self._delay if deadline is None else max(0.0, min(self._delay, deadline - time.monotonic()))
+            self._closed.wait(wait)
+            self._check_end()
+        result = retry_open(self._open_socket, stop=self._closed, backoff=self._links.backoff,
+                            deadline=self._end_deadline(), reset=False,
+                            failed=lambda e: self._links.failed(f"cannot reach the server ({e})"))
         if result.resource is None:
             self.last_error = result.error or self.last_error
             raise _End
@@ -207,12 +255,15 @@ class IgtlSource(RunEnd, LinkCounters, Source):
             mtype = mtype.split(b"\0", 1)[0].decode("ascii").strip()
         except UnicodeDecodeError:
             mtype = ""
-        if version not in (1, 2, 3) or not mtype or not mtype.replace("_", "").isalnum() or size > MAX_BODY:
+        if version not in (1, 2, 3) or not mtype or not mtype.replace("_", "").isalnum():
             raise _ProtocolError
         device = dname.split(b"\0", 1)[0].decode("utf-8", "replace").strip()
-        body = self._recv_exact(sock, size)
         fields = {"header_version": version, "message_type": mtype, "device_name": device,
                   "timestamp": sec + frac / 2.0 ** 32, "body_size": size}
+        if size > MAX_BODY:   # refused before a byte of it is read or allocated
+            raise _TooLarge(fields, f"declares a body of {size} bytes, more than this runtime reads ({MAX_BODY}: "
+                                    f"{MAX_PIXELS // 1_000_000} megapixels at 4 bytes each)")
+        body = self._recv_exact(sock, size)
         return fields, body, crc
 
     # ---- iteration (runs in the streamer's capture thread) ----
@@ -250,29 +301,47 @@ class IgtlSource(RunEnd, LinkCounters, Source):
                     raise SourceError(f"{self.name}: the server there does not speak OpenIGTLink (its first bytes "
                                       f"are not an OpenIGTLink header); check the port (PLUS uses "
                                       f"{DEFAULT_PORT})") from None
-                self.last_error = "a message with a broken header"
-                self._drop(sock)
+                self._lost(sock, "the server sent a message with a broken OpenIGTLink header (the stream lost its "
+                                 "framing); dropped the connection")
+                continue
+            except _TooLarge as e:
+                fields, phrase = e.args
+                self._lost(sock, f"the server sent a {fields['message_type']} message that {phrase}; dropped the "
+                                 f"connection")
+                if self._wanted(fields):
+                    frame = self._refused(counter[0], fields, phrase)
+                    counter[0] += 1
+                    yield frame
                 continue
             except OSError as e:
                 if self._closed.is_set():
                     raise _End from None
-                self.last_error = describe(e)
-                log.warning("%s: lost the server (%s); reconnecting", self.name, self.last_error)
-                self._drop(sock)
+                self._lost(sock, ("lost the server" if self._valid_seen else "the server closed the link before "
+                                  "a frame") + f" ({describe(e)})")
                 continue
             arrival = now()
             self._valid_seen = True
             if fresh:  # a reconnect counts once a message arrives (a dying server may still accept a connection)
                 self.link.reconnects += 1
                 fresh = False
-            if fields["message_type"] != "IMAGE" or (self.device and fields["device_name"] != self.device):
+            if not self._wanted(fields):
                 self.messages_skipped += 1
                 if fields["message_type"] == "IMAGE" and fields["device_name"] not in self.devices_seen:
                     self.devices_seen.add(fields["device_name"])
                     log.warning("%s: skipping IMAGE messages from device '%s'", self.name, fields["device_name"])
                 continue
+            too_big = _image_too_big(fields, body)
+            if too_big:
+                self._lost(sock, f"the server sent an IMAGE that {too_big}; dropped the connection")
+                frame = self._refused(counter[0], fields, too_big)
+                counter[0] += 1
+                yield frame
+                continue
             frame = self._frame(counter[0], fields, body, crc, arrival)
+            del body
             self._last_frame_mono = time.monotonic()
+            if frame.error is None:
+                self._links.good()     # only a valid frame proves the link works
             if link_was_lost and last_arrival is not None:
                 gap = arrival - last_arrival
                 frame.meta.update(gap_s=gap, gap_frames=self.link.record_gap(gap, self.fps or rate.fps),
@@ -285,6 +354,14 @@ class IgtlSource(RunEnd, LinkCounters, Source):
 
     # ---- decoding ----
 
+    def _wanted(self, fields: dict[str, Any]) -> bool:
+        return fields["message_type"] == "IMAGE" and (not self.device or fields["device_name"] == self.device)
+
+    def _refused(self, index: int, fields: dict[str, Any], phrase: str) -> Frame:
+        return Frame(index, self.source_id, now(), None, meta={"device": fields["device_name"]},
+                     error=f"{self.name}: IMAGE message {index} from '{fields['device_name']}' {phrase}; configure "
+                           f"the server to send smaller images")
+
     def _frame(self, index: int, fields: dict[str, Any], body: bytearray, crc: int, arrival: float) -> Frame:
         device = fields["device_name"]
         ts = fields["timestamp"]
@@ -294,9 +371,13 @@ class IgtlSource(RunEnd, LinkCounters, Source):
                                 "timestamp_source": "message" if use_message else "arrival"}
         t = ts if use_message else arrival
         label = f"{self.name}: IMAGE message {index} from '{device}'"
-        if self.crc and self._crc64(bytes(body)) != crc:
-            return Frame(index, self.source_id, t, None, error=f"{label} failed its CRC check; check the network "
-                                                                f"link to the server", meta=meta)
+        # The header's CRC64 covers the whole body. Every OpenIGTLink library fills it in; `auto` checks it whenever
+        # it is there (non-zero), `crc=1` always, `crc=0` never.
+        if (crc != 0 if self.crc == "auto" else self.crc) and self._crc64(body) != crc:
+            self.crc_failures += 1
+            return Frame(index, self.source_id, t, None, error=f"{label} failed its CRC check (its bytes were "
+                                                                f"damaged on the way); check the network link to "
+                                                                f"the server", meta=meta)
         pixels, spacing, error = self._decode(fields, body)
         if error:
             return Frame(index, self.source_id, t, None, error=f"{label} {error}", meta=meta)
@@ -308,7 +389,7 @@ class IgtlSource(RunEnd, LinkCounters, Source):
         """(pixels, (row mm, col mm) or None, None) or (None, None, 'what is wrong; what to do')."""
         msg = self._ImageMessage()
         try:
-            msg.unpack(fields, body)
+            msg.unpack(fields, _Body(body))
         except NotImplementedError:
             return None, None, "is a sub-volume; configure the server to send whole images"
         except KeyError:
@@ -348,3 +429,25 @@ class IgtlSource(RunEnd, LinkCounters, Source):
         else:
             return None, None, f"has scalar type {img.dtype}; send 8- or 16-bit images (uint8/int8/uint16/int16)"
         return pixels, None if spacing is None else (round(spacing[0], 6), round(spacing[1], 6)), None
+
+
+def _image_too_big(fields: dict[str, Any], body) -> str | None:
+    """A phrase when an IMAGE's own header declares more pixels than the budget (checked before pyigtl decodes it),
+    else None (a malformed header is left to the decoder's own error)."""
+    at = 0
+    if fields["header_version"] > 1:
+        if len(body) < 2:
+            return None
+        at = int.from_bytes(bytes(body[:2]), "big")
+    if len(body) < at + IMAGE_HEAD.size:
+        return None
+    values = IMAGE_HEAD.unpack_from(body, at)
+    components, scalar = values[1], values[2]
+    i, j, k = values[5:8]
+    pixels = i * j * k
+    if pixels > MAX_PIXELS:
+        return (f"declares {i}x{j}x{k} pixels, more than this runtime decodes ({MAX_PIXELS // 1_000_000} "
+                f"megapixels)")
+    if pixels * max(1, components) * _SCALAR_BYTES.get(scalar, 1) > MAX_BODY:
+        return f"declares {i}x{j}x{k} pixels of {components} components, more than this runtime decodes"
+    return None

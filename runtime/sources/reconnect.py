@@ -41,12 +41,16 @@ class OpenResult(Generic[T]):
 
 
 def retry_open(open_fn: Callable[[], T | None], *, stop: threading.Event, backoff: Backoff,
-               deadline: float | None = None, wait: Callable[[float], object] | None = None) -> OpenResult[T]:
+               deadline: float | None = None, wait: Callable[[float], object] | None = None,
+               reset: bool = True, failed: "Callable[[str], float] | None" = None) -> OpenResult[T]:
     """Call `open_fn` until it returns something other than None (an exception counts as a failure).
 
     Between attempts wait the back-off's next delay (never past `deadline`, a `time.monotonic()` value), through
     `wait(seconds)` (default: `stop.wait`, so setting `stop` ends the wait at once). Gives up, returning a result
-    with resource None, when `stop` is set or the deadline has passed after a failed attempt.
+    with resource None, when `stop` is set or the deadline has passed after a failed attempt. `reset=False` keeps
+    the back-off where it is after a success (a live source resets it only once the link gave a frame: an open
+    that then closes is not a working link); `failed(error)`, when given, is told of each failed attempt and
+    returns the delay (`Reconnects.failed`, which also rate-limits the warnings).
     """
     wait = wait or stop.wait
     attempts, error = 0, None
@@ -60,9 +64,10 @@ def retry_open(open_fn: Callable[[], T | None], *, stop: threading.Event, backof
             if resource is None:
                 error = "could not be opened"
         if resource is not None:
-            backoff.reset()
+            if reset:
+                backoff.reset()
             return OpenResult(resource, attempts, None)
-        delay = backoff.next_delay()
+        delay = failed(error or "could not be opened") if failed is not None else backoff.next_delay()
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -70,6 +75,56 @@ def retry_open(open_fn: Callable[[], T | None], *, stop: threading.Event, backof
             delay = min(delay, left)
         wait(delay)
     return OpenResult(None, attempts, error)
+
+
+class Reconnects:
+    """The one back-off of a live source, kept across reconnects, and its warnings.
+
+    A link that opens and then closes (a server that accepts and hangs up; an ssh tunnel or docker proxy with
+    nothing behind it; a device that opens but gives no frame) is a failed attempt like a refused one: the delay
+    grows 0.5 s, 1 s, 2 s, 4 s, 5 s, ... and is reset only when the link delivered a valid frame (`good()`).
+    Warnings: one per back-off step (the first names the cause), then, at the longest delay, one summary line per
+    `summary_s` seconds; `warnings` counts them.
+    """
+
+    def __init__(self, name: str, logger, backoff: Backoff, summary_s: float = 60.0):
+        self.name, self.log, self.backoff, self.summary_s = name, logger, backoff, summary_s
+        self.failures = 0             # failed attempts since the last valid frame
+        self.warnings = 0
+        self._warned: set[float] = set()
+        self._since: float | None = None
+        self._last_warning = 0.0
+
+    def good(self) -> None:
+        """The link delivered a valid frame: the back-off starts again from its shortest delay."""
+        if self.failures:
+            self.log.info("%s: frames again after %d failed attempt(s)", self.name, self.failures)
+        self.backoff.reset()
+        self.failures = 0
+        self._warned.clear()
+        self._since = None
+
+    def failed(self, reason: str) -> float:
+        """One failed attempt (an open that failed, or a link that closed or broke before a valid frame); returns
+        the delay before the next attempt."""
+        delay = self.backoff.next_delay()
+        self.failures += 1
+        t = time.monotonic()
+        if self._since is None:
+            self._since = t
+        if delay not in self._warned:
+            self._warned.add(delay)
+            self._warn(f"{self.name}: {reason}; trying again in {delay:g} s"
+                       + (f" ({self.failures} failed attempts since the last frame)" if self.failures > 1 else ""), t)
+        elif t - self._last_warning >= self.summary_s:
+            self._warn(f"{self.name}: still no frame after {self.failures} attempts in {t - self._since:.0f} s "
+                       f"(last: {reason}); trying every {delay:g} s", t)
+        return delay
+
+    def _warn(self, text: str, t: float) -> None:
+        self.warnings += 1
+        self._last_warning = t
+        self.log.warning("%s", text)
 
 
 def describe(e: BaseException) -> str:
