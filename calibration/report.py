@@ -11,6 +11,7 @@ its own masked image and VGG features, and the bundle's booster. Compared with F
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,12 @@ import numpy as np
 
 @dataclass
 class Thresholds:
-    """Defaults from the INT8 issue; every one can be changed on the command line."""
+    """Defaults from the INT8 issue; every one can be changed on the command line.
+
+    A check passes only when it was measured and met. A metric that could not be computed on a set (None: no
+    frame qualifies, e.g. no frame accepted by both precisions, so no feature or grade to compare) or that is not a
+    number fails its check, saying so: a pass must mean the precision was seen to hold the threshold. A threshold
+    of 0 (or below) turns its check off, and then an unmeasured metric passes too."""
     min_iou: float = 0.97
     min_gate_agreement: float = 0.97
     min_grade_agreement: float = 0.97
@@ -28,13 +34,25 @@ class Thresholds:
 
     def missed(self, m: dict) -> list[str]:
         out = []
-        for key, limit, label in (("mask_iou_mean", self.min_iou, "mask IoU"),
-                                  ("gate_agreement", self.min_gate_agreement, "gate agreement"),
-                                  ("grade_agreement", self.min_grade_agreement, "grade agreement"),
-                                  ("feature_cosine_mean", self.min_cosine, "feature cosine")):
+        n = m.get("frames", 0)
+        for key, limit, label, flag, qualifies in (
+                ("mask_iou_mean", self.min_iou, "mask IoU", "--min-iou",
+                 "no frame has kidney in either precision's mask"),
+                ("gate_agreement", self.min_gate_agreement, "gate agreement", "--min-gate", "the set has no frame"),
+                ("grade_agreement", self.min_grade_agreement, "grade agreement", "--min-grade",
+                 "no frame passed the gate in both precisions"),
+                ("feature_cosine_mean", self.min_cosine, "feature cosine", "--min-cosine",
+                 "no frame passed the gate in both precisions")):
+            if not limit > 0:
+                continue
             v = m.get(key)
-            if v is not None and v < limit:
-                out.append(f"{label} {v:.4f} < {limit:g} over {m['frames']} frames")
+            if v is None:
+                out.append(f"{label} not measured over {n} frames ({qualifies}); check on frames that show the "
+                           f"kidney, or give {flag} 0 to skip this check")
+            elif not math.isfinite(v):
+                out.append(f"{label} is {v} over {n} frames (not a number: the precision's outputs are not finite)")
+            elif v < limit:
+                out.append(f"{label} {v:.4f} < {limit:g} over {n} frames")
         return out
 
 
@@ -129,7 +147,8 @@ def format_table(accuracy: dict[str, dict[str, dict]], thresholds: Thresholds) -
                          f"{_s(m['probability_l1_mean'], 4):>8s}  {'pass' if m.get('passed') else 'FAIL'}")
     t = thresholds
     lines.append(f"thresholds: IoU >= {t.min_iou:g}, gate >= {t.min_gate_agreement:g}, grade >= "
-                 f"{t.min_grade_agreement:g}, cosine >= {t.min_cosine:g} (n/a: no frame qualifies)")
+                 f"{t.min_grade_agreement:g}, cosine >= {t.min_cosine:g} (n/a: not measured, no frame qualifies; "
+                 f"that fails its check unless its threshold is 0)")
     return "\n".join(lines)
 
 

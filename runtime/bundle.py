@@ -1,7 +1,11 @@
 """The model bundle: a directory with manifest.json and the files it names, each verified by sha256 before use.
 
 A bundle is code in effect (an ONNX graph, a booster that gets compiled), so a file that does not match its hash
-is refused, never loaded.
+is refused, never loaded. The hashes say the files are the ones the manifest names, not that the manifest makes
+sense: `Bundle.load` also checks the manifest against `MANIFEST_SCHEMA` (types and ranges, with jsonschema), that
+`booster.num_class` is the number of classes, and that every file it names is a plain name inside the bundle; and
+`check_runner` checks each loaded network's tensor names, shapes and widths against the manifest when a pipeline
+starts. Every refusal is a BundleError, one sentence naming the file or field and what to do.
 """
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 SCHEMA = 1
 PRECISIONS = ("fp32", "fp16", "int8")
 DEMO_DISCLAIMER = "synthetic demo model - not for clinical use"
@@ -19,6 +25,86 @@ CLASS_NAMES = ["IFTA <25%", "IFTA 25-49%", "IFTA 50-74%", "IFTA >=75%"]
 
 class BundleError(ValueError):
     """A bundle that cannot be used; the message names the file and what to do."""
+
+
+# A file the manifest names: a plain name in the bundle's folder (no folder part, not '.' or '..'); `_check_paths`
+# also resolves it (symbolic links included) and refuses one that lands outside the bundle.
+_FILE = {"type": "string", "minLength": 1, "maxLength": 255, "pattern": r"^(?!\.\.?$)[^/\\\x00]+$",
+         "why": "must be a plain file name inside the bundle (no '/', '..' or absolute path)"}
+_TENSOR = {"type": "object", "required": ["name"],
+           "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 256},
+                          "shape": {"type": "array", "minItems": 1, "maxItems": 8,
+                                    "items": {"type": ["integer", "string", "null"]}},
+                          "dtype": {"type": "string"}}}
+
+
+def _network(channels: list[int]) -> dict:
+    return {"type": "object", "required": ["files", "input", "output"],
+            "properties": {"files": {"type": "object", "required": ["fp32"], "additionalProperties": _FILE,
+                                     "properties": {p: _FILE for p in PRECISIONS}},
+                           "input": _TENSOR, "output": _TENSOR, "channels": {"enum": channels},
+                           "width": {"type": "number", "exclusiveMinimum": 0}}}
+
+
+# What a manifest must hold (JSON Schema 2020-12). Ranges: a size or a filter count outside them would make every
+# frame take minutes (or never finish), so they are refused at load rather than discovered on the first frame.
+MANIFEST_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": ["schema", "networks", "booster", "preprocess", "gate", "classes", "files"],
+    "properties": {
+        "schema": {"const": SCHEMA},
+        "name": {"type": ["string", "null"]},
+        "disclaimer": {"type": ["string", "null"]},
+        "classes": {"type": "array", "minItems": 2, "maxItems": 64, "items": {"type": "string", "minLength": 1}},
+        "preprocess": {"type": "object", "properties": {
+            "size": {"type": "integer", "minimum": 32, "maximum": 1024},
+            "crimmins_iterations": {"type": "integer", "minimum": 0, "maximum": 8},
+            "crop": {"const": "auto"}, "gray": {"const": "bt601"}, "input_scale": {"const": "uint8/255"}}},
+        "gate": {"type": "object", "properties": {
+            "mask_threshold": {"type": "number", "minimum": 0, "maximum": 1},
+            "min_mask_fraction": {"type": "number", "minimum": 0, "maximum": 1}}},
+        "networks": {"type": "object", "required": ["unet", "vgg"], "additionalProperties": _network([1, 3]),
+                     "properties": {"unet": _network([1]), "vgg": _network([1, 3])}},
+        "booster": {"type": "object", "required": ["file"], "properties": {
+            "file": _FILE,
+            "num_class": {"type": "integer", "minimum": 2, "maximum": 64},
+            "num_features": {"type": "integer", "minimum": 1, "maximum": 1 << 20}}},
+        "files": {"type": "object", "additionalProperties": {"type": "string", "pattern": "^[0-9a-f]{64}$",
+                                                             "why": "must be a sha256 (64 hex digits)"}},
+        "provenance": {"type": ["object", "null"]},
+        "calibration": {"type": ["object", "null"]},
+    },
+}
+
+
+def validate_manifest(manifest: Any, path: Path) -> None:
+    """Refuse a manifest that does not fit MANIFEST_SCHEMA or whose class count disagrees with its booster's:
+    one BundleError naming the field of `path` (manifest.json) at fault."""
+    import jsonschema
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(MANIFEST_SCHEMA).iter_errors(manifest))
+    if error is not None:
+        field = ".".join(str(k) for k in error.absolute_path) or "(top level)"
+        if error.validator == "required":
+            missing = next((k for k in error.validator_value if k not in error.instance), None)
+            if missing is not None:
+                field = f"{field}.{missing}" if error.absolute_path else missing
+            why = "is missing"
+        elif isinstance(error.schema, dict) and "why" in error.schema and error.validator == "pattern":
+            why = f"{_short(repr(error.instance))} {error.schema['why']}"
+        else:
+            why = _short(error.message)
+        raise BundleError(f"{path}: field '{field}' {why}; correct it or re-export the bundle")
+    n_classes = len(manifest["classes"])
+    num_class = manifest["booster"].get("num_class", n_classes)
+    if num_class != n_classes:
+        raise BundleError(f"{path}: field 'booster.num_class' is {num_class} but 'classes' names {n_classes}; "
+                          f"give one name per class or re-export the bundle")
+
+
+def _short(text: str, n: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[:n - 3] + "..."
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -77,16 +163,30 @@ class Bundle:
             manifest = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise BundleError(f"{path} is not readable JSON ({e}); restore the bundle from its source") from None
+        if not isinstance(manifest, dict):
+            raise BundleError(f"{path} holds a JSON {type(manifest).__name__}, not an object; restore the bundle "
+                              f"from its source")
         if manifest.get("schema") != SCHEMA:
             raise BundleError(f"{path} has schema {manifest.get('schema')!r}; this sonoscore reads schema {SCHEMA}: "
                               f"re-export the bundle with this version")
         for key in ("networks", "booster", "preprocess", "gate", "classes", "files"):
             if key not in manifest:
                 raise BundleError(f"{path} lacks the '{key}' section; re-export the bundle")
+        validate_manifest(manifest, path)
         bundle = cls(root, manifest)
+        bundle._check_paths()
         if verify:
             bundle.verify()
         return bundle
+
+    def _check_paths(self) -> None:
+        """Every file the manifest names resolves (links followed) to a file inside the bundle's folder."""
+        root = self.root.resolve()
+        for name in referenced_files(self.manifest):
+            target = (self.root / name).resolve()
+            if not target.is_relative_to(root):
+                raise BundleError(f"{self.root / 'manifest.json'} names '{name}', which leads outside the bundle "
+                                  f"(to {target}); a bundle's files must lie in its folder: re-export the bundle")
 
     def verify(self) -> None:
         """Check every referenced file against its recorded sha256."""
@@ -120,6 +220,12 @@ class Bundle:
         return self.root / self.manifest["booster"]["file"]
 
     @property
+    def num_features(self) -> int | None:
+        """The booster's feature count as the manifest records it (None when it does not)."""
+        n = self.manifest["booster"].get("num_features")
+        return None if n is None else int(n)
+
+    @property
     def num_classes(self) -> int:
         return int(self.manifest["booster"].get("num_class", len(self.manifest["classes"])))
 
@@ -144,3 +250,40 @@ class Bundle:
         file there (mixed precision). Empty when the bundle has no INT8 set."""
         return [name for name, n in self.manifest["networks"].items()
                 if "int8" in n["files"] and n["files"]["int8"] != n["files"]["fp32"]]
+
+
+def check_runner(name: str, runner, graph, file: Path | str | None = None, num_features: int | None = None) -> None:
+    """Refuse a loaded network (`runner.inputs` / `runner.outputs`, TensorMeta by name) that does not fit the graph
+    the manifest pins: `name` is "unet" or "vgg". Checked: its one input and its output have the manifest's names,
+    the input is float [N, C, size, size] (C 1 for the UNet, the manifest's channels for the VGG), the UNet's output
+    [N, 1, size, size], the VGG's [N, F] with F the booster's `num_features` (fixed dimensions only; a free one
+    passes). A network that fails here would fail every frame; it is refused once, at start, with one sentence."""
+    size = graph.size
+    if name == "unet":
+        in_name, out_name, channels, out_shape = graph.unet_input, graph.unet_output, 1, (1, size, size)
+    elif name == "vgg":
+        in_name, out_name, channels, out_shape = graph.vgg_input, graph.vgg_output, graph.vgg_channels, (num_features,)
+    else:
+        raise ValueError(f"unknown network {name!r}")
+    what = f"the {name} network{f' {file}' if file else ''}"
+    fix = "the file does not match its manifest: restore the bundle from its source or re-export it"
+    inputs, outputs = dict(runner.inputs), dict(runner.outputs)
+
+    def names(metas) -> str:
+        return ", ".join(f"'{n}' {m}" for n, m in metas.items()) or "none"
+
+    if list(inputs) != [in_name]:
+        raise BundleError(f"{what} takes inputs {names(inputs)} but the manifest feeds it one input '{in_name}'; "
+                          f"{fix}")
+    if out_name not in outputs:
+        raise BundleError(f"{what} has outputs {names(outputs)} but the manifest reads '{out_name}'; {fix}")
+    for role, tensor, meta, want in (("input", in_name, inputs[in_name], (channels, size, size)),
+                                     ("output", out_name, outputs[out_name], out_shape)):
+        shape = tuple(meta.shape)
+        fits = len(shape) == 1 + len(want) and all(
+            not isinstance(d, int) or w is None or d == w for d, w in zip(shape[1:], want))
+        if not fits or np.dtype(meta.dtype).kind != "f":
+            dims = ", ".join("N" if w is None and i == 0 else ("F" if w is None else str(w))
+                             for i, w in enumerate((None, *want)))
+            raise BundleError(f"{what}'s {role} '{tensor}' is {meta} but the manifest's graph needs float[{dims}]; "
+                              f"{fix}")

@@ -18,7 +18,7 @@ import numpy as np
 from runtime import preprocess as pp
 from runtime.backends import make_runner
 from runtime.booster import Booster
-from runtime.bundle import Bundle
+from runtime.bundle import Bundle, check_runner
 from runtime.record import FrameRecord
 from runtime.sources import Frame
 
@@ -76,7 +76,9 @@ class Pipeline(FramePipeline):
             opts.update(precision=self.precision, cache_dir=self.cache_dir)
         try:
             self.unet = make_runner(self.backend, self.unet_file, **opts).__enter__()
+            check_runner("unet", self.unet, self.graph, self.unet_file)
             self.vgg = make_runner(self.backend, self.vgg_file, **opts).__enter__()
+            check_runner("vgg", self.vgg, self.graph, self.vgg_file, self.bundle.num_features)
             self.booster = self.load_booster()
         except BaseException:
             self.__exit__(None, None, None)   # a runner already open is released, not leaked

@@ -21,8 +21,8 @@ SIM = "sim://kidney?frames=16&fps=30&seed=4"   # fps=30 on purpose: calibration 
 def _open_gate(bundle_dir: Path, min_mask_fraction: float = 0.0) -> None:
     """The tiny bundle's one-epoch UNet finds little or no kidney (how much depends on the machine it trained on),
     so its gate may reject every frame and leave nothing to calibrate the VGG on. Opening the gate (a manifest
-    setting, not a hashed file) lets every frame through, whatever the weights; a fraction above 1 closes it for
-    every frame. The networks and their files stay exactly as trained."""
+    setting, not a hashed file) lets every frame through, whatever the weights (a manifest's fraction must lie in
+    [0, 1]). The networks and their files stay exactly as trained."""
     m = json.loads((bundle_dir / "manifest.json").read_text())
     m["gate"]["min_mask_fraction"] = min_mask_fraction
     (bundle_dir / "manifest.json").write_text(json.dumps(m, indent=2))
@@ -219,7 +219,9 @@ def test_calibrate_user_errors_are_one_sentence(tiny_bundle, tmp_path):
     # a gate closed to every frame: nothing to calibrate the VGG on, said in one sentence
     b = tmp_path / "b"
     shutil.copytree(tiny_bundle, b)
-    _open_gate(b, min_mask_fraction=1.5)
+    m = json.loads((b / "manifest.json").read_text())
+    m["gate"]["mask_threshold"] = 1.0        # no sigmoid exceeds 1: every mask empty, every frame below the gate
+    (b / "manifest.json").write_text(json.dumps(m, indent=2))
     r = sonoscore("calibrate", "--bundle", b, "--frames", SIM, "--count", 4, "--holdout", 4)
     assert r.returncode == 2 and "quality gate" in r.stderr and "Traceback" not in r.stderr
     r = sonoscore("run", "--bundle", tiny_bundle, "--source", SIM, "--precision", "int8")
@@ -330,6 +332,38 @@ def test_compare_metrics_against_hand_computed_values():
     assert m["probability_l1_mean"] == pytest.approx(0.3, abs=1e-6)
     assert Thresholds().missed(m)                              # far below every default
     assert Thresholds(0, 0, 0, 0).missed(m) == []
+
+
+def test_a_metric_that_could_not_be_measured_fails_its_check():
+    """Issue 12, item 10: a set where FP32 accepts frames but the other precision accepts none of them has no
+    feature cosine or grade agreement (None); that is not a pass. A check turned off (threshold 0) passes it."""
+    masks = np.zeros((4, 4, 4), bool)
+    masks[:2, :2] = True
+    feats = np.array([[1, 0], [0, 1], [np.nan, np.nan], [np.nan, np.nan]], np.float32)
+    probs = np.array([[0.7, 0.3], [0.4, 0.6], [np.nan, np.nan], [np.nan, np.nan]])
+    none = np.full((4, 2), np.nan)
+    ref = Outputs(masks, np.array([0.5, 0.5, 0.0, 0.0]), np.array([True, True, False, False]), feats, probs)
+    oth = Outputs(masks, np.array([0.5, 0.5, 0.0, 0.0]), np.array([False, False, False, False]),
+                  none.astype(np.float32), none)
+    m = compare(ref, oth)
+    assert m["feature_cosine_mean"] is None and m["grade_agreement"] is None and m["mask_iou_mean"] == 1.0
+    missed = Thresholds(0.97, 0.5, 0.97, 0.99).missed(m)      # gate agreement 0.5 meets 0.5: only the two unmeasured
+    assert len(missed) == 2 and all("not measured over 4 frames" in f for f in missed), missed
+    assert "grade agreement" in missed[0] and "--min-grade 0" in missed[0] and "feature cosine" in missed[1]
+    assert Thresholds(0.97, 0.5, 0, 0).missed(m) == []           # those checks off: nothing left to miss
+    # no kidney anywhere: mask IoU unmeasured, named as such
+    empty = Outputs(np.zeros((2, 4, 4), bool), np.zeros(2), np.zeros(2, bool), np.full((2, 1), np.nan, np.float32),
+                    np.full((2, 2), np.nan))
+    m = compare(empty, empty)
+    assert m["gate_agreement"] == 1.0 and m["mask_iou_mean"] is None
+    assert any(f.startswith("mask IoU not measured") and "no frame has kidney" in f for f in Thresholds().missed(m))
+
+
+def test_a_metric_that_is_not_a_number_fails_its_check():
+    m = {"frames": 3, "mask_iou_mean": 1.0, "gate_agreement": 1.0, "grade_agreement": 1.0,
+         "feature_cosine_mean": float("nan")}
+    missed = Thresholds().missed(m)
+    assert len(missed) == 1 and missed[0].startswith("feature cosine is nan")
 
 
 def test_demo_timing_bundle_quantizes_what_the_demo_int8_set_quantizes(calibrated, tiny_bundle, tmp_path):

@@ -37,7 +37,7 @@ import numpy as np
 from runtime import preprocess as pp
 from runtime.backends.base import BackendUnavailable, short
 from runtime.backends.cuda import CudaDevice
-from runtime.bundle import Bundle
+from runtime.bundle import Bundle, check_runner
 from runtime.pipeline import FramePipeline, Laps, shown_part
 from runtime.record import FrameRecord
 from runtime.sources import Frame
@@ -95,7 +95,9 @@ class DevicePipeline(FramePipeline):
         try:
             with self.device.current():
                 self.unet = self._runner(self.unet_file, self.unet_spec).__enter__()
+                check_runner("unet", self.unet, self.graph, self.unet_file)
                 self.vgg = self._runner(self.vgg_file, self.vgg_spec).__enter__()
+                check_runner("vgg", self.vgg, self.graph, self.vgg_file, self.bundle.num_features)
                 g = self.graph
                 u_in, u_out = self.unet.inputs[g.unet_input], self.unet.outputs[g.unet_output]
                 v_in, v_out = self.vgg.inputs[g.vgg_input], self.vgg.outputs[g.vgg_output]
