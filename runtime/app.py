@@ -7,14 +7,15 @@ import platform
 import shutil
 import sysconfig
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.bundle import Bundle
 from runtime.pipeline import Pipeline
 from runtime.record import DROPPED, FrameRecord
 from runtime.sources import open_source
-from runtime.stream import StreamStats, run_stream
+from runtime.stream import StopRequest, StreamStats, run_stream
 
 
 def _say(msg: str) -> None:
@@ -63,42 +64,86 @@ class RunConfig:
     view: ViewConfig | None = None                # --view: the live browser viewer
     display: bool = False                         # --display: the overlay in a window on this machine's screen
     quiet: bool = False                           # no line per frame (errors are still shown)
+    # Set to end the run early (the CLI's SIGINT/SIGTERM/SIGHUP handlers): the stream stops after the frame in
+    # hand and the outputs are finished. Not part of what the run does, so not compared.
+    stop: StopRequest | None = field(default=None, compare=False, repr=False)
+
+
+def _output_paths(config: RunConfig) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]]]:
+    files = [(label, Path(p)) for label, p in (("--results", config.results), ("--video", config.video),
+                                                ("--study-summary", config.summary),
+                                                ("--study-report", config.report)) if p]
+    folders = [("--save-masks", Path(config.masks))] if config.masks else []
+    return files, folders
+
+
+def check_run_outputs(config: RunConfig) -> None:
+    """Refuse, before anything starts or is written, output paths that cannot work (runtime.sinks.check_outputs):
+    UserError, one sentence."""
+    from runtime.sinks import check_outputs
+    files, folders = _output_paths(config)
+    inputs = [config.source] if os.path.exists(config.source) else []
+    check_outputs(files, folders, inputs=inputs, stream_ok=("--results",))
+
+
+def _close_all(sinks: list, *, discard: bool = False) -> list[str]:
+    """Close (or discard) every sink, each whatever the others do; one sentence per output that could not be
+    finished."""
+    from runtime.sinks import reason
+    failures = []
+    for sk in sinks:
+        try:
+            sk.discard() if discard and hasattr(sk, "discard") else sk.close()
+        except Exception as e:
+            label = getattr(sk, "label", type(sk).__name__)
+            if type(sk).__name__ == "StudySummary":
+                named = [(what, p) for what, p in (("study summary", sk.path), ("study report", sk.html_path)) if p]
+                where = str(getattr(e, "filename", None) or "")
+                hit = [(what, p) for what, p in named if where.startswith(str(p))]
+                if where.endswith(".tmp"):          # the summary's own partial file (runtime/sinks/summary.py)
+                    Path(where).unlink(missing_ok=True)
+                label = " and ".join(f"{what} {p}" for what, p in (hit or named))
+                failures.append(f"{label} could not be written ({reason(e)})")
+            elif isinstance(e, OSError) and not e.strerror:
+                failures.append(str(e))       # the sink's own sentence
+            else:
+                failures.append(f"{label} could not be finished ({reason(e)})")
+    return failures
 
 
 def run_bundle(config: RunConfig) -> StreamStats:
-    """`sonoscore run`: stream a source through a bundle into the requested sinks."""
+    """`sonoscore run`: stream a source through a bundle into the requested sinks.
+
+    Output paths are checked before anything starts; the output files are created only once the pipeline is
+    ready, written to partial files and renamed into place when the stream ends (or is stopped through
+    `config.stop`), so a run that fails to start leaves every previous output as it was. An output that fails
+    while the run goes on stops with one sentence; the run goes on for the others and `stats.sink_errors` lists
+    them."""
+    from runtime.errors import UserError
+    from runtime.sinks import reason
     from runtime.sinks.jsonl import JsonlSink
     from runtime.sinks.masks import MaskSink
     from runtime.sinks.summary import StudySummary
     from runtime.sinks.video import VideoSink
 
+    stop = config.stop if config.stop is not None else StopRequest()
+    check_run_outputs(config)
     bundle = Bundle.load(config.bundle)
     source = open_source(config.source)
     policy = config.policy or ("newest" if source.live else "all")
-    sinks = []
-    if config.results:
-        sinks.append(JsonlSink(Path(config.results)))
-    if config.video:
-        sinks.append(VideoSink(Path(config.video), fps=source.fps or 30.0, disclaimer=bundle.disclaimer))
-    if config.masks:
-        sinks.append(MaskSink(Path(config.masks)))
-    study = StudySummary(Path(config.summary) if config.summary else None, disclaimer=bundle.disclaimer,
-                         html_path=Path(config.report) if config.report else None,
-                         smoothing_half_life=config.smoothing)
-    sinks.append(study)
+    ui = []                              # the viewer and the display: they show, they write no file
     viewer = None
     try:
         if config.view is not None:
             from runtime.sinks.viewer import LiveViewer
             viewer = LiveViewer(config.view.host, config.view.port, config.view.token, disclaimer=bundle.disclaimer)
-            sinks.append(viewer)
+            ui.append(viewer)
             _say(f"live viewer: {viewer.url}")
         if config.display:
             from runtime.sinks.display import DisplayWindow
-            sinks.append(DisplayWindow(disclaimer=bundle.disclaimer))
+            ui.append(DisplayWindow(disclaimer=bundle.disclaimer))
     except BaseException:
-        for sk in sinks:
-            sk.close()
+        _close_all(ui)
         source.close()
         raise
     if bundle.disclaimer:
@@ -119,18 +164,58 @@ def run_bundle(config: RunConfig) -> StreamStats:
         elif rec.error:  # errors are shown even when quiet: they name an input the user must fix
             _say(format_record(rec))
 
+    def open_outputs() -> list:
+        """The output files' sinks, made once the pipeline is ready; a file that cannot be created is a run that
+        could not start (UserError), and those already made are discarded."""
+        made: list = []
+        makers = [("--results", config.results, lambda p: JsonlSink(p)),
+                  ("--video", config.video,
+                   lambda p: VideoSink(p, fps=source.fps or 30.0, disclaimer=bundle.disclaimer)),
+                  ("--save-masks", config.masks, lambda p: MaskSink(p))]
+        for option, path, make in makers:
+            if not path:
+                continue
+            try:
+                made.append(make(Path(path)))
+            except OSError as e:
+                _close_all(made, discard=True)
+                raise UserError(f"{option} {path} could not be created ({reason(e)})") from None
+        made.append(StudySummary(Path(config.summary) if config.summary else None, disclaimer=bundle.disclaimer,
+                                 html_path=Path(config.report) if config.report else None,
+                                 smoothing_half_life=config.smoothing))
+        return made
+
+    outputs: list = []
+    started = False
+    stats = None
+    failures: list[str] = []
     try:
         with Pipeline(bundle, backend=config.backend, precision=config.precision, threads=config.threads,
                       cache_dir=config.cache_dir) as pipe:
-            stats = run_stream(source, pipe.process, sinks, policy=policy, on_record=show)
-        if viewer is not None and config.view.keep:
+            if stop.is_set():
+                raise KeyboardInterrupt
+            outputs = open_outputs()
+            study = outputs[-1]
+            started = True
+            stop.phase = "streaming"
+            stats = run_stream(source, pipe.process, outputs + ui, policy=policy, on_record=show, stop=stop,
+                               on_sink_error=lambda msg: _say(f"sonoscore: {msg}"))
+        if viewer is not None and config.view.keep and not stop.is_set():
             _say(f"stream ended; the viewer keeps the last frame at {viewer.url}; Ctrl-C to quit")
-            import threading
-            threading.Event().wait()
+            while not stop.is_set():
+                time.sleep(0.2)
     finally:
-        for s in sinks:
-            s.close()
+        if started:
+            stop.phase = "finishing"
+        failures = _close_all(outputs, discard=not started) + _close_all(ui)
         source.close()
+        for msg in failures:
+            _say(f"sonoscore: {msg}")
+        stop.phase = "done"
+    stats.sink_errors.extend(failures)
+    if stop.is_set():
+        _say(f"sonoscore: stopped by {_signal_name(stop.signum)} after {stats.frames} frames; the outputs hold "
+             f"every record up to then")
     s = study.summary()
     final = (f"final grade {s['final_grade']} (confidence {s['confidence']:.2f})" if s.get("final_grade")
              else "no frame passed the quality gate: no grade")
@@ -140,11 +225,17 @@ def run_bundle(config: RunConfig) -> StreamStats:
     _say(f"{stats.frames} frames: {stats.accepted} accepted, {stats.frames - stats.accepted - stats.errors - stats.dropped}"
          f" rejected by the gate, {stats.errors} errors, {stats.dropped} dropped; {stats.fps:.1f} fps processed; "
          f"latency p50 {lat.get('p50', float('nan')):.1f} ms, p95 {lat.get('p95', float('nan')):.1f} ms; {final}")
-    for err in stats.sink_errors:
-        _say(f"warning: an output could not be written: {err}")
     if bundle.disclaimer:
         _say(f"NOTE: {bundle.disclaimer}")
     return stats
+
+
+def _signal_name(signum: int | None) -> str:
+    import signal
+    try:
+        return signal.Signals(signum).name
+    except (TypeError, ValueError):
+        return "a stop request"
 
 
 def ensure_calibration_side() -> None:

@@ -1,16 +1,25 @@
 """`sonoscore` command line. Heavy modules are imported inside each command, so `--help` works on a bare install.
 
-Exit codes: 0 success; 2 could not start (a bad option, bundle, source or dataset: one sentence says which);
-3 `run`/`eval` finished but some input frames carried an error (each still has its record); 4 `calibrate` ran but
-a lower precision missed an accuracy threshold (the report says which); 1 internal failure.
+Exit codes (docs/design.md "Exit codes"): 0 success; 2 could not start (a bad option, bundle, source, dataset,
+backend or output path: one sentence says which, and no output was touched); 3 `run`/`eval` finished but some
+input frames carried an error (each still has its record); 4 `calibrate` ran but a lower precision missed an
+accuracy threshold (the report says which); 5 `run` ran but an output could not be written (one sentence each
+says which; the others are complete); 128 + the signal's number when `run` was stopped by SIGINT (130), SIGHUP
+(129) or SIGTERM (143), after finishing its outputs; 1 internal failure. 5 wins over a signal's code, which
+wins over 3.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 from pathlib import Path
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_FRAME_ERRORS, EXIT_ACCURACY = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_FRAME_ERRORS, EXIT_ACCURACY, EXIT_OUTPUT = 0, 1, 2, 3, 4, 5
+EXIT_SIGNAL_BASE = 128          # stopped by signal N: 128 + N (SIGINT 130, SIGHUP 129, SIGTERM 143)
+STOP_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s)
 
 from runtime.errors import UserError  # noqa: E402
 
@@ -26,15 +35,61 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
 # --- commands ---------------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def stop_signals(stop):
+    """SIGINT, SIGTERM and SIGHUP (Ctrl-C, `systemctl stop`, a closed terminal or ssh session) end `run` the same
+    way. While the stream runs, the first one asks it to stop after the frame in hand (its outputs are then
+    finished: the results renamed into place, the video's index written, the summary and report written); a
+    second one interrupts at once (the outputs are still finished). While the outputs are being finished, more
+    signals are noted and ignored. Before the stream has started there is nothing to finish: the signal
+    interrupts (KeyboardInterrupt). Outside the main thread (tests calling main() from a thread), nothing is
+    installed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum, frame):
+        first = not stop.is_set()
+        if stop.phase in ("finishing", "done"):
+            stop.set(signum)
+            return
+        if stop.phase == "streaming" and first:
+            stop.set(signum)
+            print(f"sonoscore: {signal.Signals(signum).name} received: stopping after the frame in hand and "
+                  f"finishing the outputs (send it again to stop at once)", file=sys.stderr, flush=True)
+            return
+        stop.set(signum)
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from runtime.app import RunConfig, ViewConfig, run_bundle
+    from runtime.stream import StopRequest
     view = (ViewConfig(host=args.view_host, port=args.view_port, token=args.view_token, keep=args.view_keep)
             if args.view else None)
+    stop = StopRequest()
     config = RunConfig(bundle=args.bundle, source=args.source, backend=args.backend, precision=args.precision,
                        policy=args.policy, threads=args.threads, results=args.results, video=args.video,
                        masks=args.save_masks, summary=args.study_summary, report=args.study_report,
-                       smoothing=args.smooth, view=view, display=args.display, quiet=args.quiet)
-    stats = run_bundle(config)
+                       smoothing=args.smooth, view=view, display=args.display, quiet=args.quiet, stop=stop)
+    with stop_signals(stop):
+        try:
+            stats = run_bundle(config)
+        except KeyboardInterrupt:
+            name = signal.Signals(stop.signum).name if stop.signum else "SIGINT"
+            print(f"sonoscore: interrupted ({name})", file=sys.stderr)
+            return EXIT_SIGNAL_BASE + (stop.signum or signal.SIGINT)
+    if stats.sink_errors:
+        return EXIT_OUTPUT
+    if stop.signum:
+        return EXIT_SIGNAL_BASE + stop.signum
     return EXIT_FRAME_ERRORS if stats.errors else EXIT_OK
 
 

@@ -3,6 +3,10 @@
 `all`    (files): lossless; capture waits when the worker is behind (back-pressure).
 `newest` (live):  only the latest frame waits; an older one it replaces is dropped and counted. A dropped frame
                   still gets its record (error "dropped ..."), so results keep one record per input frame, in order.
+
+A stop request (`stop`: a `StopRequest`, which a signal handler may set, or a threading.Event) ends the run after
+the frame in hand; the sinks then hold every record up to it. A sink whose write raises is told so (`Sink.fail`)
+and handed no more records; the others go on.
 """
 from __future__ import annotations
 
@@ -17,6 +21,25 @@ from runtime.sinks import Sink
 from runtime.sources import Frame, Source
 
 POLICIES = ("newest", "all")
+POLL_S = 0.1        # how often a worker waiting for a frame looks at the stop request
+
+
+class StopRequest:
+    """A request to end a run early, made from a signal handler (runtime/cli.py): setting it is one attribute
+    write, no lock, so it is safe at any moment. `signum` is the signal that asked (None: not asked). `phase` is
+    the run's, which the handler reads: "starting" (nothing to finish yet), "streaming" (the stream ends after the
+    frame in hand and the outputs are finished), "finishing" (the outputs are being finished)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.phase = "starting"
+
+    def set(self, signum: int | None = 0) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def is_set(self) -> bool:
+        return self.signum is not None
 
 
 @dataclass
@@ -61,11 +84,11 @@ class _Handoff:
             self.closed = True
             self.cond.notify_all()
 
-    def get(self) -> tuple[list[Frame], Frame | None]:
-        """(frames dropped before the next one, the next frame or None at the end)."""
+    def get(self, stopped: Callable[[], bool] = lambda: False) -> tuple[list[Frame], Frame | None]:
+        """(frames dropped before the next one, the next frame or None at the end or when `stopped()`)."""
         with self.cond:
-            while not self.items and not self.closed:
-                self.cond.wait()
+            while not self.items and not self.closed and not stopped():
+                self.cond.wait(POLL_S)
             dropped = list(self.dropped)
             self.dropped.clear()
             frame = self.items.popleft() if self.items else None
@@ -76,11 +99,18 @@ class _Handoff:
 def run_stream(source: Source | Iterable[Frame], process: Callable[[Frame, float], FrameRecord],
                sinks: list[Sink], *, policy: str = "all",
                on_record: Callable[[FrameRecord, StreamStats], None] | None = None,
-               stop: threading.Event | None = None) -> StreamStats:
-    """Run frames from `source` through `process` into `sinks` until the source ends (or `stop` is set)."""
+               stop: StopRequest | threading.Event | None = None,
+               on_sink_error: Callable[[str], None] | None = None) -> StreamStats:
+    """Run frames from `source` through `process` into `sinks` until the source ends or `stop` is set (then after
+    the frame in hand). A sink whose write raises gets no more records; `on_sink_error` hears its sentence."""
     if policy not in POLICIES:
         raise ValueError(f"policy '{policy}' is not one of {', '.join(POLICIES)}")
-    stop = stop or threading.Event()
+    halt = threading.Event()            # tells the capture thread to end
+
+    def stopped() -> bool:
+        return halt.is_set() or (stop is not None and stop.is_set())
+
+    failed: set[int] = set()
     handoff = _Handoff(policy)
     stats = StreamStats()
     capture_error: list[BaseException] = []
@@ -88,7 +118,7 @@ def run_stream(source: Source | Iterable[Frame], process: Callable[[Frame, float
     def capture() -> None:
         try:
             for frame in source:
-                if stop.is_set():
+                if stopped():
                     break
                 handoff.put(frame)
         except BaseException as e:  # reported after the worker drains what it has
@@ -100,12 +130,17 @@ def run_stream(source: Source | Iterable[Frame], process: Callable[[Frame, float
         stats.frames += 1
         stats.accepted += rec.accepted
         stats.errors += rec.error is not None and rec.error != DROPPED
-        for sink in sinks:
+        for i, sink in enumerate(sinks):
+            if i in failed:
+                continue
             try:
                 sink.write(rec)
-            except Exception as e:  # a full disk must not stop the scoring of live frames
-                if len(stats.sink_errors) < 10:
-                    stats.sink_errors.append(f"{type(sink).__name__}: {e}")
+            except Exception as e:  # a full disk must not stop the scoring of live frames, nor the other outputs
+                failed.add(i)
+                msg = sink.fail(e) if hasattr(sink, "fail") else f"{type(sink).__name__}: {e}"
+                stats.sink_errors.append(msg)
+                if on_sink_error:
+                    on_sink_error(msg)
         if on_record:
             on_record(rec, stats)
 
@@ -114,7 +149,7 @@ def run_stream(source: Source | Iterable[Frame], process: Callable[[Frame, float
     thread.start()
     try:
         while True:
-            dropped, frame = handoff.get()
+            dropped, frame = handoff.get(stopped)
             for d in dropped:
                 stats.dropped += 1
                 emit(FrameRecord(d.index, d.source_id, d.t_capture, error=DROPPED))
@@ -128,8 +163,10 @@ def run_stream(source: Source | Iterable[Frame], process: Callable[[Frame, float
                                   error=f"frame {frame.index}: internal error ({type(e).__name__}: {e})")
             stats.processed += 1
             emit(rec)
+            if stopped():       # the stop request ends the run after the frame in hand
+                break
     finally:
-        stop.set()
+        halt.set()
         handoff.close()
         thread.join(timeout=5)
         stats.wall_s = time.perf_counter() - t_begin

@@ -74,14 +74,19 @@ def test_sink_close_is_idempotent_and_the_context_manager_closes_once():
 def test_jsonl_round_trips_each_record_as_one_line_flushed_as_it_goes(tmp_path):
     path = tmp_path / "deep" / "er" / "r.jsonl"
     recs = [scored(0), rejected(1), error(2), dropped(3)]
+    path.parent.mkdir(parents=True)
+    path.write_text("the previous run\n")
     sink = JsonlSink(path)
     sink.write(recs[0])
     sink.write(recs[1])
-    assert len(path.read_text().splitlines()) == 2            # readable before close: flushed per line
+    assert sink.partial.parent == path.parent and sink.partial.name.startswith("r.partial-")
+    assert len(sink.partial.read_text().splitlines()) == 2    # readable before close: flushed per line
+    assert path.read_text() == "the previous run\n"           # the previous file until the run has finished
     sink.write(recs[2])
     sink.write(recs[3])
     sink.close()
     sink.close()
+    assert not sink.partial.exists()
     lines = path.read_text().splitlines()
     assert [json.loads(x) for x in lines] == [r.to_json() for r in recs]
     back = json.loads(lines[0])
@@ -211,14 +216,119 @@ def test_video_has_one_frame_per_record_at_the_size_of_the_first_picture(tmp_pat
 
 
 def test_video_writer_that_cannot_open_names_the_path(tmp_path):
-    path = tmp_path / "taken.mp4"
-    path.mkdir()                                                # a folder where the file should go
+    path = tmp_path / "taken.xyz"                               # no container OpenCV knows
     sink = VideoSink(path)
-    with pytest.raises(OSError, match="taken.mp4"):
+    with pytest.raises(OSError, match="taken.xyz"):
         sink.write(scored())
-    with pytest.raises(OSError, match="taken.mp4"):             # and it keeps saying so, cheaply
+    with pytest.raises(OSError, match="taken.xyz") as e:        # and it keeps saying so, cheaply
         sink.write(scored())
+    assert sink.fail(e.value).startswith("cannot write video") and "taken.xyz" in sink.failed
     sink.close()
+    assert list(tmp_path.iterdir()) == []                       # nothing left behind
+
+
+def test_video_appears_at_its_path_only_when_finished_and_readable(tmp_path):
+    path = tmp_path / "o.mp4"
+    path.write_bytes(b"the previous run")
+    sink = VideoSink(path, fps=10)
+    for i in range(3):
+        sink.write(scored(i))
+    assert path.read_bytes() == b"the previous run" and sink.partial.exists()
+    sink.close()
+    assert read_video(path)[:2] == (3, 3) and not sink.partial.exists()
+    discarded = VideoSink(path, fps=10)                         # a run that did not start
+    discarded.write(scored(0))
+    discarded.discard()
+    discarded.close()
+    assert read_video(path)[:2] == (3, 3) and sorted(p.name for p in tmp_path.iterdir()) == ["o.mp4"]
+
+
+def test_a_video_on_a_full_disk_stops_in_one_sentence_and_leaves_no_unreadable_file(tmp_path, monkeypatch):
+    import runtime.sinks.video as video
+    path = tmp_path / "o.mp4"
+    sink = VideoSink(path, fps=10)
+    sink.write(scored(0))
+    monkeypatch.setattr(video, "MIN_FREE_BYTES", 1 << 62)      # every disk is full now
+    with pytest.raises(OSError) as e:
+        sink.write(scored(1))
+    msg = sink.fail(e.value)
+    assert msg.startswith(f"video {path} could not be written after 1 frames (No space left on device)")
+    sink.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_results_on_a_failing_disk_keep_every_complete_record_and_say_so_once(tmp_path):
+    path = tmp_path / "r.jsonl"
+    sink = JsonlSink(path)
+    sink.write(scored(0))
+    sink.write(scored(1))
+
+    class Full:                                   # a raw file that takes half a line, then reports a full disk
+        def __init__(self, f):
+            self.f, self.calls = f, 0
+
+        def write(self, data):
+            self.calls += 1
+            if self.calls == 1:
+                return self.f.write(data[:len(data) // 2])
+            raise OSError(28, "No space left on device")
+
+        def fileno(self):
+            return self.f.fileno()
+
+        def close(self):
+            self.f.close()
+    sink._file = Full(sink._file)
+    with pytest.raises(OSError) as e:
+        sink.write(scored(2))
+    msg = sink.fail(e.value)
+    assert msg == (f"results {path} could not be written after 2 records (No space left on device); it keeps "
+                   f"those 2 records and takes no more") == sink.fail(OSError("again"))
+    with pytest.raises(ValueError):
+        sink.write(scored(3))
+    sink.close()
+    assert [json.loads(x)["frame"] for x in path.read_text().splitlines()] == [0, 1]   # the torn line cut off
+
+
+def test_masks_on_a_failing_disk_keep_the_whole_pngs_written(tmp_path, monkeypatch):
+    sink = MaskSink(tmp_path / "m")
+    sink.write(scored(0))
+    import builtins
+    real_open = builtins.open
+
+    def full_open(p, mode="r", *a, **k):
+        if "w" in mode:
+            raise OSError(28, "No space left on device", str(p))
+        return real_open(p, mode, *a, **k)
+    monkeypatch.setattr(builtins, "open", full_open)
+    with pytest.raises(OSError) as e:
+        sink.write(scored(1))
+    monkeypatch.undo()
+    assert sink.fail(e.value).startswith(f"masks {tmp_path / 'm'} could not be written after 1 masks")
+    sink.close()
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["0.png"]
+
+
+def test_output_paths_that_cannot_work_are_refused_before_anything_is_written(tmp_path):
+    from runtime.errors import UserError
+    from runtime.sinks import check_outputs
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("x")
+    cases = {
+        "are the same path": ([("--results", tmp_path / "a"), ("--video", tmp_path / "." / "a")], []),
+        "is a folder": ([("--results", tmp_path / "dir")], []),
+        "is a file, not a folder": ([("--video", tmp_path / "file" / "o.mp4")], []),
+        "is a file: give a folder": ([], [("--save-masks", tmp_path / "file")]),
+        "is not a regular file": ([("--video", "/dev/null")], []),
+    }
+    for phrase, (files, folders) in cases.items():
+        with pytest.raises(UserError, match=phrase):
+            check_outputs(files, folders)
+    with pytest.raises(UserError, match="is the source being read"):
+        check_outputs([("--video", tmp_path / "file")], inputs=[tmp_path / "file"])
+    check_outputs([("--results", "/dev/null"), ("--video", tmp_path / "new" / "deeper" / "o.mp4")],
+                  [("--save-masks", tmp_path / "m")], stream_ok=("--results",))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file"]        # nothing was made
 
 
 # -- study summary ---------------------------------------------------------------------------------------------
@@ -253,6 +363,52 @@ def test_study_summary_without_accepted_frames_has_no_grade():
     assert s["final_grade"] is None and s["confidence"] is None and s["mean_probabilities"] is None
     assert s["grade_counts"] == {"1": 0, "2": 0, "3": 0, "4": 0} and "disclaimer" not in s
     assert StudySummary().summary()["latency_ms"] == {}
+
+
+def _endless(study, n, rng):
+    """Feed `n` scored records with lognormal stage latencies (one record object, mutated: only the summary's own
+    memory is measured); returns the latencies fed, per stage."""
+    stages = ("queue", "preprocess", "unet", "gate", "vgg", "booster", "total")
+    lat = {s: rng.lognormal(1.0 + i / 3, 0.5, n) for i, s in enumerate(stages)}
+    lat["gate"][: n // 100] = 0.0                       # some zero times, as a stage that did nothing reports
+    rec = FrameRecord(0, "test", 100.0, accepted=True, mask_fraction=0.24, grade=3, probabilities=[0.1, 0.2, 0.6, 0.1])
+    cols = {s: v.tolist() for s, v in lat.items()}
+    for i in range(n):
+        rec.frame, rec.t_capture = i, 100.0 + i / 30
+        rec.latency_ms = {s: cols[s][i] for s in stages}
+        study.write(rec)
+    return lat
+
+
+def test_study_summary_memory_is_bounded_and_its_percentiles_within_the_stated_error():
+    """An endless run (issue 12, item 7): the summary's memory does not grow with the frame count (old: 8 bytes
+    per frame and stage, 11 MB here), and its latency percentiles stay within LatencySketch.RELATIVE_ERROR (0.5 %)
+    of numpy's on the same values; max exact."""
+    import copy
+    import tracemalloc
+
+    from runtime.sinks.summary import LatencySketch
+    rng = np.random.default_rng(12)
+    held = {}
+    for n in (5_000, 200_000):
+        study = StudySummary(smoothing_half_life=10)
+        lat = _endless(study, n, rng)
+        tracemalloc.start()                  # what the summary holds: the bytes a deep copy of it allocates
+        twin = copy.deepcopy(study)
+        held[n] = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        assert twin.summary() == study.summary()
+        s = study.summary()
+        assert s["frames"] == s["accepted"] == n
+        for stage, values in lat.items():
+            want = np.percentile(values, [50, 95, 99])
+            got = s["latency_ms"][stage]
+            for q, w in zip(("p50", "p95", "p99"), want):
+                assert got[q] == pytest.approx(w, rel=LatencySketch.RELATIVE_ERROR, abs=1e-4), (stage, q)
+            assert got["max"] == round(float(values.max()), 4)
+        assert set(s["latency_ms"]["total"]) == {"p50", "p95", "p99", "max"}
+    assert held[200_000] < 1_000_000, held                     # the summary, all of it, under 1 MB (~260 kB)
+    assert held[200_000] < held[5_000] + 50_000, held          # and no more for 40x the frames
 
 
 def test_overlay_falls_back_to_hershey_fonts_where_opencv_has_no_truetype(monkeypatch):

@@ -95,3 +95,33 @@ def test_stop_event_ends_an_endless_source():
         return FrameRecord(frame.index, frame.source_id, frame.t_capture)
     stats = run_stream(endless(), process, [], policy="all", stop=stop)
     assert 10 <= stats.frames <= 20
+
+
+def test_a_failing_sink_is_told_once_and_handed_no_more_records():
+    class Broken(Sink):
+        calls = 0
+
+        def write(self, record):
+            self.calls += 1
+            raise OSError(28, "No space left on device")
+    broken, good, heard = Broken(), Collect(), []
+    stats = run_stream(frames(5), slow_process(0), [broken, good], policy="all", on_sink_error=heard.append)
+    assert broken.calls == 1 and len(good.records) == 5
+    assert stats.sink_errors == heard == [broken.failed] and "No space left on device" in heard[0]
+
+
+def test_a_stop_request_ends_a_stream_waiting_for_a_slow_source():
+    from runtime.stream import StopRequest
+    stop = StopRequest()
+
+    def slow():
+        yield Frame(0, "t", time.time(), None)
+        time.sleep(30)                              # a live source with no next frame
+        yield Frame(1, "t", time.time(), None)
+
+    def process(frame, t0):
+        threading.Timer(0.2, stop.set, args=(15,)).start()
+        return FrameRecord(frame.index, frame.source_id, frame.t_capture)
+    t0 = time.monotonic()
+    stats = run_stream(slow(), process, [], policy="newest", stop=stop)
+    assert stats.frames == 1 and time.monotonic() - t0 < 10 and stop.signum == 15

@@ -12,9 +12,21 @@
 The stream's worker thread hands every sink every record, in input order, one at a time; a sink needs no locks.
 Each sink is a context manager and `close()` may be called any number of times (the run closes its sinks in a
 `finally`, and a `with` block may close them again).
+
+Files: the results and the video are written to a partial file beside their path (`partial_path`) and renamed
+into place by `close()`, so the file at the path is the previous run's until this run has finished, and never a
+torn one. `check_outputs` refuses, before anything is written, paths that cannot work (the same path twice, a
+folder given as a file, a folder that cannot be written). A sink whose write fails (a full disk) is told so by
+`fail()`: it takes no more records and says what it kept in one sentence; `discard()` removes what a run that
+never started wrote.
 """
 from __future__ import annotations
 
+import os
+import stat
+from pathlib import Path
+
+from runtime.errors import UserError
 from runtime.record import FrameRecord
 
 
@@ -22,12 +34,19 @@ class Sink:
     """Base class. Subclasses implement `write` and, for resources to release, `_close` (called once)."""
 
     closed: bool = False      # a class default, so a subclass need not call super().__init__()
+    failed: str | None = None  # set by fail(): the sentence saying why this output stopped
+
+    @property
+    def label(self) -> str:
+        """What the output is called in messages (`results out.jsonl`)."""
+        return type(self).__name__
 
     def write(self, record: FrameRecord) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Finish and release the output; later calls do nothing."""
+        """Finish and release the output; later calls do nothing. May raise OSError when the output cannot be
+        finished (the message names it)."""
         if self.closed:
             return
         self.closed = True
@@ -35,6 +54,28 @@ class Sink:
 
     def _close(self) -> None:
         pass
+
+    def fail(self, error: BaseException) -> str:
+        """A write raised `error`: this output takes no more records (the stream stops handing it any); `close()`
+        still finishes what it holds where it can. Returns the one sentence that says so (the same on every
+        call)."""
+        if self.failed is None:
+            self.failed = self._failure(error)
+        return self.failed
+
+    def _failure(self, error: BaseException) -> str:
+        return f"{self.label} could not be written ({reason(error)}); it stopped there"
+
+    def discard(self) -> None:
+        """Release the output without finishing it (the run did not start): what it wrote is removed and the file
+        at its path, if any, is left as it was. Later calls, and close(), do nothing."""
+        if self.closed:
+            return
+        self.closed = True
+        self._discard()
+
+    def _discard(self) -> None:
+        self._close()
 
     def _check_open(self) -> None:
         if self.closed:
@@ -45,3 +86,104 @@ class Sink:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def reason(error: BaseException) -> str:
+    """An exception as a short clause: an OSError's own words ("No space left on device"), else its message."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__
+
+
+def partial_path(path: str | Path) -> Path:
+    """Where an output is written until it is finished: beside it, `r.jsonl` -> `r.partial-<pid>.jsonl` (the
+    suffix kept, so OpenCV still picks the container by it; the process id, so a killed run's partial file is
+    never overwritten by the next run)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.partial-{os.getpid()}{path.suffix}")
+
+
+def target_path(path: str | Path) -> Path:
+    """The file an output path names: symbolic links followed, so renaming into place replaces the file the
+    link points at, not the link."""
+    return Path(os.path.realpath(path))
+
+
+def is_stream_file(path: str | Path) -> bool:
+    """True when `path` exists and is not a regular file or folder (a pipe, a terminal, /dev/stdout): such an
+    output is written in place, as it goes, never renamed."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
+
+
+def fsync_path(path: str | Path) -> None:
+    """Make a written file durable before it is renamed into place."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _creatable(label: str, path: Path, shown: str | Path) -> None:
+    """`path` (not existing, or a folder to write into) can be made: its nearest existing ancestor is a folder
+    this process may write."""
+    anc = path
+    while not anc.exists():
+        if anc.parent == anc:
+            break
+        anc = anc.parent
+    if not anc.is_dir():
+        raise UserError(f"{label} {shown} cannot be written: {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        why = "read-only" if _read_only_fs(anc) else "not writable by this user"
+        raise UserError(f"{label} {shown} cannot be written: the folder {anc} is {why}")
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def check_outputs(files: list[tuple[str, str | Path]], folders: list[tuple[str, str | Path]] = (),
+                  inputs: list[str | Path] = (), stream_ok: tuple[str, ...] = ()) -> None:
+    """Refuse, before anything is written, output paths that cannot work; raises UserError (one sentence).
+
+    `files` and `folders` are (label, path) pairs: the same path twice (after links), an input given as an output,
+    a folder given as a file, a file given as a folder, a path whose folder cannot be written or created, or an
+    existing file that is read-only. Labels in `stream_ok` may name a pipe or device (written in place); others
+    must be regular files. Nothing is created or changed."""
+    seen: dict[str, str] = {}
+    for label, p in [*files, *folders]:
+        real = os.path.realpath(p)
+        if real in seen:
+            raise UserError(f"{seen[real]} and {label} are the same path ({p}): give each output its own")
+        seen[real] = label
+    for src in inputs:
+        real = os.path.realpath(src)
+        if real in seen:
+            raise UserError(f"{seen[real]} {src} is the source being read: give the output another path")
+    for label, p in files:
+        target = target_path(p)
+        if target.is_dir():
+            raise UserError(f"{label} {p} is a folder: give a file name")
+        if target.exists():
+            if is_stream_file(target):
+                if label not in stream_ok:
+                    raise UserError(f"{label} {p} is not a regular file: give a file name")
+                if not os.access(target, os.W_OK):
+                    raise UserError(f"{label} {p} is not writable by this user")
+                continue
+            if not os.access(target, os.W_OK):
+                raise UserError(f"{label} {p} is read-only")
+        _creatable(label, target.parent, p)
+    for label, p in folders:
+        target = target_path(p)
+        if target.exists() and not target.is_dir():
+            raise UserError(f"{label} {p} is a file: give a folder")
+        _creatable(label, target, p)

@@ -2,27 +2,67 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from runtime.record import FrameRecord
-from runtime.sinks import Sink
+from runtime.sinks import Sink, fsync_path, is_stream_file, partial_path, reason, target_path
 
 
 class JsonlSink(Sink):
-    """Writes `record.to_json()` as one line per record and flushes each line, so a crash loses at most the line
-    being written. The file is created (parent folders too) and truncated when the sink is made."""
+    """Writes `record.to_json()` as one line per record, each line with one write() to the operating system, so a
+    process killed at any moment (SIGKILL) leaves every completed record as a whole line.
+
+    The lines go to `partial` (`r.partial-<pid>.jsonl` beside `r.jsonl`, parent folders made), created when the
+    sink is made; `close()` renames it into place, so the file at the path is the previous run's until this run
+    has finished. A path that is a pipe or a device (/dev/stdout) is written in place. When a write fails (a full
+    disk), the file is cut back to the last complete record, the sink takes no more records, and `close()` still
+    renames what it holds into place."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "w", encoding="utf-8")
         self.lines = 0
+        self._good = 0                      # bytes of complete records written
+        target = target_path(self.path)
+        if is_stream_file(target):
+            self.target, self.partial = target, None
+            self._file = open(target, "wb", buffering=0)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.target, self.partial = target, partial_path(target)
+            self._file = open(self.partial, "wb", buffering=0)
+
+    @property
+    def label(self) -> str:
+        return f"results {self.path}"
 
     def write(self, record: FrameRecord) -> None:
         self._check_open()
-        self._file.write(json.dumps(record.to_json()) + "\n")
-        self._file.flush()
+        if self.failed:
+            raise ValueError(self.failed)
+        data = memoryview((json.dumps(record.to_json()) + "\n").encode("utf-8"))
+        while data:  # a raw write may take part of the line (a signal, a nearly full disk)
+            n = self._file.write(data)
+            data = data[n:]
+        self._good += len(data.obj)
         self.lines += 1
+
+    def _failure(self, error: BaseException) -> str:
+        if self.partial is not None:
+            try:  # cut a torn last line back to the last complete record
+                os.ftruncate(self._file.fileno(), self._good)
+            except OSError:
+                pass
+        return (f"results {self.path} could not be written after {self.lines} records ({reason(error)}); "
+                f"it keeps those {self.lines} records and takes no more")
 
     def _close(self) -> None:
         self._file.close()
+        if self.partial is not None:
+            fsync_path(self.partial)
+            os.replace(self.partial, self.target)
+
+    def _discard(self) -> None:
+        self._file.close()
+        if self.partial is not None:
+            self.partial.unlink(missing_ok=True)

@@ -1,6 +1,8 @@
 """`--video`: the annotated stream as MP4, one overlay picture (runtime/sinks/overlay.py) per input frame."""
 from __future__ import annotations
 
+import errno
+import os
 import time
 from collections import deque
 from pathlib import Path
@@ -11,8 +13,11 @@ import numpy as np
 
 from runtime.bundle import DEMO_DISCLAIMER
 from runtime.record import DROPPED, FrameRecord
-from runtime.sinks import Sink
+from runtime.sinks import Sink, fsync_path, partial_path, reason, target_path
 from runtime.sinks.overlay import DEFAULT_CLASS_NAMES, PANEL_BG, fill, render_overlay
+
+
+MIN_FREE_BYTES = 256 * 1024        # less than this is a full disk for the video
 
 
 class VideoSink(Sink):
@@ -22,12 +27,20 @@ class VideoSink(Sink):
     size; a later picture of another size is scaled to fit it, aspect kept, and padded. A frame dropped by the
     `newest` policy repeats the last picture rather than flashing a placeholder. The rate printed on the
     pictures is the measured processing rate (records that went through the pipeline, last 30).
+
+    The video is written to `partial` (`o.partial-<pid>.mp4` beside `o.mp4`) and `close()` releases the writer
+    (the MP4 index is written then), reads the file back and renames it into place: the file at the path is the
+    previous run's until this one has finished, and never an unreadable one. OpenCV's writer reports no write
+    error, so a full disk shows as a file that does not read back: `close()` then removes it and raises OSError.
+    After `fail()` (a picture that could not be made or written), `close()` keeps the frames written before.
     """
 
     def __init__(self, path: str | Path, fps: float = 30.0, disclaimer: str | None = DEMO_DISCLAIMER,
                  class_names: Sequence[str] = DEFAULT_CLASS_NAMES):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.target = target_path(self.path)
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.partial = partial_path(self.target)
         self.fps = float(fps) if fps and fps > 0 else 30.0
         self.disclaimer = disclaimer
         self.class_names = class_names
@@ -35,8 +48,13 @@ class VideoSink(Sink):
         self.frames = 0
         self._writer: cv2.VideoWriter | None = None
         self._open_error: OSError | None = None
+        self._disk_full = False
         self._last: np.ndarray | None = None
         self._done: deque[float] = deque(maxlen=30)    # perf_counter() of the latest processed records
+
+    @property
+    def label(self) -> str:
+        return f"video {self.path}"
 
     def processing_fps(self) -> float | None:
         if len(self._done) < 2 or self._done[-1] <= self._done[0]:
@@ -47,6 +65,8 @@ class VideoSink(Sink):
         self._check_open()
         if self._open_error is not None:
             raise self._open_error
+        if self.failed:
+            raise ValueError(self.failed)
         if record.error == DROPPED and self._last is not None:
             picture = self._last
         else:
@@ -57,14 +77,27 @@ class VideoSink(Sink):
         if self._writer is None:
             self._open(picture.shape[1], picture.shape[0])
         picture = self._fit(picture)
+        self._check_space()
         self._writer.write(picture)
         self._last = picture
         self.frames += 1
 
+    def _check_space(self) -> None:
+        """OpenCV's writer does not report a failed write; a disk with (almost) no space left is taken as one."""
+        try:
+            st = os.statvfs(self.partial.parent)
+        except OSError:
+            return
+        free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+        if free < MIN_FREE_BYTES:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.partial))
+
     def _open(self, width: int, height: int) -> None:
         fourcc = cv2.VideoWriter.fourcc(*"mp4v")
-        writer = cv2.VideoWriter(str(self.path), fourcc, self.fps, (width, height))
+        writer = cv2.VideoWriter(str(self.partial), fourcc, self.fps, (width, height))
         if not writer.isOpened():
+            writer.release()
+            self.partial.unlink(missing_ok=True)
             self._open_error = OSError(
                 f"cannot write video {self.path}: OpenCV's VideoWriter (mp4v, {width}x{height}, {self.fps:g} fps) "
                 f"did not open; check that the folder is writable and the file name ends in .mp4")
@@ -85,7 +118,51 @@ class VideoSink(Sink):
                                              else cv2.INTER_LINEAR)
         return out
 
+    def _failure(self, error: BaseException) -> str:
+        self._disk_full = isinstance(error, OSError) and error.errno == errno.ENOSPC
+        if error is self._open_error:
+            return str(error)
+        return (f"video {self.path} could not be written after {self.frames} frames ({reason(error)}); it takes "
+                f"no more, and is kept only if what was written reads back")
+
     def _close(self) -> None:
+        if self._writer is None:
+            return                      # nothing was written: the file at the path stays as it was
+        self._writer.release()
+        self._writer = None
+        if self._disk_full:             # said in fail()'s sentence; what was written cannot be whole
+            self.partial.unlink(missing_ok=True)
+            return
+        readable = _readable_frames(self.partial)
+        if readable != self.frames or self.frames == 0:
+            self.partial.unlink(missing_ok=True)
+            if self.failed:             # already said in fail()'s sentence
+                return
+            raise OSError(f"video {self.path} could not be written: of its {self.frames} frames {readable} read "
+                          f"back (is the disk full?), so it was removed")
+        fsync_path(self.partial)
+        os.replace(self.partial, self.target)
+
+    def _discard(self) -> None:
         if self._writer is not None:
             self._writer.release()
             self._writer = None
+        self.partial.unlink(missing_ok=True)
+
+
+def _readable_frames(path: Path) -> int:
+    """How many frames the file's index holds, 0 when it does not open or its last frame does not decode."""
+    if not path.is_file():
+        return 0
+    cap = cv2.VideoCapture(str(path))
+    try:
+        if not cap.isOpened():
+            return 0
+        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        if n <= 0:
+            return 0
+        cap.set(cv2.CAP_PROP_POS_FRAMES, n - 1)
+        ok, _ = cap.read()
+        return n if ok else 0
+    finally:
+        cap.release()
