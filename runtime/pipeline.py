@@ -102,14 +102,18 @@ class Pipeline(FramePipeline):
         """(gray display frame, preprocessed image, region it came from): the preprocessing every path shares
         (streaming, evaluation, INT8 calibration), so ranges measured offline match deployment."""
         gray = pp.to_gray(frame.pixels, frame.channel_order, frame.window)
-        image, region = self.graph.preprocess(gray, frame.region)
+        # a frame that may carry burned-in text and has no region: its scan sector only, or FrameError (not shown)
+        gray, region = pp.sector_frame(gray, frame.region, frame.meta)
+        image, region = self.graph.preprocess(gray, region)
         gray, region = shown_part(gray, region, frame.meta)
         return gray, image, region
 
 
 def shown_part(gray: np.ndarray | None, region: pp.Region, meta: dict) -> tuple[np.ndarray | None, pp.Region]:
     """What sinks may save and show of a frame (video, viewer): all of it, or only its ultrasound region when it
-    has (or may have) names and dates burned into its pixels (a DICOM frame), never the scanner's text around it."""
+    has (or may have) names and dates burned into its pixels (a DICOM frame), never the scanner's text around it.
+    Without a source region that region is the scan sector (`preprocess.sector_frame`, which has already blacked
+    out everything of the frame outside the sector)."""
     if gray is None or meta.get("burned_in_annotation", False) is False:
         return gray, region
     gray = np.ascontiguousarray(gray[region.y0:region.y1, region.x0:region.x1])

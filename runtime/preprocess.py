@@ -84,6 +84,88 @@ def auto_region(gray: np.ndarray, threshold: int = 8, min_fraction: float = 0.02
     return Region(int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
 
 
+# Scan-sector search (docs/design.md, "Pinned definitions", crop): for frames that may carry burned-in text.
+SECTOR_WINDOW = 9            # side of the square window of the local statistics, pixels
+SECTOR_MIN_STD = 4.0         # speckle: local standard deviation at least this (flat fills, ramps and bars are not)
+SECTOR_MIN_LIT = 0.5         # ... and more than half of the window brighter than 8 (text on black is mostly black)
+SECTOR_MIN_AREA = 0.02       # the sector covers at least 2% of the frame ...
+SECTOR_MIN_SIDE = 24         # ... and at least 24 pixels each way
+NO_SECTOR = ("no scan sector found in a frame that may carry burned-in text (DICOM Burned In Annotation YES or "
+             "not stated, and no ultrasound region); not scored or shown")
+
+
+@dataclass(frozen=True)
+class Sector:
+    """The scan sector of a frame: its bounding `region`, and `mask` (bool, the region's shape) true inside the
+    sector (the convex hull of the textured area: a fan or a rectangle)."""
+
+    region: Region
+    mask: np.ndarray
+
+
+def scan_sector(gray: np.ndarray) -> Sector | None:
+    """The scan sector of one uint8 gray frame, found from speckle texture alone; None when there is none.
+
+    Speckle is textured everywhere: in every SECTOR_WINDOW-square window its standard deviation is at least
+    SECTOR_MIN_STD and more than SECTOR_MIN_LIT of its pixels are brighter than 8. Burned-in text on black fails the
+    second test (strokes are a small part of their surroundings), flat grey bars and boxes the first. The textured
+    pixels are opened with a square of side max(SECTOR_WINDOW, min(h, w) // 10) (odd), which removes every thin
+    structure left (text lines, tick marks, colour bars, the rim of a grey box around text); the largest
+    8-connected component that remains, if it covers at least SECTOR_MIN_AREA of the frame and SECTOR_MIN_SIDE
+    pixels each way, is the sector, filled as its convex hull. Deterministic: box filters, morphology and contours
+    of OpenCV on fixed parameters.
+    """
+    if gray.ndim != 2 or gray.dtype != np.uint8:
+        raise FrameError(f"scan_sector needs a uint8 gray HxW frame, got {gray.dtype} with shape {gray.shape}")
+    h, w = gray.shape
+    if h < SECTOR_MIN_SIDE or w < SECTOR_MIN_SIDE:
+        return None
+    k = (SECTOR_WINDOW, SECTOR_WINDOW)
+    g = gray.astype(np.float32)
+    mean = cv2.boxFilter(g, -1, k, borderType=cv2.BORDER_REFLECT)
+    var = cv2.boxFilter(g * g, -1, k, borderType=cv2.BORDER_REFLECT) - mean * mean
+    lit = cv2.boxFilter((gray > 8).astype(np.float32), -1, k, borderType=cv2.BORDER_REFLECT)
+    textured = ((var >= SECTOR_MIN_STD ** 2) & (lit > SECTOR_MIN_LIT)).astype(np.uint8)
+    side = max(SECTOR_WINDOW, min(h, w) // 10) | 1
+    opened = cv2.morphologyEx(textured, cv2.MORPH_OPEN, np.ones((side, side), np.uint8),
+                              borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
+    if n < 2:
+        return None
+    best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))  # argmax keeps the first of equals
+    x, y, bw, bh, area = (int(v) for v in stats[best])
+    if area < SECTOR_MIN_AREA * h * w or bw < SECTOR_MIN_SIDE or bh < SECTOR_MIN_SIDE:
+        return None
+    pts = cv2.findNonZero((labels[y:y + bh, x:x + bw] == best).astype(np.uint8))
+    mask = np.zeros((bh, bw), np.uint8)
+    cv2.fillConvexPoly(mask, cv2.convexHull(pts), 1)
+    return Sector(Region(x, y, x + bw, y + bh), mask.astype(bool))
+
+
+def may_carry_text(region: Region | None, meta: dict | None) -> bool:
+    """True when a frame has no trustworthy ultrasound region and may have text burned into its pixels: a DICOM
+    frame (its meta has "burned_in_annotation") whose Burned In Annotation is YES or not stated."""
+    return region is None and (meta or {}).get("burned_in_annotation", False) is not False
+
+
+def sector_frame(gray: np.ndarray, region: Region | None, meta: dict | None) -> tuple[np.ndarray, Region | None]:
+    """(gray frame, region to crop) under the burned-in-text rule (docs/design.md, "Pinned definitions", crop).
+
+    A frame that may carry text and has no source region is cut to its scan sector (`scan_sector`): the region is
+    the sector's bounding box and every pixel of that box outside the sector is set to 0, so no text beside a fan
+    reaches the network, the video or the viewer. No sector: FrameError(NO_SECTOR), the frame is neither scored
+    nor shown. Any other frame is returned as it is (the crop is then `region`, or `auto_region`)."""
+    if not may_carry_text(region, meta):
+        return gray, region
+    sector = scan_sector(gray)
+    if sector is None:
+        raise FrameError(NO_SECTOR)
+    r = sector.region
+    out = np.zeros_like(gray)
+    out[r.y0:r.y1, r.x0:r.x1] = np.where(sector.mask, gray[r.y0:r.y1, r.x0:r.x1], 0)
+    return out, r
+
+
 def crop(gray: np.ndarray, region: Region) -> np.ndarray:
     r = region.clip(gray.shape)
     return gray[r.y0:r.y1, r.x0:r.x1]

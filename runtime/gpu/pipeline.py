@@ -192,7 +192,9 @@ class DevicePipeline(FramePipeline):
         frames and other channel counts are converted with `to_gray` (docs/design.md's pinned definition); a colour
         frame with no known region, or one a sink will display, is converted too, because the region search and
         the display need gray (and a gray upload is a third of the bytes). The region search itself
-        (`preprocess.auto_region`, when the source gives no region) runs on the CPU."""
+        (`preprocess.auto_region`, when the source gives no region) runs on the CPU, and so does the scan-sector rule
+        for a frame that may carry burned-in text (`preprocess.sector_frame`: the sector goes up, gray, with the
+        rest of the frame black; no sector raises FrameError)."""
         px = frame.pixels
         direct = (isinstance(px, np.ndarray) and px.dtype == np.uint8 and px.size > 0
                   and (px.ndim == 2 or (px.ndim == 3 and px.shape[2] in (1, 3))))
@@ -203,7 +205,14 @@ class DevicePipeline(FramePipeline):
             gray = px = pp.to_gray(frame.pixels, frame.channel_order, frame.window)
         elif px.ndim == 2:
             gray = px
-        region = (frame.region or pp.auto_region(gray)).clip(px.shape)
+        region = frame.region
+        if pp.may_carry_text(region, frame.meta):
+            # no trustworthy region and maybe burned-in text: upload the scan sector only (docs/design.md, crop)
+            if gray is None:
+                gray = pp.to_gray(frame.pixels, frame.channel_order, frame.window)
+            gray, region = pp.sector_frame(gray, region, frame.meta)
+            px = gray
+        region = (region or pp.auto_region(gray)).clip(px.shape)
         # to_gray's reading of the order: BGR, or else RGB (a gray frame has none)
         order = "BGR" if px.ndim == 3 and str(frame.channel_order).upper() == "BGR" else "RGB"
         h, w = px.shape[:2]

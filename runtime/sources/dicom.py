@@ -26,6 +26,7 @@ pydicom (and the decoder plugins for compressed data) are imported only when a D
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -40,6 +41,8 @@ import numpy as np
 from runtime.preprocess import Region
 from runtime.sources import MAX_PIXELS, Frame, Source, SourceError, now, opaque_id, spacing_meta
 
+log = logging.getLogger(__name__)
+
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 # MAX_PIXELS: per frame (the decoded-pixel budget shared by every source); a header can claim anything
 
@@ -50,6 +53,11 @@ _PHOTOMETRIC_SAMPLES = {
     "MONOCHROME1": 1, "MONOCHROME2": 1, "PALETTE COLOR": 1,
     "RGB": 3, "YBR_FULL": 3, "YBR_FULL_422": 3, "YBR_ICT": 3, "YBR_RCT": 3,
 }
+
+# Ultrasound SOP classes (image, multi-frame image, and their retired forms): a file without a Modality is taken
+# as ultrasound when its SOP class is one of these.
+_US_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.3.1",
+                   "1.2.840.10008.5.1.4.1.1.6", "1.2.840.10008.5.1.4.1.1.3"}
 
 # Sequence of Ultrasound Regions codes (PS3.3 C.8.5.5.1).
 _SPATIAL_2D = 1
@@ -106,11 +114,15 @@ class DicomSource(Source):
     """One DICOM file; one Frame per frame, in order.
 
     `realtime`: replay a cine at its own frame rate (CineRate, else 1000 / FrameTime, else
-    RecommendedDisplayFrameRate), as a live source (the streamer's `newest` policy). None (the default) means
-    real time for a multi-frame file with a known rate, and as fast as possible (lossless) otherwise.
+    RecommendedDisplayFrameRate). None (the default) means real time for a multi-frame file with a known rate,
+    and as fast as possible otherwise. A file is a recording, never a live source: paced or not, the streamer's
+    default policy for it is `all` (every frame scored, none dropped).
+
+    A file whose Modality is not US (or, without a Modality, whose SOP class is not an ultrasound one) is read
+    all the same, with one warning when it is opened (`warn_modality=False` leaves the warning to the caller).
     """
 
-    def __init__(self, path: str | os.PathLike, *, realtime: bool | None = None):
+    def __init__(self, path: str | os.PathLike, *, realtime: bool | None = None, warn_modality: bool = True):
         self.path = Path(path)
         self.source_id = opaque_id(str(self.path.resolve()), "dicom")
         info = _read_header(self.path)
@@ -126,8 +138,13 @@ class DicomSource(Source):
                               f"RecommendedDisplayFrameRate), so it cannot be replayed in real time; "
                               f"run it without real-time replay")
         self.fps = float(rate or 0.0)
-        self.live = bool(realtime)
+        self.paced = bool(realtime)
+        self.live = False
         self.meta = info.meta
+        self.not_ultrasound = info.not_ultrasound  # the file's modality in words, when it is not ultrasound
+        if warn_modality and self.not_ultrasound:
+            log.warning("DICOM '%s' is not ultrasound (%s); it is graded anyway, but the model was made for "
+                        "ultrasound images only", path, self.not_ultrasound)
 
     def __iter__(self) -> Iterator[Frame]:
         start = time.perf_counter()
@@ -142,7 +159,7 @@ class DicomSource(Source):
                     pixels, error = None, open_error
                 else:
                     pixels, error = self._decode(f, i)
-                if self.live and self.fps > 0:  # paced like a scanner: frame i is due at start + i / fps
+                if self.paced and self.fps > 0:  # paced like a scanner: frame i is due at start + i / fps
                     delay = start + i / self.fps - time.perf_counter()
                     if delay > 0:
                         time.sleep(delay)
@@ -197,13 +214,18 @@ class DicomFolderSource(Source):
         self._sources: list[DicomSource | str] = []
         for n, p in enumerate(self.files):
             try:
-                self._sources.append(DicomSource(p, realtime=False))
+                self._sources.append(DicomSource(p, realtime=False, warn_modality=False))
             except SourceError:
                 # The sentence names the file; the record must not, so it gets a neutral one.
                 self._sources.append(f"DICOM file {n + 1} of {len(self.files)} (in name order) in the folder could "
                                      f"not be opened (not an image, truncated, or no decoder); open it alone to "
                                      f"see why")
         self.total = sum(s.total if isinstance(s, DicomSource) else 1 for s in self._sources)
+        other = [s.not_ultrasound for s in self._sources if isinstance(s, DicomSource) and s.not_ultrasound]
+        if other:  # once for the folder, naming no file (a file's name may be a patient's)
+            log.warning("folder '%s' has %d DICOM file(s) of %d that are not ultrasound (%s); they are graded "
+                        "anyway, but the model was made for ultrasound images only",
+                        folder, len(other), len(self.files), ", ".join(sorted(set(other))))
 
     def __iter__(self) -> Iterator[Frame]:
         index = 0
@@ -227,6 +249,7 @@ class _Header:
     frame_rate: float | None
     region: Region | None
     window: tuple[float, float] | None
+    not_ultrasound: str | None  # what the file is, in words, when it is not ultrasound
     meta: dict[str, Any]
 
     def __init__(self, ds, path: Path):
@@ -279,9 +302,16 @@ class _Header:
 
         ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
         modality = str(ds.get("Modality", "")).strip().upper()
+        readable = modality if re.fullmatch(r"[A-Z0-9_]{1,16}", modality) else None
+        if modality:
+            self.not_ultrasound = (None if modality == "US" else
+                                   f"Modality {readable}" if readable else "an unreadable Modality")
+        else:
+            sop = str(ds.get("SOPClassUID", "")).strip()
+            self.not_ultrasound = None if sop in _US_SOP_CLASSES else "no Modality and not an ultrasound SOP class"
         self.meta: dict[str, Any] = {
             "format": "dicom",
-            "modality": modality if re.fullmatch(r"[A-Z0-9_]{1,16}", modality) else None,
+            "modality": readable,
             "photometric": pi,
             "bits_allocated": bits_alloc,
             "bits_stored": bits_stored,
