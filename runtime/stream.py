@@ -2,17 +2,27 @@
 
 `all`    (files): lossless; capture waits when the worker is behind (back-pressure).
 `newest` (live):  only the latest frame waits; an older one it replaces is dropped and counted. A dropped frame
-                  still gets its record (error "dropped ..."), so results keep one record per input frame, in order.
+                  still gets its record (error "dropped ..."), so results keep one record per input frame, in order;
+                  its pixels and meta are let go the moment it is replaced (only index, source id and capture time
+                  wait for the worker), so a slow worker never holds more than the newest frame's pixels.
 
 A stop request (`stop`: a `StopRequest`, which a signal handler may set, or a threading.Event) ends the run after
 the frame in hand; the sinks then hold every record up to it. A sink whose write raises is told so (`Sink.fail`)
 and handed no more records; the others go on.
+
+When the worker is done while the capture thread still runs (a stop request, or a worker that failed), the source
+is told to stop: `source.close()`, which every `Source` accepts from another thread and which wakes a read blocked
+in it where the source can (a socket, a capture device between grabs, the simulator's pacing). The capture thread
+is then given `join_s` (5 s) to end; if it has not, one sentence on stderr says so and the run ends without it
+(it is a daemon thread).
 """
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 import time
+import types
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -22,6 +32,7 @@ from runtime.sources import Frame, Source
 
 POLICIES = ("newest", "all")
 POLL_S = 0.1        # how often a worker waiting for a frame looks at the stop request
+JOIN_S = 5.0        # how long the end of a run waits for the capture thread once the source is told to stop
 
 
 class StopRequest:
@@ -57,6 +68,14 @@ class StreamStats:
         return self.processed / self.wall_s if self.wall_s > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class Dropped:
+    """What is kept of a frame the `newest` policy dropped, for its DROPPED record: no pixels, no meta."""
+    index: int
+    source_id: str
+    t_capture: float
+
+
 class _Handoff:
     """The bounded queue between capture and worker, with the policy's semantics."""
 
@@ -64,15 +83,17 @@ class _Handoff:
         self.policy = policy
         self.depth = 1 if policy == "newest" else depth
         self.items: collections.deque[Frame] = collections.deque()
-        self.dropped: collections.deque[Frame] = collections.deque()
+        self.dropped: collections.deque[Dropped] = collections.deque()
         self.cond = threading.Condition()
         self.closed = False
 
     def put(self, frame: Frame) -> None:
         with self.cond:
             if self.policy == "newest":
-                while self.items:
-                    self.dropped.append(self.items.popleft())
+                while self.items:      # the replaced frame's pixels are freed here, not at the worker's next get
+                    old = self.items.popleft()
+                    self.dropped.append(Dropped(old.index, old.source_id, old.t_capture))
+                    del old
             else:
                 while len(self.items) >= self.depth and not self.closed:
                     self.cond.wait()
@@ -84,7 +105,7 @@ class _Handoff:
             self.closed = True
             self.cond.notify_all()
 
-    def get(self, stopped: Callable[[], bool] = lambda: False) -> tuple[list[Frame], Frame | None]:
+    def get(self, stopped: Callable[[], bool] = lambda: False) -> tuple[list[Dropped], Frame | None]:
         """(frames dropped before the next one, the next frame or None at the end or when `stopped()`)."""
         with self.cond:
             while not self.items and not self.closed and not stopped():
@@ -100,12 +121,15 @@ def run_stream(source: Source | Iterable[Frame], process: Callable[[Frame, float
                sinks: list[Sink], *, policy: str = "all",
                on_record: Callable[[FrameRecord, StreamStats], None] | None = None,
                stop: StopRequest | threading.Event | None = None,
-               on_sink_error: Callable[[str], None] | None = None) -> StreamStats:
+               on_sink_error: Callable[[str], None] | None = None, join_s: float | None = None) -> StreamStats:
     """Run frames from `source` through `process` into `sinks` until the source ends or `stop` is set (then after
-    the frame in hand). A sink whose write raises gets no more records; `on_sink_error` hears its sentence."""
+    the frame in hand). A sink whose write raises gets no more records; `on_sink_error` hears its sentence.
+    A source still running when the worker is done is closed (`source.close()`, from this thread) and its capture
+    thread given `join_s` seconds (default JOIN_S) to end; one sentence on stderr says so if it does not."""
     if policy not in POLICIES:
         raise ValueError(f"policy '{policy}' is not one of {', '.join(POLICIES)}")
     halt = threading.Event()            # tells the capture thread to end
+    join_s = JOIN_S if join_s is None else join_s
 
     def stopped() -> bool:
         return halt.is_set() or (stop is not None and stop.is_set())
@@ -168,8 +192,26 @@ def run_stream(source: Source | Iterable[Frame], process: Callable[[Frame, float
     finally:
         halt.set()
         handoff.close()
-        thread.join(timeout=5)
+        if thread.is_alive():
+            _tell_source_to_stop(source)
+        thread.join(timeout=join_s)
+        if thread.is_alive():
+            print(f"sonoscore: the source did not stop within {join_s:g} s of the end of the run (a read in it "
+                  f"cannot be interrupted); the run ends without waiting for it", file=sys.stderr, flush=True)
         stats.wall_s = time.perf_counter() - t_begin
     if capture_error:
         raise capture_error[0]
     return stats
+
+
+def _tell_source_to_stop(source) -> None:
+    """`source.close()` for a source object; a bare generator is left alone (closing one that another thread is
+    running raises, and it has no read to wake). A close that raises must not hide the run's own outcome."""
+    close = getattr(source, "close", None)
+    if close is None or isinstance(source, types.GeneratorType):
+        return
+    try:
+        close()
+    except Exception as e:  # noqa: BLE001 - reported, the run's records are already safe
+        print(f"sonoscore: closing the source at the end of the run failed ({type(e).__name__}: {e})",
+              file=sys.stderr, flush=True)

@@ -8,7 +8,7 @@ import pytest
 
 from runtime.record import DROPPED, FrameRecord
 from runtime.sinks import Sink
-from runtime.sources import Frame
+from runtime.sources import Frame, Source
 from runtime.stream import run_stream
 
 
@@ -125,3 +125,119 @@ def test_a_stop_request_ends_a_stream_waiting_for_a_slow_source():
     t0 = time.monotonic()
     stats = run_stream(slow(), process, [], policy="newest", stop=stop)
     assert stats.frames == 1 and time.monotonic() - t0 < 10 and stop.signum == 15
+
+
+# ---- issue 12 item 7: a frame the `newest` policy drops lets go of its pixels at once ----
+
+def test_newest_frees_a_dropped_frames_pixels_when_it_is_replaced_not_at_the_next_get():
+    import weakref
+    refs = []                                        # a weak reference to every frame's pixels
+
+    def make(i):
+        pixels = np.zeros((1080, 1920, 3), np.uint8)     # 6 MB a frame
+        refs.append(weakref.ref(pixels))
+        return Frame(i, "big", time.time(), pixels, meta={"mask": np.zeros((1080, 1920), np.uint8)})
+
+    def fast():
+        for i in range(400):
+            time.sleep(0.0005)
+            yield make(i)                            # the generator keeps no reference once it has yielded
+
+    alive_at_end_of_process = []
+
+    def process(frame, t0):
+        time.sleep(0.03)                             # slow: dozens of frames are replaced meanwhile
+        alive = [i for i, r in enumerate(refs) if r() is not None]
+        alive_at_end_of_process.append((frame.index, len(refs), alive))
+        return FrameRecord(frame.index, frame.source_id, frame.t_capture)
+    sink = Collect()
+    stats = run_stream(fast(), process, [sink], policy="newest")
+    assert stats.dropped >= 100 and [r.frame for r in sink.records] == list(range(400))
+    assert all(r.error == DROPPED and not r.meta for r in sink.records if r.error == DROPPED)
+    # before the worker's next get, only the frame in hand, the one waiting in the hand-off and one the capture
+    # thread may have just read are alive; everything replaced meanwhile is already freed
+    for index, made, alive in alive_at_end_of_process:
+        assert index in alive and len(alive) <= 3, (index, made, alive)
+
+
+# ---- issue 12 item 10: the end of a run tells the source to stop, and says so when it cannot ----
+
+class BlockingSource(Source):
+    """A live source whose second frame never comes; close() wakes the wait when `wakes` (a socket shut down from
+    another thread), or does not (a read that cannot be interrupted)."""
+    live = True
+
+    def __init__(self, wakes=True):
+        self.wakes = wakes
+        self.closed_by = []
+        self._closed = threading.Event()
+        self._never = threading.Event()
+        self.ended = threading.Event()
+
+    def __iter__(self):
+        try:
+            yield Frame(0, "blocking", time.time(), np.zeros((4, 4), np.uint8))
+            (self._closed if self.wakes else self._never).wait()
+        finally:
+            self.ended.set()
+
+    def close(self):
+        self.closed_by.append(threading.current_thread().name)
+        self._closed.set()
+
+
+def _stop_after_first_frame(stop):
+    def process(frame, t0):
+        threading.Timer(0.1, stop.set, args=(15,)).start()
+        return FrameRecord(frame.index, frame.source_id, frame.t_capture)
+    return process
+
+
+def test_a_stop_request_closes_a_blocked_source_and_its_capture_thread_ends(capsys):
+    from runtime.stream import StopRequest
+    stop, src = StopRequest(), BlockingSource(wakes=True)
+    before = set(threading.enumerate())
+    t0 = time.monotonic()
+    stats = run_stream(src, _stop_after_first_frame(stop), [], policy="newest", stop=stop)
+    took = time.monotonic() - t0
+    assert stats.frames == 1 and took < 2, took
+    assert src.closed_by == ["MainThread"]            # told to stop from the worker's side, while its read blocked
+    assert src.ended.wait(1)                          # the capture thread left the source
+    assert not [t for t in set(threading.enumerate()) - before if t.name == "capture"]
+    assert "did not stop" not in capsys.readouterr().err
+
+
+def test_a_source_that_cannot_be_stopped_is_named_in_one_sentence_and_the_run_still_ends(capsys, monkeypatch):
+    import runtime.stream
+    from runtime.stream import StopRequest
+    monkeypatch.setattr(runtime.stream, "JOIN_S", 0.3, raising=False)
+    stop, src = StopRequest(), BlockingSource(wakes=False)
+    t0 = time.monotonic()
+    stats = run_stream(src, _stop_after_first_frame(stop), [], policy="newest", stop=stop)
+    took = time.monotonic() - t0
+    assert stats.frames == 1 and took < 2, took
+    assert src.closed_by == ["MainThread"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "source did not stop within 0.3 s" in err[0] and err[0].count(". ") == 0
+    src._never.set()                                  # let the test's daemon thread go
+    assert src.ended.wait(1)
+
+
+def test_a_source_that_ends_by_itself_is_not_closed_by_the_stream():
+    src = BlockingSource(wakes=True)
+    src._closed.set()                                 # its only frame, then the end
+    stats = run_stream(src, slow_process(0), [], policy="all")
+    assert stats.frames == 1 and src.closed_by == []
+
+
+def test_the_simulated_probe_stops_pacing_when_closed_from_another_thread():
+    from runtime.sources.sim import SimSource
+    src = SimSource(fps=0.2, frames=10)               # 5 s between frames
+    got = []
+    t = threading.Thread(target=lambda: got.extend(f.index for f in src))
+    t.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    src.close()
+    t.join(2)
+    assert not t.is_alive() and got == [0] and time.monotonic() - t0 < 1

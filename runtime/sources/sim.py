@@ -6,6 +6,7 @@ same frames, unpaced.
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import Iterator
 from urllib.parse import parse_qs, urlparse
@@ -27,6 +28,7 @@ class SimSource(Source):
         self.live = self.paced
         self.total = int(frames)
         self.source_id = f"sim-kidney-{seed}"
+        self._closed = threading.Event()   # close() from any thread ends the iteration, also during the pacing wait
 
     @classmethod
     def from_uri(cls, uri: str, realtime: bool | None = None) -> "SimSource":
@@ -45,13 +47,18 @@ class SimSource(Source):
             raise SourceError(f"source '{uri}': grade, frames and seed must be integers and fps a number") from None
         return cls(grade=grade, fps=fps, frames=frames, seed=seed, realtime=realtime is not False)
 
+    def close(self) -> None:
+        self._closed.set()
+
     def __iter__(self) -> Iterator[Frame]:
         start = time.perf_counter()
         for i in range(self.total):
             if self.paced:
                 delay = start + i / self.fps - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
+                if delay > 0 and self._closed.wait(delay):
+                    return
+            if self._closed.is_set():
+                return
             pf = self.phantom.frame(i)
             yield Frame(i, self.source_id, now(), pf.image, meta={
                 "truth_grade": pf.grade, "truth_mask": pf.mask, "has_kidney": pf.has_kidney,
