@@ -18,7 +18,9 @@ header only. `--list` prints every file with its origin and class; otherwise eac
 through the real command line in a subprocess (`python -m runtime.cli run --bundle B --source FILE --policy all
 --results ...`; `--in-process` calls runtime.app.run_bundle instead, which is what `sonoscore run` calls) and the
 table says, per file: photometric interpretation, transfer syntax, frames (NumberOfFrames), records written,
-records with an error. The exit status is 0 when every file gave one record per frame and none has an error.
+records with an error, and of those the frames withheld because they may carry burned-in text and show no scan
+sector (docs/design.md, privacy). The exit status is 0 when every file gave one record per frame and no error other
+than that refusal.
 
 The bundle: --bundle, else out/demo/bundle (`make demo`), else a tiny one trained here the way the test suite
 makes its own (tests/conftest.py), in a temporary folder.
@@ -38,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from runtime.preprocess import NO_SECTOR  # noqa: E402  (the burned-in-text refusal's sentence)
 
 US_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.6.1": "Ultrasound Image Storage",
@@ -181,10 +184,14 @@ class SweepRow:
     exit_status: int | None
     seconds: float
     first_error: str | None = None
+    withheld: int = 0      # frames refused because they may carry burned-in text and show no scan sector
 
     @property
     def ok(self) -> bool:
-        return self.records == self.frames and self.errors == 0 and self.exit_status in (0, None)
+        """One record per frame, and no error other than the burned-in-text refusal (which exits 3, as frame
+        errors do)."""
+        expected_status = (0, None) if self.errors == 0 else (3, None)
+        return self.records == self.frames and self.errors == self.withheld and self.exit_status in expected_status
 
 
 def run_one(bundle: Path, f: KnownFile, workdir: Path, *, in_process: bool = False) -> SweepRow:
@@ -204,9 +211,10 @@ def run_one(bundle: Path, f: KnownFile, workdir: Path, *, in_process: bool = Fal
     seconds = time.perf_counter() - t0
     records = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     errors = [r for r in records if r.get("error")]
+    withheld = sum(NO_SECTOR in r["error"] for r in errors)
     return SweepRow(f.name, f.photometric, f.bits_allocated, f.transfer_syntax, int(f.frames or 1), len(records),
                     len(errors), status,
-                    round(seconds, 2), errors[0]["error"] if errors else None)
+                    round(seconds, 2), errors[0]["error"] if errors else None, withheld)
 
 
 def sweep(bundle: Path, files: list[KnownFile], *, in_process: bool = False, progress: bool = False) -> list[SweepRow]:
@@ -228,14 +236,15 @@ def _short(syntax: str | None) -> str:
 
 
 def table(rows: list[SweepRow]) -> str:
-    head = ("file", "photometric", "bits", "transfer syntax", "frames", "records", "errors", "ok")
+    head = ("file", "photometric", "bits", "transfer syntax", "frames", "records", "errors", "withheld", "ok")
     body = [(r.file, r.photometric or "-", str(r.bits_allocated or "-"), _short(r.transfer_syntax), str(r.frames),
-             str(r.records), str(r.errors), "yes" if r.ok else "NO") for r in rows]
+             str(r.records), str(r.errors), str(r.withheld), "yes" if r.ok else "NO") for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     lines = [fmt(head), fmt(tuple("-" * w for w in widths))] + [fmt(b) for b in body]
     lines.append(f"{len(rows)} files, {sum(r.frames for r in rows)} frames, {sum(r.records for r in rows)} records, "
-                 f"{sum(r.errors for r in rows)} errors; {sum(not r.ok for r in rows)} files not ok")
+                 f"{sum(r.errors for r in rows)} errors ({sum(r.withheld for r in rows)} frames withheld: possible "
+                 f"burned-in text, no scan sector); {sum(not r.ok for r in rows)} files not ok")
     return "\n".join(lines)
 
 
