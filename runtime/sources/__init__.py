@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import secrets
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -194,6 +195,19 @@ def open_source(spec: str, *, realtime: bool | None = None) -> Source:
     if not path.exists():
         raise SourceError(f"source '{spec}' does not exist; give an image, a folder of images, a video file "
                           f"or sim://kidney")
+    try:
+        mode = os.stat(path).st_mode     # stat only: a pipe or socket is never opened for reading
+    except OSError as e:
+        raise SourceError(f"source '{spec}' cannot be examined ({(e.strerror or type(e).__name__).lower()}); "
+                          f"check its permissions") from None
+    if stat.S_ISCHR(mode):               # /dev/videoN given as a path: the capture card it is
+        from runtime.sources.capture import CaptureSource
+        return CaptureSource.from_uri(f"v4l2://{path.absolute()}", realtime=realtime)
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a block device (a disk)" if stat.S_ISBLK(mode) else "not a regular file")
+        raise SourceError(f"source '{spec}' is {kind}, which this runtime does not read; give an image, a folder "
+                          f"of images, a video or DICOM file, or a live feed as v4l2://, gst:// or igtl://")
     from runtime.sources import dicom, files
     if path.is_dir():
         names = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]

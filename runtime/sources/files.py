@@ -1,6 +1,7 @@
 """Image files, folders of images, and video files."""
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 from typing import Iterator
@@ -218,7 +219,14 @@ class FolderSource(Source):
 
 
 class VideoSource(Source):
-    """A video file through OpenCV; every frame, in order."""
+    """A video file through OpenCV; every frame, in order.
+
+    A video that ends early is said so in one error record after its last decodable frame (index: the next
+    frame's), so the run exits 3: when fewer frames decode than the container's index declares (MP4/MOV/M4V and
+    AVI keep an exact frame count in their index; for other containers OpenCV estimates it from the duration, and
+    a shortfall of one frame is taken as that estimate's rounding), or when the file ends before the boxes
+    (MP4/MOV) or chunks (AVI) its own headers declare, even if every declared frame decoded (the last one then
+    decoded from part of its data). `truncated` then holds that sentence."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -231,11 +239,12 @@ class VideoSource(Source):
         self.total = n if n > 0 else None
         cap.release()
         self.source_id = opaque_id(str(self.path.resolve()), "video")
+        self.truncated: str | None = None
 
     def __iter__(self) -> Iterator[Frame]:
         cap = cv2.VideoCapture(str(self.path))
+        i = 0
         try:
-            i = 0
             while True:
                 ok, img = cap.read()
                 if not ok:
@@ -244,3 +253,77 @@ class VideoSource(Source):
                 i += 1
         finally:
             cap.release()
+        self.truncated = ended_early(self.path, i, self.total)
+        if self.truncated:
+            yield Frame(i, self.source_id, now(), None, channel_order="BGR", error=self.truncated)
+
+
+def ended_early(path: Path, delivered: int, declared: int | None) -> str | None:
+    """One sentence when a video that decoded `delivered` frames is cut short or damaged (see VideoSource), else
+    None. Never names the file (its name may carry a patient's)."""
+    kind, short = container_shortfall(path)
+    exact = kind is not None                 # MP4/MOV/AVI: the count comes from the index, not a duration
+    fix = "re-copy or re-export the video"
+    if declared and delivered < declared and (exact or short or delivered < declared - 1):
+        if short:
+            why = "the file is truncated"
+        elif exact:
+            why = "decoding stopped early (the file is damaged)"
+        else:
+            why = "the file may be truncated or damaged"
+        index = "index" if exact else "header"
+        return (f"the video ends after {delivered} of the {declared} frames its {index} declares: {why} "
+                f"({declared - delivered} frames missing); {fix}")
+    if short:
+        return (f"the video's file ends {short} bytes before the end its {kind} headers declare: the file is "
+                f"truncated (its last frame may be incomplete); {fix}")
+    return None
+
+
+def container_shortfall(path: Path) -> tuple[str | None, int]:
+    """(container, bytes missing): "MP4" (ISO base media: MP4, MOV, M4V) or "AVI" (RIFF) with how many bytes the
+    file lacks to hold every top-level box or chunk its headers declare (0: complete); (None, 0) for any other
+    container or a file that cannot be read. Reads box and chunk headers only."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(12)
+            if len(head) == 12 and head[4:8] in _ISO_TOP:
+                return "MP4", _walk(f, size, iso=True)
+            if len(head) == 12 and head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+                return "AVI", _walk(f, size, iso=False)
+    except OSError:
+        pass
+    return None, 0
+
+
+_ISO_TOP = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pdin", b"uuid", b"styp"}
+
+
+def _walk(f, size: int, iso: bool) -> int:
+    """Bytes missing after the last top-level box (ISO: 32-bit big-endian size including its 8-byte header, 1 =
+    64-bit size follows, 0 = to the end of the file) or RIFF chunk (little-endian size after the 4-byte tag,
+    excluding the header, padded to even; OpenDML files chain RIFF AVIX chunks)."""
+    at = 0
+    for _ in range(100_000):
+        if at + 8 > size:
+            return 0 if at >= size else at + 8 - size
+        f.seek(at)
+        hdr = f.read(16)
+        if iso:
+            n = int.from_bytes(hdr[:4], "big")
+            if n == 1:
+                if len(hdr) < 16:
+                    return 16 - len(hdr)
+                n = int.from_bytes(hdr[8:16], "big")
+            elif n == 0:
+                return 0
+            if n < 8:
+                return 0                     # not a box: nothing to say
+        else:
+            n = 8 + int.from_bytes(hdr[4:8], "little")
+            n += n & 1
+        at += n
+        if at > size:
+            return at - size
+    return 0
