@@ -248,11 +248,7 @@ class CaptureSource(RunEnd, LinkCounters, Source):
         return self._links.warnings
 
     def _reopen(self) -> "cv2.VideoCapture":
-        if self._delay > 0:   # also after an open that gave no frame: the back-off survives it
-            deadline = self._end_deadline()
-            wait = self._delay if deadline is None else max(0.0, min(self._delay, deadline - time.monotonic()))
-            self._closed.wait(wait)
-            self._check_end()
+        self._wait_backoff()
         result = retry_open(self._open, stop=self._closed, backoff=self._links.backoff,
                             deadline=self._end_deadline(), reset=False,
                             failed=lambda e: self._links.failed(f"the device cannot be opened ({e})"))

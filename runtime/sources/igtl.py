@@ -219,11 +219,7 @@ class IgtlSource(RunEnd, LinkCounters, Source):
         self._delay = self._links.failed(reason)
 
     def _reconnect(self) -> socket.socket:
-        if self._delay > 0:   # also after a connect-then-close: the back-off survives it
-            deadline = self._end_deadline()
-            wait = self._delay if deadline is None else max(0.0, min(self._delay, deadline - time.monotonic()))
-            self._closed.wait(wait)
-            self._check_end()
+        self._wait_backoff()
         result = retry_open(self._open_socket, stop=self._closed, backoff=self._links.backoff,
                             deadline=self._end_deadline(), reset=False,
                             failed=lambda e: self._links.failed(f"cannot reach the server ({e})"))

@@ -150,7 +150,8 @@ class EndOfRun(Exception):
 
 class RunEnd:
     """Mixin for a reconnecting source with `_closed` (an Event), `_deadline_end` (monotonic end of --duration, or
-    None), `_last_frame_mono` and `timeout` (seconds without a frame that end the run; 0 or None: never)."""
+    None), `_last_frame_mono`, `timeout` (seconds without a frame that end the run; 0 or None: never) and `_delay`
+    (the back-off's wait before the next re-open)."""
 
     def _end_deadline(self) -> float | None:
         """When the run ends if no frame comes (timeout) or at all (duration), as a monotonic time."""
@@ -165,6 +166,15 @@ class RunEnd:
         deadline = self._end_deadline()
         if deadline is not None and time.monotonic() >= deadline:
             raise EndOfRun
+
+    def _wait_backoff(self) -> None:
+        """Wait out the back-off's current delay (`_delay`, also after an open or connect that gave no frame: the
+        back-off survives it), no longer than the run's end; EndOfRun when the run ended meanwhile."""
+        if self._delay > 0:
+            deadline = self._end_deadline()
+            wait = self._delay if deadline is None else max(0.0, min(self._delay, deadline - time.monotonic()))
+            self._closed.wait(wait)
+            self._check_end()
 
 
 class LinkCounters:
