@@ -94,14 +94,14 @@ def test_a_stop_signal_finishes_every_output(tiny_bundle, tmp_path, sig):
     assert not list(tmp_path.glob("*partial*")) and not list(tmp_path.glob("*.tmp"))
 
 
-def test_sigkill_leaves_every_completed_record_parseable_and_the_previous_results_in_place(tiny_bundle, tmp_path):
+def test_sigkill_leaves_every_completed_record_parseable_the_video_readable_and_the_previous_results_in_place(tiny_bundle, tmp_path):
     previous = b'{"frame": 0, "previous": true}\n'
     (tmp_path / "r.jsonl").write_bytes(previous)
     proc = start("run", "--bundle", tiny_bundle, "--source", LIVE, "--quiet", "--results", tmp_path / "r.jsonl",
                  "--video", tmp_path / "o.mp4")
     try:
         t_end = time.monotonic() + 120
-        while not any(p.read_bytes().count(b"\n") >= 10 for p in tmp_path.glob("r.partial-*.jsonl")):
+        while not any(p.read_bytes().count(b"\n") >= 75 for p in tmp_path.glob("r.partial-*.jsonl")):
             assert proc.poll() is None and time.monotonic() < t_end, "no partial results were written"
             time.sleep(0.1)
         proc.kill()
@@ -112,8 +112,18 @@ def test_sigkill_leaves_every_completed_record_parseable_and_the_previous_result
     [partial] = tmp_path.glob(f"r.partial-{proc.pid}.jsonl")
     data = partial.read_bytes()
     complete = data[:data.rfind(b"\n") + 1].decode().splitlines()
-    assert len(complete) >= 10
+    assert len(complete) >= 75
     assert [json.loads(x)["frame"] for x in complete] == list(range(len(complete)))
+    # The video is a fragmented MP4 (a key frame and a fragment each second at 30 fps): the killed run's partial
+    # file reads up to its last whole fragment, and the file at --video was never created.
+    [video] = tmp_path.glob(f"o.partial-{proc.pid}.mp4")
+    cap = cv2.VideoCapture(str(video))
+    decoded = 0
+    while cap.read()[0]:
+        decoded += 1
+    cap.release()
+    assert decoded >= 30
+    assert not (tmp_path / "o.mp4").exists()
 
 
 # -- a run that fails to start -------------------------------------------------------------------------------------

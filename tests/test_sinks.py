@@ -227,6 +227,18 @@ def test_video_writer_that_cannot_open_names_the_path(tmp_path):
     assert list(tmp_path.iterdir()) == []                       # nothing left behind
 
 
+def test_video_is_a_fragmented_mp4_with_one_fragment_per_second(tmp_path):
+    """One `moof` box per second of video (a key frame each second): no per-frame index grows in memory over an
+    endless run, and a crash leaves the whole seconds readable."""
+    path = tmp_path / "o.mp4"
+    with VideoSink(path, fps=5.0) as sink:
+        for i in range(23):
+            sink.write(scored(i))
+    data = path.read_bytes()
+    assert data[4:8] == b"ftyp" and data.count(b"moof") == 5          # frames 0-4, 5-9, ..., 20-22
+    assert read_video(path)[:2] == (23, 23)
+
+
 def test_video_appears_at_its_path_only_when_finished_and_readable(tmp_path):
     path = tmp_path / "o.mp4"
     path.write_bytes(b"the previous run")

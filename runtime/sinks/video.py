@@ -21,17 +21,24 @@ MIN_FREE_BYTES = 256 * 1024        # less than this is a full disk for the video
 
 
 class VideoSink(Sink):
-    """MP4 (fourcc 'mp4v') through cv2.VideoWriter, played back at `fps` (the source's rate).
+    """MP4 (MPEG-4 Part 2, the codec of OpenCV's 'mp4v'), written with PyAV as a fragmented MP4, played back at
+    `fps` (the source's rate).
+
+    Fragmented (`movflags frag_keyframe+empty_moov`, a key frame each second): the muxer writes each second's
+    frames with their own small index (a `moof` box) and then forgets them, so an endless run holds no growing
+    sample table in memory (a plain MP4 keeps about 70 bytes per frame until it is closed), and a file cut short
+    by a crash or SIGKILL still reads up to its last whole second.
 
     One video frame per record, so the video lasts as long as the stream did. The first picture fixes the video
     size; a later picture of another size is scaled to fit it, aspect kept, and padded. A frame dropped by the
     `newest` policy repeats the last picture rather than flashing a placeholder. The rate printed on the
     pictures is the measured processing rate (records that went through the pipeline, last 30).
 
-    The video is written to `partial` (`o.partial-<pid>.mp4` beside `o.mp4`) and `close()` releases the writer
-    (the MP4 index is written then), reads the file back and renames it into place: the file at the path is the
-    previous run's until this one has finished, and never an unreadable one. OpenCV's writer reports no write
-    error, so a full disk shows as a file that does not read back: `close()` then removes it and raises OSError.
+    The video is written to `partial` (`o.partial-<pid>.mp4` beside `o.mp4`) and `close()` flushes the encoder
+    (the last fragment is written then), reads the file back and renames it into place: the file at the path is
+    the previous run's until this one has finished, and never an unreadable one. A write that fails (a full disk)
+    raises; a disk with almost no space left is taken as full before the write (`_check_space`), and a file that
+    does not read back at the end is removed and `close()` raises OSError.
     After `fail()` (a picture that could not be made or written), `close()` keeps the frames written before.
     """
 
@@ -46,7 +53,7 @@ class VideoSink(Sink):
         self.class_names = class_names
         self.size: tuple[int, int] | None = None        # (width, height), fixed by the first picture
         self.frames = 0
-        self._writer: cv2.VideoWriter | None = None
+        self._writer: _Writer | None = None
         self._open_error: OSError | None = None
         self._disk_full = False
         self._last: np.ndarray | None = None
@@ -93,15 +100,15 @@ class VideoSink(Sink):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.partial))
 
     def _open(self, width: int, height: int) -> None:
-        fourcc = cv2.VideoWriter.fourcc(*"mp4v")
-        writer = cv2.VideoWriter(str(self.partial), fourcc, self.fps, (width, height))
-        if not writer.isOpened():
-            writer.release()
+        width, height = width + width % 2, height + height % 2     # 4:2:0 chroma needs even sides; _fit pads
+        try:
+            writer = _Writer(self.partial, self.fps, width, height)
+        except (OSError, ValueError, ImportError) as e:
             self.partial.unlink(missing_ok=True)
             self._open_error = OSError(
-                f"cannot write video {self.path}: OpenCV's VideoWriter (mp4v, {width}x{height}, {self.fps:g} fps) "
-                f"did not open; check that the folder is writable and the file name ends in .mp4")
-            raise self._open_error
+                f"cannot write video {self.path}: the MP4 writer (MPEG-4, {width}x{height}, {self.fps:g} fps) did "
+                f"not open ({reason(e)}); check that the folder is writable and the file name ends in .mp4")
+            raise self._open_error from None
         self._writer, self.size = writer, (width, height)
 
     def _fit(self, picture: np.ndarray) -> np.ndarray:
@@ -128,8 +135,13 @@ class VideoSink(Sink):
     def _close(self) -> None:
         if self._writer is None:
             return                      # nothing was written: the file at the path stays as it was
-        self._writer.release()
-        self._writer = None
+        writer, self._writer = self._writer, None
+        try:
+            writer.close()
+        except OSError:
+            if not self._disk_full and not self.failed:
+                self.partial.unlink(missing_ok=True)
+                raise
         if self._disk_full:             # said in fail()'s sentence; what was written cannot be whole
             self.partial.unlink(missing_ok=True)
             return
@@ -145,9 +157,54 @@ class VideoSink(Sink):
 
     def _discard(self) -> None:
         if self._writer is not None:
-            self._writer.release()
+            self._writer.abandon()
             self._writer = None
         self.partial.unlink(missing_ok=True)
+
+
+class _Writer:
+    """A fragmented MP4 (MPEG-4 Part 2, yuv420p, a key frame each second) written through PyAV (FFmpeg)."""
+
+    MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof"
+
+    def __init__(self, path: Path, fps: float, width: int, height: int):
+        import av
+        from fractions import Fraction
+        if path.suffix.lower() not in (".mp4", ".m4v"):
+            raise ValueError("it writes MP4 only, and the name does not end in .mp4")
+        self._av = av
+        rate = Fraction(fps).limit_denominator(1001)
+        self.container = av.open(str(path), mode="w", format="mp4", options={"movflags": self.MOVFLAGS})
+        try:
+            stream = self.container.add_stream("mpeg4", rate=rate)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.codec_context.gop_size = max(1, int(round(fps)))
+            stream.bit_rate = int(min(fps * width * height, 1 << 30))   # OpenCV's rate for 'mp4v': sharp overlays
+            stream.time_base = Fraction(1, 1) / rate
+        except BaseException:
+            self.container.close()
+            raise
+        self.stream = stream
+        self.frames = 0
+
+    def write(self, bgr: np.ndarray) -> None:
+        frame = self._av.VideoFrame.from_ndarray(np.ascontiguousarray(bgr), format="bgr24")
+        frame.pts = self.frames
+        self.frames += 1
+        self.container.mux(self.stream.encode(frame))
+
+    def close(self) -> None:
+        """Flush the encoder and the last fragment; raises OSError when the file cannot take them."""
+        try:
+            self.container.mux(self.stream.encode(None))
+        finally:
+            self.container.close()
+
+    def abandon(self) -> None:
+        try:
+            self.container.close()
+        except Exception:  # noqa: BLE001 -- the file is removed next; nothing to report
+            pass
 
 
 def _readable_frames(path: Path) -> int:
