@@ -1,5 +1,10 @@
 """The paper's training recipes, arrays in and models out (dataset plumbing lives in `export.recipe`).
 
+Each network sees its images as the runtime will feed them: uint8 * float32(1/255) (runtime.preprocess.to_input's
+scale, bit for bit), then its input normalization (`normalization=`: runtime.normalize's unit, minmax or meanstd,
+applied with `runtime.normalize.torch_transform`, which is `runtime.normalize.to_input`'s arithmetic); the bundle
+records it in the manifest, so the runtime feeds the exported networks exactly what they were trained on.
+
 - UNet: MSE on the sigmoid output against the 0/1 mask, Adam, random horizontal flips; validation IoU at 0.5.
 - VGG-19-BN: cross-entropy over the 4 grades on masked kidney images, Adam, random horizontal flips.
 - XGBoost on the VGG's Fc2 features: multi:softprob, eta 0.01, max_depth 16, subsample 0.5, lambda 10, mlogloss,
@@ -17,6 +22,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from runtime import normalize
 from runtime.graph import Graph
 
 NUM_CLASSES = 4
@@ -59,10 +65,14 @@ def _rows(arr: np.ndarray, idx: np.ndarray, flip: np.ndarray | None = None):
     return torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(1)
 
 
-def _batch(images: np.ndarray, idx: np.ndarray, channels: int, flip: np.ndarray | None = None):
-    """uint8 [N,H,W] rows -> float32 [B,C,H,W] in [0, 1] (uint8 / 255, gray repeated to C channels)."""
-    t = _rows(images, idx, flip).float().div_(255.0)
-    return t.expand(-1, channels, -1, -1).contiguous() if channels > 1 else t
+def _batch(images: np.ndarray, idx: np.ndarray, channels: int, flip: np.ndarray | None = None,
+           normalization: dict | None = None):
+    """uint8 [N,H,W] rows -> float32 [B,C,H,W]: uint8 * float32(1/255) (runtime.preprocess.to_input's scale), gray
+    repeated to C channels, then the input normalization (runtime.normalize.torch_transform): what
+    runtime.normalize.to_input gives the runtime's networks, bit for bit."""
+    t = _rows(images, idx, flip).float().mul_(float(normalize.SCALE))
+    t = t.expand(-1, channels, -1, -1).contiguous() if channels > 1 else t
+    return normalize.torch_transform(normalization)(t)
 
 
 def _check_images(images: np.ndarray, what: str) -> np.ndarray:
@@ -81,31 +91,32 @@ def mask_iou(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
 
 
-def predict_masks(model, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
-    """Sigmoid probabilities [N,H,W] float32 of a UNet in eval mode."""
-    import torch
-    model.eval()
-    out = []
-    with torch.inference_mode():
-        for s in range(0, len(images), batch_size):
-            out.append(model(_batch(images, np.arange(s, min(s + batch_size, len(images))), 1))[:, 0].numpy())
-    return np.concatenate(out)
-
-
-def predict_logits(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Logits [N, classes] of a VGG19BN in eval mode."""
+def predict_masks(model, images: np.ndarray, batch_size: int = 16, normalization: dict | None = None) -> np.ndarray:
+    """Sigmoid probabilities [N,H,W] float32 of a UNet in eval mode (inputs normalized as `normalization`)."""
     import torch
     model.eval()
     out = []
     with torch.inference_mode():
         for s in range(0, len(images), batch_size):
             idx = np.arange(s, min(s + batch_size, len(images)))
-            out.append(model(_batch(images, idx, model.in_channels)).numpy())
+            out.append(model(_batch(images, idx, 1, normalization=normalization))[:, 0].numpy())
+    return np.concatenate(out)
+
+
+def predict_logits(model, images: np.ndarray, batch_size: int = 32, normalization: dict | None = None) -> np.ndarray:
+    """Logits [N, classes] of a VGG19BN in eval mode (inputs normalized as `normalization`)."""
+    import torch
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(images), batch_size):
+            idx = np.arange(s, min(s + batch_size, len(images)))
+            out.append(model(_batch(images, idx, model.in_channels, normalization=normalization)).numpy())
     return np.concatenate(out)
 
 
 def _fit(model, images, targets, loss_fn, *, channels, epochs, batch_size, lr, seed, desc, progress, validate,
-         shift: int = 0):
+         shift: int = 0, normalization: dict | None = None):
     """The loop both networks share: shuffled batches, random flips, Adam with a cosine learning-rate decay;
     `validate(model)` -> dict per epoch. With validation, the epoch with the best first validation score is the
     one returned (a BatchNorm network's validation score can swing from epoch to epoch on small data)."""
@@ -128,7 +139,7 @@ def _fit(model, images, targets, loss_fn, *, channels, epochs, batch_size, lr, s
         with _bar(n, f"{desc} epoch {epoch + 1}/{epochs}", progress) as bar:
             for s in range(0, n, batch_size):
                 idx = order[s:s + batch_size]
-                x = _batch(images, idx, channels, flips[idx])
+                x = _batch(images, idx, channels, flips[idx], normalization)   # roll below: a permutation
                 if shift:  # random translation: the kidney is anywhere in the sector; masked background is zero
                     for k, (dy, dx) in enumerate(rng.integers(-shift, shift + 1, (len(idx), 2))):
                         x[k] = torch.roll(x[k], (int(dy), int(dx)), (1, 2))
@@ -162,8 +173,9 @@ def _fit(model, images, targets, loss_fn, *, channels, epochs, batch_size, lr, s
 
 def train_unet(images: np.ndarray, masks: np.ndarray, *, width: float = 0.25, epochs: int = 8, batch_size: int = 8,
                lr: float = 1e-3, seed: int = 0, val: tuple[np.ndarray, np.ndarray] | None = None,
-               progress: bool = True, graph: Graph | None = None):
+               progress: bool = True, graph: Graph | None = None, normalization: dict | None = None):
     """UNet on preprocessed uint8 images [N,224,224] and 0/1 masks; MSE on the sigmoid (the paper's loss).
+    `normalization`: the UNet's input normalization (runtime.normalize; None = unit, else the graph's).
 
     Returns (model in eval mode, history: train_loss, epoch_seconds and, with `val`, val_iou per epoch).
     """
@@ -178,23 +190,28 @@ def train_unet(images: np.ndarray, masks: np.ndarray, *, width: float = 0.25, ep
     model = UNet(width=width)
     truth = (masks > 0).astype(np.uint8)
     graph = graph or Graph()   # validation IoU of the masks the gate would make
+    if normalization is None:
+        normalization = graph.unet_normalization
+    normalization = normalize.check(normalization, 1, "UNet input: ")
 
     def validate(m):
         if val is None or len(val[0]) == 0:
             return {}
         v_img, v_mask = _check_images(val[0], "UNet validation images"), np.asarray(val[1]) > 0
-        masks = np.stack([graph.gate(prob).mask for prob in predict_masks(m, v_img)])   # masks as deployed
+        masks = np.stack([graph.gate(prob).mask for prob in predict_masks(m, v_img, normalization=normalization)])
         return {"val_iou": float(mask_iou(masks, v_mask).mean())}
 
     return _fit(model, images, lambda idx, flip: _rows(truth, idx, flip).float(), torch.nn.MSELoss(), channels=1,
                 epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, desc="unet", progress=progress,
-                validate=validate)
+                validate=validate, normalization=normalization)
 
 
 def train_vgg(images: np.ndarray, labels: np.ndarray, *, width: float = 0.0625, in_channels: int = 3,
               epochs: int = 8, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
-              val: tuple[np.ndarray, np.ndarray] | None = None, progress: bool = True, shift: int = 0):
+              val: tuple[np.ndarray, np.ndarray] | None = None, progress: bool = True, shift: int = 0,
+              normalization: dict | None = None):
     """VGG-19-BN on masked uint8 images [N,224,224] (gray, repeated to `in_channels`) and grades 0..3.
+    `normalization`: the VGG's input normalization (runtime.normalize; None = unit), of the masked image.
 
     Returns (model in eval mode, history: train_loss, epoch_seconds and, with `val`, val_accuracy per epoch).
     """
@@ -202,6 +219,7 @@ def train_vgg(images: np.ndarray, labels: np.ndarray, *, width: float = 0.0625, 
     from export.models import VGG19BN
     images = _check_images(images, "VGG training images")
     labels = np.asarray(labels).astype(np.int64)
+    normalization = normalize.check(normalization, in_channels, "VGG input: ")
     if labels.shape != (len(images),) or labels.min() < 0 or labels.max() >= NUM_CLASSES:
         raise ValueError(f"VGG labels must be {len(images)} integers in 0..{NUM_CLASSES - 1}")
     _threads()
@@ -213,12 +231,12 @@ def train_vgg(images: np.ndarray, labels: np.ndarray, *, width: float = 0.0625, 
         if val is None or len(val[0]) == 0:
             return {}
         v_img = _check_images(val[0], "VGG validation images")
-        pred = predict_logits(m, v_img).argmax(1)
+        pred = predict_logits(m, v_img, normalization=normalization).argmax(1)
         return {"val_accuracy": float((pred == np.asarray(val[1])).mean())}
 
     return _fit(model, images, lambda idx, flip: y_all[idx], torch.nn.CrossEntropyLoss(), channels=in_channels,
                 epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, desc="vgg", progress=progress,
-                validate=validate, shift=shift)
+                validate=validate, shift=shift, normalization=normalization)
 
 
 def split_by_patient(labels: np.ndarray, patients: np.ndarray, fraction: float, seed: int) -> np.ndarray:

@@ -8,6 +8,9 @@ features) and the PyTorch baseline. Its constants come from the bundle's manifes
     image,mask --features----> [1, F] float              image * mask (uint8), VGG-19-BN up to Fc2
     features   --score-------> probabilities [C], grade  the booster's softmax, grade = argmax + 1
 
+Each network's input is the uint8 image * (1/255) then the normalization its manifest `input` declares
+(runtime.normalize: unit, minmax per image, or meanstd per channel; `unet_feeds` / `vgg_feeds`).
+
 `Graph.run` is that dataflow in one function (its stage times: the masked image is made within `gate`, as the device
 pipeline's gate kernel makes it, so `vgg` times the network alone); a pipeline supplies the runners (anything with
 `infer(feeds, outputs) -> {name: array}`), the booster (`predict_one(features) -> (probabilities, grade)`) and a
@@ -16,12 +19,13 @@ the threshold and minimum fraction read from here, and decides acceptance with `
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import cv2
 import numpy as np
 
+from runtime import normalize as norm
 from runtime import preprocess as pp
 
 # The gate and preprocessing a new bundle gets (docs/design.md, "The per-frame graph"). A bundle's manifest may
@@ -60,16 +64,27 @@ class Graph:
     vgg_channels: int = 1
     mask_threshold: float = MASK_THRESHOLD
     min_mask_fraction: float = MIN_MASK_FRACTION
+    # What each network receives after uint8/255 (runtime.normalize; a manifest without one: unit).
+    unet_normalization: dict[str, Any] = field(default_factory=lambda: dict(norm.UNIT), hash=False)
+    vgg_normalization: dict[str, Any] = field(default_factory=lambda: dict(norm.UNIT), hash=False)
+
+    def __post_init__(self) -> None:   # canonical, and checked against the channel counts (UserError if not)
+        object.__setattr__(self, "unet_normalization", norm.check(self.unet_normalization, 1, "UNet input: "))
+        object.__setattr__(self, "vgg_normalization",
+                           norm.check(self.vgg_normalization, self.vgg_channels, "VGG input: "))
 
     # -- construction ------------------------------------------------------------------------------------------
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any], *, mask_threshold: float | None = None,
                       min_mask_fraction: float | None = None) -> "Graph":
         """The graph a manifest describes; `mask_threshold` / `min_mask_fraction` override its gate (e.g. the
-        bench opens the gate with 0)."""
+        bench opens the gate with 0). The networks' input normalization comes from
+        `networks.<unet|vgg>.input.normalization` (absent: unit, uint8/255 as every bundle before it)."""
         pre, gate, nets = manifest.get("preprocess", {}), manifest.get("gate", {}), manifest["networks"]
         unet, vgg = nets["unet"], nets["vgg"]
         return cls(size=int(pre.get("size", SIZE)),
+                   unet_normalization=norm.of_input(unet["input"]),
+                   vgg_normalization=norm.of_input(vgg["input"]),
                    crimmins_iterations=int(pre.get("crimmins_iterations", 1)),
                    unet_input=unet["input"]["name"], unet_output=unet["output"]["name"],
                    vgg_input=vgg["input"]["name"], vgg_output=vgg["output"]["name"],
@@ -85,6 +100,12 @@ class Graph:
                                "gray": "bt601", "input_scale": "uint8/255"},
                 "gate": {"mask_threshold": self.mask_threshold, "min_mask_fraction": self.min_mask_fraction}}
 
+    def input_sections(self) -> dict[str, dict[str, Any]]:
+        """The manifest's `networks.unet.input` and `networks.vgg.input` objects for this graph (name, shape, dtype,
+        num_channels, value_range, normalization: what `from_manifest` reads back)."""
+        return {"unet": norm.input_section(self.unet_input, 1, self.size, self.unet_normalization),
+                "vgg": norm.input_section(self.vgg_input, self.vgg_channels, self.size, self.vgg_normalization)}
+
     # -- the steps ---------------------------------------------------------------------------------------------
     def preprocess(self, gray: np.ndarray, region: pp.Region | None = None) -> tuple[np.ndarray, pp.Region]:
         """uint8 gray frame -> (size x size uint8 image after Crimmins, the region it was cut from)."""
@@ -95,8 +116,9 @@ class Graph:
         return unet.infer(self.unet_feeds(image), [self.unet_output])[self.unet_output][0, 0]
 
     def unet_feeds(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        """The UNet's input: the preprocessed image as [1, 1, H, W] float32, uint8 / 255."""
-        return {self.unet_input: pp.to_input(image, 1)}
+        """The UNet's input: the preprocessed image as [1, 1, H, W] float32, uint8 / 255 then the UNet's declared
+        normalization (runtime.normalize.to_input)."""
+        return {self.unet_input: norm.to_input(image, 1, self.unet_normalization)}
 
     def gate(self, prob: np.ndarray) -> Gate:
         """Threshold the probability into a 0/1 mask; accept the frame when enough of it is kidney."""
@@ -112,8 +134,9 @@ class Graph:
         return fraction >= self.min_mask_fraction
 
     def vgg_feeds(self, image: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-        """The VGG's input: the image under the 0/1 mask (cv2.multiply: uint8, saturating), scaled as the UNet's."""
-        return {self.vgg_input: pp.to_input(masked(image, mask), self.vgg_channels)}
+        """The VGG's input: the image under the 0/1 mask (cv2.multiply: uint8, saturating), uint8 / 255 then the
+        VGG's declared normalization (minmax: of the masked image)."""
+        return {self.vgg_input: norm.to_input(masked(image, mask), self.vgg_channels, self.vgg_normalization)}
 
     def features(self, vgg, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """The VGG's Fc2 features ([1, F]) of the image under the mask."""

@@ -680,7 +680,7 @@ MUTANTS = {  # name: (original text in kernels.py, mutation, the check that must
     "Crimmins restarts from the resize": ("            src_img = dst\n", "            src_img = self._resized\n",
                                           _all_iterations),
     "UNet input not written by the last Crimmins": (
-        "self.unet_input if last else 0, self._unet_lut, self.input_dtype.itemsize, shared_size=smem",
+        "unet_out if last else 0, self._unet_lut, self.input_dtype.itemsize, shared_size=smem",
         "0, self._unet_lut, self.input_dtype.itemsize, shared_size=smem", _all_iterations),
     "Crimmins grid rounds down": ("(math.ceil(s / tile), math.ceil(s / tile))", "(s // tile, s // tile)",
                                   lambda be: check_preprocess(be, (300, 500, 3), None, "RGB", 1, np.float32, 100)),

@@ -15,6 +15,7 @@ from contextlib import nullcontext
 import numpy as np
 import pytest
 
+from runtime import normalize
 from runtime import preprocess as pp
 from runtime.backends import BackendUnavailable
 from runtime.bench import bench_frames
@@ -74,8 +75,9 @@ class HostKernels:
     """The GpuKernels API (runtime.gpu.kernels) on host memory with the CPU reference functions."""
 
     def __init__(self, *, size=224, iterations=1, input_dtype=np.float32, vgg_channels=1, vgg_dtype=np.float32,
-                 max_frame=(2160, 3840, 3), stream=None):
+                 max_frame=(2160, 3840, 3), stream=None, unet_normalization=None, vgg_normalization=None):
         self.size, self.iterations, self.channels = size, iterations, vgg_channels
+        self.unet_normalization, self.vgg_normalization = unet_normalization, vgg_normalization
         self._unet = np.zeros((1, 1, size, size), input_dtype)
         self._vgg = np.zeros((1, vgg_channels, size, size), vgg_dtype)
         self._image = np.zeros((size, size), np.uint8)
@@ -89,13 +91,13 @@ class HostKernels:
         gray = pp.to_gray(pixels, channel_order) if pixels.ndim == 3 else pixels
         img, _ = pp.preprocess(gray, region, size=self.size, crimmins_iterations=self.iterations)
         self._image[...] = img
-        self._unet[...] = pp.to_input(img, 1)
+        self._unet[...] = normalize.to_input(img, 1, self.unet_normalization)
 
     def gate(self, prob, prob_dtype=np.float32, threshold=0.5):
         p = host_view(prob, (self.size, self.size), prob_dtype)
         self._mask = (p > threshold).astype(np.uint8)
         self._fraction = float(self._mask.mean())
-        self._vgg[...] = pp.to_input(masked(self._image, self._mask), self.channels)
+        self._vgg[...] = normalize.to_input(masked(self._image, self._mask), self.channels, self.vgg_normalization)
 
     def fraction(self):
         return self._fraction
@@ -145,7 +147,7 @@ def test_device_pipeline_records_equal_the_cpu_pipelines_frame_for_frame(bundle,
         for f in frames:
             a, b = dev.process(f), cpu.process(f)
             same_record(a, b)
-            stages = {"queue", "preprocess", "unet", "gate", "vgg", "total"} | ({"booster"} if a.accepted else set())
+            stages = {"wait", "preprocess", "unet", "gate", "vgg", "total"} | ({"booster"} if a.accepted else set())
             assert set(a.latency_ms) == stages and all(v >= 0 for v in a.latency_ms.values())
             assert a.accepted == (min_fraction == 0.0)
             assert a.mask is None and a.image is None and a.display is None   # nothing came back unasked

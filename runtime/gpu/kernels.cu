@@ -2,7 +2,8 @@
 //
 // Per frame: sono_resize (gray + crop + resize, one thread per output pixel), sono_crimmins once per Crimmins
 // iteration (one block per tile, all 32 passes in shared memory; the last iteration also writes the UNet input),
-// and after the UNet sono_gate (mask, masked VGG input, mask count in one self-resetting reduction).
+// and after the UNet sono_gate (mask, masked VGG input, mask count in one self-resetting reduction); a network
+// input declared "minmax" is written by sono_minmax instead (one block: min/max reduction, then every pixel).
 // The arithmetic lives in kernels_core.h, which the host test harness compiles too; these shells only map
 // threads to pixels. kernels.py inlines the header when it hands this source to SourceModule.
 #include "kernels_core.h"
@@ -43,6 +44,22 @@ sono_gate(const void* prob, int prob_half, float threshold, const unsigned char*
     if (i < n) m = sono_gate_pixel(prob, prob_half, threshold, image, n, mask, vgg_out, channels, lut, lut_elem, i);
     int count = __syncthreads_count(m);
     if (threadIdx.x == 0) sono_gate_block_done(counter, result, (unsigned int)count, gridDim.x);
+}
+
+// Minmax network input: one block of SONO_MINMAX_THREADS threads over the whole image (mask NULL) or masked image.
+extern "C" __global__ void __launch_bounds__(SONO_MINMAX_THREADS)
+sono_minmax(const unsigned char* image, const unsigned char* mask, int n, void* out, int channels, const float* unit,
+            int elem)
+{
+    __shared__ int lo[SONO_MINMAX_THREADS], hi[SONO_MINMAX_THREADS];
+    int t = threadIdx.x, nt = blockDim.x;
+    sono_minmax_partial(image, mask, n, t, nt, lo, hi);
+    __syncthreads();
+    for (int stride = 1; stride < nt; stride *= 2) {
+        sono_minmax_combine(lo, hi, t, nt, stride);
+        __syncthreads();
+    }
+    sono_minmax_write(image, mask, n, out, channels, unit, elem, lo[0], hi[0], t, nt);
 }
 
 // Timing aid: keeps the stream busy for `cycles` clock ticks so that the launches queued behind it run back to

@@ -8,6 +8,11 @@ nothing here synchronises except the methods that hand results back to the host.
 Per frame: one upload from pinned memory, one resize launch, one Crimmins launch per iteration (the last one
 also writes the UNet input); after the UNet, one gate launch and a 4-byte download of the mask count.
 
+Each network input is normalised as the bundle declares it (runtime.normalize; the same float32 operations as
+`runtime.normalize.to_input`, bit for bit): unit and meanstd through the per-channel tables the kernels look the
+values up in; minmax, which depends on the whole image, by one more launch (sono_minmax: min/max reduction in one
+block, then every pixel) after the last Crimmins for the UNet, after the gate for the VGG.
+
 pycuda is imported lazily: this module imports (and `available()` answers) on machines without it.
 """
 from __future__ import annotations
@@ -20,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime import normalize
+from runtime.errors import UserError
 from runtime.graph import MASK_THRESHOLD
 from runtime.preprocess import Region, to_input
 
@@ -32,6 +39,7 @@ COPY, AREA_FAST, AREA, LINEAR, LINEAR_AREA = range(5)
 CRIMMINS_HALO = 24
 _RESIZE_BLOCK = (32, 8, 1)  # kernels_core.h SONO_RESIZE_BX, SONO_RESIZE_BY
 _GATE_BLOCK = 256
+_MINMAX_BLOCK = 256  # kernels_core.h SONO_MINMAX_THREADS
 _DEFAULT_SHARED = 48 * 1024
 
 
@@ -111,10 +119,20 @@ def resize_plan(src_h: int, src_w: int, size: int) -> ResizePlan:
     return ResizePlan(mode, src_h, src_w, scale_x, scale_y, inv_x, inv_y, iscale_x, iscale_y)
 
 
-def input_table(dtype) -> np.ndarray:
-    """to_input of the 256 grey levels: the device writes network inputs by looking them up here, so its values
-    are the CPU's by construction."""
-    return np.ascontiguousarray(to_input(np.arange(256, dtype=np.uint8)[None, :], 1, dtype).reshape(256))
+def input_table(dtype, channels: int = 1, normalization: dict | None = None) -> np.ndarray:
+    """runtime.normalize.to_input of the 256 grey levels, one row per channel ([256] for one channel, [C, 256]
+    otherwise), in `dtype`: the device writes network inputs by looking them up here, so its values are the CPU's
+    by construction. Unit (None) is runtime.preprocess.to_input's table; minmax depends on the image and has none
+    (ValueError)."""
+    levels = np.arange(256, dtype=np.uint8)[None, :]
+    norm = normalize.check(normalization, channels)
+    if norm["kind"] == "minmax":
+        raise ValueError("a minmax input depends on the whole image: it has no per-level table (sono_minmax)")
+    if norm["kind"] == "unit":
+        table = to_input(levels, channels, dtype)
+    else:
+        table = normalize.to_input(levels, channels, norm).astype(dtype)
+    return np.ascontiguousarray(table.reshape(256) if channels == 1 else table.reshape(channels, 256))
 
 
 def threshold_for(prob_dtype, threshold: float) -> float:
@@ -170,6 +188,8 @@ class GpuKernels:
     graphs need fixed addresses). `crimmins_tile` is the core each Crimmins block owns (halo 24 around it); a
     tile >= size runs the whole image in one block (100 KB of shared memory at 224, opted in).
     `profile=True` records CUDA events at the stage boundaries; `timings()` reads them.
+    `unet_normalization` / `vgg_normalization`: each network's declared input normalization (runtime.normalize;
+    None = unit), the Graph's `unet_normalization` / `vgg_normalization`.
     `max_frame` = (height, width, channels) bounds every frame preprocess() takes (it sizes the pinned staging
     buffer and the device frame): an HxWx4 frame needs channels 4, the default (3) refuses it.
     `cuda` replaces pycuda: an object with pycuda.driver's API and pycuda.compiler's `SourceModule` as an
@@ -179,7 +199,8 @@ class GpuKernels:
 
     def __init__(self, *, size: int = 224, iterations: int = 1, input_dtype=np.float32, vgg_channels: int = 1,
                  vgg_dtype=np.float32, max_frame: tuple[int, int, int] = (2160, 3840, 3), stream=None,
-                 crimmins_tile: int = 32, profile: bool = False, cuda=None):
+                 crimmins_tile: int = 32, profile: bool = False, cuda=None, unet_normalization: dict | None = None,
+                 vgg_normalization: dict | None = None):
         if cuda is None:
             ok, why = available()
             if not ok:
@@ -197,6 +218,13 @@ class GpuKernels:
                              f"vgg_channels={vgg_channels} (1 or 3), crimmins_tile={crimmins_tile}")
         if len(max_frame) != 3 or min(max_frame) < 1 or max_frame[2] > 4:
             raise ValueError(f"max_frame must be (height, width, channels<=4), got {max_frame}")
+        try:
+            self.unet_normalization = normalize.check(unet_normalization, 1, "unet_normalization: ")
+            self.vgg_normalization = normalize.check(vgg_normalization, vgg_channels, "vgg_normalization: ")
+        except UserError as e:
+            raise ValueError(f"bad GpuKernels settings: {e}") from None
+        self._unet_minmax = self.unet_normalization["kind"] == "minmax"
+        self._vgg_minmax = self.vgg_normalization["kind"] == "minmax"
         self._cuda = cuda
         self.size, self.iterations, self.vgg_channels = size, iterations, vgg_channels
         self.input_dtype = _check_dtype("input_dtype", input_dtype)
@@ -212,6 +240,8 @@ class GpuKernels:
         self._crimmins.prepare("PPiiiPPi")
         self._gate = self._module.get_function("sono_gate")
         self._gate.prepare("PifPiPPiPiPP")
+        self._minmax = self._module.get_function("sono_minmax")
+        self._minmax.prepare("PPiPiPi")
         self._spin = self._module.get_function("sono_spin")
         self._spin.prepare("q")
         self._crimmins_launch = self._plan_crimmins(cuda)
@@ -228,8 +258,12 @@ class GpuKernels:
         # Crimmins ping-pong: resize output, then up to two scratch images between iterations.
         self._resized = self._alloc(n) if iterations else 0
         self._scratch = [self._alloc(n) for _ in range(min(2, max(0, iterations - 1)))]
-        self._unet_lut = self._upload(input_table(self.input_dtype))
-        self._vgg_lut = self._upload(input_table(self.vgg_dtype))
+        # The tables the kernels look inputs up in (a minmax input is computed from the float32 unit table).
+        self._unet_lut = self._upload(input_table(self.input_dtype, 1, None if self._unet_minmax
+                                                  else self.unet_normalization))
+        self._vgg_lut = self._upload(input_table(self.vgg_dtype, vgg_channels, None if self._vgg_minmax
+                                                 else self.vgg_normalization))
+        self._unit_lut = self._upload(input_table(np.float32)) if self._unet_minmax or self._vgg_minmax else 0
         self._counter = self._upload(np.zeros(2, np.uint32))
         self._result = self._alloc(4)
         self._count_host = cuda.pagelocked_zeros(1, np.uint32)
@@ -304,12 +338,13 @@ class GpuKernels:
             ev["uploaded"].record(stream)
 
         plan = resize_plan(ch, cw, self.size)
+        unet_out = 0 if self._unet_minmax else self.unet_input   # minmax: written by sono_minmax below
         last = self.iterations == 0
         grid = (math.ceil(self.size / _RESIZE_BLOCK[0]), math.ceil(self.size / _RESIZE_BLOCK[1]))
         self._resize.prepared_async_call(
             grid, _RESIZE_BLOCK, stream, src, pitch, channels, r_index, cw, ch, plan.mode,
             plan.scale_x, plan.scale_y, plan.inv_scale_x, plan.inv_scale_y, plan.iscale_x, plan.iscale_y,
-            self.image if last else self._resized, self.size, self.unet_input if last else 0, self._unet_lut,
+            self.image if last else self._resized, self.size, unet_out if last else 0, self._unet_lut,
             self.input_dtype.itemsize)
         cgrid, cblock, smem = self._crimmins_launch
         src_img = self._resized
@@ -318,8 +353,10 @@ class GpuKernels:
             dst = self.image if last else self._scratch[it % 2]
             self._crimmins.prepared_async_call(
                 cgrid, cblock, stream, src_img, dst, self.size, self.size, self.crimmins_tile,
-                self.unet_input if last else 0, self._unet_lut, self.input_dtype.itemsize, shared_size=smem)
+                unet_out if last else 0, self._unet_lut, self.input_dtype.itemsize, shared_size=smem)
             src_img = dst
+        if self._unet_minmax:
+            self._minmax_input(self.image, 0, self.unet_input, 1, self.input_dtype)
         if ev:
             ev["preprocessed"].record(stream)
 
@@ -334,12 +371,19 @@ class GpuKernels:
             ev["gate"].record(stream)
         self._gate.prepared_async_call(
             (math.ceil(n / _GATE_BLOCK), 1), (_GATE_BLOCK, 1, 1), stream, int(prob), int(dt == np.float16),
-            threshold_for(dt, threshold), self.image, n, self.mask, self.vgg_input, self.vgg_channels,
-            self._vgg_lut, self.vgg_dtype.itemsize, self._counter, self._result)
+            threshold_for(dt, threshold), self.image, n, self.mask, 0 if self._vgg_minmax else self.vgg_input,
+            self.vgg_channels, self._vgg_lut, self.vgg_dtype.itemsize, self._counter, self._result)
+        if self._vgg_minmax:   # of the masked image, which the gate has just defined through its mask
+            self._minmax_input(self.image, self.mask, self.vgg_input, self.vgg_channels, self.vgg_dtype)
         self._cuda.memcpy_dtoh_async(self._count_host, self._result, stream)
         if ev:
             ev["gated"].record(stream)
         self._gated = True
+
+    def _minmax_input(self, image: int, mask: int, out: int, channels: int, dtype: np.dtype) -> None:
+        """Queue sono_minmax: the minmax-normalised input of `image` (times the 0/1 `mask` unless 0) into `out`."""
+        self._minmax.prepared_async_call((1, 1), (_MINMAX_BLOCK, 1, 1), self.stream, image, mask,
+                                         self.size * self.size, out, channels, self._unit_lut, dtype.itemsize)
 
     # -- results --------------------------------------------------------------------------------------------
 

@@ -14,8 +14,11 @@
  *                        replicated) on one tile held in shared memory, exact.
  *   sono_gate_pixel      prob > threshold -> 0/1 mask, masked image (cv2.multiply with a 0/1 mask), network input.
  *   sono_gate_block_done the mask count's cross-block reduction (self-resetting counters).
- * Network inputs are written through a 256-entry table built on the host by runtime.preprocess.to_input itself,
- * so uint8 -> float32/float16 is the CPU's conversion by construction.
+ *   sono_minmax_*        a network input normalised "minmax" (runtime.normalize.to_input): the image's (or masked
+ *                        image's) min and max reduced in one block, then (x - min x) / (max x - min x) per pixel.
+ * Network inputs are written through a 256-entry table per channel built on the host by runtime.normalize.to_input
+ * itself (unit uint8/255, or mean/std per channel), so uint8 -> float32/float16 is the CPU's conversion by
+ * construction; minmax, which depends on the image, computes the same float32 operations from the unit table.
  *
  * Host-only hooks (empty on the GPU): SONO_CHECK(cond) flags an out-of-range index; SONO_BEFORE_PASS(buf, n)
  * lets the harness poison a Crimmins buffer before each pass to prove no stale value is ever read;
@@ -130,6 +133,42 @@ SONO_HD void sono_store_input(void* out, long long i, const void* lut, int elem,
 {
     if (elem == 4) ((unsigned int*)out)[i] = ((const unsigned int*)lut)[v];
     else ((unsigned short*)out)[i] = ((const unsigned short*)lut)[v];
+}
+
+/* IEEE float -> half, round to nearest even (numpy's astype(float16), npy_floatbits_to_halfbits: overflow to
+ * signed inf, subnormals rounded, NaN kept a NaN). */
+SONO_HD unsigned short sono_float_to_half(float value)
+{
+    union { float f; unsigned int u; } cvt;
+    cvt.f = value;
+    unsigned int f = cvt.u, f_exp = f & 0x7f800000u, f_sig;
+    unsigned short h_sgn = (unsigned short)((f & 0x80000000u) >> 16);
+    if (f_exp >= 0x47800000u) {                                   /* inf, nan, overflow */
+        if (f_exp == 0x7f800000u && (f & 0x007fffffu)) {
+            unsigned short ret = (unsigned short)(0x7c00u + ((f & 0x007fffffu) >> 13));
+            return (unsigned short)(h_sgn + (ret == 0x7c00u ? ret + 1 : ret));
+        }
+        return (unsigned short)(h_sgn + 0x7c00u);
+    }
+    if (f_exp <= 0x38000000u) {                                   /* subnormal half or signed zero */
+        if (f_exp < 0x33000000u) return h_sgn;
+        f_exp >>= 23;
+        f_sig = 0x00800000u + (f & 0x007fffffu);
+        f_sig >>= (113 - f_exp);
+        if (((f_sig & 0x00003fffu) != 0x00001000u) || (f & 0x000007ffu)) f_sig += 0x00001000u;
+        return (unsigned short)(h_sgn + (f_sig >> 13));
+    }
+    unsigned int h_exp = (f_exp - 0x38000000u) >> 13;
+    f_sig = f & 0x007fffffu;
+    if ((f_sig & 0x00003fffu) != 0x00001000u) f_sig += 0x00001000u;  /* ties to even */
+    return (unsigned short)(h_sgn + h_exp + (f_sig >> 13));      /* a carry into the exponent is correct */
+}
+
+/* out[i] = value as float32 (elem 4) or float16 (elem 2). */
+SONO_HD void sono_store_float(void* out, long long i, float value, int elem)
+{
+    if (elem == 4) ((float*)out)[i] = value;
+    else ((unsigned short*)out)[i] = sono_float_to_half(value);
 }
 
 /* ------------------------------------------------------------------------------------------------- resize */
@@ -476,8 +515,9 @@ SONO_HD float sono_half_to_float(unsigned short hbits)
 }
 
 /* Pixel i of the gate: mask = prob > threshold (NaN -> 0), masked = image * mask, the VGG input (masked value
- * repeated to `channels` planes of n pixels). Returns the mask bit for the fraction. `threshold` is already
- * rounded to the probability's dtype on the host (numpy's comparison semantics). */
+ * repeated to `channels` planes of n pixels, plane c through table row c: `lut` holds `channels` rows of 256;
+ * vgg_out NULL: not written here, sono_minmax writes it). Returns the mask bit for the fraction. `threshold` is
+ * already rounded to the probability's dtype on the host (numpy's comparison semantics). */
 SONO_HD int sono_gate_pixel(const void* prob, int prob_half, float threshold, const unsigned char* image, long long n,
                             unsigned char* mask, void* vgg_out, int channels, const void* lut, int lut_elem, long long i)
 {
@@ -485,7 +525,11 @@ SONO_HD int sono_gate_pixel(const void* prob, int prob_half, float threshold, co
     int m = p > threshold;
     mask[i] = (unsigned char)m;
     int v = m ? image[i] : 0;
-    for (int c = 0; c < channels; ++c) sono_store_input(vgg_out, c * n + i, lut, lut_elem, v);
+    if (vgg_out)
+        for (int c = 0; c < channels; ++c) {
+            const unsigned char* row = (const unsigned char*)lut + (long long)c * 256 * lut_elem;
+            sono_store_input(vgg_out, c * n + i, row, lut_elem, v);
+        }
     return m;
 }
 
@@ -501,6 +545,54 @@ SONO_HD void sono_gate_block_done(unsigned int* counter, unsigned int* result, u
     if (ticket == nblocks - 1) {
         *result = SONO_ATOMIC_EXCH(&counter[0], 0u);
         SONO_ATOMIC_EXCH(&counter[1], 0u);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------- minmax input */
+
+/* A network input normalised "minmax" (runtime.normalize.to_input): with x = unit[v] (the float32 table of
+ * uint8 / 255) over the image, (x - min x) / (max x - min x) per pixel in float32, all zeros for a constant image;
+ * the value repeated to `channels` planes. The image is `image`, or with `mask` (0/1) the masked image
+ * image * mask, as the gate makes it. The table is monotone, so min x = unit[min v]: the reduction is over bytes.
+ * One block of SONO_MINMAX_THREADS threads: each thread reduces its pixels (sono_minmax_partial), the block
+ * combines them pairwise in log2 steps (sono_minmax_combine, a barrier after each step), then every thread writes
+ * its pixels (sono_minmax_write). The host harness runs the same three phases thread by thread. */
+#define SONO_MINMAX_THREADS 256
+
+SONO_HD int sono_minmax_value(const unsigned char* image, const unsigned char* mask, long long i)
+{
+    return mask ? (mask[i] ? image[i] : 0) : image[i];
+}
+
+SONO_HD void sono_minmax_partial(const unsigned char* image, const unsigned char* mask, long long n, int t, int nt,
+                                 int* lo, int* hi)
+{
+    int a = 255, b = 0;
+    for (long long i = t; i < n; i += nt) {
+        int v = sono_minmax_value(image, mask, i);
+        a = v < a ? v : a;
+        b = v > b ? v : b;
+    }
+    lo[t] = a;
+    hi[t] = b;
+}
+
+/* Step `stride` (1, 2, 4, ...) of the pairwise combination: thread t, a multiple of 2 * stride, takes t + stride. */
+SONO_HD void sono_minmax_combine(int* lo, int* hi, int t, int nt, int stride)
+{
+    if (t % (2 * stride) == 0 && t + stride < nt) {
+        lo[t] = sono_min(lo[t], lo[t + stride]);
+        hi[t] = sono_max(hi[t], hi[t + stride]);
+    }
+}
+
+SONO_HD void sono_minmax_write(const unsigned char* image, const unsigned char* mask, long long n, void* out,
+                               int channels, const float* unit, int elem, int lo, int hi, int t, int nt)
+{
+    float x0 = unit[lo], span = SONO_FADD(unit[hi], -x0);
+    for (long long i = t; i < n; i += nt) {
+        float y = hi > lo ? SONO_FDIV(SONO_FADD(unit[sono_minmax_value(image, mask, i)], -x0), span) : 0.f;
+        for (int c = 0; c < channels; ++c) sono_store_float(out, c * n + i, y, elem);
     }
 }
 

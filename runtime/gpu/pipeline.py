@@ -8,6 +8,7 @@ sinks and the results JSONL are unchanged.
 Per frame, everything below is enqueued on ONE CUDA stream, and the host waits for it ONCE:
 
     host frame -> pinned upload -> gray/crop/resize/Crimmins -> UNet input     kernels.preprocess   [preprocess]
+               (each network input normalised as the manifest declares: runtime.normalize)
                -> UNet (onnxruntime CUDA EP on our stream, or TensorRT)          runner.infer_device  [unet]
                -> mask > threshold, fraction (async copy), image * mask -> VGG input   kernels.gate   [gate]
                -> VGG -> Fc2 features -> async copy to pinned host memory       runner.infer_device  [vgg]
@@ -38,6 +39,7 @@ from runtime import preprocess as pp
 from runtime.backends.base import BackendUnavailable, short
 from runtime.backends.cuda import CudaDevice
 from runtime.bundle import Bundle, check_runner
+from runtime.measure import calibration_note, measure_record
 from runtime.pipeline import FramePipeline, Laps, shown_part
 from runtime.record import FrameRecord
 from runtime.sources import Frame
@@ -104,7 +106,8 @@ class DevicePipeline(FramePipeline):
                 self.prob_dtype = np.dtype(u_out.dtype)
                 self.kernels = kernels_cls(size=g.size, iterations=g.crimmins_iterations, input_dtype=u_in.dtype,
                                            vgg_channels=g.vgg_channels, vgg_dtype=v_in.dtype,
-                                           stream=self.device.stream)
+                                           stream=self.device.stream, unet_normalization=g.unet_normalization,
+                                           vgg_normalization=g.vgg_normalization)
                 self.max_frame = tuple(getattr(self.kernels, "max_frame", (2160, 3840, 3)))
                 self.unet_shape = {g.unet_input: (1, 1, g.size, g.size)}
                 self.vgg_shape = {g.vgg_input: (1, g.vgg_channels, g.size, g.size)}
@@ -172,8 +175,11 @@ class DevicePipeline(FramePipeline):
             self.timing = {"host_prep_ms": dev.elapsed_ms(ev[0], ev[1]),
                            "upload_preprocess_ms": dev.elapsed_ms(ev[1], ev[2])}
             rec.region = region
+            # an accepted frame that can be calibrated brings its mask back for the kidney's size (runtime/measure.py)
+            sized = g.accepts(rec.mask_fraction) and calibration_note(frame.meta) is None
+            mask = k.download_mask() if self.keep_mask or sized else None
             if self.keep_mask:
-                rec.mask = k.download_mask()
+                rec.mask = mask
             if self.keep_image:
                 rec.image = k.download_image()
             if self.keep_display:
@@ -183,6 +189,7 @@ class DevicePipeline(FramePipeline):
             lap.t = time.perf_counter()
             rec.probabilities, rec.grade = g.score(self.booster, self.features)
             lap("booster")
+            measure_record(rec, mask, region, frame)
 
     def _host_side(self, frame: Frame):
         """(pixels to upload, their channel order, the region to crop from them, the gray frame or None, the

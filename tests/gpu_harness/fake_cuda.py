@@ -18,7 +18,8 @@ What it models, and what it checks as a GPU (or compute-sanitizer) would:
   (or the MAX_DYNAMIC_SHARED_SIZE_BYTES set on the function) and the device's opt-in limit. Arguments are packed
   and unpacked with `struct` as pycuda packs them (a float argument arrives as float32).
 - Kernel bodies: each launch runs the kernel's block function from kernels_core.h (sono_resize_block,
-  sono_crimmins_block with poisoned shared memory, sono_gate_pixel + sono_gate_block_done) over the grid the
+  sono_crimmins_block with poisoned shared memory, sono_gate_pixel + sono_gate_block_done, sono_minmax's three
+  phases thread by thread) over the grid the
   launch asked for, one block after another, one "thread" per block (as tests/gpu_harness/harness.cpp does);
   SONO_CHECK violations raise. sono_spin waits on the host clock.
 Not modelled: concurrency between blocks or streams (blocks run sequentially, so a race shows only where a
@@ -549,12 +550,28 @@ def _sono_gate(fake: FakeCuda, a, grid, block, shared) -> None:
     fake.check(prob, n * (2 if prob_half else 4), "sono_gate probabilities")
     fake.check(image, n, "sono_gate image")
     fake.check(mask, n, "sono_gate mask")
-    fake.check(vgg_out, n * channels * lut_elem, "sono_gate VGG input")
-    fake.check(lut, 256 * lut_elem, "sono_gate input table")
+    if vgg_out:   # NULL: a minmax VGG input, written by sono_minmax
+        fake.check(vgg_out, n * channels * lut_elem, "sono_gate VGG input")
+        fake.check(lut, channels * 256 * lut_elem, "sono_gate input table (one row of 256 per channel)")
     fake.check(counter, 8, "sono_gate counters")
     fake.check(result, 4, "sono_gate result")
-    fake.harness.lib.harness_gate_launch(prob, prob_half, threshold, image, n, mask, vgg_out, channels, lut,
+    fake.harness.lib.harness_gate_launch(prob, prob_half, threshold, image, n, mask, vgg_out or None, channels, lut,
                                          lut_elem, counter, result, grid[0], block[0])
+
+
+def _sono_minmax(fake: FakeCuda, a, grid, block, shared) -> None:
+    image, mask, n, out, channels, unit, elem = a
+    if grid != (1, 1, 1) or block[1] != 1 or block[2] != 1:
+        raise FakeCudaError(f"sono_minmax is one 1-D block (its reduction does not cross blocks): grid {grid}, "
+                            f"block {block}")
+    if n < 1 or channels < 1 or elem not in (2, 4):
+        raise FakeCudaError(f"sono_minmax: n={n}, channels={channels}, elem={elem}")
+    fake.check(image, n, "sono_minmax image")
+    if mask:
+        fake.check(mask, n, "sono_minmax mask")
+    fake.check(out, n * channels * elem, "sono_minmax network input")
+    fake.check(unit, 256 * 4, "sono_minmax unit table")
+    fake.harness.lib.harness_minmax_launch(image, mask or None, n, out, channels, unit, elem, block[0])
 
 
 def _sono_spin(fake: FakeCuda, a, grid, block, shared) -> None:
@@ -565,4 +582,4 @@ def _sono_spin(fake: FakeCuda, a, grid, block, shared) -> None:
 
 
 KERNELS = {"sono_resize": _sono_resize, "sono_crimmins": _sono_crimmins, "sono_gate": _sono_gate,
-           "sono_spin": _sono_spin}
+           "sono_minmax": _sono_minmax, "sono_spin": _sono_spin}

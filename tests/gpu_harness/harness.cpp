@@ -140,4 +140,21 @@ void harness_half_to_float(const unsigned short* bits, float* out, int n)
 
 int harness_crimmins_reach(int pass, int axis) { return sono_crimmins_reach(pass, axis); }
 
+// One sono_minmax launch of one block of `nt` threads, phase by phase as the barriers separate them: every thread's
+// partial min/max, then each pairwise step for every thread, then every thread's writes.
+void harness_minmax_launch(const unsigned char* image, const unsigned char* mask, int n, void* out, int channels,
+                           const float* unit, int elem, int nt)
+{
+    std::vector<int> lo(nt), hi(nt);
+    for (int t = 0; t < nt; ++t) sono_minmax_partial(image, mask, n, t, nt, lo.data(), hi.data());
+    for (int stride = 1; stride < nt; stride *= 2)
+        for (int t = 0; t < nt; ++t) sono_minmax_combine(lo.data(), hi.data(), t, nt, stride);
+    for (int t = 0; t < nt; ++t) sono_minmax_write(image, mask, n, out, channels, unit, elem, lo[0], hi[0], t, nt);
+}
+
+void harness_float_to_half(const float* in, unsigned short* out, long long n)
+{
+    for (long long i = 0; i < n; ++i) out[i] = sono_float_to_half(in[i]);
+}
+
 }  // extern "C"

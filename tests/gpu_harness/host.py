@@ -60,6 +60,8 @@ class Harness:
         lib.harness_gate_launch.argtypes = [P, I, F, P, I, P, P, I, P, I, P, P, I, I]
         lib.harness_crimmins_reach.argtypes = [I, I]
         lib.harness_crimmins_reach.restype = I
+        lib.harness_minmax_launch.argtypes = [P, P, I, P, I, P, I, I]
+        lib.harness_float_to_half.argtypes = [P, P, ctypes.c_longlong]
 
     def violations(self) -> int:
         return self.lib.harness_violations()
@@ -99,10 +101,10 @@ class Harness:
         return out, net
 
     @staticmethod
-    def _net(size: int, dtype, channels: int = 1):
+    def _net(size: int, dtype, channels: int = 1, normalization=None):
         if dtype is None:
             return None, None
-        return np.full((1, channels, size, size), np.nan, dtype), K.input_table(dtype)
+        return np.full((1, channels, size, size), np.nan, dtype), K.input_table(dtype, channels, normalization)
 
     def crimmins_smem_bytes(self, h: int, w: int, tile: int) -> int:
         return self.lib.harness_crimmins_smem_bytes(h, w, tile)
@@ -118,12 +120,12 @@ class Harness:
         return out, net
 
     def gate(self, prob: np.ndarray, image: np.ndarray, threshold: float = 0.5, channels: int = 1,
-             vgg_dtype=np.float32):
+             vgg_dtype=np.float32, normalization=None):
         prob = np.ascontiguousarray(prob)
         image = np.ascontiguousarray(image, dtype=np.uint8)
         n = image.size
         mask = np.empty(image.shape, np.uint8)
-        vgg, lut = self._net(image.shape[0], vgg_dtype, channels)
+        vgg, lut = self._net(image.shape[0], vgg_dtype, channels, normalization)
         count = self.lib.harness_gate(_ptr(prob), int(prob.dtype == np.float16), K.threshold_for(prob.dtype, threshold),
                                       _ptr(image), n, _ptr(mask), _ptr(vgg), channels, _ptr(lut), lut.itemsize)
         return mask, int(count), vgg
@@ -136,3 +138,21 @@ class Harness:
 
     def crimmins_reach(self, after_pass: int, axis: int) -> int:
         return self.lib.harness_crimmins_reach(after_pass, axis)
+
+    def minmax(self, image: np.ndarray, mask: np.ndarray | None = None, channels: int = 1, dtype=np.float32,
+               threads: int = K._MINMAX_BLOCK) -> np.ndarray:
+        """sono_minmax of `image` (times the 0/1 `mask` when given) as a [1, C, H, W] network input, one block of
+        `threads` threads run phase by phase."""
+        image = np.ascontiguousarray(image, dtype=np.uint8)
+        mask = None if mask is None else np.ascontiguousarray(mask, dtype=np.uint8)
+        out = np.full((1, channels, *image.shape), np.nan, dtype)
+        unit = K.input_table(np.float32)
+        self.lib.harness_minmax_launch(_ptr(image), _ptr(mask), image.size, _ptr(out), channels, _ptr(unit),
+                                       out.itemsize, threads)
+        return out
+
+    def float_to_half(self, values: np.ndarray) -> np.ndarray:
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        out = np.empty(values.shape, np.uint16)
+        self.lib.harness_float_to_half(_ptr(values), _ptr(out), values.size)
+        return out
