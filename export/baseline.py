@@ -4,7 +4,8 @@
         rec = team.process(frame)          # a FrameRecord, like runtime.pipeline.Pipeline's
 
 What it does per frame is what the team's own script would do, and it is the runtime's own per-frame graph
-(`runtime.pipeline.Pipeline.process`) with torch modules as the networks: the CPU preprocessing, the UNet on the
+(`runtime.pipeline.Pipeline.process`) with torch modules as the networks: the CPU preprocessing (each network's input
+normalized as the manifest declares it, `Graph.unet_feeds` / `vgg_feeds`), the UNet on the
 device, the mask back to the host, threshold and mask with numpy/OpenCV, the masked image up again, the VGG to its
 Fc2 features, the features back, and the XGBoost booster on the CPU. Stages are host-timed; each network stage
 ends with its copy back to the host, which waits for the GPU. No CUDA graphs, no FP16, no fused stages:
@@ -96,14 +97,21 @@ def torch_networks(bundle: Bundle):
     vgg_info = bundle.manifest["networks"]["vgg"]
     unet_onnx = _read_onnx(bundle.network_file("unet", "fp32"))
     vgg_onnx = _read_onnx(bundle.network_file("vgg", "fp32"))
-    unet = UNet(width=float(unet_info.get("width") or 1.0)).eval()
+    for name, info in (("UNet", unet_info), ("VGG", vgg_info)):
+        if info.get("architecture") == "onnx":
+            raise WeightsMismatch(f"the bundle's {name} was exported from an ONNX file, not a checkpoint; the PyTorch "
+                                  f"baseline rebuilds only the paper's networks from their weights")
+    try:
+        unet = UNet.for_architecture(unet_info.get("architecture"), float(unet_info.get("width") or 1.0)).eval()
+    except ValueError as e:
+        raise WeightsMismatch(f"the bundle's UNet: {e}") from None
     size = bundle.graph().size
     load_onnx_weights(unet, unet_onnx, "unet", (1, 1, size, size))
     gemms = [w for op, w, _ in vgg_onnx["layers"] if op == "Gemm"]
-    if len(gemms) != 3:
+    if len(gemms) not in (2, 3):
         raise WeightsMismatch(f"the bundle's VGG ONNX has {len(gemms)} fully connected layers; the paper's VGG has "
-                              f"3 (Fc1, Fc2, head)")
-    fc1, feat, classes = (vgg_onnx["arrays"][w].shape[0] for w in gemms)
+                              f"3 (Fc1, Fc2, head), or 2 when cut at Fc2")
+    fc1, feat, classes = (*(vgg_onnx["arrays"][w].shape[0] for w in gemms), 0)[:3]
     vgg = VGG19BN(width=float(vgg_info.get("width") or 1.0), in_channels=int(vgg_info.get("channels", 1)),
                   num_classes=classes, fc1=fc1, features_dim=feat).eval()
     load_onnx_weights(VGGFeaturesAndLogits(vgg), vgg_onnx, "vgg",

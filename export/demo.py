@@ -99,7 +99,7 @@ def run_demo(out: Path, *, frames: int = 150, fps: float = 30.0, bench_frames: i
         if rebuild or not (train_data / "labels.csv").is_file():
             _say(f"demo: simulating {TRAIN_PATIENTS} training patients x {TRAIN_FRAMES} frames")
             write_dataset(train_data, TRAIN_PATIENTS, seed=0, frames_per_patient=TRAIN_FRAMES)
-        train_bundle(train_data, bundle, TrainConfig())
+        train_bundle(train_data, bundle, TrainConfig(demo=True))
     else:
         _say(f"demo: using the existing bundle {bundle} (--rebuild to make a new one)")
     if not (heldout / "labels.csv").is_file():

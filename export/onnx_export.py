@@ -29,8 +29,16 @@ _NOISY_LOGGERS = ("torch.onnx._internal.exporter._registration", "torch.onnx._in
                   "onnxscript.version_converter")
 
 
-def parity_inputs(channels: int, seed: int = 0, size: int = SIZE) -> list[np.ndarray]:
-    """Batches that exercise the dynamic batch: random, structured (ramp, disc, edges, black, white)."""
+def parity_inputs(channels: int, seed: int = 0, size: int = SIZE, normalization: dict | None = None
+                  ) -> list[np.ndarray]:
+    """Batches that exercise the dynamic batch: random, structured (ramp, disc, edges, black, white). With a
+    normalization other than unit (runtime.normalize), each image is made uint8 and normalized as the runtime
+    feeds it (`runtime.normalize.to_input`): the network is checked on the tensors it will receive."""
+    if normalization is not None and normalization.get("kind", "unit") != "unit":
+        from runtime.normalize import to_input
+        return [np.ascontiguousarray(np.concatenate([
+            to_input(np.clip(np.round(x[0] * 255), 0, 255).astype(np.uint8), channels, normalization) for x in b]))
+            for b in parity_inputs(1, seed, size)]
     SIZE = size  # noqa: N806 (the planes below are size x size)
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:SIZE, :SIZE].astype(np.float32) / (SIZE - 1)
@@ -86,7 +94,8 @@ def _shape(value) -> list:
     return [d if isinstance(d, int) else d.value for d in value.shape]
 
 
-def _export(module, path: Path, channels: int, input_name: str, output_names: list[str], size: int) -> dict:
+def _export(module, path: Path, channels: int, input_name: str, output_names: list[str], size: int,
+            normalization: dict | None = None) -> dict:
     import onnx
     import torch
     path = Path(path)
@@ -119,7 +128,7 @@ def _export(module, path: Path, channels: int, input_name: str, output_names: li
             "export_seconds": round(export_s, 2),
         }
         del program, graph
-        batches = parity_inputs(channels, size=size)
+        batches = parity_inputs(channels, size=size, normalization=normalization)
         with torch.no_grad():
             ref = []
             for x in batches:
@@ -138,20 +147,23 @@ def _export(module, path: Path, channels: int, input_name: str, output_names: li
 
 def export_unet(model, path: Path | str, graph=None) -> dict:
     """UNet -> ONNX with the graph's names and size (runtime.graph.Graph; its defaults when None): "image"
-    [N,1,224,224] float32 in [0,1] -> "mask" [N,1,224,224] sigmoid probabilities."""
+    [N,1,224,224] float32 (uint8/255, then the graph's UNet normalization) -> "mask" [N,1,224,224] sigmoid
+    probabilities. Parity is measured on inputs normalized that way."""
     from runtime.graph import Graph
     g = graph or Graph()
-    return _export(model, Path(path), 1, g.unet_input, [g.unet_output], g.size)
+    return _export(model, Path(path), 1, g.unet_input, [g.unet_output], g.size,
+                   getattr(g, "unet_normalization", None))
 
 
 def export_vgg(model, path: Path | str, graph=None) -> dict:
-    """VGG19BN -> ONNX with the graph's names and size: "image" [N,C,224,224] -> "features" [N,1024] (ReLU'd Fc2)
-    and "logits" [N,4]."""
+    """VGG19BN -> ONNX with the graph's names and size: "image" [N,C,224,224] -> "features" [N,F] (ReLU'd Fc2)
+    and "logits" [N,classes] (no logits for a VGG cut at Fc2)."""
     from export.models import VGGFeaturesAndLogits
     from runtime.graph import Graph
     g = graph or Graph()
-    return _export(VGGFeaturesAndLogits(model), Path(path), model.in_channels, g.vgg_input, [g.vgg_output, "logits"],
-                   g.size)
+    outputs = [g.vgg_output] + (["logits"] if model.head is not None else [])
+    return _export(VGGFeaturesAndLogits(model), Path(path), model.in_channels, g.vgg_input, outputs, g.size,
+                   getattr(g, "vgg_normalization", None))
 
 
 def _sort_topologically(graph) -> None:
@@ -173,10 +185,12 @@ def _sort_topologically(graph) -> None:
     graph.node.extend(ordered)
 
 
-def to_fp16(src_path: Path | str, dst_path: Path | str) -> dict:
+def to_fp16(src_path: Path | str, dst_path: Path | str, normalization: dict | None = None,
+            channels: int | None = None) -> dict:
     """FP32 ONNX -> FP16 ONNX whose inputs and outputs stay float32 (Cast nodes at the edges).
 
-    Returns {"file", "bytes", "seconds", "parity_max_abs": {output: max |fp16 - fp32|}} on the parity inputs.
+    Returns {"file", "bytes", "seconds", "parity_max_abs": {output: max |fp16 - fp32|}} on the parity inputs
+    (normalized as the runtime feeds the network when `normalization` is given).
     onnxruntime's CPU provider lacks some fp16 kernels and runs those nodes in fp32 behind inserted Casts; the
     file is still what a GPU (TensorRT strongly typed, CUDA EP) runs in half precision.
     """
@@ -196,7 +210,9 @@ def to_fp16(src_path: Path | str, dst_path: Path | str) -> dict:
     onnx.checker.check_model(str(dst_path))
     seconds = time.perf_counter() - t0
     src = ort_session(src_path)
-    batches = parity_inputs(int(src.get_inputs()[0].shape[1]))
+    shape = src.get_inputs()[0].shape
+    batches = parity_inputs(channels or int(shape[1]), size=shape[2] if isinstance(shape[2], int) else SIZE,
+                            normalization=normalization)
     ref = _run_ort(src, batches)
     del src  # one session (one copy of the weights) at a time
     got = _run_ort(ort_session(dst_path), batches)

@@ -6,6 +6,7 @@ learns from is what it will see in deployment (predicted masks, not hand-drawn o
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import shutil
@@ -34,18 +35,24 @@ class TrainConfig:
     val_fraction: float = 0.25
     grid_search: bool = False
     crimmins_iterations: int = 1
-    demo: bool = True  # synthetic data: every output carries the disclaimer
+    demo: bool | None = None  # trained on the phantom: the bundle carries the synthetic-data disclaimer; None: True
+                              # when the data folder is one `sonoscore sim` wrote (runtime.dataset.is_synthetic)
+    kidney_labels: tuple[str, ...] | None = None  # `train --label kidney=...`; None: runtime.dataset's default variants
 
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def load_preprocessed(data_dir: Path, graph: Graph, progress: bool = True):
+def load_preprocessed(data_dir: Path, graph: Graph, progress: bool = True, kidney_labels=None):
     """Dataset -> (images [N,S,S] uint8, masks [N,S,S] 0/1, grades [N] (0 = unknown), patients [N]), every image
-    preprocessed by the graph the bundle will pin."""
+    preprocessed by the graph the bundle will pin. `kidney_labels`: the labelme labels that are the kidney (None:
+    runtime.dataset's default variants). Images whose kidney annotation is missing (runtime.dataset) are left
+    out: their mask is unknown; the dataset's summary line names them."""
     from runtime.dataset import read_dataset
-    samples = read_dataset(Path(data_dir))
+    samples = read_dataset(Path(data_dir), labels=kidney_labels)
+    _say(f"train: {samples.summary_line()}")
+    samples = [s for s in samples if not s.kidney_missing]
     if not samples:
         raise ValueError(f"dataset {data_dir} has no labelled images")
     images, masks, grades, patients = [], [], [], []
@@ -60,14 +67,18 @@ def load_preprocessed(data_dir: Path, graph: Graph, progress: bool = True):
     return np.stack(images), np.stack(masks), np.array(grades), np.array(patients)
 
 
-def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = True) -> Path:
-    """The paper's recipes end to end: UNet (MSE), VGG-19-BN (cross-entropy), XGBoost on VGG Fc2 features."""
+def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = True, *,
+                 unet_input: dict | None = None, vgg_input: dict | None = None) -> Path:
+    """The paper's recipes end to end: UNet (MSE), VGG-19-BN (cross-entropy), XGBoost on VGG Fc2 features.
+    `unet_input` / `vgg_input`: each network's input normalization (runtime.normalize; None = unit), used in
+    training and recorded in the manifest (`sonoscore train --unet-input / --vgg-input`)."""
     from export.train import split_by_patient, train_booster, train_unet, train_vgg
     t_start = time.time()
-    graph = Graph(crimmins_iterations=cfg.crimmins_iterations, vgg_channels=cfg.vgg_channels)
+    graph = Graph(crimmins_iterations=cfg.crimmins_iterations, vgg_channels=cfg.vgg_channels,
+                  unet_normalization=unet_input, vgg_normalization=vgg_input)
     _say(f"train: reading and preprocessing {data_dir}")
     try:
-        images, masks, grades, patients = load_preprocessed(data_dir, graph, progress)
+        images, masks, grades, patients = load_preprocessed(data_dir, graph, progress, cfg.kidney_labels)
     except ValueError as e:
         from runtime.errors import UserError
         raise UserError(str(e)) from None
@@ -83,7 +94,7 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
     _say(f"train: UNet width {cfg.unet_width}, {cfg.unet_epochs} epochs (MSE loss)")
     unet, unet_hist = train_unet(images[tr], masks[tr], width=cfg.unet_width, epochs=cfg.unet_epochs,
                                  seed=cfg.seed, val=(images[va], masks[va]) if va.any() else None,
-                                 progress=progress, graph=graph)
+                                 progress=progress, graph=graph, normalization=graph.unet_normalization)
     # The VGG learns from labelled kidneys the gate would pass, under their labelled masks.
     kidney = np.array([graph.gate_mask(m).accepted for m in masks]) & (grades > 0)
     masked_images = np.stack([masked(i, m) for i, m in zip(images, masks)])
@@ -93,7 +104,7 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
                               in_channels=cfg.vgg_channels, epochs=cfg.vgg_epochs, seed=cfg.seed,
                               lr=cfg.vgg_lr, shift=cfg.vgg_shift,
                               val=(masked_images[kidney & va], grades[kidney & va] - 1) if (kidney & va).any() else None,
-                              progress=progress)
+                              progress=progress, normalization=graph.vgg_normalization)
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -131,7 +142,9 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
         "config": asdict(cfg), "unet_history": unet_hist, "vgg_history": vgg_hist,
         "booster": _jsonable(booster_info), "booster_trained_on_masks": booster_masks, "seconds": round(time.time() - t_start, 1),
     }
-    write_bundle_manifest(tmp, nets, provenance, graph, demo=cfg.demo)
+    from runtime.dataset import is_synthetic
+    demo = is_synthetic(data_dir) if cfg.demo is None else cfg.demo
+    write_bundle_manifest(tmp, nets, provenance, graph, demo=demo, booster=_booster_section(booster))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -140,35 +153,105 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
     return out
 
 
-def export_networks(unet, vgg, out: Path, unet_width: float, vgg_width: float, graph: Graph) -> dict:
-    """ONNX fp32 + fp16 of both networks into `out`, with the graph's tensor names; returns the manifest's
-    `networks` section."""
-    from export.onnx_export import export_unet, export_vgg, to_fp16
+def export_networks(unet, vgg, out: Path, unet_width: float | None, vgg_width: float | None, graph: Graph) -> dict:
+    """ONNX fp32 + fp16 of both networks into `out`, with the graph's tensor names and input normalizations;
+    returns the manifest's `networks` section. Each network is a torch module of export.models (exported, parity
+    checked against torch) or an `export.checkpoints.OnnxNetwork` (a user's file, copied as it is)."""
+    from export.checkpoints import OnnxNetwork
     nets = {}
-    s = graph.size
-    for name, model, exporter, width, channels, in_name, out_name in (
-            ("unet", unet, export_unet, unet_width, 1, graph.unet_input, graph.unet_output),
-            ("vgg", vgg, export_vgg, vgg_width, graph.vgg_channels, graph.vgg_input, graph.vgg_output)):
-        t = time.time()
-        info = exporter(model, out / f"{name}.onnx", graph)   # the graph's tensor names and size
-        half = to_fp16(out / f"{name}.onnx", out / f"{name}.fp16.onnx")
-        _say(f"export: {name} -> {name}.onnx, {name}.fp16.onnx in {time.time() - t:.1f} s "
-             f"(parity vs torch {info.get('parity_max_abs', float('nan')):.2e})")
-        nets[name] = {
-            "files": {"fp32": f"{name}.onnx", "fp16": f"{name}.fp16.onnx"},
-            "input": {"name": in_name, "shape": ["N", channels, s, s], "dtype": "float32"},
-            "output": {"name": out_name, "shape": ["N", 1, s, s] if name == "unet" else ["N", 1024],
-                       "dtype": "float32"},
-            "channels": channels,
-            "architecture": "unet-jakeoung-bn-leakyrelu" if name == "unet" else "vgg19_bn-fc2-1024",
-            "width": width,
-            "opset": info.get("opset"),
-            "parity": {"fp32_vs_torch_max_abs": info.get("parity_max_abs"), "fp16_vs_fp32": _jsonable(half)},
-        }
+    for name, model, width in (("unet", unet, unet_width), ("vgg", vgg, vgg_width)):
+        if isinstance(model, OnnxNetwork):
+            nets[name] = _import_onnx(name, model, out, graph)
+        else:
+            nets[name] = _export_torch(name, model, out, width, graph)
     return nets
 
 
-def write_bundle_manifest(directory: Path, networks: dict, provenance: dict, graph: Graph, *, demo: bool) -> Path:
+def _normalization(graph: Graph, name: str) -> dict | None:
+    return getattr(graph, f"{name}_normalization", None)
+
+
+def _network_entry(name: str, graph: Graph, channels: int, features: int | None) -> dict:
+    from runtime.normalize import input_section
+    s = graph.size
+    in_name, out_name = ((graph.unet_input, graph.unet_output) if name == "unet" else
+                         (graph.vgg_input, graph.vgg_output))
+    return {
+        "files": {"fp32": f"{name}.onnx", "fp16": f"{name}.fp16.onnx"},
+        "input": input_section(in_name, channels, s, _normalization(graph, name)),
+        "output": {"name": out_name, "shape": ["N", 1, s, s] if name == "unet" else ["N", int(features)],
+                   "dtype": "float32"},
+        "channels": channels,
+    }
+
+
+def _export_torch(name: str, model, out: Path, width: float | None, graph: Graph) -> dict:
+    from export.onnx_export import export_unet, export_vgg, to_fp16
+    t = time.time()
+    exporter = export_unet if name == "unet" else export_vgg
+    channels = 1 if name == "unet" else int(model.in_channels)
+    info = exporter(model, out / f"{name}.onnx", graph)   # the graph's tensor names, size and normalization
+    half = to_fp16(out / f"{name}.onnx", out / f"{name}.fp16.onnx", _normalization(graph, name), channels)
+    _say(f"export: {name} -> {name}.onnx, {name}.fp16.onnx in {time.time() - t:.1f} s "
+         f"(parity vs torch {info.get('parity_max_abs', float('nan')):.2e})")
+    entry = _network_entry(name, graph, channels, None if name == "unet" else model.features_dim)
+    entry.update({
+        "architecture": (getattr(model, "architecture", "unet-jakeoung-bn-leakyrelu") if name == "unet"
+                         else f"vgg19_bn-fc2-{model.features_dim}"),
+        "width": float(width if width is not None else getattr(model, "width", 1.0)),
+        "opset": info.get("opset"),
+        "parity": {"fp32_vs_torch_max_abs": info.get("parity_max_abs"), "fp16_vs_fp32": _jsonable(half)},
+    })
+    return entry
+
+
+def _import_onnx(name: str, net, out: Path, graph: Graph) -> dict:
+    from export.checkpoints import copy_onnx
+    from export.onnx_export import to_fp16
+    t = time.time()
+    copy_onnx(net, out / f"{name}.onnx")
+    half = to_fp16(out / f"{name}.onnx", out / f"{name}.fp16.onnx", _normalization(graph, name), net.channels)
+    _say(f"export: {name} <- {net.path.name} (ONNX as given), {name}.fp16.onnx made in {time.time() - t:.1f} s")
+    entry = _network_entry(name, graph, net.channels, net.features)
+    entry.update({"architecture": "onnx", "source_file": net.path.name, "opset": net.opset,
+                  "parity": {"fp16_vs_fp32": _jsonable(half)}})
+    return entry
+
+
+def _booster_section(booster) -> dict:
+    """The manifest's `booster` section for an xgboost.Booster saved as booster.ubj."""
+    config = json.loads(booster.save_config())["learner"]
+    return {"file": "booster.ubj", "format": "xgboost-ubj",
+            "num_class": int(config["learner_model_param"].get("num_class", 0)),
+            "num_features": int(config["learner_model_param"]["num_feature"]),
+            "objective": str(config["objective"]["name"])}
+
+
+def default_card(name: str, *, demo: bool, data_source: str | None = None) -> dict:
+    """The model card a bundle gets when none is given (runtime.bundle's `card` section)."""
+    card = {"name": name, "version": _sonoscore_version() if demo else "unversioned"}
+    if demo:
+        card.update({"description": "IFTA grader trained by sonoscore on its synthetic kidney phantom",
+                     "intended_use": "demonstration and testing of the runtime only; not for clinical use",
+                     "data_source": data_source or "synthetic kidney phantom (sonoscore sim)"})
+    elif data_source:
+        card["data_source"] = data_source
+    return card
+
+
+def _sonoscore_version() -> str:
+    try:
+        import importlib.metadata
+        return importlib.metadata.version("sonoscore")
+    except Exception:  # noqa: BLE001 (not installed: running from a checkout)
+        return "0.1.0"
+
+
+def write_bundle_manifest(directory: Path, networks: dict, provenance: dict, graph: Graph, *, demo: bool,
+                          card: dict | None = None, booster: dict | None = None) -> Path:
+    """manifest.json for the files in `directory`. `demo`: trained on the synthetic phantom (or random weights):
+    the synthetic-data disclaimer. Otherwise the card's own `disclaimer`, if any. `card`: the model card (a
+    default one from the name when None); `booster`: the booster section (the paper's when None)."""
     import onnx
     import onnxruntime
     import torch
@@ -177,94 +260,244 @@ def write_bundle_manifest(directory: Path, networks: dict, provenance: dict, gra
     provenance["libraries"] = {"torch": torch.__version__, "onnx": onnx.__version__,
                                "onnxruntime": onnxruntime.__version__, "xgboost": xgboost.__version__,
                                "numpy": np.__version__, "python": platform.python_version()}
+    card = dict(card) if card else default_card("sonoscore-ifta" + ("-synthetic-demo" if demo else ""), demo=demo)
+    own_disclaimer = card.pop("disclaimer", None)
     manifest = {
-        "name": "sonoscore-ifta" + ("-synthetic-demo" if demo else ""),
-        "disclaimer": DEMO_DISCLAIMER if demo else None,
+        "name": card["name"],
+        "disclaimer": DEMO_DISCLAIMER if demo else own_disclaimer,
+        "card": card,
         "classes": CLASS_NAMES,
         **graph.manifest_sections(),   # preprocess, gate
         "networks": networks,
-        "booster": {"file": "booster.ubj", "format": "xgboost-ubj", "num_class": 4, "num_features": 1024,
-                    "objective": "multi:softprob"},
+        "booster": booster or {"file": "booster.ubj", "format": "xgboost-ubj", "num_class": 4, "num_features": 1024,
+                               "objective": "multi:softprob"},
         "provenance": provenance,
     }
     return write_manifest(directory, manifest)
 
 
-def export_from_checkpoints(unet_ckpt, vgg_ckpt, booster_path, out: Path, *, random_weights=False,
-                            unet_width=None, vgg_width=None) -> Path:
-    """`sonoscore export`: checkpoints (or random weights, for timing) + an XGBoost model -> bundle."""
-    import torch
-    from export.models import UNet, VGG19BN
+# -- `sonoscore export` ---------------------------------------------------------------------------------------------
+
+CARD_KEYS = ("name", "version", "description", "changelog", "authors", "license", "intended_use", "data_source",
+             "references", "disclaimer")
+
+
+def read_card(path: Path | str | None, name: str | None, version: str | None, default_name: str) -> dict:
+    """The model card from --card FILE (JSON or YAML, keys CARD_KEYS; `licence` is taken for `license`), with
+    --name and --version over the file's. One sentence for a file that cannot be read or a field of the wrong
+    type."""
     from runtime.errors import UserError
-    if random_weights:
-        if unet_ckpt or vgg_ckpt:
-            raise UserError("give either checkpoints or --random-weights, not both")
-        torch.manual_seed(0)
-        unet = UNet(width=unet_width or 1.0).eval()
-        vgg = VGG19BN(width=vgg_width or 1.0, in_channels=3).eval()
-        uw, vw, ch = unet_width or 1.0, vgg_width or 1.0, 3
-    else:
-        if not (unet_ckpt and vgg_ckpt):
-            raise UserError("export needs --unet and --vgg checkpoints (or --random-weights for a timing bundle)")
-        unet, uw = load_checkpoint(Path(unet_ckpt), "unet")
-        vgg, vw = load_checkpoint(Path(vgg_ckpt), "vgg")
-        ch = vgg.in_channels
-    booster_path = Path(booster_path)
-    if not booster_path.is_file():
-        raise UserError(f"booster '{booster_path}' does not exist; give an XGBoost .ubj or .json model")
+    card: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"--card '{path}' does not exist; give a JSON or YAML file with the model card's fields")
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--card '{path}' cannot be read as UTF-8 text ({type(e).__name__}); give a JSON or YAML "
+                            f"file") from None
+        try:
+            if path.suffix.lower() == ".json":
+                card = json.loads(text)
+            else:
+                import yaml
+                card = yaml.safe_load(text)
+        except Exception as e:  # noqa: BLE001 (json.JSONDecodeError, yaml.YAMLError)
+            if isinstance(e, json.JSONDecodeError):
+                line = e.lineno
+            else:   # yaml marks count lines from 0
+                mark = getattr(e, "problem_mark", None)
+                line = None if mark is None else mark.line + 1
+            at = f" near line {line}" if line is not None else ""
+            raise UserError(f"--card '{path}' is not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}"
+                            f"{at}; fix the file") from None
+        if card is None:
+            card = {}
+        if not isinstance(card, dict):
+            raise UserError(f"--card '{path}' holds a {type(card).__name__}, not a mapping of the card's fields "
+                            f"({', '.join(CARD_KEYS)})")
+        if "licence" in card and "license" not in card:
+            card["license"] = card.pop("licence")
+        unknown = [str(k) for k in card if k not in CARD_KEYS]
+        if unknown:
+            raise UserError(f"--card '{path}' has field '{unknown[0]}', which a model card does not have; use "
+                            f"{', '.join(CARD_KEYS)}")
+    where = f"--card '{path}'" if path else "the model card"
+
+    def text_field(key):
+        v = card.get(key)
+        if v is None:
+            return None
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return str(v)   # version: 1.0 written without quotes
+        if not isinstance(v, str) or not v.strip():
+            raise UserError(f"{where} field '{key}' must be text, got {v!r}")
+        return v.strip()
+
+    out: dict = {}
+    for key in ("name", "version", "description", "license", "intended_use", "data_source", "disclaimer"):
+        v = text_field(key)
+        if v is not None:
+            out[key] = v
+    for key in ("authors", "references"):
+        v = card.get(key)
+        if v is None:
+            continue
+        v = [v] if isinstance(v, str) else v
+        if not isinstance(v, list) or not all(isinstance(x, str) and x.strip() for x in v):
+            raise UserError(f"{where} field '{key}' must be a list of text (or one text), got {v!r}")
+        out[key] = [x.strip() for x in v]
+    log = card.get("changelog")
+    if log is not None:
+        if not isinstance(log, dict) or not all(isinstance(t, str) for t in log.values()):
+            raise UserError(f"{where} field 'changelog' must map each version to its text, got {log!r}")
+        out["changelog"] = {str(k): t for k, t in log.items()}
+    if name is not None:
+        if not str(name).strip():
+            raise UserError("--name is empty; give the model's name")
+        out["name"] = str(name).strip()
+    if version is not None:
+        if not str(version).strip():
+            raise UserError("--version is empty; give the model's version")
+        out["version"] = str(version).strip()
+    out.setdefault("name", default_name)
+    out.setdefault("version", "unversioned")
+    return {"name": out.pop("name"), "version": out.pop("version"), **out}
+
+
+def _check_out(out: Path) -> None:
+    """--out must be a new folder, an empty one, or an existing bundle (replaced once the new one is complete)."""
+    from runtime.errors import UserError
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise UserError(f"--out '{out}' is a file; give a folder for the bundle")
+        if any(out.iterdir()) and not (out / "manifest.json").is_file():
+            raise UserError(f"--out '{out}' is a folder that holds other files and no bundle; give a new folder (an "
+                            f"existing bundle there is replaced once the new one is complete)")
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """The complete bundle in `tmp` becomes `out`; a bundle already there is replaced only now."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_from_checkpoints(unet_ckpt, vgg_ckpt, booster_path, out: Path, *, random_weights=False,
+                            unet_width=None, vgg_width=None, unet_onnx=None, vgg_onnx=None, unet_input=None,
+                            vgg_input=None, name=None, version=None, card=None) -> Path:
+    """`sonoscore export`: checkpoints or ONNX files (or random weights, for timing) + an XGBoost model -> bundle.
+
+    Everything is checked before anything is written: the options, the booster (loads, objective, class count),
+    the VGG (its Fc2 width is the booster's feature count), the UNet. The bundle is then made in a folder beside
+    `out` and moved into place only when complete; on any failure that folder is removed."""
+    import tempfile
+    from export import checkpoints as ck
+    from runtime import normalize
+    from runtime.errors import UserError
+    t0 = time.time()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    graph = Graph(vgg_channels=ch)
-    nets = export_networks(unet, vgg, out, uw, vw, graph)
-    shutil.copyfile(booster_path, out / "booster.ubj") if booster_path.suffix == ".ubj" else _to_ubj(booster_path,
-                                                                                                     out / "booster.ubj")
-    prov = {"made_by": "sonoscore export", "random_weights": bool(random_weights),
-            "unet_checkpoint": None if random_weights else Path(unet_ckpt).name,
-            "vgg_checkpoint": None if random_weights else Path(vgg_ckpt).name, "booster": booster_path.name}
+    _check_out(out)
+    unet_norm = normalize.parse(unet_input, "--unet-input") if unet_input else dict(normalize.UNIT)
+    vgg_norm = normalize.parse(vgg_input, "--vgg-input") if vgg_input else dict(normalize.UNIT)
+    unet_norm = normalize.check(unet_norm, 1, "--unet-input for the 1-channel UNet: ")
     if random_weights:
-        prov["note"] = "random network weights: for timing only, its grades mean nothing"
-    path = write_bundle_manifest(out, nets, prov, graph, demo=True)
-    _say(f"export: bundle written to {out}")
-    return path.parent
+        if unet_ckpt or vgg_ckpt or unet_onnx or vgg_onnx:
+            raise UserError("give either checkpoints (or ONNX files) or --random-weights, not both")
+        card = read_card(card, name, version, "sonoscore-random-weights-timing")
+    else:
+        for net, ckpt, onnx_file in (("unet", unet_ckpt, unet_onnx), ("vgg", vgg_ckpt, vgg_onnx)):
+            if ckpt and onnx_file:
+                raise UserError(f"give the {net} as --{net} (a checkpoint) or --{net}-onnx (an ONNX file), not both")
+            if not (ckpt or onnx_file):
+                raise UserError(f"export needs the {net}: --{net} CHECKPOINT or --{net}-onnx FILE (or "
+                                f"--random-weights for a timing bundle)")
+        card = read_card(card, name, version, out.name)
+    if booster_path is None:
+        raise UserError("export needs --booster, an XGBoost model (.json or .ubj)")
+    booster, binfo = ck.check_booster(booster_path, len(CLASS_NAMES))
+    size = Graph().size
+    sources: dict = {}
 
+    # The VGG first: its Fc2 width is what the booster must take.
+    if random_weights:
+        import torch
+        from export.models import UNet, VGG19BN
+        torch.manual_seed(0)
+        vgg = VGG19BN(width=vgg_width or 1.0, in_channels=3).eval()
+        vw, vch, features, vgg_what = vgg_width or 1.0, 3, vgg.features_dim, "the random-weights VGG"
+    elif vgg_onnx:
+        vgg = ck.inspect_onnx(vgg_onnx, "vgg", "--vgg-onnx", size, vgg_norm)
+        vw, vch, features, vgg_what = None, vgg.channels, vgg.features, f"--vgg-onnx '{vgg_onnx}'"
+        sources["vgg"] = {"onnx": Path(vgg_onnx).name}
+    else:   # recognised and sized from the tensors; the network is built once everything is checked
+        vgg = ck.recognise_checkpoint(vgg_ckpt, "vgg", "--vgg")
+        vw, vch, features = vgg.width, vgg.channels, vgg.features
+        vgg_what, sources["vgg"] = f"--vgg '{vgg_ckpt}'", vgg.source
+    ck.check_features(binfo, features, booster_path, vgg_what)
+    vgg_norm = normalize.check(vgg_norm, vch, f"--vgg-input for a {vch}-channel VGG: ")
+    if random_weights:
+        unet, uw = UNet(width=unet_width or 1.0).eval(), unet_width or 1.0
+    elif unet_onnx:
+        unet, uw = ck.inspect_onnx(unet_onnx, "unet", "--unet-onnx", size, unet_norm), None
+        sources["unet"] = {"onnx": Path(unet_onnx).name}
+    else:
+        unet = ck.recognise_checkpoint(unet_ckpt, "unet", "--unet")
+        uw, sources["unet"] = unet.width, unet.source
+    unet, vgg = (n.build().model if isinstance(n, ck.Recognised) else n for n in (unet, vgg))
+    names = {}
+    if isinstance(unet, ck.OnnxNetwork):
+        names.update(unet_input=unet.input_name, unet_output=unet.output_name)
+    if isinstance(vgg, ck.OnnxNetwork):
+        names.update(vgg_input=vgg.input_name, vgg_output=vgg.output_name)
+    graph = Graph(vgg_channels=vch, unet_normalization=unet_norm, vgg_normalization=vgg_norm, **names)
+    _say(f"export: booster {Path(booster_path).name} ({binfo['objective']}, {binfo['num_class']} classes, "
+         f"{binfo['num_features']} features) fits; VGG {vgg_what} gives {features} features")
 
-def _to_ubj(src: Path, dst: Path) -> None:
-    import xgboost as xgb
-    b = xgb.Booster()
-    b.load_model(str(src))
-    b.save_model(str(dst))
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    except OSError as e:
+        raise UserError(f"--out '{out}': cannot write a folder beside it ({e.strerror or type(e).__name__}); give a "
+                        f"folder you can write to") from None
+    try:
+        nets = export_networks(unet, vgg, tmp, uw, vw, graph)
+        booster.save_model(str(tmp / "booster.ubj"))
+        prov = {"made_by": "sonoscore export", "random_weights": bool(random_weights),
+                "unet_checkpoint": None if random_weights or unet_onnx else Path(unet_ckpt).name,
+                "vgg_checkpoint": None if random_weights or vgg_onnx else Path(vgg_ckpt).name,
+                "booster": Path(booster_path).name, "sources": sources, "seconds": round(time.time() - t0, 1)}
+        if random_weights:
+            prov["note"] = "random network weights: for timing only, its grades mean nothing"
+        write_bundle_manifest(tmp, nets, prov, graph, demo=bool(random_weights), card=card,
+                              booster=_booster_section(booster))
+        Bundle.load(tmp)   # verify what was written
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in created:   # folders made for --out's parent, innermost first, if still empty
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+    _say(f"export: bundle written to {out} in {time.time() - t0:.0f} s")
+    return out
 
 
 def load_checkpoint(path: Path, kind: str):
-    """A state_dict (bare, or {'state_dict': ..., 'width': ...}) -> model; the width is read off the weights."""
-    import torch
-    from export.models import UNet, VGG19BN
-    from runtime.errors import UserError
-    if not path.is_file():
-        raise UserError(f"checkpoint '{path}' does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"checkpoint '{path}' cannot be read by torch.load ({type(e).__name__}); "
-                        f"give a state_dict saved with torch.save") from None
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(sd, dict):
-        raise UserError(f"checkpoint '{path}' is not a state_dict")
-    try:
-        if kind == "unet":
-            first = next(v for k, v in sd.items() if k.endswith("weight") and v.ndim == 4)
-            width = first.shape[0] / 32
-            model = UNet(width=width)
-        else:
-            w0 = sd["features.0.weight"]
-            width = w0.shape[0] / 64
-            fc1 = next((v.shape[0] for k, v in sd.items() if k.startswith("fc1") and k.endswith("weight")), None)
-            model = VGG19BN(width=width, in_channels=int(w0.shape[1]), fc1=fc1)
-        model.load_state_dict(sd, strict=True)
-    except (KeyError, RuntimeError, StopIteration) as e:
-        detail = " ".join(str(e).split())[:200]
-        raise UserError(f"checkpoint '{path}' does not fit the {kind} architecture: {detail}") from None
-    return model.eval(), width
+    """A checkpoint file -> (model, width), the architecture recognised from its keys (export.checkpoints)."""
+    from export.checkpoints import load_network
+    net = load_network(path, kind, f"--{kind}")
+    return net.model, net.width
 
 
 def _jsonable(obj):

@@ -132,3 +132,25 @@ def test_train_booster_with_one_patient_trains_without_validation():
     booster, info = train_booster(x, np.arange(8) % 4, pats, num_boost_round=5, progress=False)
     assert info["val_patients"] == [] and info["val_mlogloss"] is None and info["val_accuracy"] is None
     assert booster.num_boosted_rounds() == 5
+
+
+def test_only_a_bundle_trained_on_the_phantom_carries_the_synthetic_disclaimer(tiny_bundle, tiny_dataset, tmp_path):
+    """`sonoscore sim` marks its folder; a user's own data (the same files without the mark) trains a bundle with
+    no synthetic-data disclaimer and no demo name."""
+    import json
+    import shutil
+
+    from export.recipe import TrainConfig, train_bundle
+    from runtime.bundle import DEMO_DISCLAIMER, Bundle
+    from runtime.dataset import SYNTHETIC_MARK, is_synthetic
+    assert is_synthetic(tiny_dataset)
+    demo = Bundle.load(tiny_bundle)
+    assert demo.disclaimer == DEMO_DISCLAIMER and "synthetic" in demo.manifest["name"]
+    own = tmp_path / "own"
+    shutil.copytree(tiny_dataset, own)
+    (own / SYNTHETIC_MARK).unlink()
+    assert not is_synthetic(own)
+    cfg = TrainConfig(unet_width=1 / 16, vgg_width=1 / 32, unet_epochs=1, vgg_epochs=1, seed=0)
+    b = Bundle.load(train_bundle(own, tmp_path / "bundle", cfg, progress=False))
+    assert b.disclaimer is None and "synthetic" not in b.manifest["name"]
+    assert json.loads((b.root / "manifest.json").read_text())["disclaimer"] is None
