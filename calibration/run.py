@@ -2,7 +2,8 @@
 
     frames (any source) -> runtime's own preprocessing (Pipeline.prepare) -> 224x224 uint8 images
       -> a spread-out subset calibrates the UNet (the images) and the VGG (images masked the way deployment
-         masks them: FP32 UNet, threshold, gate, cv2.multiply; frames the gate rejects are left out)
+         masks them: FP32 UNet, threshold, gate, cv2.multiply; frames the gate rejects are left out), each fed
+         as the bundle's graph feeds it (Graph.unet_feeds / vgg_feeds: the manifest's input normalization)
       -> onnxruntime quantize_static, QDQ, symmetric INT8, per-channel weights (calibration/quantize.py)
       -> the other frames, never used for calibration, run through FP32 and through each lower precision:
          mask IoU with the FP32 mask, mask-fraction error, gate agreement, feature cosine similarity, grade

@@ -5,13 +5,15 @@ is refused, never loaded. The hashes say the files are the ones the manifest nam
 sense: `Bundle.load` also checks the manifest against `MANIFEST_SCHEMA` (types and ranges, with jsonschema), that
 `booster.num_class` is the number of classes, and that every file it names is a plain name inside the bundle; and
 `check_runner` checks each loaded network's tensor names, shapes and widths against the manifest when a pipeline
-starts. Every refusal is a BundleError, one sentence naming the file or field and what to do.
+starts. manifest.json itself is covered by manifest.sha256 (written by `write_manifest`, checked by `verify`), so
+a hand edit is refused too; signatures over the whole folder are runtime/signing.py's. Every refusal is a
+BundleError, one sentence naming the file or field and what to do.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,9 @@ SCHEMA = 1
 PRECISIONS = ("fp32", "fp16", "int8")
 DEMO_DISCLAIMER = "synthetic demo model - not for clinical use"
 CLASS_NAMES = ["IFTA <25%", "IFTA 25-49%", "IFTA 50-74%", "IFTA >=75%"]
+# manifest.json's own sha256, in sha256sum's format ("<hex>  manifest.json"), written by write_manifest: an edit to
+# manifest.json (a gate threshold, a class name) is detected at load, signed or not (docs/design.md "Signing").
+MANIFEST_CHECKSUM = "manifest.sha256"
 
 
 class BundleError(ValueError):
@@ -31,11 +36,23 @@ class BundleError(ValueError):
 # also resolves it (symbolic links included) and refuses one that lands outside the bundle.
 _FILE = {"type": "string", "minLength": 1, "maxLength": 255, "pattern": r"^(?!\.\.?$)[^/\\\x00]+$",
          "why": "must be a plain file name inside the bundle (no '/', '..' or absolute path)"}
+# A network input's normalization (runtime.normalize): unit, minmax, or meanstd with 1 or C means and stds > 0.
+_NORMALIZATION = {"type": "object", "required": ["kind"],
+                  "properties": {"kind": {"enum": ["unit", "minmax", "meanstd"]},
+                                 "mean": {"type": "array", "minItems": 1, "maxItems": 3, "items": {"type": "number"}},
+                                 "std": {"type": "array", "minItems": 1, "maxItems": 3,
+                                         "items": {"type": "number", "exclusiveMinimum": 0}}},
+                  "if": {"properties": {"kind": {"const": "meanstd"}}}, "then": {"required": ["mean", "std"]}}
 _TENSOR = {"type": "object", "required": ["name"],
            "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 256},
                           "shape": {"type": "array", "minItems": 1, "maxItems": 8,
                                     "items": {"type": ["integer", "string", "null"]}},
-                          "dtype": {"type": "string"}}}
+                          "dtype": {"type": "string"},
+                          # What the network receives (runtime.normalize; MONAI Bundle network_data_format style).
+                          "num_channels": {"type": "integer", "minimum": 1, "maximum": 3},
+                          "value_range": {"type": "array", "minItems": 2, "maxItems": 2,
+                                          "items": {"type": "number"}},
+                          "normalization": _NORMALIZATION}}
 
 
 def _network(channels: list[int]) -> dict:
@@ -74,6 +91,14 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                                                              "why": "must be a sha256 (64 hex digits)"}},
         "provenance": {"type": ["object", "null"]},
         "calibration": {"type": ["object", "null"]},
+        # The model card (MONAI Bundle metadata fields); `Bundle.card` gives a default one when it is absent.
+        "card": {"type": "object", "required": ["name", "version"], "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 200},
+            "version": {"type": "string", "minLength": 1, "maxLength": 100},
+            "authors": {"type": "array", "items": {"type": "string"}},
+            "references": {"type": "array", "items": {"type": "string"}},
+            "changelog": {"type": "object", "additionalProperties": {"type": "string"}},
+            **{k: {"type": ["string", "null"]} for k in ("description", "license", "intended_use", "data_source")}}},
     },
 }
 
@@ -100,6 +125,15 @@ def validate_manifest(manifest: Any, path: Path) -> None:
     if num_class != n_classes:
         raise BundleError(f"{path}: field 'booster.num_class' is {num_class} but 'classes' names {n_classes}; "
                           f"give one name per class or re-export the bundle")
+    from runtime.normalize import check as check_normalization
+    from runtime.errors import UserError
+    for net_name, net in manifest["networks"].items():   # meanstd counts against the channels (1 or C, equal)
+        field = f"networks.{net_name}.input.normalization"
+        try:
+            channels = int(net.get("channels", net["input"].get("num_channels", 1)))
+            check_normalization(net["input"].get("normalization"), channels, f"field '{field}': ")
+        except UserError as e:
+            raise BundleError(f"{path}: {e}; correct it or re-export the bundle") from None
 
 
 def _short(text: str, n: int = 160) -> str:
@@ -126,14 +160,19 @@ def referenced_files(manifest: dict[str, Any]) -> list[str]:
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
-    """Fill in schema and the sha256 of every referenced file, then write manifest.json atomically."""
+    """Fill in schema and the sha256 of every referenced file, then write manifest.json atomically, and its own
+    sha256 to manifest.sha256 (MANIFEST_CHECKSUM) after it. A crash between the two leaves a pair that does not
+    match: the bundle is refused at load, never used with a manifest nobody wrote."""
     directory = Path(directory)
     manifest = dict(manifest)
     manifest["schema"] = SCHEMA
     manifest["files"] = {name: sha256_file(directory / name) for name in referenced_files(manifest)}
-    tmp = directory / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    tmp.replace(directory / "manifest.json")
+    data = (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode()
+    for name, content in (("manifest.json", data),
+                          (MANIFEST_CHECKSUM, f"{hashlib.sha256(data).hexdigest()}  manifest.json\n".encode())):
+        tmp = directory / f"{name}.tmp"
+        tmp.write_bytes(content)
+        tmp.replace(directory / name)
     return directory / "manifest.json"
 
 
@@ -151,6 +190,8 @@ class NetworkSpec:
 class Bundle:
     root: Path
     manifest: dict[str, Any]
+    # sha256 of the manifest.json bytes `load` parsed (the `manifest_sha256` property)
+    _manifest_sha256: str | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def load(cls, root: Path | str, *, verify: bool = True) -> "Bundle":
@@ -160,8 +201,9 @@ class Bundle:
             raise BundleError(f"{root} is not a model bundle (no manifest.json); build one with `sonoscore train` "
                               f"or `sonoscore export`, or run `sonoscore demo` to make the demo bundle")
         try:
-            manifest = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            raw = path.read_bytes()
+            manifest = json.loads(raw)
+        except (OSError, ValueError) as e:
             raise BundleError(f"{path} is not readable JSON ({e}); restore the bundle from its source") from None
         if not isinstance(manifest, dict):
             raise BundleError(f"{path} holds a JSON {type(manifest).__name__}, not an object; restore the bundle "
@@ -173,7 +215,7 @@ class Bundle:
             if key not in manifest:
                 raise BundleError(f"{path} lacks the '{key}' section; re-export the bundle")
         validate_manifest(manifest, path)
-        bundle = cls(root, manifest)
+        bundle = cls(root, manifest, hashlib.sha256(raw).hexdigest())
         bundle._check_paths()
         if verify:
             bundle.verify()
@@ -189,7 +231,8 @@ class Bundle:
                                   f"(to {target}); a bundle's files must lie in its folder: re-export the bundle")
 
     def verify(self) -> None:
-        """Check every referenced file against its recorded sha256."""
+        """Check manifest.json against manifest.sha256, then every referenced file against its recorded sha256."""
+        self._verify_manifest_checksum()
         recorded = self.manifest["files"]
         for name in referenced_files(self.manifest):
             f = self.root / name
@@ -200,6 +243,52 @@ class Bundle:
             if sha256_file(f) != recorded[name]:
                 raise BundleError(f"{f} does not match the sha256 in manifest.json (modified or corrupted); "
                                   f"restore the bundle from its source and do not edit its files")
+
+    def _verify_manifest_checksum(self) -> None:
+        """manifest.json's bytes as loaded must have the sha256 that manifest.sha256 (written with it by
+        write_manifest) records: a hand edit is refused, with the way to record it when it was on purpose."""
+        path = self.root / MANIFEST_CHECKSUM
+        record = f"`sha256sum manifest.json > {MANIFEST_CHECKSUM}` in the bundle's folder"
+        try:
+            text = path.read_text(errors="replace")
+        except FileNotFoundError:
+            raise BundleError(f"{path} is missing, so an edit to manifest.json could not be detected; re-export "
+                              f"the bundle, or, if its manifest.json is as it should be, record its hash with "
+                              f"{record}") from None
+        except OSError as e:
+            raise BundleError(f"{path} cannot be read ({e.strerror or e}); restore the bundle from its source") \
+                from None
+        recorded = (text.split() or [""])[0].lstrip("\\").lower()
+        if len(recorded) != 64 or any(c not in "0123456789abcdef" for c in recorded):
+            raise BundleError(f"{path} holds no sha256 of manifest.json; restore the bundle from its source, or "
+                              f"record the hash with {record}")
+        if recorded != self.manifest_sha256:
+            raise BundleError(f"{self.root / 'manifest.json'} does not match the sha256 in {MANIFEST_CHECKSUM} (edited "
+                              f"or corrupted since the bundle was written); restore the bundle from its source or "
+                              f"re-export it, or, if the edit was on purpose, record it with {record}")
+
+    @property
+    def manifest_sha256(self) -> str:
+        """sha256 (hex) of manifest.json's bytes as loaded: the bundle's identity (the DICOM SR's algorithm
+        version, the signature's subject). A Bundle made without `load` hashes the file now."""
+        if self._manifest_sha256 is None:
+            self._manifest_sha256 = sha256_file(self.root / "manifest.json")
+        return self._manifest_sha256
+
+    @property
+    def card(self) -> dict[str, Any]:
+        """The model card (manifest `card`: name, version, description, changelog, authors, license, intended_use,
+        data_source, references); a bundle without one gets {name: the manifest's name or the folder's, version:
+        "unversioned"}."""
+        card = self.manifest.get("card")
+        if isinstance(card, dict):          # MANIFEST_SCHEMA requires its name and version
+            return dict(card)
+        return {"name": self.manifest.get("name") or self.root.resolve().name, "version": "unversioned"}
+
+    @property
+    def label(self) -> str:
+        """"<card name> <card version>": how sinks name the model (overlay, viewer, report)."""
+        return card_label(self.card)
 
     def network(self, name: str) -> NetworkSpec:
         net = self.manifest["networks"][name]
@@ -250,6 +339,13 @@ class Bundle:
         file there (mixed precision). Empty when the bundle has no INT8 set."""
         return [name for name, n in self.manifest["networks"].items()
                 if "int8" in n["files"] and n["files"]["int8"] != n["files"]["fp32"]]
+
+
+def card_label(card: dict[str, Any] | None) -> str | None:
+    """A card's "<name> <version>" (the version left out when the card has none); None for no card."""
+    if not card or not card.get("name"):
+        return None
+    return f"{card['name']} {card['version']}" if card.get("version") else str(card["name"])
 
 
 def check_runner(name: str, runner, graph, file: Path | str | None = None, num_features: int | None = None) -> None:

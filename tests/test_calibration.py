@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from calibration.checks import trt_readiness
 from calibration.quantize import output_tail, quantize_int8, spread_indices
 from calibration.report import Outputs, Thresholds, compare
-from runtime.bundle import Bundle
+from runtime.bundle import Bundle, write_manifest
 from tests.conftest import sonoscore
 
 SIM = "sim://kidney?frames=16&fps=30&seed=4"   # fps=30 on purpose: calibration reads it unpaced
@@ -25,7 +25,7 @@ def _open_gate(bundle_dir: Path, min_mask_fraction: float = 0.0) -> None:
     [0, 1]). The networks and their files stay exactly as trained."""
     m = json.loads((bundle_dir / "manifest.json").read_text())
     m["gate"]["min_mask_fraction"] = min_mask_fraction
-    (bundle_dir / "manifest.json").write_text(json.dumps(m, indent=2))
+    write_manifest(bundle_dir, m)     # manifest.sha256 follows: a hand edit alone is refused at load
 
 
 def _drop_fp16(bundle_dir: Path) -> None:
@@ -142,7 +142,7 @@ def _threshold_at_the_median(bundle_dir: Path) -> None:
             probs.append(pipe.graph.segment(pipe.unet, pipe.prepare(frame)[1]))
     m = json.loads((bundle_dir / "manifest.json").read_text())
     m["gate"]["mask_threshold"] = float(np.median(probs))
-    (bundle_dir / "manifest.json").write_text(json.dumps(m, indent=2))
+    write_manifest(bundle_dir, m)
 
 
 def test_networks_auto_installs_both_when_both_pass_else_the_vgg_alone(calibrated, tmp_path):
@@ -221,7 +221,7 @@ def test_calibrate_user_errors_are_one_sentence(tiny_bundle, tmp_path):
     shutil.copytree(tiny_bundle, b)
     m = json.loads((b / "manifest.json").read_text())
     m["gate"]["mask_threshold"] = 1.0        # no sigmoid exceeds 1: every mask empty, every frame below the gate
-    (b / "manifest.json").write_text(json.dumps(m, indent=2))
+    write_manifest(b, m)
     r = sonoscore("calibrate", "--bundle", b, "--frames", SIM, "--count", 4, "--holdout", 4)
     assert r.returncode == 2 and "quality gate" in r.stderr and "Traceback" not in r.stderr
     r = sonoscore("run", "--bundle", tiny_bundle, "--source", SIM, "--precision", "int8")

@@ -217,7 +217,7 @@ cv2.ellipse(mask, (120, 110), (70, 45), 15, 0, 360, 1, -1)
 rec = FrameRecord(17, "test-source", time.time(), accepted=True, mask_fraction=float(mask.mean()), grade=3,
                   probabilities=[0.05, 0.15, 0.7, 0.1], latency_ms={"preprocess": 3.0, "total": 21.5},
                   mask=mask, display=display)
-win = DisplayWindow(name="sonoscore-test", max_fps=0)
+win = DisplayWindow(name="sonoscore-test", disclaimer=DEMO_DISCLAIMER, max_fps=0)
 win.write(rec)
 cv2.imwrite(sys.argv[1], render_overlay(rec, fps=None, disclaimer=DEMO_DISCLAIMER,
                                         class_names=DEFAULT_CLASS_NAMES))

@@ -140,7 +140,7 @@ def test_pictures_are_drawn_only_while_a_page_asks_and_write_never_waits(frames)
 
 
 def test_a_token_is_required_on_every_path_when_set(frames):
-    with LiveViewer(token="s3cret-token") as v:
+    with LiveViewer(token="s3cret-token", disclaimer=DISCLAIMER) as v:
         v.write(graded(frames[0], 0))
         assert v.url.endswith(f":{v.port}/?token=s3cret-token")
         for path in ("/", "/state.json", "/frame.jpg", "/favicon.ico"):

@@ -20,7 +20,6 @@ from typing import Sequence
 
 import cv2
 
-from runtime.bundle import DEMO_DISCLAIMER
 from runtime.errors import UserError
 from runtime.record import DROPPED, FrameRecord
 from runtime.sinks import Sink
@@ -94,12 +93,12 @@ class DisplayWindow(Sink):
     between pictures of a slow source it does not repaint.
     """
 
-    def __init__(self, name: str = "sonoscore", disclaimer: str | None = DEMO_DISCLAIMER,
+    def __init__(self, name: str = "sonoscore", disclaimer: str | None = None, model: str | None = None,
                  class_names: Sequence[str] = DEFAULT_CLASS_NAMES, max_fps: float = 15.0):
         problem = gui_problem()
         if problem:
             raise UserError(f"cannot show a window: {problem}")
-        self.name, self.disclaimer, self.class_names = name, disclaimer, class_names
+        self.name, self.disclaimer, self.class_names, self.model = name, disclaimer, class_names, model
         self.period = 1.0 / max_fps if max_fps and max_fps > 0 else 0.0
         self._next = 0.0
         self._done: collections.deque[float] = collections.deque(maxlen=30)
@@ -134,7 +133,8 @@ class DisplayWindow(Sink):
         # (OpenCV re-creates a window that the user closed).
         if self._user_closed(cv2.waitKey(1)):
             return
-        picture = render_overlay(record, fps=fps, disclaimer=self.disclaimer, class_names=self.class_names)
+        picture = render_overlay(record, fps=fps, disclaimer=self.disclaimer, class_names=self.class_names,
+                                 model=self.model)
         if not self._sized:                     # the first picture sets the size; the user's resizing stays
             cv2.resizeWindow(self.name, int(picture.shape[1]), int(picture.shape[0]))
             self._sized = True

@@ -7,11 +7,15 @@ right and top to bottom:
     +------------------------------+-------------------+
     | the frame, grey, with the    | IFTA GRADE  3     |
     | kidney contour in green      | probability bars  |
-    | (top-left of the picture,    | ACCEPTED / ...    |
-    |  scaled by `frame_scale`)    | frame, fps, ms    |
+    | (top-left of the picture,    | model name version|
+    |  scaled by `frame_scale`)    | ACCEPTED / ...    |
+    |                              | frame, fps, ms    |
     +------------------------------+-------------------+
     | disclaimer banner (always, when given)           |
     +--------------------------------------------------+
+
+The model line (the bundle's card: "<name> <version>") and the banner (the bundle's disclaimer) are drawn only
+when given: callers pass the bundle's own (`Bundle.label`, `Bundle.disclaimer`), never a default.
 
 Text goes through OpenCV's TrueType renderer (`cv2.FontFace`, OpenCV >= 5) and falls back to the Hershey fonts
 on older OpenCV (the device may ship 4.x); both are anti-aliased. The text helpers are public because the
@@ -24,7 +28,6 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from runtime.bundle import DEMO_DISCLAIMER
 from runtime.preprocess import Region, window_to_uint8
 from runtime.record import FrameRecord
 
@@ -202,12 +205,13 @@ def _draw_contour(canvas: np.ndarray, frame_mask: np.ndarray, scale: float, thic
 
 # -- the picture -----------------------------------------------------------------------------------------------
 def render_overlay(record: FrameRecord, *, fps: float | None = None,
-                   disclaimer: str | None = DEMO_DISCLAIMER,
-                   class_names: Sequence[str] = DEFAULT_CLASS_NAMES) -> np.ndarray:
+                   disclaimer: str | None = None,
+                   class_names: Sequence[str] = DEFAULT_CLASS_NAMES, model: str | None = None) -> np.ndarray:
     """One record -> the annotated BGR uint8 picture (even width and height, so any video encoder takes it).
 
     Never raises for a record without a frame or mask: a grey placeholder carries the record's error instead.
-    `fps` is the processing rate to show (None: not shown as a number).
+    `fps` is the processing rate to show (None: not shown as a number). `disclaimer`: the bundle's, drawn as a
+    banner under the picture; `model`: the bundle's "<name> <version>", drawn in the panel above the gate state.
     """
     display = record.display
     if display is not None and getattr(display, "ndim", 0) in (2, 3) and display.size:
@@ -238,7 +242,7 @@ def render_overlay(record: FrameRecord, *, fps: float | None = None,
     else:
         _draw_placeholder(canvas[:H, :W], record.error, u)
 
-    _draw_panel(canvas[:H, W:], record, u, fps, class_names)
+    _draw_panel(canvas[:H, W:], record, u, fps, class_names, model)
     if disclaimer:
         _draw_banner(canvas[H:], disclaimer, u)
     return canvas
@@ -259,7 +263,8 @@ def _grade_text(name: str) -> str:
     return name.split(":", 1)[1].strip() if ":" in name else name
 
 
-def _draw_panel(p: np.ndarray, rec: FrameRecord, u: float, fps: float | None, class_names: Sequence[str]) -> None:
+def _draw_panel(p: np.ndarray, rec: FrameRecord, u: float, fps: float | None, class_names: Sequence[str],
+                model: str | None = None) -> None:
     h, w = p.shape[:2]
     m = 18 * u                                            # margin
     cv2.line(p, (0, 0), (0, h - 1), RULE, max(1, int(round(u))))
@@ -320,8 +325,11 @@ def _draw_panel(p: np.ndarray, rec: FrameRecord, u: float, fps: float | None, cl
             else:
                 draw_text(p, "-", (w - m, y), label_size, MUTED, align="right")
 
-    # Gate state.
+    # Gate state, and above it the model that made the numbers.
     pill_top, pill_h = h - 128 * u, 50 * u
+    if model:
+        text = f"model {model}"
+        draw_text(p, text, (m, pill_top - 12 * u), fit_size(text, 14 * u, w - 2 * m, 500), MUTED, 500)
     if rec.error:
         state, colour, detail = "NOT PROCESSED", ERROR_COLOUR, "see the error above"
     elif rec.accepted:

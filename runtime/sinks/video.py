@@ -11,7 +11,6 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from runtime.bundle import DEMO_DISCLAIMER
 from runtime.record import DROPPED, FrameRecord
 from runtime.sinks import Sink, fsync_path, partial_path, reason, target_path
 from runtime.sinks.overlay import DEFAULT_CLASS_NAMES, PANEL_BG, fill, render_overlay
@@ -42,8 +41,8 @@ class VideoSink(Sink):
     After `fail()` (a picture that could not be made or written), `close()` keeps the frames written before.
     """
 
-    def __init__(self, path: str | Path, fps: float = 30.0, disclaimer: str | None = DEMO_DISCLAIMER,
-                 class_names: Sequence[str] = DEFAULT_CLASS_NAMES):
+    def __init__(self, path: str | Path, fps: float = 30.0, disclaimer: str | None = None,
+                 class_names: Sequence[str] = DEFAULT_CLASS_NAMES, model: str | None = None):
         self.path = Path(path)
         self.target = target_path(self.path)
         self.target.parent.mkdir(parents=True, exist_ok=True)
@@ -51,6 +50,7 @@ class VideoSink(Sink):
         self.fps = float(fps) if fps and fps > 0 else 30.0
         self.disclaimer = disclaimer
         self.class_names = class_names
+        self.model = model              # the bundle's "<name> <version>" (Bundle.label), on every picture
         self.size: tuple[int, int] | None = None        # (width, height), fixed by the first picture
         self.frames = 0
         self._writer: _Writer | None = None
@@ -80,7 +80,7 @@ class VideoSink(Sink):
             if "total" in record.latency_ms:
                 self._done.append(time.perf_counter())
             picture = render_overlay(record, fps=self.processing_fps(), disclaimer=self.disclaimer,
-                                     class_names=self.class_names)
+                                     class_names=self.class_names, model=self.model)
         if self._writer is None:
             self._open(picture.shape[1], picture.shape[0])
         picture = self._fit(picture)

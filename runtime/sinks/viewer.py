@@ -9,9 +9,10 @@ probabilities, the gate state, the frame number, the processing rate and the lat
     GET /frame.jpg?n=N       the picture of state N (the latest if N is gone), JPEG
 
 The page is an asset beside this module, viewer_page.html (HTML, CSS and its script inline, since the page is
-served alone), read when the first viewer starts. Its four placeholders are filled per viewer: __TITLE__ (the
-title, escaped), __BANNER__ (the disclaimer banner, or a hidden empty one), __COLOURS__ (the grade colours as a
-JSON list of CSS colours) and __CONTOUR__ (the contour's CSS colour).
+served alone), read when the first viewer starts. Its five placeholders are filled per viewer: __TITLE__ (the
+title, escaped), __MODEL__ (the bundle's "<name> <version>", escaped, or nothing), __BANNER__ (the bundle's
+disclaimer banner, or a hidden empty one), __COLOURS__ (the grade colours as a JSON list of CSS colours) and
+__CONTOUR__ (the contour's CSS colour).
 
 The page long-polls the state and, when it changes, loads that state's picture and then shows picture and numbers
 together, so they always agree. The stream's worker only hands the record over (`write` stores a reference,
@@ -50,8 +51,6 @@ from urllib.parse import parse_qs, urlsplit
 import cv2
 import numpy as np
 
-from runtime.bundle import DEMO_DISCLAIMER
-from runtime.errors import UserError
 from runtime.errors import UserError
 from runtime.preprocess import Region
 from runtime.record import DROPPED, FrameRecord
@@ -124,14 +123,16 @@ class LiveViewer(Sink):
     port actually bound (`port=0` picks a free one).
 
     `host` 127.0.0.1 (default) or another loopback name serves this machine only; any other address (0.0.0.0 for
-    every interface) requires `token`, generated when not given. `disclaimer` is shown on the page above
-    everything else (it must be, whenever the bundle has one). `max_fps` caps how often a picture is drawn and
-    encoded; `jpeg_quality` is OpenCV's JPEG quality.
+    every interface) requires `token`, generated when not given. `disclaimer` (the bundle's; none by default) is
+    shown on the page above everything else (it must be, whenever the bundle has one); `model` (the bundle's
+    "<name> <version>", `Bundle.label`) in the page's header and in the state. `max_fps` caps how often a picture
+    is drawn and encoded; `jpeg_quality` is OpenCV's JPEG quality.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-                 disclaimer: str | None = DEMO_DISCLAIMER, class_names: Sequence[str] = DEFAULT_CLASS_NAMES, *,
-                 max_fps: float = 15.0, jpeg_quality: int = 80, title: str = "sonoscore live"):
+                 disclaimer: str | None = None, class_names: Sequence[str] = DEFAULT_CLASS_NAMES, *,
+                 max_fps: float = 15.0, jpeg_quality: int = 80, title: str = "sonoscore live",
+                 model: str | None = None):
         self.host = host
         self.loopback = _is_loopback(host)
         if token is not None and not self.loopback and len(token) < MIN_TOKEN_CHARS:
@@ -139,6 +140,7 @@ class LiveViewer(Sink):
                             f"on {host} (a network address); leave it out and one is generated")
         self.token: str | None = token or (None if self.loopback else secrets.token_urlsafe(18))
         self.disclaimer = disclaimer or None
+        self.model = model or None
         self.class_names = [str(n) for n in class_names]
         self.max_fps = float(max_fps) if max_fps and max_fps > 0 else 15.0
         self.jpeg_quality = int(jpeg_quality)
@@ -274,7 +276,7 @@ class LiveViewer(Sink):
                 "mask_fraction": 0.0, "fps": None, "latency_ms": None, "error": None, "has_image": False,
                 "image_size": None}
             out.update(received=self.received, dropped=self.dropped, disclaimer=self.disclaimer,
-                       class_names=self.class_names, stopping=self._stopping)
+                       model=self.model, class_names=self.class_names, stopping=self._stopping)
             return out
 
     def picture(self, n: int | None = None) -> tuple[int, bytes] | None:
@@ -302,7 +304,8 @@ class LiveViewer(Sink):
         colours = json.dumps([_hex(c) for c in GRADE_COLOURS])
         banner = (f'<div id="disclaimer" class="banner" role="alert">&#9888; {html.escape(self.disclaimer)}</div>'
                   if self.disclaimer else '<div id="disclaimer" hidden></div>')
-        page = (_page_template().replace("__TITLE__", html.escape(self.title)).replace("__BANNER__", banner)
+        page = (_page_template().replace("__TITLE__", html.escape(self.title))
+                .replace("__MODEL__", html.escape(self.model or "")).replace("__BANNER__", banner)
                 .replace("__COLOURS__", colours).replace("__CONTOUR__", _hex(CONTOUR)))
         return page.encode("utf-8")
 
