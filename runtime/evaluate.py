@@ -305,18 +305,26 @@ def _ms(v: float) -> str:
 
 # -- `sonoscore eval` ------------------------------------------------------------------------------------------
 def evaluate_bundle(bundle_path, data_dir, *, precision="fp32", backend="ort", report=None, quiet=False,
-                    cache_dir=None) -> dict:
+                    cache_dir=None, labels=None) -> dict:
     """`sonoscore eval`: kidney IoU, gate agreement and grade metrics on a labelme dataset, through the deployed
     pipeline. Each labelled mask is cut and scaled exactly like its image (the region the pipeline used), and the
     gate's rule (`Graph.accepts`) says whether it shows a kidney; a frame is graded when both the label and the
-    pipeline say it does and it has a labelled grade."""
+    pipeline say it does and it has a labelled grade.
+
+    `labels`: which labelme labels are the kidney (runtime.dataset.LabelMap.of; None: the default variants). An
+    image whose kidney annotation is missing (runtime.dataset: no labelme file, or no kidney shape with an area)
+    has no known mask: it is left out of the IoU and the gate agreement, named in the report
+    (`kidney_missing_images`) and counted on the terminal; it is graded when the pipeline's gate passes it and it
+    has a grade (`graded_without_outline` counts those). The dataset's annotation report (runtime.dataset,
+    `LabelledDataset.report`: labels not mapped, shapes ignored, where grades came from) is printed as one line
+    and merged into the report JSON."""
     import json
     import sys
     import time
 
     from runtime import preprocess as pp
     from runtime.bundle import Bundle
-    from runtime.dataset import read_dataset
+    from runtime.dataset import MISSING, read_dataset
     from runtime.errors import UserError
     from runtime.pipeline import Pipeline
     from runtime.sources import Frame
@@ -326,25 +334,34 @@ def evaluate_bundle(bundle_path, data_dir, *, precision="fp32", backend="ort", r
 
     bundle = Bundle.load(bundle_path)
     try:
-        samples = read_dataset(Path(data_dir))
+        samples = read_dataset(Path(data_dir), labels=labels)
     except ValueError as e:
         raise UserError(str(e)) from None
     if not samples:
         raise UserError(f"dataset {data_dir} has no labelled images; point --data at a labelme folder")
+    say(f"eval: {samples.summary_line()}")
     ious, y_true, y_pred, errors = [], [], [], []
-    gate_ok = gate_n = 0
+    gate_ok = gate_n = without_outline = 0
     with Pipeline(bundle, backend=backend, precision=precision, cache_dir=cache_dir) as pipe:
         graph = pipe.graph
         for i, s in enumerate(samples):
+            if not quiet and i and i % 25 == 0:
+                say(f"  evaluated {i}/{len(samples)} images")
             try:
                 gray = s.load_gray()
-                truth = s.load_mask()
-            except Exception as e:  # unreadable image: counted, reported, evaluation goes on
-                errors.append(f"{s.image_path.name}: {e}")
+                truth = None if s.kidney == MISSING else s.load_mask()
+            except Exception as e:  # unreadable image or annotation: counted, reported, evaluation goes on
+                errors.append(f"{s.relative or s.image_path.name}: {e}")
                 continue
             rec = pipe.process(Frame(i, "eval", time.time(), gray))
             if rec.error:
                 errors.append(rec.error)
+                continue
+            if truth is None:       # no known mask: no IoU, no gate agreement; graded if the gate passes it
+                if s.grade is not None and rec.accepted:
+                    y_true.append(s.grade - 1)
+                    y_pred.append(rec.grade - 1)
+                    without_outline += 1
                 continue
             truth_mask = pp.crop_mask(truth, rec.region, graph.size)
             has_kidney = graph.gate_mask(truth_mask).accepted
@@ -355,13 +372,13 @@ def evaluate_bundle(bundle_path, data_dir, *, precision="fp32", backend="ort", r
             if has_kidney and s.grade is not None and rec.accepted:
                 y_true.append(s.grade - 1)
                 y_pred.append(rec.grade - 1)
-            if not quiet and (i + 1) % 25 == 0:
-                say(f"  evaluated {i + 1}/{len(samples)} images")
     graded_truth = sum(1 for s in samples if s.grade is not None)
+    annotations = samples.report()
     out = {"bundle": str(bundle.root), "precision": precision, "images": len(samples),
            "iou_mean": float(np.mean(ious)) if ious else None, "iou_images": len(ious),
-           "gate_agreement": gate_ok / gate_n if gate_n else None,
-           "graded_frames": len(y_true), "errors": errors}
+           "gate_agreement": gate_ok / gate_n if gate_n else None, "gate_images": gate_n,
+           "graded_frames": len(y_true), "graded_without_outline": without_outline, "errors": errors,
+           **{k: v for k, v in annotations.items() if k != "images"}}
     grades = [str(g) for g in range(1, bundle.num_classes + 1)]
     if y_true:
         out.update(classification_report(y_true, y_pred, n_classes=bundle.num_classes, class_names=grades))
@@ -376,7 +393,9 @@ def evaluate_bundle(bundle_path, data_dir, *, precision="fp32", backend="ort", r
             confusion_png(np.array(out["confusion_matrix"]), Path(report).with_suffix(".confusion.png"),
                           [f"grade {g}" for g in grades], f"IFTA grade, {len(y_true)} frames ({precision})")
     acc, mean_iou = out.get("accuracy"), out["iou_mean"]
-    say(f"eval: {len(samples)} images, kidney IoU {mean_iou if mean_iou is not None else float('nan'):.3f}, "
-        f"gate agreement {out['gate_agreement'] or 0:.3f}, grade accuracy "
+    missing = annotations["kidney_missing"]
+    say(f"eval: {len(samples)} images, kidney IoU {mean_iou if mean_iou is not None else float('nan'):.3f} on "
+        f"{len(ious)}" + (f" ({missing} without a kidney annotation left out)" if missing else "")
+        + f", gate agreement {out['gate_agreement'] or 0:.3f}, grade accuracy "
         f"{acc if acc is not None else float('nan'):.3f} on {len(y_true)} frames, {len(errors)} errors")
     return out

@@ -6,6 +6,11 @@
                   its pixels and meta are let go the moment it is replaced (only index, source id and capture time
                   wait for the worker), so a slow worker never holds more than the newest frame's pixels.
 
+Latency: `process(frame, t0)` is handed the perf_counter at which the worker took the frame from the hand-off. A
+record's `latency_ms.wait` ends there (capture -> taken: under `all`, the back-pressure of a source that reads
+ahead) and its processing stages and `total` start there (runtime/pipeline.py), so a slow pipeline and a long
+queue read apart.
+
 A stop request (`stop`: a `StopRequest`, which a signal handler may set, or a threading.Event) ends the run after
 the frame in hand; the sinks then hold every record up to it. A sink whose write raises is told so (`Sink.fail`)
 and handed no more records; the others go on.
@@ -74,6 +79,8 @@ class Dropped:
     index: int
     source_id: str
     t_capture: float
+    source_file: str | None = None
+    frame_in_file: int | None = None
 
 
 class _Handoff:
@@ -92,7 +99,8 @@ class _Handoff:
             if self.policy == "newest":
                 while self.items:      # the replaced frame's pixels are freed here, not at the worker's next get
                     old = self.items.popleft()
-                    self.dropped.append(Dropped(old.index, old.source_id, old.t_capture))
+                    self.dropped.append(Dropped(old.index, old.source_id, old.t_capture, old.source_file,
+                                                old.frame_in_file))
                     del old
             else:
                 while len(self.items) >= self.depth and not self.closed:
@@ -121,11 +129,14 @@ def run_stream(source: Source | Iterable[Frame], process: Callable[[Frame, float
                sinks: list[Sink], *, policy: str = "all",
                on_record: Callable[[FrameRecord, StreamStats], None] | None = None,
                stop: StopRequest | threading.Event | None = None,
-               on_sink_error: Callable[[str], None] | None = None, join_s: float | None = None) -> StreamStats:
+               on_sink_error: Callable[[str], None] | None = None, join_s: float | None = None,
+               record_paths: bool = False) -> StreamStats:
     """Run frames from `source` through `process` into `sinks` until the source ends or `stop` is set (then after
     the frame in hand). A sink whose write raises gets no more records; `on_sink_error` hears its sentence.
     A source still running when the worker is done is closed (`source.close()`, from this thread) and its capture
-    thread given `join_s` seconds (default JOIN_S) to end; one sentence on stderr says so if it does not."""
+    thread given `join_s` seconds (default JOIN_S) to end; one sentence on stderr says so if it does not.
+    `record_paths` (`run --record-paths`): every record, dropped ones too, carries its frame's `source_file` and
+    `frame_in_file`; without it they stay None (and out of the results)."""
     if policy not in POLICIES:
         raise ValueError(f"policy '{policy}' is not one of {', '.join(POLICIES)}")
     halt = threading.Event()            # tells the capture thread to end
@@ -150,7 +161,10 @@ def run_stream(source: Source | Iterable[Frame], process: Callable[[Frame, float
         finally:
             handoff.close()
 
-    def emit(rec: FrameRecord) -> None:
+    def emit(rec: FrameRecord, origin) -> None:
+        if record_paths:
+            rec.source_file = getattr(origin, "source_file", None)
+            rec.frame_in_file = getattr(origin, "frame_in_file", None)
         stats.frames += 1
         stats.accepted += rec.accepted
         stats.errors += rec.error is not None and rec.error != DROPPED
@@ -176,7 +190,7 @@ def run_stream(source: Source | Iterable[Frame], process: Callable[[Frame, float
             dropped, frame = handoff.get(stopped)
             for d in dropped:
                 stats.dropped += 1
-                emit(FrameRecord(d.index, d.source_id, d.t_capture, error=DROPPED))
+                emit(FrameRecord(d.index, d.source_id, d.t_capture, error=DROPPED), d)
             if frame is None:
                 break
             t0 = time.perf_counter()
@@ -186,7 +200,7 @@ def run_stream(source: Source | Iterable[Frame], process: Callable[[Frame, float
                 rec = FrameRecord(frame.index, frame.source_id, frame.t_capture,
                                   error=f"frame {frame.index}: internal error ({type(e).__name__}: {e})")
             stats.processed += 1
-            emit(rec)
+            emit(rec, frame)
             if stopped():       # the stop request ends the run after the frame in hand
                 break
     finally:

@@ -184,12 +184,15 @@ def _pnm_size(b) -> tuple[int, int] | None:
 
 
 class FolderSource(Source):
-    """Every file of a folder (sorted by name), or one file; lossless, one frame per file.
+    """Every file of a folder and of its subfolders (sorted by path, folder by folder: a folder's files and
+    subfolders in name order), or one file; lossless, one frame per file.
 
     Files that are not images still get a frame (with an error), so the results keep one record per input.
-    Hidden files are skipped, and so are annotations beside their images: `X.json` when an image `X.png` (any
-    image suffix) is in the same folder, the labelme layout of `sonoscore sim` datasets (`annotations` counts
-    them). A folder holding nothing but such annotations is refused in one sentence.
+    Hidden files and hidden folders are skipped, links to folders are not followed, and so are annotations beside
+    their images: `X.json` when an image `X.png` (any image suffix) is in the same folder, the labelme layout of
+    `sonoscore sim` datasets (`annotations` counts them). A folder holding nothing but such annotations is refused
+    in one sentence. Each frame knows its file relative to the folder (`Frame.source_file`, frame_in_file 0), which
+    only `run --record-paths` writes.
     """
 
     def __init__(self, path: Path):
@@ -197,25 +200,57 @@ class FolderSource(Source):
         self.annotations = 0
         self._folder = self.path.is_dir()
         if self._folder:
-            files = sorted(p for p in self.path.iterdir() if p.is_file() and not p.name.startswith("."))
-            images = {p.stem for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
-            self.files = [p for p in files if not (p.suffix.lower() == ".json" and p.stem in images)]
-            self.annotations = len(files) - len(self.files)
+            self.files, self.annotations = folder_files(self.path)
             if not self.files:
                 raise SourceError(f"folder '{path}' has no files; put images in it or give another source")
+            self.names = [p.relative_to(self.path).as_posix() for p in self.files]
         else:
             self.files = [self.path]
+            self.names = [self.path.name]
         self.source_id = opaque_id(str(self.path.resolve()), "files")
         self.total = len(self.files)
 
     def __iter__(self) -> Iterator[Frame]:
         n = len(self.files)
         for i, f in enumerate(self.files):
-            t = now()
             # Named by its place, never by its file name (which may be a patient's): "image 17 of 40 in the folder"
             label = f"image {i + 1} of {n} (in name order) in the folder" if self._folder else "the image"
             pixels, error = read_image(f, label)
-            yield Frame(i, self.source_id, t, pixels, channel_order="BGR", error=error)
+            if error is not None and _is_dicom(f):   # say so, rather than "not an image"
+                error = (f"{label} is a DICOM file, which a folder of images does not read; give the folder that "
+                         f"holds it, or the file itself, as the source")
+            # captured = decoded: the record's `wait` then is the time the frame waited for the pipeline only
+            yield Frame(i, self.source_id, now(), pixels, channel_order="BGR", error=error,
+                        source_file=self.names[i], frame_in_file=0)
+
+
+def _is_dicom(path: Path) -> bool:
+    from runtime.sources.dicom import is_dicom
+    return is_dicom(path)
+
+
+def folder_files(root: Path) -> tuple[list[Path], int]:
+    """(the files under `root`, subfolders included, in FolderSource's order; how many annotation JSONs beside
+    their images were left out). Hidden files and folders are skipped and links to folders not followed; a
+    subfolder that cannot be listed is counted in one warning (naming no folder: a name may be a patient's)."""
+    files: list[Path] = []
+    annotations = 0
+    unreadable: list[OSError] = []
+    for folder, subfolders, names in os.walk(root, onerror=unreadable.append):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        here = [Path(folder) / n for n in sorted(names) if not n.startswith(".")]
+        here = [p for p in here if p.is_file()]
+        images = {p.stem for p in here if p.suffix.lower() in IMAGE_SUFFIXES}
+        kept = [p for p in here if not (p.suffix.lower() == ".json" and p.stem in images)]
+        annotations += len(here) - len(kept)
+        files += kept
+    if unreadable:
+        import logging
+        logging.getLogger(__name__).warning("%d subfolder(s) of '%s' could not be listed (%s); their files are not "
+                                            "read", len(unreadable), root,
+                                            (unreadable[0].strerror or type(unreadable[0]).__name__).lower())
+    files.sort(key=lambda p: p.relative_to(root).parts)
+    return files, annotations
 
 
 class VideoSource(Source):
@@ -249,13 +284,15 @@ class VideoSource(Source):
                 ok, img = cap.read()
                 if not ok:
                     break
-                yield Frame(i, self.source_id, now(), img, channel_order="BGR")
+                yield Frame(i, self.source_id, now(), img, channel_order="BGR", source_file=self.path.name,
+                            frame_in_file=i)
                 i += 1
         finally:
             cap.release()
         self.truncated = ended_early(self.path, i, self.total)
         if self.truncated:
-            yield Frame(i, self.source_id, now(), None, channel_order="BGR", error=self.truncated)
+            yield Frame(i, self.source_id, now(), None, channel_order="BGR", error=self.truncated,
+                        source_file=self.path.name, frame_in_file=i)
 
 
 def ended_early(path: Path, delivered: int, declared: int | None) -> str | None:
