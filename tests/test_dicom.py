@@ -524,7 +524,7 @@ def test_not_dicom_and_no_pixel_data_and_undecodable_syntax_are_one_sentence(tmp
 
 def test_a_missing_decoder_is_one_sentence_naming_the_package(tmp_path):
     """In a fresh interpreter that sees every installed package except the JPEG 2000 decoders (pylibjpeg-openjpeg,
-    and python-gdcm, which decodes JPEG 2000 too): a view of site-packages without their modules and metadata,
+    and python-gdcm and Pillow, which decode JPEG 2000 too): a view of site-packages without their modules and metadata,
     exactly as if they had never been installed."""
     import openjpeg
     site = Path(openjpeg.__file__).resolve().parents[1]
@@ -532,7 +532,8 @@ def test_a_missing_decoder_is_one_sentence_naming_the_package(tmp_path):
     view.mkdir()
     for entry in site.iterdir():
         if not (entry.name in ("openjpeg", "gdcm", "_gdcm", "gdcm.py") or entry.name.startswith("pylibjpeg_openjpeg")
-                or entry.name.lower().startswith("python_gdcm")):
+                or entry.name.lower().startswith("python_gdcm") or entry.name == "PIL"
+                or entry.name.lower().startswith("pillow")):
             (view / entry.name).symlink_to(entry)
     code = ("import site\n"
             f"site.addsitedir({str(view)!r})\n"
@@ -572,7 +573,7 @@ def test_no_patient_identifier_reaches_the_frame(tmp_path):
     # What meta may hold: technical facts only.
     assert set(frames[0].meta) <= {"format", "modality", "photometric", "bits_allocated", "bits_stored",
                                    "transfer_syntax", "frames", "frame_rate", "region", "pixel_spacing_mm",
-                                   "pixel_spacing_rc_mm", "burned_in_annotation"}
+                                   "pixel_spacing_rc_mm", "burned_in_annotation", "us_regions"}
     # The real test files' own identifiers do not leak either.
     real = data_file("US1_UNCR.dcm")
     f = next(iter(DicomSource(real)))

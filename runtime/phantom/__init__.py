@@ -6,17 +6,22 @@ pixels. Anatomy and the grade's cues (with their sources): `anatomy.py`; image f
 
     >>> ph = KidneyPhantom(grade=3, seed=7)
     >>> f = ph.frame(0)            # f.image uint8 400x520, f.mask 0/1, f.region = the fan's bounding box
+    >>> f.kidney_length_mm         # the true length of the kidney as this frame shows it (None: no kidney)
+
+The pixels are square, `pixel_spacing_mm` on a side (the probe's `spacing_mm`, about 0.42 mm on 400x520).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import cv2
 import numpy as np
 
 from runtime.phantom.anatomy import WALL, Anatomy, Patient, Pose
 from runtime.phantom.bmode import Beam, ConvexProbe, envelope_to_grey, probe, residual_tgc_db, speckle_field
+from runtime.measure import max_feret
 from runtime.preprocess import Region
 
 __all__ = ["KidneyPhantom", "PhantomFrame", "Region", "DEFAULT_HEIGHT", "DEFAULT_WIDTH", "grade_from_seed"]
@@ -37,6 +42,16 @@ class PhantomFrame:
     has_kidney: bool
     pixel_spacing_mm: float
     patient_id: str          # "sim-<seed>"
+    pose: Pose | None = field(default=None, repr=False)                       # the probe's pose of this frame
+    phantom: "KidneyPhantom | None" = field(default=None, repr=False, compare=False)
+
+    @cached_property
+    def kidney_length_mm(self) -> float | None:
+        """The true length (mm) of the kidney this frame shows (`KidneyPhantom.kidney_length_mm`), None without one;
+        computed on first use."""
+        if not self.has_kidney or self.phantom is None or self.pose is None:
+            return None
+        return self.phantom.kidney_length_mm(self.pose)
 
 
 def grade_from_seed(seed: int) -> int:
@@ -89,9 +104,10 @@ class KidneyPhantom:
         polar = envelope_to_grey(iq, self.patient.gain_db)
         image = self.probe.scan_convert(polar)
         mask = self.kidney_mask(pose)
+        has_kidney = bool(mask.any())
         return PhantomFrame(image=image, mask=mask, region=self.probe.region, grade=self.grade,
-                            has_kidney=bool(mask.any()), pixel_spacing_mm=float(self.probe.spacing_mm),
-                            patient_id=self.patient_id)
+                            has_kidney=has_kidney, pixel_spacing_mm=float(self.probe.spacing_mm),
+                            patient_id=self.patient_id, pose=pose, phantom=self)
 
     def tissue(self, index: int) -> np.ndarray:
         """uint8 HxW tissue labels of frame `index` (anatomy.WALL ... CAPSULE; 0 outside the fan), for tests and
@@ -118,6 +134,57 @@ class KidneyPhantom:
         if int(window.sum()) >= MIN_KIDNEY_PX:
             mask[r0:r1, c0:c1] = window
         return mask
+
+    def kidney_length_mm(self, pose: Pose) -> float | None:
+        """The true length (mm) of the kidney as the image plane at `pose` shows it: the maximum Feret diameter (the
+        longest chord) of the kidney's section by the plane, cut to the fan; None when the plane misses it.
+
+        Computed in mm from the anatomy, not from pixels: the capsule where `Kidney.mask_depth` crosses 0 (the
+        surface `kidney_mask` samples at pixel centres), found by bisection along 720 rays from the kidney's axis
+        (the section is star-shaped about it), moved into the probe frame, kept where it lies in the fan; plus the
+        fan's edges (sampled every 0.05 mm) where they cross the kidney. The longest distance between two of those
+        points is the length. A frame whose mask is empty (`has_kidney` False: a sliver under MIN_KIDNEY_PX pixels)
+        has no length, which `frame()` applies."""
+        pr, an, k = self.probe, self.anatomy, self.patient.kidney
+        z = float(pose.z)
+        if abs(z) >= k.b * k.rb_max:
+            return None
+        theta = np.linspace(-np.pi, np.pi, 720, endpoint=False)
+        cu, su = np.cos(theta) * k.a, np.sin(theta) * k.c
+
+        def depth(r: np.ndarray) -> np.ndarray:           # mm below the capsule at normalised radius r on each ray
+            return k.mask_depth(r * cu, r * su, z)
+
+        lo = np.full(theta.shape, 1e-4)
+        hi = np.full(theta.shape, 1.05 * k.rb_max)
+        ray = depth(lo) >= 0                               # rays along which the section has any extent
+        for _ in range(32):                                # the crossing to ~1e-9 of the radius
+            mid = 0.5 * (lo + hi)
+            inside = depth(mid) >= 0
+            lo, hi = np.where(inside, mid, lo), np.where(inside, hi, mid)
+        r = 0.5 * (lo + hi)
+        x, y = an.from_kidney(r[ray] * cu[ray], r[ray] * su[ray], pose)
+        keep = self._in_fan(x, y)
+        pts = [np.stack([x[keep], y[keep]], axis=1)]
+        # the fan's edges inside the kidney: the two side lines, the skin arc and the deepest arc
+        r0, r1, half = pr.radius_mm, pr.radius_mm + pr.depth_mm, pr.half_angle
+        radial = np.arange(r0, r1, 0.05)
+        for phi in (-half, half):
+            pts.append(np.stack([radial * math.sin(phi), radial * math.cos(phi)], axis=1))
+        for rr in (r0, r1):
+            phi = np.linspace(-half, half, int(2 * half * rr / 0.05) + 2)
+            pts.append(np.stack([rr * np.sin(phi), rr * np.cos(phi)], axis=1))
+        edges = np.concatenate(pts[1:])
+        _, _, u, v = an.to_kidney(edges[:, 0], edges[:, 1], pose)
+        pts[1:] = [edges[k.mask_depth(u, v, z) >= 0]]
+        pts = np.concatenate(pts)
+        return max_feret(pts) if len(pts) >= 2 else None
+
+    def _in_fan(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Probe-frame mm points inside the fan (the test `ConvexProbe.sector` applies to pixel centres)."""
+        pr = self.probe
+        r, phi = np.hypot(x, y), np.arctan2(x, y)
+        return (r >= pr.radius_mm) & (r <= pr.radius_mm + pr.depth_mm) & (np.abs(phi) <= pr.half_angle)
 
     # -- internals ------------------------------------------------------------------------------------------
     def _echo(self, pose: Pose, labels: bool) -> tuple[np.ndarray, np.ndarray | None]:

@@ -64,6 +64,11 @@ class Frame:
     region: Region | None = None               # ultrasound region when the source knows it
     error: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # technical facts only; pixel spacing as described above
+    # Where the frame came from, for `run --record-paths` only (runtime/stream.py copies them into the record when
+    # asked; nothing else writes them): the file relative to the source root, and the frame's number inside it.
+    # None for sources without files (sim, igtl, capture). Never a value read from inside a file (no DICOM UID).
+    source_file: str | None = None
+    frame_in_file: int | None = None
 
 
 class Source:

@@ -14,7 +14,9 @@ so a long cine is never decoded, nor held in memory, all at once. What pydicom r
   the pipeline's automatic crop applies.
 - Pixel spacing, in the keys every source uses (`runtime.sources.spacing_meta`): `meta["pixel_spacing_rc_mm"]`
   = (row mm, column mm) from that region's PhysicalDeltaY/X (when its units are cm), else from PixelSpacing, and
-  `meta["pixel_spacing_mm"]` (one float) only when the pixels are square.
+  `meta["pixel_spacing_mm"]` (one float) only when the pixels are square. `meta["us_regions"]` lists every region
+  of the sequence (bounds, type, units, deltas; empty without one): measurements in mm (runtime/measure.py) use
+  the region that holds what they measure, and never Pixel Spacing, which does not calibrate ultrasound.
 
 Safety (docs/design.md, "Safety"): nothing identifying leaves this module. `source_id` is an opaque hash of the
 path, `meta` holds only technical facts, and per-frame error sentences never name the file (its name may be a
@@ -166,7 +168,7 @@ class DicomSource(Source):
                 wide = pixels is not None and pixels.dtype != np.uint8
                 yield Frame(i, self.source_id, now(), pixels, channel_order="RGB",
                             window=self.window if wide else None, region=self.region, error=error,
-                            meta=dict(self.meta))
+                            meta=dict(self.meta), source_file=self.path.name, frame_in_file=i)
         finally:
             if f is not None:
                 f.close()
@@ -199,7 +201,9 @@ class DicomSource(Source):
 
 
 class DicomFolderSource(Source):
-    """The DICOM files of a folder (sorted by name), frame after frame, numbered continuously; lossless.
+    """The DICOM files of a folder (sorted by name), frame after frame, numbered continuously; lossless. Each frame
+    knows its file (relative to the folder) and its number inside that file (`Frame.source_file`, `frame_in_file`),
+    which only `run --record-paths` writes.
 
     A file that cannot be opened still gets one frame (with its error), so the results account for every file.
     """
@@ -229,13 +233,14 @@ class DicomFolderSource(Source):
 
     def __iter__(self) -> Iterator[Frame]:
         index = 0
-        for s in self._sources:
+        for path, s in zip(self.files, self._sources):
+            name = path.relative_to(self.folder).as_posix()     # the path on disk, never a UID from inside it
             if isinstance(s, str):
-                yield Frame(index, self.source_id, now(), None, error=s)
+                yield Frame(index, self.source_id, now(), None, error=s, source_file=name, frame_in_file=0)
                 index += 1
                 continue
             for frame in s:
-                frame.index, frame.source_id = index, self.source_id
+                frame.index, frame.source_id, frame.source_file = index, self.source_id, name
                 yield frame
                 index += 1
 
@@ -325,6 +330,8 @@ class _Header:
         }
         if spacing is not None:
             self.meta.update(spacing_meta(*spacing))
+        # every region of the Sequence of Ultrasound Regions (empty: none), what runtime/measure.py calibrates from
+        self.meta["us_regions"] = _ultrasound_regions(ds, rows, cols)
 
     def to_display(self, arr: np.ndarray) -> np.ndarray:
         """pydicom's array for one frame -> uint8/uint16 HxW or HxWx3 RGB (see the module docstring)."""
@@ -544,6 +551,35 @@ def _ultrasound_region(ds, rows: int, cols: int) -> tuple[Region | None, tuple[f
         if dx > 0 and dy > 0:
             spacing = (abs(dy) * 10.0, abs(dx) * 10.0)
     return region, spacing
+
+
+def _ultrasound_regions(ds, rows: int, cols: int) -> tuple[dict[str, Any], ...]:
+    """Every region of the Sequence of Ultrasound Regions whose bounds can be read, in sequence order, as technical
+    facts for measurements (`meta["us_regions"]`):
+
+        {"bounds": (x0, y0, x1, y1)  pixels, x1/y1 exclusive (Region Location Max + 1), as written
+         "fits": bool                the bounds lie in the image (one pixel of slack, as `_ultrasound_region`)
+         "spatial_format": int       Region Spatial Format (1 = 2-D, 2 = M-mode, 3 = spectral, ...; -1 absent)
+         "data_type": int            Region Data Type (1 = tissue, 2 = colour flow, ...; -1 absent)
+         "units": (x, y)             Physical Units X/Y Direction (3 = cm, 4 = seconds, ...; -1 absent)
+         "delta": (dx, dy)           Physical Delta X/Y, in those units per pixel (None absent)}
+
+    Empty when the file has no such sequence."""
+    out = []
+    for item in ds.get("SequenceOfUltrasoundRegions") or ():
+        x0, y0 = _int(item.get("RegionLocationMinX0"), -1), _int(item.get("RegionLocationMinY0"), -1)
+        x1, y1 = _int(item.get("RegionLocationMaxX1"), -1) + 1, _int(item.get("RegionLocationMaxY1"), -1) + 1
+        if not (0 <= x0 < x1 and 0 <= y0 < y1):
+            continue
+        out.append({
+            "bounds": (x0, y0, x1, y1),
+            "fits": x1 <= cols + 1 and y1 <= rows + 1,
+            "spatial_format": _int(item.get("RegionSpatialFormat"), -1),
+            "data_type": _int(item.get("RegionDataType"), -1),
+            "units": (_int(item.get("PhysicalUnitsXDirection"), -1), _int(item.get("PhysicalUnitsYDirection"), -1)),
+            "delta": (_first(item.get("PhysicalDeltaX")), _first(item.get("PhysicalDeltaY"))),
+        })
+    return tuple(out)
 
 
 def _pixel_spacing(ds) -> tuple[float, float] | None:

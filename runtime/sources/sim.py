@@ -62,4 +62,5 @@ class SimSource(Source):
             pf = self.phantom.frame(i)
             yield Frame(i, self.source_id, now(), pf.image, meta={
                 "truth_grade": pf.grade, "truth_mask": pf.mask, "has_kidney": pf.has_kidney,
+                "truth_kidney_length_mm": pf.kidney_length_mm,
                 **spacing_meta(pf.pixel_spacing_mm, pf.pixel_spacing_mm)})
