@@ -1,0 +1,503 @@
+"""Quantization-aware fine-tuning (QAT) with fake-quant exactly where the INT8 Q/DQ file has its Q/DQ pairs.
+
+The INT8 file a bundle ships is calibration/quantize.py's: onnxruntime's static QDQ quantizer run on the bundle's
+FP32 ONNX (symmetric INT8, 7-bit per-channel weights by default, ConvTranspose weights per tensor or float, biases
+float, the output tail float). QAT here trains against that same file, not against an approximation of it:
+
+1. `qdq_placement(model, inputs, graph, ...)` folds the BatchNorms into their convolutions (what the ONNX exporter
+   does), exports the FP32 graph with the bundle's exporter settings (export.onnx_export) and quantizes it with
+   `calibration.quantize.quantize_int8` on `inputs`. Reading that file gives the placement: every activation tensor
+   with a QuantizeLinear/DequantizeLinear pair (and which of them share one scale: onnxruntime gives a MaxPool's or
+   a Reshape's output its input's scale), every weight behind a DequantizeLinear (per-channel axis or per tensor,
+   7 or 8 bits) and the weighted layers left in float. Its calibrated scales start the fine-tuning.
+2. `qat_finetune(model, batches, epochs=, lr=, placement=)` traces the folded model with the same exporter
+   (`torch.onnx.export(dynamo=True)`; its ExportedProgram names every value as the ONNX file does), inserts
+   `torch.ao.quantization.FakeQuantize` modules after exactly those values and weights, and fine-tunes it.
+   Activations: moving-average min/max observers, symmetric, zero point 0, the [-128, 127] range QuantizeLinear
+   saturates to; tensors that share a scale in the file share it here. Weights: per-channel (or per-tensor)
+   symmetric fake-quant on the [-64, 64] range of the 7-bit file (or [-127, 127]), scale = |w|max / 64 (or 127)
+   taken from the current weights at every step, which is how onnxruntime quantizes them. Any tensor of the file
+   that cannot be found in the traced graph is an error: the two never drift apart silently.
+3. `export_qdq(model, path, graph)` exports the fine-tuned float weights through the bundle's exporter, has
+   `quantize_int8` lay out the Q/DQ file again (same options: the same nodes, names and form, TensorRT-ready as
+   calibration's output is), then writes the fake-quant modules' scales and the integer weights they produce into
+   it. Under onnxruntime with graph optimisations off (simulated quantization: QuantizeLinear, DequantizeLinear and
+   float kernels, no integer kernels) the file computes what the QAT model's forward computes, up to float
+   accumulation order.
+
+Library choice. NVIDIA's `nvidia-modelopt` (0.47.0) installs beside torch 2.13.0 (its base requirements carry no
+torch of their own; `requests` and `huggingface_hub`, which it imports unconditionally, are not declared) and its
+INT8 QAT runs on the CPU, but it does not fit this file: its ONNX export works only through the deprecated
+TorchScript exporter (the torch.export-based one the bundle uses fails on a data-dependent branch in its quantizer),
+it exports only 8-bit INT8 (not the 7-bit weights CPUs without VNNI need), it quantizes weights before the
+BatchNorm is folded (the file would keep BatchNormalization behind quantized weights), it places quantizers per
+module (inputs of Conv/Linear/pooling; a concatenation or an activation output cannot be given one), its
+ConvTranspose weights go per input channel (axis 0), and its ONNX side pins onnx 1.21 and onnxruntime-gpu 1.24.
+`torch.ao.quantization`'s FakeQuantize and observers do fit, placed on the exported graph as above.
+
+Not covered: Dropout is off during QAT (the traced graph is the inference graph); the BatchNorms are frozen,
+folded into the convolutions.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+ACT_QMIN, ACT_QMAX = -128, 127          # what QuantizeLinear to INT8 saturates to (TensorRT's range too)
+WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass
+class WeightSpec:
+    """How one weight is quantized in the Q/DQ file."""
+    op_type: str                 # Conv, ConvTranspose, Gemm
+    axis: int | None             # per-channel axis, None for per tensor
+    qmax: int                    # 64 (7-bit, the default) or 127 (8-bit); the range is [-qmax, qmax]
+
+
+@dataclass
+class Placement:
+    """Where calibration/quantize.py's Q/DQ file quantizes a network (names are the ONNX file's value names)."""
+    network: str                                  # "unet" or "vgg"
+    input_name: str
+    output_names: list[str]
+    channels: int
+    size: int
+    activations: dict[str, str]                   # quantized tensor -> its scale's initializer (shared = same name)
+    scales: dict[str, float]                      # scale initializer -> calibrated value (QAT starts there)
+    weights: dict[str, WeightSpec]                # weight initializer (the parameter's name) -> how it is quantized
+    float_weights: list[str]                      # weights of weighted layers left in float
+    options: dict = field(default_factory=dict)   # the quantize_int8 options that made it
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- model preparation ------------------------------------------------------------------------------------------
+
+def fold_batch_norm(model):
+    """A copy of `model` in eval mode with every BatchNorm2d folded into the Conv2d before it (in the same
+    nn.Sequential) and replaced by nn.Identity: the graph the ONNX exporter writes, with the weights it writes."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    folded = copy.deepcopy(model).eval()
+    for seq in folded.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        keys = list(seq._modules)
+        for a, b in zip(keys, keys[1:]):
+            conv, bn = seq._modules[a], seq._modules[b]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean,
+                                                              bn.running_var, bn.eps, bn.weight, bn.bias)
+                seq._modules[b] = nn.Identity()
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules()):
+        raise ValueError("the model has a BatchNorm that does not follow a Conv2d in an nn.Sequential; QAT cannot "
+                         "fold it the way the ONNX exporter does")
+    return folded
+
+
+def _network(model) -> str:
+    from export.models import UNet, VGG19BN
+    if isinstance(model, UNet):
+        return "unet"
+    if isinstance(model, VGG19BN):
+        return "vgg"
+    raise TypeError(f"QAT takes export.models.UNet or VGG19BN, not {type(model).__name__}")
+
+
+def _io(network: str, model, graph) -> tuple[str, list[str], int]:
+    if network == "unet":
+        return graph.unet_input, [graph.unet_output], 1
+    return graph.vgg_input, [graph.vgg_output] + (["logits"] if model.head is not None else []), model.in_channels
+
+
+def _traced(folded, network: str, path: Path, graph):
+    """Export the folded model as export.onnx_export does (same exporter, opset, names, dynamic batch) and return
+    the exporter's ExportedProgram as a trainable GraphModule; its node names are the ONNX file's value names."""
+    from export.models import VGGFeaturesAndLogits
+    from export.onnx_export import OPSET, _quiet_exporter
+
+    module = folded if network == "unet" else VGGFeaturesAndLogits(folded)
+    module.eval()
+    input_name, output_names, channels = _io(network, folded, graph)
+    example = torch.rand(2, channels, graph.size, graph.size)
+    with _quiet_exporter():
+        program = torch.onnx.export(module, (example,), str(path), dynamo=True, external_data=False,
+                                    opset_version=OPSET, input_names=[input_name], output_names=output_names,
+                                    dynamic_shapes=({0: torch.export.Dim("N", min=1, max=4096)},), optimize=True,
+                                    verbose=False)
+    return program.exported_program.module()
+
+
+# -- placement ---------------------------------------------------------------------------------------------------
+
+def _graph_or_default(graph):
+    from runtime.graph import Graph
+    return graph or Graph()
+
+
+def _placement_graph(pl: Placement):
+    """A runtime.graph.Graph with the placement's names, channels and size (and the default normalization)."""
+    from runtime.graph import Graph
+    if pl.network == "unet":
+        return Graph(size=pl.size, unet_input=pl.input_name, unet_output=pl.output_names[0])
+    return Graph(size=pl.size, vgg_input=pl.input_name, vgg_output=pl.output_names[0], vgg_channels=pl.channels)
+
+
+def _read_placement(qdq_path: Path, network: str, input_name: str, output_names: list[str], channels: int,
+                    size: int, options: dict) -> Placement:
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(qdq_path))
+    g = m.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    activations: dict[str, str] = {}
+    scales: dict[str, float] = {}
+    weights: dict[str, WeightSpec] = {}
+    floats: list[str] = []
+    for n in g.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] not in inits:
+            activations[n.input[0]] = n.input[1]
+            scales[n.input[1]] = float(numpy_helper.to_array(inits[n.input[1]]).reshape(-1)[0])
+    for n in g.node:
+        if n.op_type not in WEIGHTED or len(n.input) < 2:
+            continue
+        src = producer.get(n.input[1])
+        if src is not None and src.op_type == "DequantizeLinear" and src.input[0] in inits:
+            name = src.input[0][: -len("_quantized")] if src.input[0].endswith("_quantized") else src.input[0]
+            axis = next((a.i for a in src.attribute if a.name == "axis"), 1)
+            per_channel = numpy_helper.to_array(inits[src.input[1]]).size > 1
+            weights[name] = WeightSpec(n.op_type, axis if per_channel else None,
+                                       127 if options.get("full_range_weights") else 64)
+        elif n.input[1] in inits:
+            floats.append(n.input[1])
+    return Placement(network, input_name, list(output_names), channels, size, activations, scales, weights, floats,
+                     dict(options))
+
+
+def qdq_placement(model, inputs: Sequence[np.ndarray], graph=None, *, method: str = "minmax",
+                  conv_transpose: str = "per-tensor", full_range_weights: bool = False,
+                  float_outputs: bool = True, keep_float_nodes: Sequence[str] = ()) -> Placement:
+    """The Q/DQ placement (and calibrated scales) calibration/quantize.py gives `model` (a UNet or VGG19BN, FP32)
+    when calibrated on `inputs` (ready [1, C, H, W] float32 arrays, as `quantize_int8` takes them) with these
+    options. `keep_float_nodes` names nodes of the folded model's export: the names of `export_qdq`'s file and of
+    an FP32 file exported from `QATModel.float_model()` (an export of the unfolded model names its nodes
+    differently)."""
+    from calibration.quantize import quantize_int8
+
+    graph = _graph_or_default(graph)
+    network = _network(model)
+    folded = fold_batch_norm(model)
+    input_name, output_names, channels = _io(network, folded, graph)
+    options = {"method": method, "conv_transpose": conv_transpose, "full_range_weights": bool(full_range_weights),
+               "float_outputs": bool(float_outputs), "keep_float_nodes": list(keep_float_nodes)}
+    with tempfile.TemporaryDirectory(prefix="sonoscore-qat-") as tmp:
+        fp32 = Path(tmp) / f"{network}.onnx"
+        _traced(folded, network, fp32, graph)
+        qdq = Path(tmp) / f"{network}.int8.onnx"
+        quantize_int8(fp32, qdq, input_name, list(inputs), **options)
+        return _read_placement(qdq, network, input_name, output_names, channels, graph.size, options)
+
+
+# -- the QAT model -----------------------------------------------------------------------------------------------
+
+def _act_fake_quant(scale: float):
+    from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver
+
+    fq = FakeQuantize(observer=MovingAverageMinMaxObserver, averaging_constant=0.01, quant_min=ACT_QMIN,
+                      quant_max=ACT_QMAX, dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+    # Start from the calibrated range: |x|max = scale * 127 (onnxruntime's symmetric scale is |x|max / 127).
+    amax = torch.tensor(float(scale) * 127.0)
+    fq.activation_post_process.min_val.resize_(()).fill_(-amax)
+    fq.activation_post_process.max_val.resize_(()).fill_(amax)
+    s, z = fq.activation_post_process.calculate_qparams()
+    fq.scale.resize_(s.shape).copy_(s)
+    fq.zero_point.resize_(z.shape).copy_(z)
+    return fq
+
+
+def _weight_fake_quant(spec: WeightSpec):
+    from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
+
+    # averaging_constant=1: the range is the current weights' at every step, as onnxruntime takes it at export.
+    if spec.axis is None:
+        return FakeQuantize(observer=MovingAverageMinMaxObserver, averaging_constant=1.0, quant_min=-spec.qmax,
+                            quant_max=spec.qmax, dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+    return FakeQuantize(observer=MovingAveragePerChannelMinMaxObserver, averaging_constant=1.0,
+                        quant_min=-spec.qmax, quant_max=spec.qmax, dtype=torch.qint8,
+                        qscheme=torch.per_channel_symmetric, ch_axis=spec.axis)
+
+
+def _module_name(prefix: str, name: str) -> str:
+    return prefix + "".join(c if c.isalnum() else "_" for c in name)
+
+
+class QATModel(nn.Module):
+    """A folded UNet/VGG traced as the exporter traces it, with fake-quant where the Q/DQ file quantizes.
+
+    `forward` returns what the exported file returns (UNet: the mask; VGG: (features, logits), or (features,) for
+    a VGG cut at Fc2). `float_model()` is the folded network (BatchNorms folded, nn.Identity in their place) with
+    the current weights: what the bundle's exporter takes."""
+
+    def __init__(self, gm, folded, placement: Placement, graph):
+        super().__init__()
+        self.gm = gm
+        self.placement = placement
+        self.graph = graph
+        self._folded = [folded]           # not a submodule: float_model() copies the trained weights into it
+
+    def train(self, mode: bool = True):
+        """Only this module's flag: the traced graph is the inference graph either way (no Dropout, BatchNorm
+        folded), and torch's exported modules refuse train()/eval(). The observers follow `observe`."""
+        self.training = bool(mode)
+        return self
+
+    def forward(self, x):
+        out = self.gm(x)
+        if self.placement.network == "unet":
+            return out[0] if isinstance(out, (tuple, list)) else out
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+    def activation_quantizers(self) -> dict[str, nn.Module]:
+        """quantized tensor (the ONNX name) -> the FakeQuantize that owns its scale"""
+        mods = dict(self.gm.named_children())
+        return {t: mods[_module_name("aq_", owner)] for t, owner in _scale_owners(self.placement).items()}
+
+    def weight_quantizers(self) -> dict[str, nn.Module]:
+        """weight (the ONNX initializer's name) -> its FakeQuantize"""
+        mods = dict(self.gm.named_children())
+        return {w: mods[_module_name("wq_", w)] for w in self.placement.weights}
+
+    def observe(self, enabled: bool) -> None:
+        """Let the activation observers follow the data (True) or freeze the scales (False)."""
+        from torch.ao.quantization import disable_observer, enable_observer
+        for name, m in self.gm.named_children():
+            if name.startswith("aq_"):
+                m.apply(enable_observer if enabled else disable_observer)
+
+    def float_model(self):
+        from export.models import VGGFeaturesAndLogits
+        folded = copy.deepcopy(self._folded[0])
+        target = folded if self.placement.network == "unet" else VGGFeaturesAndLogits(folded)
+        own = target.state_dict()
+        target.load_state_dict({k: v.detach().clone() for k, v in self.gm.state_dict().items() if k in own})
+        return folded.eval()
+
+
+def _scale_owners(pl: Placement) -> dict[str, str]:
+    """quantized tensor -> the tensor that owns its scale: the one the scale initializer is named after
+    (onnxruntime names it `<tensor>_scale`), else the first with that scale."""
+    by_scale = {s: t for t, s in pl.activations.items() if s == f"{t}_scale"}
+    for tensor, scale_name in pl.activations.items():
+        by_scale.setdefault(scale_name, tensor)
+    return {t: by_scale[s] for t, s in pl.activations.items()}
+
+
+def prepare_qat(model, placement: Placement, graph=None):
+    """The QAT model for `model` (FP32 UNet/VGG19BN): fake-quant inserted at `placement` (see `qdq_placement`)."""
+
+    network = _network(model)
+    graph = graph or _placement_graph(placement)
+    if network != placement.network:
+        raise ValueError(f"the placement is for a {placement.network}, the model is a {network}")
+    input_name, output_names, channels = _io(network, model, graph)
+    if (input_name, output_names, channels, graph.size) != (placement.input_name, placement.output_names,
+                                                             placement.channels, placement.size):
+        raise ValueError("the placement was made for other input/output names, channels or size than this graph's")
+    folded = fold_batch_norm(model)
+    with tempfile.TemporaryDirectory(prefix="sonoscore-qat-") as tmp:
+        gm = _traced(folded, network, Path(tmp) / f"{network}.onnx", graph)
+    g = gm.graph
+    nodes = {n.name: n for n in g.nodes}
+    inputs = [n for n in g.nodes if n.op == "placeholder"]
+    out_node = next(n for n in g.nodes if n.op == "output")
+    outs = out_node.args[0] if isinstance(out_node.args[0], (tuple, list)) else [out_node.args[0]]
+    by_onnx_name = {placement.input_name: inputs[0], **dict(zip(placement.output_names, outs))}
+
+    def fx_node(name: str):
+        node = by_onnx_name.get(name) or nodes.get(name)
+        if node is None:
+            raise RuntimeError(f"the Q/DQ file quantizes '{name}' but the traced {network} has no such value; the "
+                               f"QAT graph would not match the exported file")
+        return node
+
+    def insert_after(node, make):
+        with g.inserting_after(node):
+            new = make()
+        node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+
+    # Activations: the tensor a scale is named after owns the FakeQuantize; the others with that scale follow it.
+    owners = _scale_owners(placement)
+    for tensor in sorted(set(owners.values())):
+        mod = _module_name("aq_", tensor)
+        gm.add_submodule(mod, _act_fake_quant(placement.scales[placement.activations[tensor]]))
+        node = fx_node(tensor)
+        insert_after(node, lambda node=node, mod=mod: g.call_module(mod, (node,)))
+    for tensor, owner in owners.items():
+        if owner == tensor:
+            continue
+        mod = _module_name("aq_", owner)
+        node = fx_node(tensor)
+
+        with g.inserting_before(node):
+            scale, zero = g.get_attr(f"{mod}.scale"), g.get_attr(f"{mod}.zero_point")
+        insert_after(node, lambda node=node, scale=scale, zero=zero: g.call_function(
+            torch.fake_quantize_per_tensor_affine, (node, scale, zero, ACT_QMIN, ACT_QMAX)))
+
+    # Weights: a FakeQuantize between the parameter and the layer that reads it.
+    params = {n.target: n for n in g.nodes if n.op == "get_attr"}
+    for weight, spec in placement.weights.items():
+        node = params.get(weight)
+        if node is None:
+            raise RuntimeError(f"the Q/DQ file quantizes weight '{weight}' but the traced {network} has no such "
+                               f"parameter")
+        mod = _module_name("wq_", weight)
+        gm.add_submodule(mod, _weight_fake_quant(spec))
+        insert_after(node, lambda node=node, mod=mod: g.call_module(mod, (node,)))
+    g.lint()
+    gm.recompile()
+    return QATModel(gm, folded, placement, graph)
+
+
+# -- fine-tuning -------------------------------------------------------------------------------------------------
+
+def _default_loss(network: str):
+    import torch.nn.functional as F
+    if network == "unet":                       # the paper's (export.train): MSE on the sigmoid
+        return lambda out, y: F.mse_loss(out, y)
+    return lambda out, y: F.cross_entropy(out[-1], y)     # VGG: cross-entropy on the logits
+
+
+def qat_finetune(model, batches: Iterable, *, epochs: int, lr: float, placement: Placement, graph=None,
+                 loss_fn: Callable | None = None, observe_epochs: int | None = None,
+                 log: Callable[[str], None] | None = None):
+    """Quantization-aware fine-tuning of `model` (an FP32 UNet or VGG19BN, or a model this function returned) on
+    `batches` (re-iterable (inputs [B,C,H,W] float, targets) pairs, fed as the network is fed: UNet targets are
+    0/1 masks [B,1,H,W] float, VGG targets class indices [B] long) for `epochs` epochs of Adam at `lr`.
+
+    Fake-quant sits where `placement` (from `qdq_placement`) says the Q/DQ file quantizes. The activation
+    observers follow the data for the first `observe_epochs` epochs (default: all but the last, or the only one)
+    and are frozen after, so the last epoch trains against the scales the file will carry. Returns the QAT model
+    in eval mode (observers frozen); `export_qdq` writes its Q/DQ file."""
+
+    if epochs < 1:
+        raise ValueError(f"QAT epochs must be at least 1 (got {epochs})")
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    qat = model if hasattr(model, "gm") and hasattr(model, "placement") else prepare_qat(model, placement, graph)
+    loss_fn = loss_fn or _default_loss(qat.placement.network)
+    observe_epochs = (max(1, epochs - 1) if epochs > 1 else 1) if observe_epochs is None else observe_epochs
+    params = [p for p in qat.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError("the traced model has no trainable parameters")
+    opt = torch.optim.Adam(params, lr=lr)
+    qat.train()
+    for epoch in range(epochs):
+        qat.observe(epoch < observe_epochs)
+        total, seen = 0.0, 0
+        for x, y in batches:
+            x = torch.as_tensor(x, dtype=torch.float32)
+            y = torch.as_tensor(y)
+            loss = loss_fn(qat(x), y.float() if qat.placement.network == "unet" else y.long())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(x)
+            seen += len(x)
+        if not seen:
+            raise ValueError(f"QAT got no batches in epoch {epoch + 1}; pass a list (or another re-iterable) of "
+                             f"(inputs, targets) batches")
+        if log:
+            log(f"  QAT {qat.placement.network} epoch {epoch + 1}/{epochs}: loss {total / seen:.4f}")
+    qat.observe(False)
+    return qat.eval()
+
+
+# -- export ------------------------------------------------------------------------------------------------------
+
+def _write_qat_parameters(model, work: Path) -> None:
+    """Check the Q/DQ file at `work` has the model's placement, then write the model's scales and integer weights
+    into it."""
+    import onnx
+    from onnx import numpy_helper
+
+    pl: Placement = model.placement
+    m = onnx.load(str(work))
+    placed = _read_placement(work, pl.network, pl.input_name, pl.output_names, pl.channels, pl.size, pl.options)
+    if (placed.activations, placed.weights, placed.float_weights) != (pl.activations, pl.weights, pl.float_weights):
+        raise RuntimeError(f"the Q/DQ layout of {work.name} differs from the placement the model was trained with")
+    inits = {i.name: i for i in m.graph.initializer}
+
+    def put(name: str, array: np.ndarray) -> None:
+        old = inits[name]
+        new = numpy_helper.from_array(array.astype(numpy_helper.to_array(old).dtype).reshape(tuple(old.dims)), name)
+        old.CopyFrom(new)
+
+    act = model.activation_quantizers()
+    for tensor, scale_name in pl.activations.items():
+        fq = act[tensor]
+        if int(fq.zero_point.detach().abs().max()) != 0:
+            raise RuntimeError(f"activation '{tensor}' has a non-zero zero point; TensorRT needs symmetric INT8")
+        put(scale_name, fq.scale.detach().numpy().astype(np.float32))
+
+    wq = model.weight_quantizers()
+    state = model.gm.state_dict()
+    with torch.no_grad():
+        for weight, spec in pl.weights.items():
+            fq = wq[weight]
+            w = state[weight].detach()
+            fq.eval()
+            w_hat = fq(w)                                  # also refreshes the scale from these weights
+            scale = fq.scale.detach()
+            shape = [1] * w.dim()
+            if spec.axis is not None:
+                shape[spec.axis] = -1
+            q = torch.round(w_hat / scale.reshape(shape))
+            if q.abs().max() > spec.qmax:
+                raise RuntimeError(f"weight '{weight}' quantized outside [-{spec.qmax}, {spec.qmax}]")
+            put(f"{weight}_quantized", q.numpy().astype(np.int8))
+            put(f"{weight}_scale", scale.numpy().astype(np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx.save(m, str(work))
+    onnx.checker.check_model(str(work))
+
+
+def export_qdq(model, path: Path | str, graph=None) -> dict:
+    """Write the QAT model's Q/DQ ONNX to `path`: the bundle's FP32 export of its weights, laid out by
+    calibration/quantize.py's quantizer with the placement's options, carrying the QAT scales and the integer
+    weights its fake-quant computes. Returns {"file", "bytes", "opset", "activations", "weight_bits",
+    "quantized_ops", "float_ops"}."""
+    from calibration.quantize import quantize_int8
+    from export.onnx_export import export_unet, export_vgg, parity_inputs
+
+    if not (hasattr(model, "gm") and hasattr(model, "placement")):
+        raise TypeError("export_qdq takes the model qat_finetune (or prepare_qat) returned")
+    pl: Placement = model.placement
+    graph = graph or model.graph
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.observe(False)
+    # Everything is written in a scratch folder and moved to `path` whole: a failure leaves `path` as it was.
+    with tempfile.TemporaryDirectory(prefix="sonoscore-qat-", dir=path.parent) as tmp:
+        fp32, work = Path(tmp) / f"{pl.network}.onnx", Path(tmp) / path.name
+        (export_unet if pl.network == "unet" else export_vgg)(model.float_model(), fp32, graph)
+        # The layout only: every scale and quantized weight is overwritten below.
+        sample = parity_inputs(pl.channels, size=graph.size)[1][:1]
+        result = quantize_int8(fp32, work, pl.input_name, [sample], **pl.options)
+        _write_qat_parameters(model, work)
+        os.replace(work, path)
+    return {"file": path.name, "bytes": path.stat().st_size, "opset": result.opset,
+            "activations": len(pl.activations), "weight_bits": result.weight_bits,
+            "quantized_ops": result.quantized_ops, "float_ops": result.float_ops}
