@@ -64,6 +64,11 @@ class RunConfig:
     view: ViewConfig | None = None                # --view: the live browser viewer
     display: bool = False                         # --display: the overlay in a window on this machine's screen
     quiet: bool = False                           # no line per frame (errors are still shown)
+    trust: str | Path | None = None               # --trust: the public key a signed bundle must verify with
+    trust_label: str = "--trust"                  # how to name it (--trust, or SONOSCORE_TRUST from the environment)
+    record_paths: bool = False                    # --record-paths: records carry source_file and frame_in_file
+    mask_size: str = "224"                        # --mask-size: 224, or original (the source frame's size)
+    send: str | Path | None = None                # --send: a YAML configuration; DICOM results to its destinations
     # Set to end the run early (the CLI's SIGINT/SIGTERM/SIGHUP handlers): the stream stops after the frame in
     # hand and the outputs are finished. Not part of what the run does, so not compared.
     stop: StopRequest | None = field(default=None, compare=False, repr=False)
@@ -128,7 +133,16 @@ def run_bundle(config: RunConfig) -> StreamStats:
 
     stop = config.stop if config.stop is not None else StopRequest()
     check_run_outputs(config)
+    sender = None
+    if config.send:                      # runtime/dicomnet/send.py: its configuration is checked before anything
+        from runtime.dicomnet.send import SendRun, setup_logging
+        setup_logging("sonoscore", quiet=config.quiet)
+        sender = SendRun.prepare(config.send, config.source)
+    from runtime.signing import check_trust, is_signed, unsigned_warning
+    check_trust(config.bundle, config.trust, label=config.trust_label)   # under --trust: verified before parsed
     bundle = Bundle.load(config.bundle)
+    if not config.trust and not is_signed(bundle.root):
+        _say(unsigned_warning(bundle.root))
     source = open_source(config.source)
     policy = config.policy or ("newest" if source.live else "all")
     ui = []                              # the viewer and the display: they show, they write no file
@@ -136,12 +150,13 @@ def run_bundle(config: RunConfig) -> StreamStats:
     try:
         if config.view is not None:
             from runtime.sinks.viewer import LiveViewer
-            viewer = LiveViewer(config.view.host, config.view.port, config.view.token, disclaimer=bundle.disclaimer)
+            viewer = LiveViewer(config.view.host, config.view.port, config.view.token, disclaimer=bundle.disclaimer,
+                                model=bundle.label)
             ui.append(viewer)
             _say(f"live viewer: {viewer.url}")
         if config.display:
             from runtime.sinks.display import DisplayWindow
-            ui.append(DisplayWindow(disclaimer=bundle.disclaimer))
+            ui.append(DisplayWindow(disclaimer=bundle.disclaimer, model=bundle.label))
     except BaseException:
         _close_all(ui)
         source.close()
@@ -170,8 +185,8 @@ def run_bundle(config: RunConfig) -> StreamStats:
         made: list = []
         makers = [("--results", config.results, lambda p: JsonlSink(p)),
                   ("--video", config.video,
-                   lambda p: VideoSink(p, fps=source.fps or 30.0, disclaimer=bundle.disclaimer)),
-                  ("--save-masks", config.masks, lambda p: MaskSink(p))]
+                   lambda p: VideoSink(p, fps=source.fps or 30.0, disclaimer=bundle.disclaimer, model=bundle.label)),
+                  ("--save-masks", config.masks, lambda p: MaskSink(p, size=config.mask_size))]
         for option, path, make in makers:
             if not path:
                 continue
@@ -181,6 +196,7 @@ def run_bundle(config: RunConfig) -> StreamStats:
                 _close_all(made, discard=True)
                 raise UserError(f"{option} {path} could not be created ({reason(e)})") from None
         made.append(StudySummary(Path(config.summary) if config.summary else None, disclaimer=bundle.disclaimer,
+                                 card=bundle.card,
                                  html_path=Path(config.report) if config.report else None,
                                  smoothing_half_life=config.smoothing))
         return made
@@ -196,10 +212,13 @@ def run_bundle(config: RunConfig) -> StreamStats:
                 raise KeyboardInterrupt
             outputs = open_outputs()
             study = outputs[-1]
+            if sender is not None:
+                outputs.append(sender.sink)
             started = True
             stop.phase = "streaming"
-            stats = run_stream(source, pipe.process, outputs + ui, policy=policy, on_record=show, stop=stop,
-                               on_sink_error=lambda msg: _say(f"sonoscore: {msg}"))
+            process = sender.tag(pipe.process) if sender else pipe.process   # --send: each record's file
+            stats = run_stream(source, process, outputs + ui, policy=policy, on_record=show, stop=stop,
+                               on_sink_error=lambda msg: _say(f"sonoscore: {msg}"), record_paths=config.record_paths)
         if viewer is not None and config.view.keep and not stop.is_set():
             _say(f"stream ended; the viewer keeps the last frame at {viewer.url}; Ctrl-C to quit")
             while not stop.is_set():
@@ -212,6 +231,11 @@ def run_bundle(config: RunConfig) -> StreamStats:
         for msg in failures:
             _say(f"sonoscore: {msg}")
         stop.phase = "done"
+    if sender is not None:               # DICOM results to the outbox and on to the destinations
+        sent = sender.finish(bundle, stopped=stop.is_set())
+        for msg in sent:
+            _say(f"sonoscore: {msg}")
+        failures += sent
     stats.sink_errors.extend(failures)
     if stop.is_set():
         _say(f"sonoscore: stopped by {_signal_name(stop.signum)} after {stats.frames} frames; the outputs hold "
@@ -222,9 +246,11 @@ def run_bundle(config: RunConfig) -> StreamStats:
     if truth:
         final += f" (the simulated patient's true grade: {', '.join(map(str, sorted(truth)))})"
     lat = s.get("latency_ms", {}).get("total", {})
+    wait = s.get("latency_ms", {}).get("wait", {})
     _say(f"{stats.frames} frames: {stats.accepted} accepted, {stats.frames - stats.accepted - stats.errors - stats.dropped}"
          f" rejected by the gate, {stats.errors} errors, {stats.dropped} dropped; {stats.fps:.1f} fps processed; "
-         f"latency p50 {lat.get('p50', float('nan')):.1f} ms, p95 {lat.get('p95', float('nan')):.1f} ms; {final}")
+         f"latency p50 {lat.get('p50', float('nan')):.1f} ms, p95 {lat.get('p95', float('nan')):.1f} ms"
+         f" (processing; before it, frames waited p50 {wait.get('p50', float('nan')):.1f} ms); {final}")
     if bundle.disclaimer:
         _say(f"NOTE: {bundle.disclaimer}")
     return stats

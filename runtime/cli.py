@@ -23,6 +23,10 @@ STOP_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "S
 
 from runtime.errors import UserError  # noqa: E402
 
+TRUST_HELP = ("the public key (PEM) the bundle must be signed with (`sonoscore sign`); an unsigned bundle or one "
+              "changed since signing is refused (exit 2). Default: $SONOSCORE_TRUST. Without either, an unsigned "
+              "bundle runs with one warning line")
+
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from runtime.backends import BackendUnavailable
@@ -75,10 +79,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     view = (ViewConfig(host=args.view_host, port=args.view_port, token=args.view_token, keep=args.view_keep)
             if args.view else None)
     stop = StopRequest()
+    from runtime.signing import trust_option
+    trust, trust_label = trust_option(args.trust)
     config = RunConfig(bundle=args.bundle, source=args.source, backend=args.backend, precision=args.precision,
+                       trust=trust, trust_label=trust_label,
                        policy=args.policy, threads=args.threads, results=args.results, video=args.video,
                        masks=args.save_masks, summary=args.study_summary, report=args.study_report,
-                       smoothing=args.smooth, view=view, display=args.display, quiet=args.quiet, stop=stop)
+                       smoothing=args.smooth, view=view, display=args.display, quiet=args.quiet,
+                       record_paths=args.record_paths, mask_size=args.mask_size, send=args.send, stop=stop)
+    if args.mask_size != "224" and not args.save_masks:
+        raise UserError(f"--mask-size {args.mask_size} sets the size of the masks --save-masks writes; give "
+                        f"--save-masks DIR too, or leave --mask-size out")
     with stop_signals(stop):
         try:
             stats = run_bundle(config)
@@ -93,14 +104,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_FRAME_ERRORS if stats.errors else EXIT_OK
 
 
+def _check_trust(args: argparse.Namespace) -> None:
+    """--trust (or SONOSCORE_TRUST) for eval and bench: the bundle's signature must verify with that key; without
+    one, an unsigned bundle gets one warning line (runtime/signing.py)."""
+    from runtime.bundle import Bundle
+    from runtime.signing import check_trust, is_signed, trust_option, unsigned_warning
+    trust, label = trust_option(args.trust)
+    check_trust(args.bundle, trust, label=label)
+    if not trust and not is_signed(args.bundle) and (Path(args.bundle) / "manifest.json").is_file():
+        Bundle.load(args.bundle)          # a bundle that cannot load is refused before any warning
+        print(unsigned_warning(args.bundle), file=sys.stderr, flush=True)
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    from runtime.dicomnet.listen import listen_command
+    from runtime.stream import StopRequest
+    stop = StopRequest()
+    with stop_signals(stop):
+        try:
+            return listen_command(args, stop)
+        except KeyboardInterrupt:
+            return EXIT_SIGNAL_BASE + (stop.signum or signal.SIGINT)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    labels = _kidney_labels(args.label)        # a bad --label is refused before anything else
+    _check_trust(args)
     from runtime.evaluate import evaluate_bundle
     report = evaluate_bundle(args.bundle, args.data, precision=args.precision, backend=args.backend,
-                             report=args.report, quiet=args.quiet)
+                             report=args.report, quiet=args.quiet, labels=labels)
     return EXIT_FRAME_ERRORS if report["errors"] else EXIT_OK
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.precision:                    # a bad list is refused before the bundle is touched
+        from runtime.bench import parse_precisions
+        parse_precisions(args.precision)
+    _check_trust(args)
     baseline = args.baseline or ("torch" if args.device == "cuda" else "none")
     if args.device is None and baseline == "none":
         from runtime.bench import bench_bundle
@@ -136,16 +176,36 @@ def cmd_sim(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from export.recipe import TrainConfig, train_bundle
     cfg = TrainConfig(unet_width=args.unet_width, vgg_width=args.vgg_width, unet_epochs=args.unet_epochs,
-                      vgg_epochs=args.vgg_epochs, seed=args.seed, grid_search=args.grid_search)
-    train_bundle(Path(args.data), Path(args.out), cfg)
+                      vgg_epochs=args.vgg_epochs, seed=args.seed, grid_search=args.grid_search,
+                      kidney_labels=_kidney_labels(args.label).given)
+    from runtime.normalize import parse
+    train_bundle(Path(args.data), Path(args.out), cfg,
+                 unet_input=parse(args.unet_input, "--unet-input", 1) if args.unet_input else None,
+                 vgg_input=parse(args.vgg_input, "--vgg-input", cfg.vgg_channels) if args.vgg_input else None)
     return EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from export.recipe import export_from_checkpoints
     export_from_checkpoints(args.unet, args.vgg, args.booster, Path(args.out), random_weights=args.random_weights,
-                            unet_width=args.unet_width, vgg_width=args.vgg_width)
+                            unet_width=args.unet_width, vgg_width=args.vgg_width, unet_onnx=args.unet_onnx,
+                            vgg_onnx=args.vgg_onnx, unet_input=args.unet_input, vgg_input=args.vgg_input,
+                            name=args.name, version=args.version, card=args.card)
     return EXIT_OK
+
+
+def _kidney_labels(texts: list[str] | None):
+    """`--label kidney=...` (repeatable) -> runtime.dataset.LabelMap; a bad one is one sentence (exit 2)."""
+    from runtime.dataset import LabelMap
+    try:
+        return LabelMap.parse(texts)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+LABEL_HELP = ("which labelme labels are the kidney, e.g. kidney=\"kidney,left kidney,Kidney_R\" (repeatable; case, "
+              "spaces, underscores and hyphens ignored); default: kidney and its usual variants (left/right kidney, "
+              "kidney_l/kidney_r, lt kidney, ...; README, 'Labelme datasets')")
 
 
 def _networks(text: str) -> tuple[str, ...] | str:
@@ -176,6 +236,44 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"sonoscore: report written to {report}", file=sys.stderr)
         return EXIT_ACCURACY
     print(f"calibration report: {report}")
+    return EXIT_OK
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from runtime.signing import key_fingerprint, keygen
+    key, pub = keygen(args.out)
+    print(f"private key: {key} (keep it secret; sign with: sonoscore sign BUNDLE --key {key})")
+    print(f"public key:  {pub} (give it to the devices: --trust {pub}); fingerprint "
+          f"{key_fingerprint(pub.read_bytes())}")
+    return EXIT_OK
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from runtime.signing import sign_bundle
+    sig = sign_bundle(args.bundle, args.key)
+    print(f"signed {args.bundle}: {sig}")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from runtime.bundle import Bundle
+    from runtime.signing import trust_option, verify_bundle
+    trust, label = trust_option(args.trust)
+    if not trust:
+        raise UserError("verify needs the signer's public key: give --trust PUB (or set SONOSCORE_TRUST)")
+    fingerprint = verify_bundle(args.bundle, trust, label=label)
+    Bundle.load(args.bundle)          # and everything run checks: manifest checksum, schema, file hashes
+    print(f"{args.bundle}: signature verified with {trust} (key {fingerprint[:16]}); every file is as signed")
+    return EXIT_OK
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import json
+    from runtime.bundle_info import bundle_info, format_info
+    from runtime.signing import trust_option
+    trust, label = trust_option(args.trust)
+    info = bundle_info(args.bundle, trust, label=label)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
     return EXIT_OK
 
 
@@ -211,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="which of the bundle's network files to run (default fp32; int8 needs "
                                  "`sonoscore calibrate` first)")
         sp.add_argument("--threads", type=int, default=None, help="CPU threads per network (default: all cores)")
+        sp.add_argument("--trust", metavar="PUB", default=None, help=TRUST_HELP)
 
     d = sub.add_parser("demo", help="build the demo bundle if missing, then run it on the simulated probe")
     d.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
@@ -229,7 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="newest: live, keep only the latest frame; all: lossless (default: newest for live sources)")
     r.add_argument("--results", help="write one JSON object per input frame here (JSONL)")
     r.add_argument("--video", help="write the annotated overlay video here (MP4)")
-    r.add_argument("--save-masks", help="write each frame's binary mask as DIR/<frame>.png")
+    r.add_argument("--save-masks", metavar="DIR", help="write each frame's binary mask as DIR/<frame>.png (with "
+                   "--record-paths: DIR/<its file's folders>/<its file's stem>-<frame in file>.png)")
+    r.add_argument("--mask-size", choices=["224", "original"], default="224",
+                   help="size of the saved masks: 224 (the network's, default) or original (the source frame's: "
+                        "the mask mapped back into the region the network's image was cut from)")
+    r.add_argument("--record-paths", action="store_true",
+                   help="each record also carries source_file (the file, relative to the source folder; its name "
+                        "for a single file) and frame_in_file (the frame's number inside it, from 0); off by "
+                        "default because paths can carry names")
     r.add_argument("--study-summary", help="write the per-study aggregate here (JSON)")
     r.add_argument("--study-report", metavar="HTML", help="write the one-page study report here (self-contained HTML)")
     r.add_argument("--smooth", type=float, metavar="FRAMES", help="also smooth the grade over accepted frames "
@@ -244,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--display", action="store_true", help="show the overlay in a window on this machine's screen (needs an "
                    "OpenCV with a GUI and a display; q, Esc or closing the window stops the showing, not the run)")
     r.add_argument("--quiet", action="store_true", help="no line per frame")
+    r.add_argument("--send", metavar="YAML", help="also make the DICOM results (SR, SEG, SC) of a DICOM source and "
+                   "send them to the destinations of this configuration, through its outbox (README, 'DICOM network')")
     r.set_defaults(func=cmd_run)
 
     e = sub.add_parser("eval", help="kidney IoU and grade metrics on a labelled (labelme) dataset")
@@ -251,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="dataset folder (labelme JSON beside images, optional labels.csv)")
     backend_opts(e)
     e.add_argument("--report", help="write the report JSON here (a confusion-matrix PNG goes beside it)")
+    e.add_argument("--label", action="append", metavar="kidney=LABELS", help=LABEL_HELP)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
 
@@ -289,13 +399,35 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vgg-epochs", type=int, default=24)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--grid-search", action="store_true", help="small XGBoost grid search on the validation split")
+    t.add_argument("--label", action="append", metavar="kidney=LABELS", help=LABEL_HELP)
+    t.add_argument("--unet-input", metavar="NORM", help="the UNet's input normalization after uint8/255, used in "
+                   "training and recorded in the manifest: unit (default), minmax (per image), or meanstd:MEAN/STD (one "
+                   "channel: one value each)")
+    t.add_argument("--vgg-input", metavar="NORM", help="the same for the VGG (of the masked image): unit (default), "
+                   "minmax, imagenet, or meanstd:M1,M2,M3/S1,S2,S3")
     t.set_defaults(func=cmd_train)
 
     x = sub.add_parser("export", help="checkpoints + booster -> bundle (ONNX fp32/fp16, UBJ booster, manifest)")
-    x.add_argument("--unet", help="UNet checkpoint (.pt state_dict; jakeoung/Unet_pytorch keys)")
-    x.add_argument("--vgg", help="VGG-19-BN checkpoint (.pt state_dict; torchvision features.* keys)")
-    x.add_argument("--booster", required=True, help="XGBoost model (.ubj or .json)")
-    x.add_argument("--out", required=True)
+    x.add_argument("--unet", help="UNet checkpoint as jakeoung/Unet_pytorch saves it, with or without BatchNorm "
+                   "(bare state dict or {'state_dict': ...}; 'module.' prefixes and the legacy format are fine)")
+    x.add_argument("--vgg", help="VGG-19-BN checkpoint: torchvision keys (features.N, classifier.0/3[/6]) or "
+                   "sonoscore's (fc1, fc2[, head]); a network cut at Fc2 is fine, Fc1/Fc2 sizes come from the tensors")
+    x.add_argument("--unet-onnx", metavar="FILE", help="instead of --unet: a UNet you exported to ONNX yourself "
+                   "(one float input [N,1,224,224], dynamic batch, sigmoid output [N,1,224,224])")
+    x.add_argument("--vgg-onnx", metavar="FILE", help="instead of --vgg: a VGG you exported to ONNX yourself "
+                   "(one float input [N,C,224,224], dynamic batch; the Fc2 features as its one output or 'features')")
+    x.add_argument("--booster", required=True, help="XGBoost model (.ubj or .json; multi:softprob or multi:softmax, "
+                   "4 classes, as many features as the VGG's Fc2); checked before anything is exported")
+    x.add_argument("--out", required=True, help="the bundle folder: a new one, or an existing bundle (replaced "
+                   "only once the new one is complete)")
+    x.add_argument("--unet-input", metavar="NORM", help="what the UNet was trained on after uint8/255: unit "
+                   "(default), minmax (per image), imagenet, or meanstd:MEAN/STD")
+    x.add_argument("--vgg-input", metavar="NORM", help="the same for the VGG: unit (default), minmax, imagenet, or "
+                   "meanstd:M1,M2,M3/S1,S2,S3")
+    x.add_argument("--name", help="the model's name in the manifest and on reports (default: the --out folder's name)")
+    x.add_argument("--version", help="the model's version (default: the card's, else 'unversioned')")
+    x.add_argument("--card", metavar="FILE", help="model card, JSON or YAML: name, version, description, changelog, "
+                   "authors, license, intended_use, data_source, references, disclaimer")
     x.add_argument("--random-weights", action="store_true",
                    help="no checkpoints: random weights at the given widths (for timing only)")
     x.add_argument("--unet-width", type=float, default=None, help="with --random-weights (default 1.0)")
@@ -335,6 +467,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     dr = sub.add_parser("doctor", help="which backends, providers and compilers are usable here")
     dr.set_defaults(func=cmd_doctor)
+
+    ls = sub.add_parser("listen", help="DICOM Storage SCP: score the ultrasound studies received, send the results "
+                        "(SR, SEG, SC) to a PACS")
+    ls.add_argument("--config", required=True, metavar="YAML", help="the listen/send configuration (README, "
+                    "'DICOM network'; device/listen.example.yaml)")
+    ls.add_argument("--bundle", help="the model bundle (default: the configuration's processing.bundle)")
+    ls.add_argument("--backend", choices=["ort", "trt"], default=None, help="default: processing.backend, else ort")
+    ls.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None,
+                    help="default: processing.precision, else fp32")
+    ls.add_argument("--threads", type=int, default=None, help="CPU threads per network (default: all cores)")
+    ls.add_argument("--trust", metavar="PUB", default=None, help="the public key the bundle's signature must "
+                    "verify with (default: $SONOSCORE_TRUST)")
+    ls.add_argument("--deidentify", action="store_true", help="de-identified DICOM results (PS3.15 basic profile "
+                    "pseudonyms, no Secondary Capture), for research; the same as results.deidentify: true")
+    ls.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+    ls.set_defaults(func=cmd_listen)
+
+    kg = sub.add_parser("keygen", help="make a key pair for signing bundles (P-256: PREFIX.key and PREFIX.pub)")
+    kg.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.key (private, mode 0600; "
+                    "encrypted when SONOSCORE_KEY_PASSWORD is set) and PREFIX.pub; never overwrites")
+    kg.set_defaults(func=cmd_keygen)
+
+    sg = sub.add_parser("sign", help="sign every file of a bundle with a private key (writes BUNDLE/model.sig, "
+                        "OpenSSF model-signing format)")
+    sg.add_argument("bundle", metavar="BUNDLE")
+    sg.add_argument("--key", required=True, help="the private key (PEM, from `sonoscore keygen`; its password in "
+                    "SONOSCORE_KEY_PASSWORD when it has one)")
+    sg.set_defaults(func=cmd_sign)
+
+    vf = sub.add_parser("verify", help="check a bundle's signature with the signer's public key, and its files")
+    vf.add_argument("bundle", metavar="BUNDLE")
+    vf.add_argument("--trust", metavar="PUB", default=None, help="the signer's public key (default: "
+                    "$SONOSCORE_TRUST)")
+    vf.set_defaults(func=cmd_verify)
+
+    inf = sub.add_parser("info", help="what a bundle is: model card, networks, inputs, booster, signature, "
+                         "disclaimer")
+    inf.add_argument("bundle", metavar="BUNDLE")
+    inf.add_argument("--trust", metavar="PUB", default=None, help="also verify the signature with this public key "
+                     "(default: $SONOSCORE_TRUST)")
+    inf.add_argument("--json", action="store_true", help="print it as JSON")
+    inf.set_defaults(func=cmd_info)
     return p
 
 

@@ -4,7 +4,7 @@
           -> Graph.run: segment [unet] -> gate [gate] -> features [vgg] -> score [booster]
 
 `FramePipeline` is what every pipeline shares: the bundle's graph and network files at a precision, the booster's
-options, and `process()` (a record per frame that never raises for a bad frame, with its queue and total latency).
+options, and `process()` (a record per frame that never raises for a bad frame, with its wait and total latency).
 `Pipeline` runs the graph on the CPU-side runners (onnxruntime, TensorRT); runtime.gpu.pipeline.DevicePipeline
 keeps the frame on the GPU; export.baseline.TorchBaseline runs it with eager torch modules.
 """
@@ -19,6 +19,7 @@ from runtime import preprocess as pp
 from runtime.backends import make_runner
 from runtime.booster import Booster
 from runtime.bundle import Bundle, check_runner
+from runtime.measure import measure_record
 from runtime.record import FrameRecord
 from runtime.sources import Frame
 
@@ -44,18 +45,20 @@ class FramePipeline:
 
     def process(self, frame: Frame, t_start: float | None = None) -> FrameRecord:
         """One frame -> one record. Never raises for a bad frame: the record carries the error instead.
-        `t_start`: the perf_counter at which the caller took the frame (its queue time ends there)."""
+        `t_start`: the perf_counter at which the caller took the frame. Latencies (runtime/record.py): `wait` is
+        capture -> t_start; the stages and `total` (t_start -> result) are processing only, the stages' laps
+        running on from t_start, so they add up to `total` but for the little after the last lap."""
         t0 = time.perf_counter() if t_start is None else t_start
         rec = FrameRecord(frame.index, frame.source_id, frame.t_capture, meta=frame.meta, error=frame.error)
         lat = rec.latency_ms
-        lat["queue"] = max(0.0, (time.time() - frame.t_capture) * 1e3 - ms_since(t0))
+        lat["wait"] = max(0.0, (time.time() - frame.t_capture) * 1e3 - ms_since(t0))
         if not frame.error:
             try:
-                self._run(frame, rec, Laps(lat))
+                self._run(frame, rec, Laps(lat, t0))
             except pp.FrameError as e:
                 rec.error = f"frame {frame.index}: {e}"
                 rec.accepted = False
-        lat["total"] = lat["queue"] + ms_since(t0)
+        lat["total"] = ms_since(t0)
         return rec
 
     def _run(self, frame: Frame, rec: FrameRecord, lap: "Laps") -> None:
@@ -92,20 +95,30 @@ class Pipeline(FramePipeline):
         self.unet = self.vgg = None
 
     def _run(self, frame: Frame, rec: FrameRecord, lap: "Laps") -> None:
-        rec.display, rec.image, rec.region = self.prepare(frame)
+        gray, rec.image, source_region = self.prepare_source(frame)
+        rec.frame_shape, rec.frame_region = gray.shape[:2], source_region     # for --mask-size original
+        rec.display, rec.region = shown_part(gray, source_region, frame.meta)
         lap("preprocess")
         result = self.graph.run(rec.image, self.unet, self.vgg, self.booster, lap)
         rec.mask, rec.mask_fraction, rec.accepted = result.gate.mask, result.gate.fraction, result.gate.accepted
         rec.probabilities, rec.grade = result.probabilities, result.grade
+        if rec.accepted:   # kidney length and area in mm, measured in the source frame (runtime/measure.py)
+            measure_record(rec, rec.mask, source_region, frame)
 
     def prepare(self, frame: Frame) -> tuple[np.ndarray, np.ndarray, pp.Region]:
         """(gray display frame, preprocessed image, region it came from): the preprocessing every path shares
         (streaming, evaluation, INT8 calibration), so ranges measured offline match deployment."""
+        gray, image, region = self.prepare_source(frame)
+        gray, region = shown_part(gray, region, frame.meta)
+        return gray, image, region
+
+    def prepare_source(self, frame: Frame) -> tuple[np.ndarray, np.ndarray, pp.Region]:
+        """`prepare` before `shown_part`: (gray frame, preprocessed image, the region it came from in the SOURCE
+        frame's pixel coordinates, which measurements in mm need)."""
         gray = pp.to_gray(frame.pixels, frame.channel_order, frame.window)
         # a frame that may carry burned-in text and has no region: its scan sector only, or FrameError (not shown)
         gray, region = pp.sector_frame(gray, frame.region, frame.meta)
         image, region = self.graph.preprocess(gray, region)
-        gray, region = shown_part(gray, region, frame.meta)
         return gray, image, region
 
 
@@ -121,10 +134,11 @@ def shown_part(gray: np.ndarray | None, region: pp.Region, meta: dict) -> tuple[
 
 
 class Laps:
-    """Stage latencies: `lap(stage)` records the ms since the previous lap (or since it was made)."""
+    """Stage latencies: `lap(stage)` records the ms since the previous lap (or since `t_start`, default: when it was
+    made)."""
 
-    def __init__(self, latency_ms: dict[str, float]):
-        self.latency_ms, self.t = latency_ms, time.perf_counter()
+    def __init__(self, latency_ms: dict[str, float], t_start: float | None = None):
+        self.latency_ms, self.t = latency_ms, time.perf_counter() if t_start is None else t_start
 
     def __call__(self, stage: str) -> None:
         now = time.perf_counter()

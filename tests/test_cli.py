@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import sonoscore
 
 RECORD_KEYS = {"frame", "source_id", "t_capture", "accepted", "mask_fraction", "grade", "probabilities",
-               "latency_ms", "error"}
+               "latency_ms", "error", "kidney_length_mm", "kidney_area_mm2", "size_note"}
 
 
 def read_jsonl(path):
@@ -38,6 +38,8 @@ def test_run_on_the_simulated_probe_writes_one_record_per_frame(tiny_bundle, tmp
         if x["accepted"]:
             assert x["grade"] in (1, 2, 3, 4) and abs(sum(x["probabilities"]) - 1) < 1e-4
             assert {"vgg", "booster"} <= set(x["latency_ms"])
+            # the simulated probe knows its spacing: a size in mm, or the reason there is none
+            assert (x["kidney_length_mm"] is None) == (x["kidney_area_mm2"] is None) != (x["size_note"] is None)
         else:
             assert x["grade"] is None and x["probabilities"] is None
     m = cv2.imread(str(masks / "0.png"), cv2.IMREAD_UNCHANGED)

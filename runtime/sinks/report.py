@@ -8,8 +8,10 @@ hundred kilobytes, and the plot never has more than `capacity` points per line.
 `render_html(summary, timeline)` is the report: a self-contained page (inline CSS and SVG, no script, no external
 asset) with the study grade and its confidence, the smoothed grade when smoothing is on, the frame counts, the
 four grade probabilities over the study with the frames the gate rejected marked, the grade distribution, latency
-percentiles and the disclaimer. It carries no patient identifier: the source's opaque id is the only name in it,
-and it holds no date.
+percentiles, the model (its card's name, version, authors, intended use and references: the summary's `model`)
+and the bundle's disclaimer (with the synthetic-data warning only for the phantom-trained demo's). It carries
+no patient identifier: the source's opaque id is the only name in it, and it holds no date. Under the cards one
+line gives the kidney's size: length and area in mm over the measured frames, and why others were not measured.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from runtime.bundle import DEMO_DISCLAIMER
 from runtime.sinks.overlay import DEFAULT_CLASS_NAMES
 
 STATUSES = ("accepted", "rejected", "error", "dropped")
@@ -319,6 +322,27 @@ footer p { margin: 3px 0; }
 """
 
 
+def _size_line(summary: dict[str, Any], accepted: int) -> str:
+    """The report's kidney-size line: median (p10-p90) length and area over the measured frames, and why the others
+    were not measured (the summary's `kidney_length_mm`, `kidney_area_mm2`, `kidney_size`: runtime/measure.py)."""
+    size = summary.get("kidney_size")
+    if not size or not accepted:
+        return '<p class="size" id="kidney-size"><b>Kidney size:</b> no accepted frame to measure.</p>'
+    parts = []
+    n, length, area = size.get("measured", 0), summary.get("kidney_length_mm"), summary.get("kidney_area_mm2")
+    if n and length and area:
+        parts.append(f'length {length["median"]:.1f} mm (p10&ndash;p90 {length["p10"]:.1f}&ndash;{length["p90"]:.1f}),'
+                     f' area {area["median"]:,.0f} mm&sup2; (p10&ndash;p90 {area["p10"]:,.0f}&ndash;'
+                     f'{area["p90"]:,.0f}), median over {n:,} of {accepted:,} accepted frames')
+    else:
+        parts.append("not measured on any accepted frame")
+    reasons = size.get("not_measured_reasons") or {}
+    if reasons:
+        parts.append("not measured: " + "; ".join(
+            f'{_e(str(k).removeprefix("not measured: "))} ({v:,})' for k, v in reasons.items()))
+    return f'<p class="size" id="kidney-size"><b>Kidney size:</b> {" &middot; ".join(parts)}.</p>'
+
+
 def render_html(summary: dict[str, Any], timeline: Timeline, class_names: Sequence[str] = DEFAULT_CLASS_NAMES,
                 title: str = "Kidney ultrasound study \u2014 IFTA grade") -> str:
     """The one-page report of a study: `summary` is StudySummary.summary(), `timeline` its Timeline."""
@@ -382,7 +406,10 @@ def render_html(summary: dict[str, Any], timeline: Timeline, class_names: Sequen
                  f'</table>' if lat_rows else '<p>no timings</p>')
 
     fr = summary.get("frame_range")
-    meta = [f'source <code>{_e(summary.get("source_id") or "-")}</code>']
+    model = summary.get("model") or {}
+    model_name = " ".join(str(model[k]) for k in ("name", "version") if model.get(k))
+    meta = ([f'model <b>{_e(model_name)}</b>'] if model_name else []) + [
+        f'source <code>{_e(summary.get("source_id") or "-")}</code>']
     if fr:
         meta.append(f"frames {fr[0]}&ndash;{fr[1]}")
     if summary.get("duration_s") is not None:
@@ -391,9 +418,19 @@ def render_html(summary: dict[str, Any], timeline: Timeline, class_names: Sequen
 
     banner = ""
     if disclaimer:
+        synthetic = ('<br>The grades in this report were made by a model trained on synthetic images. They are not '
+                     'a diagnosis and must not guide care.' if disclaimer == DEMO_DISCLAIMER else '')
         banner = (f'<div class="disclaimer" role="alert"><span class="icon">&#9888;</span><div><b>{_e(disclaimer)}</b>'
-                  f'<br>The grades in this report were made by a model trained on synthetic images. They are not a '
-                  f'diagnosis and must not guide care.</div></div>')
+                  f'{synthetic}</div></div>')
+    model_lines = []
+    if model_name:
+        authors = ", ".join(map(str, model.get("authors") or []))
+        model_lines.append(f'<p>Model: <b>{_e(model_name)}</b>' + (f' &middot; {_e(authors)}' if authors else '')
+                           + (f' &middot; licence {_e(model["license"])}' if model.get("license") else '') + '</p>')
+        if model.get("intended_use"):
+            model_lines.append(f'<p>Intended use: {_e(model["intended_use"])}</p>')
+        if model.get("references"):
+            model_lines.append('<p>References: ' + "; ".join(_e(str(r)) for r in model["references"]) + '</p>')
     method = ("Study grade: the grade with the highest probability averaged over the frames that passed the quality "
               "gate; its confidence is that mean probability.")
     if agreement is not None:
@@ -415,6 +452,7 @@ def render_html(summary: dict[str, Any], timeline: Timeline, class_names: Sequen
 <header><h1>{_e(title)}</h1><div class="meta">{" &middot; ".join(meta)}</div></header>
 {banner}
 <div class="cards c{len(cards)}">{"".join(cards)}</div>
+{_size_line(summary, summary.get("accepted", 0))}
 <section>
 <h2>Grade probabilities over the study</h2>
 <div class="legend">{legend}</div>
@@ -429,6 +467,7 @@ def render_html(summary: dict[str, Any], timeline: Timeline, class_names: Sequen
 </div>
 <footer>
 <p>{_e(method)}</p>
+{"".join(model_lines)}
 <p>This report holds no patient identifier: the source's opaque id is its only name, and it holds no date.</p>
 {f'<p><b>{_e(disclaimer)}</b></p>' if disclaimer else ''}
 <p>sonoscore</p>

@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from runtime import stats
+from runtime.measure import SizeStats
 from runtime.record import DROPPED, STAGES, FrameRecord
 from runtime.sinks import Sink
 from runtime.sinks.overlay import DEFAULT_CLASS_NAMES
@@ -39,12 +40,14 @@ class StudySummary(Sink):
 
     def __init__(self, path: str | Path | None = None, disclaimer: str | None = None, n_classes: int = 4, *,
                  html_path: str | Path | None = None, smoothing_half_life: float | None = None,
-                 class_names: Sequence[str] = DEFAULT_CLASS_NAMES, timeline_bins: int = 1024):
+                 class_names: Sequence[str] = DEFAULT_CLASS_NAMES, timeline_bins: int = 1024,
+                 card: dict | None = None):
         if smoothing_half_life is not None and not (smoothing_half_life > 0 and math.isfinite(smoothing_half_life)):
             raise ValueError(f"the smoothing half-life must be a positive number of frames, got {smoothing_half_life}")
         self.path = Path(path) if path else None
         self.html_path = Path(html_path) if html_path else None
         self.disclaimer = disclaimer
+        self.card = dict(card) if card else None        # the bundle's model card: the summary's `model`
         self.n_classes = n_classes
         self.class_names = tuple(class_names)
         self.half_life = float(smoothing_half_life) if smoothing_half_life else None
@@ -60,6 +63,7 @@ class StudySummary(Sink):
         self._smooth_counts = [0] * n_classes
         self.timeline = Timeline(n_classes, timeline_bins, smoothing=self.half_life is not None)
         self._latency: dict[str, LatencySketch] = {}
+        self._size = SizeStats()   # kidney length and area of the accepted frames (runtime/measure.py)
 
     def write(self, record: FrameRecord) -> None:
         self._check_open()
@@ -98,6 +102,8 @@ class StudySummary(Sink):
         self.timeline.add(f, status, probs, smoothed)
         for stage, ms in record.latency_ms.items():
             self._latency.setdefault(stage, LatencySketch()).add(float(ms))
+        if status == STATUS_ACCEPTED:
+            self._size.add(record)
 
     def summary(self) -> dict:
         out: dict = {"frames": self.frames, "accepted": self.accepted, "rejected": self.rejected,
@@ -133,8 +139,11 @@ class StudySummary(Sink):
         out["source_id"] = self.source_id
         out["frame_range"] = self._frame_range
         out["duration_s"] = (round(self._t_range[1] - self._t_range[0], 3) if self._t_range else None)
+        out.update(self._size.summary())    # kidney_length_mm, kidney_area_mm2, kidney_size (runtime/measure.py)
         if self.disclaimer:
             out["disclaimer"] = self.disclaimer
+        if self.card:
+            out["model"] = self.card
         return out
 
     def html(self) -> str:
@@ -233,15 +242,24 @@ class LatencySketch:
         """p50/p95/p99/max in ms, rounded to 0.1 us (numpy's linear interpolation; NaN for each with no value)."""
         if self._values is not None:
             return percentiles(self.values())
+        out = self.quantiles((50, 95, 99))
+        out["max"] = round(self.max, 4)
+        return out
+
+    def quantiles(self, qs: Sequence[float]) -> dict[str, float]:
+        """{"p<q>": value} for each percentile q in `qs` (numpy's linear interpolation, rounded to 0.1 us): exact
+        while the values are kept as they are, within RELATIVE_ERROR once binned; NaN for each with no value."""
+        if self._values is not None:
+            v = self.values()
+            return {f"p{q:g}": round(float(np.percentile(v, q)), 4) if v.size else math.nan for q in qs}
         cum = np.cumsum(self._counts)
         out = {}
-        for q in (50, 95, 99):
+        for q in qs:
             r = q / 100 * (self.n - 1)
             lo, frac = int(math.floor(r)), r - math.floor(r)
             a = self._order_statistic(cum, lo)
             b = self._order_statistic(cum, min(lo + 1, self.n - 1)) if frac else a
-            out[f"p{q}"] = round(a + frac * (b - a), 4)
-        out["max"] = round(self.max, 4)
+            out[f"p{q:g}"] = round(a + frac * (b - a), 4)
         return out
 
 
