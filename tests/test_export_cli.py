@@ -221,10 +221,17 @@ def test_an_export_interrupted_midway_leaves_no_folder(made, tmp_path):
         for line in proc.stderr:                    # the checks passed: the networks are being exported now
             if line.startswith("export: booster"):
                 break
-        time.sleep(1.0)
+        # Held still as soon as its partial folder appears (exporting the networks takes seconds, the polling
+        # milliseconds), so the interrupt lands midway on a fast machine as on a slow one: SIGINT is delivered
+        # when the process goes on.
+        t_end = time.monotonic() + 60
+        while not any(p.name.startswith(".bundle.partial-") for p in (tmp_path / "sub").glob(".*")):
+            assert proc.poll() is None and time.monotonic() < t_end, "no partial folder appeared"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGSTOP)
         assert proc.poll() is None
-        assert any(p.name.startswith(".bundle.partial-") for p in (tmp_path / "sub").iterdir())
         proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGCONT)
         proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
