@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.quantize import METHODS, quantize_int8, spread_indices
+from calibration.quantize import METHODS, QuantizeResult, quantize_int8, spread_indices
 from calibration.report import Thresholds, compare, format_table, run_precision
 from runtime.bundle import Bundle, write_manifest
 from runtime.errors import UserError
@@ -129,13 +129,19 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
                      conv_transpose: str = "per-tensor", thresholds: Thresholds | None = None,
                      precisions: tuple[str, ...] = ("int8", "fp16"), report: str | Path | None = None,
                      full_range_weights: bool = False, timing_only: bool = False, quiet: bool = False,
-                     networks: tuple[str, ...] | str = ("unet", "vgg")) -> dict:
+                     networks: tuple[str, ...] | str = ("unet", "vgg"), qat: dict | None = None,
+                     frame_sets: dict[str, list[np.ndarray]] | None = None) -> dict:
     """Calibrate, report, and (when every threshold holds) install the INT8 networks into the bundle.
 
     `networks` names the ones to quantize; one left out stays FP32 in the INT8 set (its manifest entry for int8 names
     the FP32 file), which is mixed precision as TensorRT builds it from a strongly typed network. "auto" quantizes
     both and also checks the set with the VGG alone in INT8 (`int8-vgg`, against the same FP32 reference): both
-    are installed when they pass, else the VGG alone when that passes, else nothing."""
+    are installed when they pass, else the VGG alone when that passes, else nothing.
+
+    `qat`: the INT8 candidates come from quantization-aware training (export.qat), not from calibrating here:
+    {"files": {net: Q/DQ file}, "info": {net: export_qdq's info}, "settings": {...}} (export.qat.qat_networks). No
+    frame is used for calibration then: every frame of `frames` is held out for the check (up to `holdout`).
+    `frame_sets`: more check sets, name -> images already preprocessed as the runtime preprocesses them."""
     from runtime.backends import make_runner
     from runtime.booster import Booster
 
@@ -148,16 +154,22 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
     if not networks:
         raise UserError("--networks must name unet, vgg or both")
     thresholds = thresholds or Thresholds()
+    if qat is not None and not set(networks) <= set(qat["files"]):
+        raise UserError("quantization-aware training gave no INT8 file for "
+                        + " and ".join(n for n in networks if n not in qat["files"]))
     bundle = Bundle.load(bundle_path)
     root = bundle.root
     t_start = time.perf_counter()
     shape = Pipeline(bundle)  # not entered: only its preprocessing is used here
     data = read_frames(frames, shape, max_frames=max_frames, quiet=quiet)
     n = len(data.images)
-    if n < 4:
+    if qat is not None and n + sum(map(len, (frame_sets or {}).values())) < 1 and not check:
+        raise UserError("the INT8 accuracy check needs frames to check on; give a folder, video, DICOM cine or "
+                        "sim:// source")
+    if qat is None and n < 4:
         raise UserError(f"calibration needs at least 4 readable frames, the source(s) gave {n}; give a folder, "
                         f"video, DICOM cine or sim:// source with more frames")
-    calib_idx = spread_indices(n, min(count, n // 2))
+    calib_idx = spread_indices(n, min(count, n // 2)) if qat is None else []
     rest = sorted(set(range(n)) - set(calib_idx))
     hold_idx = [rest[i] for i in spread_indices(len(rest), min(holdout, len(rest)))]
     calib_images = [data.images[i] for i in calib_idx]
@@ -166,17 +178,25 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
     unet_inputs = [graph.unet_feeds(img)[graph.unet_input] for img in calib_images]
     with make_runner("ort", bundle.network_file("unet", "fp32")) as unet32:
         vgg_inputs, rejected = [], 0
-        for img in calib_images:
+        for img in calib_images if qat is None else ():
             gate = graph.gate(graph.segment(unet32, img))
+            mask = gate.mask
             if not gate.accepted:
-                rejected += 1
-                continue
-            vgg_inputs.append(graph.vgg_feeds(img, gate.mask)[graph.vgg_input])
-    if not vgg_inputs:
+                if not timing_only:
+                    rejected += 1
+                    continue
+                mask = np.ones_like(mask)   # timing only (random weights): the whole image calibrates the VGG
+            vgg_inputs.append(graph.vgg_feeds(img, mask)[graph.vgg_input])
+    if not vgg_inputs and qat is None:
         raise UserError(f"none of the {len(calib_images)} calibration frames passed the quality gate (kidney mask "
                         f"below {graph.min_mask_fraction:.0%} of the frame), so the VGG cannot be calibrated; "
                         f"give frames that show the kidney")
-    if not quiet:
+    if not quiet and qat is not None:
+        held = ([f"{len(hold_idx)} frames of {', '.join(s['source_id'] for s in data.sources)}"] if frames else []) \
+            + [f"{len(v)} frames of {k}" for k, v in (frame_sets or {}).items()]
+        _say(f"calibrate: INT8 from quantization-aware training, checked against FP32 on "
+             f"{', '.join(held) or 'the --check frames'}")
+    elif not quiet:
         _say(f"calibrate: {n} frames read ({data.unreadable} inputs were not readable images); {len(calib_idx)} "
              f"calibrate the UNet, "
              f"{len(vgg_inputs)} of them pass the gate and calibrate the VGG ({rejected} rejected); "
@@ -189,6 +209,12 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
     results = {}
     for name, input_name, inputs in (("unet", graph.unet_input, unet_inputs), ("vgg", graph.vgg_input, vgg_inputs)):
         if name not in networks:
+            continue
+        if qat is not None:
+            shutil.copyfile(qat["files"][name], work / INT8_FILES[name])
+            i = qat["info"][name]
+            results[name] = QuantizeResult(work / INT8_FILES[name], "qat", 0, conv_transpose, i["weight_bits"],
+                                           i["quantized_ops"], i["float_ops"], i["opset"])
             continue
         prog = _Progress(f"calibrating {name}", len(inputs), quiet)
         t = time.perf_counter()
@@ -204,7 +230,8 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
                  f"{_counts(r.quantized_ops)}; float weights: {_counts(r.float_ops) or 'none'})")
 
     # -- accuracy against FP32 on frames that did not calibrate ------------------------------------------------
-    sets: dict[str, list[np.ndarray]] = {"held-out": [data.images[i] for i in hold_idx]}
+    sets: dict[str, list[np.ndarray]] = {"held-out": [data.images[i] for i in hold_idx]} if frames else {}
+    sets.update(frame_sets or {})
     check_sets = []
     for spec in check or []:
         extra = read_frames([spec], shape, max_frames=max_frames, quiet=quiet)
@@ -264,6 +291,9 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
         "passed": int8_ok and not failures, "failures": failures, "versions": _versions(),
         "seconds": round(time.perf_counter() - t_start, 1),
     }
+    if qat is not None:
+        out["method"] = "qat"
+        out["qat"] = qat.get("settings", {})
     if int8_ok:
         for name in ("unet", "vgg"):
             if name in networks:
@@ -285,12 +315,15 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
                            "conv_transpose_weights": ("per-tensor" if conv_transpose == "per-tensor" else "float")
                            if "ConvTranspose" in r.quantized_ops or "ConvTranspose" in r.float_ops else "n/a",
                            "biases": "float", "int8_weights": r.quantized_ops, "float_weights": r.float_ops}
+            if qat is not None:   # the scales and integer weights are the QAT model's (export.qat), not calibrated
+                net["int8"]["qat"] = {**qat.get("settings", {}).get(name, {}), "file_info": qat["info"][name]}
         manifest["calibration"] = {
-            "networks": list(networks), "method": method, "frames": len(calib_idx), "frames_vgg": len(vgg_inputs),
+            "networks": list(networks), "method": method if qat is None else "qat", "frames": len(calib_idx), "frames_vgg": len(vgg_inputs),
             "sources": data.sources, "accuracy_checked": not timing_only,
             "accuracy": {s: {p: {k: v for k, v in m.items() if k in _SUMMARY} for p, m in ps.items()}
                          for s, ps in accuracy.items()},
             "thresholds": asdict(thresholds), "versions": out["versions"],
+            **({"qat": qat.get("settings", {})} if qat is not None else {}),
             "made": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         write_manifest(root, manifest)

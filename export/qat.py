@@ -501,3 +501,88 @@ def export_qdq(model, path: Path | str, graph=None) -> dict:
     return {"file": path.name, "bytes": path.stat().st_size, "opset": result.opset,
             "activations": len(pl.activations), "weight_bits": result.weight_bits,
             "quantized_ops": result.quantized_ops, "float_ops": result.float_ops}
+
+
+# -- the training recipe's QAT phase (sonoscore train --qat) -----------------------------------------------------
+
+class _Batches:
+    """Re-iterable shuffled batches with the training recipe's augmentation (export.train._fit: random horizontal
+    flips, and for the VGG a random translation), fed as the network is fed (export.train._batch); a new draw each
+    pass."""
+
+    def __init__(self, images, targets, *, channels: int, batch_size: int, seed: int, normalization, shift: int = 0,
+                 mask_targets: bool):
+        self.images, self.targets, self.channels = images, targets, channels
+        self.batch_size, self.normalization, self.shift, self.mask_targets = batch_size, normalization, shift, mask_targets
+        self.rng = np.random.default_rng(seed)
+
+    def __iter__(self):
+        from export.train import _batch, _rows
+        n = len(self.images)
+        order = self.rng.permutation(n)
+        flips = self.rng.random(n) < 0.5
+        for s in range(0, n, self.batch_size):
+            idx = order[s:s + self.batch_size]
+            x = _batch(self.images, idx, self.channels, flips[idx], self.normalization)
+            if self.shift:
+                for k, (dy, dx) in enumerate(self.rng.integers(-self.shift, self.shift + 1, (len(idx), 2))):
+                    x[k] = torch.roll(x[k], (int(dy), int(dx)), (1, 2))
+            y = (_rows(self.targets, idx, flips[idx]).float() if self.mask_targets
+                 else torch.from_numpy(np.asarray(self.targets)[idx].astype(np.int64)))
+            yield x, y
+
+
+def _spread(n: int, k: int) -> list[int]:
+    from calibration.quantize import spread_indices
+    return spread_indices(n, min(k, n))
+
+
+def qat_networks(unet, vgg, *, unet_images, unet_masks, vgg_images, vgg_labels, graph, out_dir: Path,
+                 unet_epochs: int = 2, vgg_epochs: int = 3, lr: float = 1e-4, seed: int = 0, vgg_shift: int = 0,
+                 calibration_frames: int = 64, log: Callable[[str], None] = print) -> dict:
+    """The QAT phase of the training recipe (`sonoscore train --qat`), for both networks after FP32 training:
+    `qdq_placement` on up to `calibration_frames` training frames, `qat_finetune` on the training frames (UNet:
+    uint8 images [N,S,S] and 0/1 masks; VGG: masked uint8 images and grade indices 0..3) with the recipe's
+    augmentation, `export_qdq` into `out_dir` as unet.int8.onnx / vgg.int8.onnx.
+
+    Returns {"unet": float model, "vgg": float model (the folded networks with the QAT weights: the bundle's FP32
+    and FP16 files are exported from these, so the INT8 check compares the same weights), "qat": {"files", "info",
+    "settings"} (what calibration.run.calibrate_bundle's `qat` takes), "seconds": {phase: s}}."""
+    import time
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result: dict = {"qat": {"files": {}, "info": {}, "settings": {}}, "seconds": {}}
+    from export.train import _batch
+    for name, model, images, targets, epochs, bs in (
+            ("unet", unet, unet_images, unet_masks, unet_epochs, 8),
+            ("vgg", vgg, vgg_images, vgg_labels, vgg_epochs, 16)):
+        channels = 1 if name == "unet" else int(model.in_channels)
+        norm = graph.unet_normalization if name == "unet" else graph.vgg_normalization
+        t = time.perf_counter()
+        calib = [_batch(images, np.array([i]), channels, None, norm).numpy()
+                 for i in _spread(len(images), calibration_frames)]
+        placement = qdq_placement(model, calib, graph)
+        t_place = time.perf_counter() - t
+        log(f"train: QAT {name}: {len(placement.activations)} activations and {len(placement.weights)} weights "
+            f"fake-quantized where the Q/DQ file has them ({len(calib)} frames set the initial scales, "
+            f"{t_place:.0f} s); {epochs} epochs at lr {lr:g} on {len(images)} frames")
+        t = time.perf_counter()
+        batches = _Batches(images, targets if name == "unet" else np.asarray(targets), channels=channels,
+                           batch_size=bs, seed=seed, normalization=norm,
+                           shift=0 if name == "unet" else vgg_shift, mask_targets=name == "unet")
+        qat = qat_finetune(model, batches, epochs=epochs, lr=lr, placement=placement, graph=graph, log=log)
+        t_train = time.perf_counter() - t
+        t = time.perf_counter()
+        path = out_dir / f"{name}.int8.onnx"
+        info = export_qdq(qat, path, graph)
+        result[name] = qat.float_model()
+        result["qat"]["files"][name] = path
+        result["qat"]["info"][name] = info
+        result["qat"]["settings"][name] = {"epochs": int(epochs), "lr": float(lr), "batch_size": bs,
+                                           "frames": int(len(images)), "calibration_frames": len(calib),
+                                           "library": f"torch.ao.quantization (torch {torch.__version__})",
+                                           "placement": placement.options}
+        result["seconds"][name] = {"placement": round(t_place, 1), "finetune": round(t_train, 1),
+                                   "export": round(time.perf_counter() - t, 1)}
+    return result

@@ -38,6 +38,10 @@ class TrainConfig:
     demo: bool | None = None  # trained on the phantom: the bundle carries the synthetic-data disclaimer; None: True
                               # when the data folder is one `sonoscore sim` wrote (runtime.dataset.is_synthetic)
     kidney_labels: tuple[str, ...] | None = None  # `train --label kidney=...`; None: runtime.dataset's default variants
+    qat: bool = False         # `train --qat`: quantization-aware fine-tuning after FP32 training (export.qat), INT8 set
+    qat_unet_epochs: int = 2  # from it, checked as `calibrate --networks auto` checks
+    qat_vgg_epochs: int = 3
+    qat_lr: float = 1e-4
 
 
 def _say(msg: str) -> None:
@@ -68,10 +72,18 @@ def load_preprocessed(data_dir: Path, graph: Graph, progress: bool = True, kidne
 
 
 def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = True, *,
-                 unet_input: dict | None = None, vgg_input: dict | None = None) -> Path:
+                 unet_input: dict | None = None, vgg_input: dict | None = None, check: list[str] | None = None,
+                 report: Path | None = None, thresholds=None) -> Path:
     """The paper's recipes end to end: UNet (MSE), VGG-19-BN (cross-entropy), XGBoost on VGG Fc2 features.
     `unet_input` / `vgg_input`: each network's input normalization (runtime.normalize; None = unit), used in
-    training and recorded in the manifest (`sonoscore train --unet-input / --vgg-input`)."""
+    training and recorded in the manifest (`sonoscore train --unet-input / --vgg-input`).
+
+    With `cfg.qat`: after FP32 training, quantization-aware fine-tuning of each network (export.qat.qat_networks);
+    the FP32/FP16 files are exported from the fine-tuned weights, the booster learns from that VGG's features, and
+    the Q/DQ files with the trained scales become the bundle's INT8 set after calibrate's accuracy check
+    (calibration.run.calibrate_bundle, `--networks auto`, thresholds unchanged) on the validation patients' frames
+    and on `check` sources (held-out data); the report goes to `report` (default <bundle>/calibration_report.json);
+    `thresholds`: calibration.report.Thresholds (None: calibrate's defaults)."""
     from export.train import split_by_patient, train_booster, train_unet, train_vgg
     t_start = time.time()
     graph = Graph(crimmins_iterations=cfg.crimmins_iterations, vgg_channels=cfg.vgg_channels,
@@ -108,6 +120,16 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    qat_work, qat = out.with_name(out.name + ".qat-work"), None
+    if cfg.qat:
+        from export.qat import qat_networks
+        shutil.rmtree(qat_work, ignore_errors=True)
+        _say(f"train: quantization-aware fine-tuning (UNet {cfg.qat_unet_epochs}, VGG {cfg.qat_vgg_epochs} epochs)")
+        qat = qat_networks(unet, vgg, unet_images=images[tr], unet_masks=(masks[tr] > 0).astype(np.uint8),
+                           vgg_images=masked_images[kidney & tr], vgg_labels=grades[kidney & tr] - 1, graph=graph,
+                           out_dir=qat_work, unet_epochs=cfg.qat_unet_epochs, vgg_epochs=cfg.qat_vgg_epochs,
+                           lr=cfg.qat_lr, seed=cfg.seed, vgg_shift=cfg.vgg_shift, log=_say)
+        unet, vgg = qat["unet"], qat["vgg"]   # the FP32/FP16 files and the booster use the fine-tuned weights
     tmp.mkdir(parents=True)
     nets = export_networks(unet, vgg, tmp, cfg.unet_width, cfg.vgg_width, graph)
 
@@ -142,6 +164,8 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
         "config": asdict(cfg), "unet_history": unet_hist, "vgg_history": vgg_hist,
         "booster": _jsonable(booster_info), "booster_trained_on_masks": booster_masks, "seconds": round(time.time() - t_start, 1),
     }
+    if qat is not None:
+        provenance["qat"] = {"settings": _jsonable(qat["qat"]["settings"]), "seconds": qat["seconds"]}
     from runtime.dataset import is_synthetic
     demo = is_synthetic(data_dir) if cfg.demo is None else cfg.demo
     write_bundle_manifest(tmp, nets, provenance, graph, demo=demo, booster=_booster_section(booster))
@@ -150,7 +174,38 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
     tmp.rename(out)
     Bundle.load(out)  # verify what was written
     _say(f"train: bundle written to {out} in {time.time() - t_start:.0f} s")
+    if qat is not None:
+        try:
+            _install_qat(out, qat["qat"], {"validation patients": list(images[va])} if va.any() else
+                         {"training frames (no patient held out)": list(images)}, check, report, thresholds)
+        finally:
+            shutil.rmtree(qat_work, ignore_errors=True)
     return out
+
+
+def _install_qat(bundle: Path, qat: dict, frame_sets: dict, check: list[str] | None, report: Path | None,
+                 thresholds=None) -> None:
+    """The QAT Q/DQ files become the bundle's INT8 set through calibrate's own accuracy check and installation
+    (`--networks auto`: both networks when they pass, else the VGG alone, else none); one line says which."""
+    from calibration.run import CalibrationFailed, calibrate_bundle
+    report = Path(report) if report else bundle / "calibration_report.json"
+    t = time.time()
+    missed = None
+    try:
+        calibrate_bundle(bundle, [], check=check, frame_sets=frame_sets, networks="auto", qat=qat, report=report,
+                         thresholds=thresholds)
+    except CalibrationFailed as e:
+        missed = str(e).split(";")[0]
+    result = json.loads(report.read_text())
+    nets = Bundle.load(bundle).int8_networks
+    if list(nets) == ["unet", "vgg"]:
+        what = "both networks in INT8"
+    elif list(nets) == ["vgg"]:
+        what = f"the VGG alone in INT8, the UNet stays FP32 (both in INT8 missed: {result['int8_both_missed'][0]})"
+    else:
+        what = "no INT8 set installed, the bundle is FP32/FP16"
+    _say(f"train: QAT INT8 check on {', '.join(result['accuracy']) or 'no frames'}: {what}"
+         + (f"; {missed}" if missed else "") + f"; report {report} ({time.time() - t:.0f} s)")
 
 
 def export_networks(unet, vgg, out: Path, unet_width: float | None, vgg_width: float | None, graph: Graph) -> dict:

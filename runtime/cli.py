@@ -177,11 +177,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     from export.recipe import TrainConfig, train_bundle
     cfg = TrainConfig(unet_width=args.unet_width, vgg_width=args.vgg_width, unet_epochs=args.unet_epochs,
                       vgg_epochs=args.vgg_epochs, seed=args.seed, grid_search=args.grid_search,
-                      kidney_labels=_kidney_labels(args.label).given)
+                      kidney_labels=_kidney_labels(args.label).given, qat=args.qat,
+                      qat_unet_epochs=args.qat_unet_epochs, qat_vgg_epochs=args.qat_vgg_epochs, qat_lr=args.qat_lr)
+    given = [o for o, v in (("--check", args.check), ("--report", args.report), ("--min-iou", args.min_iou),
+                            ("--min-gate", args.min_gate), ("--min-grade", args.min_grade),
+                            ("--min-cosine", args.min_cosine)) if v not in (None, [])]
+    if not args.qat and given:
+        raise UserError(f"{given[0]} belongs to --qat (the INT8 check after quantization-aware training); "
+                        "add --qat or leave them out")
+    if args.qat and min(args.qat_unet_epochs, args.qat_vgg_epochs) < 1:
+        raise UserError("--qat-unet-epochs and --qat-vgg-epochs must be at least 1")
     from runtime.normalize import parse
     train_bundle(Path(args.data), Path(args.out), cfg,
                  unet_input=parse(args.unet_input, "--unet-input", 1) if args.unet_input else None,
-                 vgg_input=parse(args.vgg_input, "--vgg-input", cfg.vgg_channels) if args.vgg_input else None)
+                 vgg_input=parse(args.vgg_input, "--vgg-input", cfg.vgg_channels) if args.vgg_input else None,
+                 check=args.check or None, report=Path(args.report) if args.report else None,
+                 thresholds=_thresholds(args) if args.qat else None)
     return EXIT_OK
 
 
@@ -205,7 +216,7 @@ def _kidney_labels(texts: list[str] | None):
 
 LABEL_HELP = ("which labelme labels are the kidney, e.g. kidney=\"kidney,left kidney,Kidney_R\" (repeatable; case, "
               "spaces, underscores and hyphens ignored); default: kidney and its usual variants (left/right kidney, "
-              "kidney_l/kidney_r, lt kidney, ...; README, 'Labelme datasets')")
+              "kidney_l/kidney_r, lt kidney, ...; docs/models.md, 'Labelme datasets')")
 
 
 def _networks(text: str) -> tuple[str, ...] | str:
@@ -216,6 +227,15 @@ def _networks(text: str) -> tuple[str, ...] | str:
     if not names or bad:
         raise argparse.ArgumentTypeError(f"'{text}': name unet, vgg or both joined by a comma, or auto")
     return names
+
+
+def _thresholds(args: argparse.Namespace):
+    """calibrate's accuracy thresholds from --min-iou/--min-gate/--min-grade/--min-cosine (None: the default)."""
+    from calibration.report import Thresholds
+    given = {k: v for k, v in (("min_iou", args.min_iou), ("min_gate_agreement", args.min_gate),
+                               ("min_grade_agreement", args.min_grade), ("min_cosine", args.min_cosine))
+             if v is not None}
+    return Thresholds(**given)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -352,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "OpenCV with a GUI and a display; q, Esc or closing the window stops the showing, not the run)")
     r.add_argument("--quiet", action="store_true", help="no line per frame")
     r.add_argument("--send", metavar="YAML", help="also make the DICOM results (SR, SEG, SC) of a DICOM source and "
-                   "send them to the destinations of this configuration, through its outbox (README, 'DICOM network')")
+                   "send them to the destinations of this configuration, through its outbox "
+                   "(docs/hospital.md, 'DICOM network')")
     r.set_defaults(func=cmd_run)
 
     e = sub.add_parser("eval", help="kidney IoU and grade metrics on a labelled (labelme) dataset")
@@ -405,6 +426,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "channel: one value each)")
     t.add_argument("--vgg-input", metavar="NORM", help="the same for the VGG (of the masked image): unit (default), "
                    "minmax, imagenet, or meanstd:M1,M2,M3/S1,S2,S3")
+    t.add_argument("--qat", action="store_true", help="after FP32 training, quantization-aware fine-tuning of both "
+                   "networks; the INT8 Q/DQ set it gives is checked as `calibrate --networks auto` checks it (on the "
+                   "validation patients and --check data) and installed when it passes")
+    t.add_argument("--qat-unet-epochs", type=int, default=2, help="QAT epochs of the UNet (default 2)")
+    t.add_argument("--qat-vgg-epochs", type=int, default=3, help="QAT epochs of the VGG (default 3)")
+    t.add_argument("--qat-lr", type=float, default=1e-4, help="QAT learning rate, Adam (default 1e-4)")
+    t.add_argument("--check", action="append", default=[], help="with --qat: held-out frames (folder, video, DICOM "
+                   "or sim://) the INT8 set is also checked on (repeatable)")
+    t.add_argument("--report", help="with --qat: the INT8 check's report (default <out>/calibration_report.json)")
+    for opt, what in (("--min-iou", "mask IoU"), ("--min-gate", "gate agreement"), ("--min-grade", "grade agreement"),
+                      ("--min-cosine", "feature cosine similarity")):
+        t.add_argument(opt, type=float, default=None, help=f"with --qat: minimum {what} of the INT8 check "
+                       f"(default: calibrate's)")
     t.set_defaults(func=cmd_train)
 
     x = sub.add_parser("export", help="checkpoints + booster -> bundle (ONNX fp32/fp16, UBJ booster, manifest)")
@@ -421,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="the bundle folder: a new one, or an existing bundle (replaced "
                    "only once the new one is complete)")
     x.add_argument("--unet-input", metavar="NORM", help="what the UNet was trained on after uint8/255: unit "
-                   "(default), minmax (per image), imagenet, or meanstd:MEAN/STD")
+                   "(default), minmax (per image), or meanstd:MEAN/STD (one value each: the UNet takes one channel)")
     x.add_argument("--vgg-input", metavar="NORM", help="the same for the VGG: unit (default), minmax, imagenet, or "
                    "meanstd:M1,M2,M3/S1,S2,S3")
     x.add_argument("--name", help="the model's name in the manifest and on reports (default: the --out folder's name)")
@@ -470,8 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("listen", help="DICOM Storage SCP: score the ultrasound studies received, send the results "
                         "(SR, SEG, SC) to a PACS")
-    ls.add_argument("--config", required=True, metavar="YAML", help="the listen/send configuration (README, "
-                    "'DICOM network'; device/listen.example.yaml)")
+    ls.add_argument("--config", required=True, metavar="YAML", help="the listen/send configuration "
+                    "(docs/hospital.md, 'DICOM network'; device/listen.example.yaml)")
     ls.add_argument("--bundle", help="the model bundle (default: the configuration's processing.bundle)")
     ls.add_argument("--backend", choices=["ort", "trt"], default=None, help="default: processing.backend, else ort")
     ls.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None,
