@@ -451,3 +451,17 @@ def test_reused_masks_give_what_running_the_same_unet_again_gives(tiny_bundle, t
         np.testing.assert_array_equal(getattr(again, field), getattr(ref, field))
     with pytest.raises(ValueError, match="another set of images"):
         run_precision(bundle, files, booster, images[:2], masks_from=ref)
+
+
+def test_a_timing_only_calibration_does_not_need_frames_the_gate_accepts(tiny_bundle, tmp_path):
+    """A random-weight timing bundle's UNet may find no kidney anywhere: with --timing-only the whole image then
+    calibrates the VGG (an accuracy check would refuse such frames; timing has none)."""
+    from calibration.run import calibrate_bundle
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b)
+    m = json.loads((b / "manifest.json").read_text())
+    m["gate"]["min_mask_fraction"] = 1.0          # no frame can pass the gate
+    write_manifest(b, m)
+    calibrate_bundle(b, ["sim://kidney?frames=8&fps=0&seed=5"], count=4, holdout=4, timing_only=True, quiet=True)
+    bundle = Bundle.load(b)
+    assert "int8" in bundle.precisions and set(bundle.int8_networks) == {"unet", "vgg"}
