@@ -41,6 +41,7 @@ from runtime.dicomnet import uid_key
 from runtime.dicomnet.config import Destination, Retry
 from runtime.dicomnet.senders import Outcome, Unreachable, make_sender
 from runtime.dicomnet.spool import fsync_dir
+from runtime.sinks import fsync_path
 
 log = logging.getLogger("sonoscore.dicomnet")
 
@@ -96,13 +97,13 @@ class Outbox:
                     head = item
                     name = f"{n:03d}-{uid_key(str(item.SOPInstanceUID), 32)}.dcm"
                     item.save_as(work / name, enforce_file_format=True)
-                _fsync_file(work / name)
+                fsync_path(work / name)
                 names.append(name)
                 kinds.append(str(head.get("Modality", "") or "?"))
             meta = {"id": batch, "label": label, "created": time.time(), "destinations": sorted(set(destinations)),
                     "files": names, "kinds": kinds}
             (work / "batch.json").write_text(json.dumps(meta))
-            _fsync_file(work / "batch.json")
+            fsync_path(work / "batch.json")
             fsync_dir(work)
             os.replace(work, self.batches / batch)
         except BaseException:
@@ -126,7 +127,7 @@ class Outbox:
         """Every destination has every file: note the batch as delivered, then remove it."""
         marker = self.done / batch.id
         marker.write_text(json.dumps({"delivered": time.time(), "label": batch.label}))
-        _fsync_file(marker)
+        fsync_path(marker)
         fsync_dir(self.done)
         shutil.rmtree(batch.path, ignore_errors=True)
         fsync_dir(self.batches)
@@ -323,9 +324,3 @@ def _alive(pid: str) -> bool:
     return True
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -22,17 +22,14 @@ import time
 from pathlib import Path
 
 from runtime.dicomnet import uid_key
+from runtime.sinks import fsync_path
 
 SUFFIX = ".dcm"
 
 
 def fsync_dir(folder: Path) -> None:
-    """Make a rename or a removal in `folder` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Make a rename or a removal in `folder` durable (runtime.sinks.fsync_path on the folder)."""
+    fsync_path(folder)
 
 
 def write_durably(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
