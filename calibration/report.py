@@ -1,159 +1,75 @@
-"""How far a lower precision (INT8, FP16) moves the pipeline from FP32, frame by frame, end to end.
-
-Each precision runs the whole graph on the same preprocessed frames: its own UNet mask, its own gate decision,
-its own masked image and VGG features, and the bundle's booster. Compared with FP32:
-
-- mask IoU with the FP32 mask (over frames where either mask has kidney; 1.0 when both are empty is not counted,
-  so frames without a kidney cannot inflate it), and the mask-fraction error;
-- gate agreement: the share of frames with the same accept/reject decision;
-- feature cosine similarity and grade agreement, over frames both precisions accepted;
-- probability L1: sum over classes of |p - p_fp32|, over the same frames.
+"""How far a lower precision (INT8, FP16) moves the pipeline from FP32, frame by frame, end to end: each precision
+runs the whole graph on the same preprocessed frames (`run_precision`), compared with FP32 by
+runtime.agreement's metrics (mask IoU, mask-fraction error, gate agreement, feature cosine, grade agreement,
+probability L1; re-exported here) against `Thresholds`; `format_table` is the terminal summary.
 """
 from __future__ import annotations
 
-import math
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from runtime.agreement import Outputs, Thresholds, compare, graph_outputs
 
-@dataclass
-class Thresholds:
-    """Defaults from the INT8 issue; every one can be changed on the command line.
-
-    A check passes only when it was measured and met. A metric that could not be computed on a set (None: no
-    frame qualifies, e.g. no frame accepted by both precisions, so no feature or grade to compare) or that is not a
-    number fails its check, saying so: a pass must mean the precision was seen to hold the threshold. A threshold
-    of 0 (or below) turns its check off, and then an unmeasured metric passes too."""
-    min_iou: float = 0.97
-    min_gate_agreement: float = 0.97
-    min_grade_agreement: float = 0.97
-    min_cosine: float = 0.99
-
-    def missed(self, m: dict) -> list[str]:
-        out = []
-        n = m.get("frames", 0)
-        for key, limit, label, flag, qualifies in (
-                ("mask_iou_mean", self.min_iou, "mask IoU", "--min-iou",
-                 "no frame has kidney in either precision's mask"),
-                ("gate_agreement", self.min_gate_agreement, "gate agreement", "--min-gate", "the set has no frame"),
-                ("grade_agreement", self.min_grade_agreement, "grade agreement", "--min-grade",
-                 "no frame passed the gate in both precisions"),
-                ("feature_cosine_mean", self.min_cosine, "feature cosine", "--min-cosine",
-                 "no frame passed the gate in both precisions")):
-            if not limit > 0:
-                continue
-            v = m.get(key)
-            if v is None:
-                out.append(f"{label} not measured over {n} frames ({qualifies}); check on frames that show the "
-                           f"kidney, or give {flag} 0 to skip this check")
-            elif not math.isfinite(v):
-                out.append(f"{label} is {v} over {n} frames (not a number: the precision's outputs are not finite)")
-            elif v < limit:
-                out.append(f"{label} {v:.4f} < {limit:g} over {n} frames")
-        return out
-
-
-@dataclass
-class Outputs:
-    """One precision's pipeline outputs on a list of frames (features/probabilities NaN where rejected)."""
-    masks: np.ndarray          # [N, H, W] bool
-    fractions: np.ndarray      # [N]
-    accepted: np.ndarray       # [N] bool
-    features: np.ndarray       # [N, F]
-    probabilities: np.ndarray  # [N, C]
+__all__ = ["Outputs", "Thresholds", "compare", "format_table", "graph_outputs", "run_precision"]
 
 
 def run_precision(bundle, files: dict[str, Path], booster, images: list[np.ndarray], *, label: str = "",
-                  quiet: bool = False, masks_from: Outputs | None = None) -> Outputs:
+                  quiet: bool = False, masks_from: Outputs | None = None, simulated: bool = False,
+                  keep_prob: bool = False) -> Outputs:
     """The bundle's graph from preprocessed image to probabilities with the given network files. `masks_from`:
     the outputs of an earlier run on the same images with the same UNet file, whose masks are taken instead of
-    running that UNet again (onnxruntime's CPU provider gives the same output for the same file and input)."""
+    running that UNet again (onnxruntime's CPU provider gives the same output for the same file and input).
+    `simulated`: onnxruntime with graph optimisations off (runtime.backends.ort.optimization_level): a Q/DQ file's
+    QuantizeLinear/DequantizeLinear run as float ops, no integer kernels, the same figures on every CPU; else this
+    CPU's integer kernels, as `sonoscore run` uses them."""
     from contextlib import nullcontext
 
     from runtime.backends import make_runner
 
-    graph = bundle.graph()
-    n = len(images)
-    masks = np.zeros((n, *images[0].shape), bool) if n else np.zeros((0, 0, 0), bool)
-    fractions = np.zeros(n)
-    accepted = np.zeros(n, bool)
-    feats: np.ndarray | None = None
-    probs = np.full((n, bundle.num_classes), np.nan)
-    step = max(1, n // 4)
-    if masks_from is not None and len(masks_from.masks) != n:
+    if masks_from is not None and len(masks_from.masks) != len(images):
         raise ValueError("masks_from holds another set of images")
-    with (nullcontext() if masks_from is not None else make_runner("ort", files["unet"])) as unet, \
-            make_runner("ort", files["vgg"]) as vgg:
-        for i, img in enumerate(images):
-            if masks_from is not None:
-                gate = graph.gate_mask(masks_from.masks[i].astype(np.uint8))
-            else:
-                gate = graph.gate(graph.segment(unet, img))
-            masks[i], fractions[i], accepted[i] = gate.mask.astype(bool), gate.fraction, gate.accepted
-            if gate.accepted:
-                f = graph.features(vgg, img, gate.mask)[0]
-                if feats is None:
-                    feats = np.full((n, f.shape[-1]), np.nan, np.float32)
-                feats[i] = f
-                probs[i] = booster.predict(f)[0]
-            if not quiet and label and ((i + 1) % step == 0 or i + 1 == n):
-                print(f"  checking {label}: {i + 1}/{n}", file=sys.stderr, flush=True)
-    if feats is None:
-        feats = np.full((n, 1), np.nan, np.float32)
-    return Outputs(masks, fractions, accepted, feats, probs)
+    opts = {"simulated_quantization": True} if simulated else {}
+    with (nullcontext() if masks_from is not None else make_runner("ort", files["unet"], **opts)) as unet, \
+            make_runner("ort", files["vgg"], **opts) as vgg:
+        return graph_outputs(bundle.graph(), unet, vgg, booster, images, num_classes=bundle.num_classes,
+                             masks_from=masks_from, keep_prob=keep_prob,
+                             label=None if quiet else label)
 
 
-def compare(ref: Outputs, other: Outputs) -> dict:
-    """The metrics of `other` against `ref` (FP32). None where no frame qualifies."""
-    n = len(ref.fractions)
-    inter = (ref.masks & other.masks).reshape(n, -1).sum(1)
-    union = (ref.masks | other.masks).reshape(n, -1).sum(1)
-    has = union > 0
-    iou = inter[has] / union[has]
-    both = ref.accepted & other.accepted
-    out: dict = {"frames": int(n), "frames_with_kidney": int(has.sum()), "frames_accepted_by_both": int(both.sum()),
-                 "mask_iou_mean": _f(iou.mean()) if has.any() else None,
-                 "mask_iou_min": _f(iou.min()) if has.any() else None,
-                 "mask_fraction_error_mean": _f(np.abs(ref.fractions - other.fractions).mean()) if n else None,
-                 "mask_fraction_error_max": _f(np.abs(ref.fractions - other.fractions).max()) if n else None,
-                 "gate_agreement": _f((ref.accepted == other.accepted).mean()) if n else None}
-    if both.any():
-        a, b = ref.features[both].astype(np.float64), other.features[both].astype(np.float64)
-        cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-        pa, pb = ref.probabilities[both], other.probabilities[both]
-        l1 = np.abs(pa - pb).sum(1)
-        out.update({"feature_cosine_mean": _f(cos.mean()), "feature_cosine_min": _f(cos.min()),
-                    "grade_agreement": _f((pa.argmax(1) == pb.argmax(1)).mean()),
-                    "probability_l1_mean": _f(l1.mean()), "probability_l1_max": _f(l1.max())})
-    else:
-        out.update({"feature_cosine_mean": None, "feature_cosine_min": None, "grade_agreement": None,
-                    "probability_l1_mean": None, "probability_l1_max": None})
-    return out
-
-
-def format_table(accuracy: dict[str, dict[str, dict]], thresholds: Thresholds) -> str:
-    """The terminal summary: one row per (frame set, precision)."""
-    head = (f"{'frames':<34s} {'prec':>5s} {'n':>5s} {'IoU':>7s} {'frac err':>9s} {'gate':>7s} {'cosine':>8s} "
-            f"{'grade':>7s} {'prob L1':>8s}  result")
-    lines = [head, "-" * len(head)]
+def format_table(accuracy: dict[str, dict[str, dict]], thresholds: Thresholds,
+                 this_cpu: dict[str, dict[str, dict]] | None = None, cpu_label: str = "this CPU") -> str:
+    """The terminal summary: one row per (frame set, precision). With `this_cpu` (the INT8 candidates' figures
+    with this CPU's integer kernels, by set and precision), an INT8 row is labelled "(simulated)", the figures that
+    decide, and is followed by its "(<cpu_label>)" row, shown for information."""
+    this_cpu = this_cpu or {}
+    rows = []
     for set_name, per in accuracy.items():
         for p, m in per.items():
-            lines.append(f"{set_name[:34]:<34s} {p:>5s} {m['frames']:>5d} {_s(m['mask_iou_mean'], 4):>7s} "
-                         f"{_s(m['mask_fraction_error_mean'], 5):>9s} {_s(m['gate_agreement'], 4):>7s} "
-                         f"{_s(m['feature_cosine_mean'], 5):>8s} {_s(m['grade_agreement'], 4):>7s} "
-                         f"{_s(m['probability_l1_mean'], 4):>8s}  {'pass' if m.get('passed') else 'FAIL'}")
+            cpu = this_cpu.get(set_name, {}).get(p)
+            rows.append((set_name, f"{p} (simulated)" if cpu is not None else p, m,
+                         "pass" if m.get("passed") else "FAIL"))
+            if cpu is not None:
+                rows.append((set_name, f"{p} ({cpu_label})", cpu,
+                             "pass (information)" if cpu.get("passed") else "miss (information: not deciding)"))
+    w = max([len("precision")] + [len(r[1]) for r in rows])
+    head = (f"{'frames':<34s} {'precision':<{w}s} {'n':>5s} {'IoU':>7s} {'frac err':>9s} {'gate':>7s} "
+            f"{'cosine':>8s} {'grade':>7s} {'prob L1':>8s}  result")
+    lines = [head, "-" * len(head)]
+    for set_name, label, m, result in rows:
+        lines.append(f"{set_name[:34]:<34s} {label:<{w}s} {m['frames']:>5d} {_s(m['mask_iou_mean'], 4):>7s} "
+                     f"{_s(m['mask_fraction_error_mean'], 5):>9s} {_s(m['gate_agreement'], 4):>7s} "
+                     f"{_s(m['feature_cosine_mean'], 5):>8s} {_s(m['grade_agreement'], 4):>7s} "
+                     f"{_s(m['probability_l1_mean'], 4):>8s}  {result}")
     t = thresholds
     lines.append(f"thresholds: IoU >= {t.min_iou:g}, gate >= {t.min_gate_agreement:g}, grade >= "
                  f"{t.min_grade_agreement:g}, cosine >= {t.min_cosine:g} (n/a: not measured, no frame qualifies; "
                  f"that fails its check unless its threshold is 0)")
+    if any(this_cpu.values()):
+        lines.append("INT8 is judged on the simulated figures (onnxruntime with graph optimisations off: Q/DQ in "
+                     "float, the same on every CPU, what TensorRT computes up to accumulation order); the "
+                     f"({cpu_label}) rows are onnxruntime's integer kernels on this CPU, for information")
     return "\n".join(lines)
-
-
-def _f(x) -> float:
-    return round(float(x), 6)
 
 
 def _s(v, digits: int) -> str:

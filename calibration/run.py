@@ -10,6 +10,12 @@
          agreement, probability L1 (calibration/report.py)
       -> all thresholds met: the INT8 files join the bundle and the manifest records their hashes and provenance;
          a threshold missed: the files go to <bundle>/calibration-rejected/ and the command says which one failed.
+
+Each INT8 candidate is checked twice on the same frames (docs/design.md "INT8 fidelity: simulated and this CPU"):
+with simulated quantization (onnxruntime with graph optimisations off: Q/DQ as float ops, the same on every CPU,
+what TensorRT computes up to accumulation order), which decides, and with this CPU's integer kernels, reported for
+information (and said in one line when they miss where the simulated figures pass). An installed set gets
+reference frames with its simulated outputs (runtime/fidelity.py), which `run --precision int8` checks this CPU on.
 """
 from __future__ import annotations
 
@@ -25,9 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from calibration.quantize import METHODS, QuantizeResult, quantize_int8, spread_indices
-from calibration.report import Thresholds, compare, format_table, run_precision
+from calibration.report import Outputs, Thresholds, compare, format_table, run_precision
 from runtime.bundle import Bundle, write_manifest
 from runtime.errors import UserError
+from runtime.fidelity import REFERENCE_FILE, cpu_flags, cpu_summary, pick_frames, write_reference
 from runtime.pipeline import Pipeline
 from runtime.sources import SourceError, open_source
 
@@ -244,8 +251,11 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
              for p in precisions if p == "int8" or p in bundle.precisions}
     if auto and not timing_only:
         files["int8-vgg"] = {"unet": bundle.network_file("unet", "fp32"), "vgg": work / INT8_FILES["vgg"]}
-    accuracy: dict[str, dict] = {}
+    accuracy: dict[str, dict] = {}        # what decides: the simulated figures for an INT8 candidate
+    this_cpu: dict[str, dict] = {}        # the INT8 candidates with this CPU's integer kernels, for information
+    simulated: dict[tuple[str, str], Outputs] = {}
     failures: list[str] = []
+    cpu = cpu_summary()
     if not timing_only:
         booster = Booster.load(bundle.booster_file, num_class=bundle.num_classes)
         for set_name, images in sets.items():
@@ -254,17 +264,28 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
                 continue
             fp32_files = {n: bundle.network_file(n, "fp32") for n in ("unet", "vgg")}
             reference = run_precision(bundle, fp32_files, booster, images, label=f"{set_name} fp32", quiet=quiet)
-            accuracy[set_name] = {}
+            accuracy[set_name], this_cpu[set_name] = {}, {}
             for p, pfiles in files.items():
-                other = run_precision(bundle, pfiles, booster, images, label=f"{set_name} {p}", quiet=quiet,
-                                      masks_from=reference if pfiles["unet"] == fp32_files["unet"] else None)
+                masks = reference if pfiles["unet"] == fp32_files["unet"] else None
+                int8 = p.startswith("int8")
+                other = run_precision(bundle, pfiles, booster, images, quiet=quiet, masks_from=masks,
+                                      label=f"{set_name} {p}" + (" simulated" if int8 else ""), simulated=int8)
                 metrics = compare(reference, other)
                 missed = thresholds.missed(metrics)
                 metrics["passed"] = not missed
                 accuracy[set_name][p] = metrics
                 failures += [f"{p} on {set_name}: {m}" for m in missed]
+                if not int8:
+                    continue
+                simulated[(set_name, p)] = other
+                kernels = run_precision(bundle, pfiles, booster, images, quiet=quiet, masks_from=masks,
+                                        label=f"{set_name} {p} this CPU ({cpu})")
+                m_cpu = compare(reference, kernels)
+                m_cpu["missed"] = thresholds.missed(m_cpu)
+                m_cpu["passed"] = not m_cpu["missed"]
+                this_cpu[set_name][p] = m_cpu
         if not quiet:
-            _say(format_table(accuracy, thresholds))
+            _say(format_table(accuracy, thresholds, this_cpu, f"this CPU: {cpu}"))
 
     fallback = None
     if auto and not timing_only:
@@ -279,6 +300,20 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
         elif not full_missed:
             failures = [f for f in failures if f not in vgg_missed]
     int8_ok = timing_only or not any(f.startswith("int8 ") or f.startswith("int8-vgg ") for f in failures)
+    chosen = "int8-vgg" if fallback else "int8"     # the candidate whose files are installed
+    # The installed set passes on the simulated figures; where this CPU's kernels miss on the same frames, say so.
+    cpu_missed = [f"{m} on {s}" for s, per in this_cpu.items() if chosen in per and accuracy[s][chosen]["passed"]
+                  for m in per[chosen]["missed"]] if int8_ok else []
+    fidelity = {"decided_by": "not checked (timing only)" if timing_only else "simulated",
+                "simulated": f"onnxruntime {_versions().get('onnxruntime', '?')} CPU provider with graph "
+                             f"optimisations off: QuantizeLinear/DequantizeLinear as float ops, no integer kernels",
+                "this_cpu": cpu, "cpu_flags": list(cpu_flags()), "this_cpu_missed": cpu_missed}
+    if cpu_missed and not quiet:
+        _say(f"calibrate: on this CPU ({cpu}) onnxruntime's INT8 kernels miss {cpu_missed[0]}"
+             + (f" (and {len(cpu_missed) - 1} more)" if len(cpu_missed) > 1 else "")
+             + "; the INT8 set is installed all the same: the simulated figures decide, and they pass (this CPU's "
+               "integer kernels differ from them; a GPU/TensorRT target computes the simulated figures up to "
+               "accumulation order)")
     out = {
         "bundle": str(root), "method": method, "conv_transpose": conv_transpose, "int8_networks": list(networks),
         "networks_choice": "auto" if auto else "given", "int8_both_missed": fallback,
@@ -287,7 +322,8 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
         "sources": data.sources, "check_sources": check_sets,
         "networks": {k: {"file": INT8_FILES[k], "int8_weights": r.quantized_ops, "float_weights": r.float_ops,
                          "opset": r.opset} for k, r in results.items()},
-        "thresholds": asdict(thresholds), "accuracy": accuracy, "accuracy_checked": not timing_only,
+        "thresholds": asdict(thresholds), "accuracy": accuracy, "accuracy_this_cpu": this_cpu,
+        "fidelity": fidelity, "accuracy_checked": not timing_only,
         "passed": int8_ok and not failures, "failures": failures, "versions": _versions(),
         "seconds": round(time.perf_counter() - t_start, 1),
     }
@@ -295,12 +331,20 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
         out["method"] = "qat"
         out["qat"] = qat.get("settings", {})
     if int8_ok:
+        reference = None if timing_only else _reference(bundle, files.get(chosen), booster, sets, simulated, chosen,
+                                                        work / REFERENCE_FILE)
         for name in ("unet", "vgg"):
             if name in networks:
                 shutil.move(str(work / INT8_FILES[name]), str(root / INT8_FILES[name]))
             else:  # an earlier calibration's file for it is no longer what int8 means in this bundle
                 (root / INT8_FILES[name]).unlink(missing_ok=True)
         manifest = dict(bundle.manifest)
+        if reference is not None:
+            shutil.move(str(work / REFERENCE_FILE), str(root / REFERENCE_FILE))
+            manifest["int8_reference"] = {**reference, "cpu_at_calibration": cpu}
+        else:   # an earlier calibration's reference is not this INT8 set's
+            manifest.pop("int8_reference", None)
+            (root / REFERENCE_FILE).unlink(missing_ok=True)
         for name in ("unet", "vgg"):
             net = manifest["networks"][name]
             if name not in networks:
@@ -314,7 +358,8 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
                            "weight_bits": r.weight_bits,
                            "conv_transpose_weights": ("per-tensor" if conv_transpose == "per-tensor" else "float")
                            if "ConvTranspose" in r.quantized_ops or "ConvTranspose" in r.float_ops else "n/a",
-                           "biases": "float", "int8_weights": r.quantized_ops, "float_weights": r.float_ops}
+                           "biases": "float", "int8_weights": r.quantized_ops, "float_weights": r.float_ops,
+                           "fidelity": fidelity["decided_by"]}
             if qat is not None:   # the scales and integer weights are the QAT model's (export.qat), not calibrated
                 net["int8"]["qat"] = {**qat.get("settings", {}).get(name, {}), "file_info": qat["info"][name]}
         manifest["calibration"] = {
@@ -322,6 +367,9 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
             "sources": data.sources, "accuracy_checked": not timing_only,
             "accuracy": {s: {p: {k: v for k, v in m.items() if k in _SUMMARY} for p, m in ps.items()}
                          for s, ps in accuracy.items()},
+            "accuracy_this_cpu": {s: {p: {k: v for k, v in m.items() if k in _SUMMARY} for p, m in ps.items()}
+                                  for s, ps in this_cpu.items()},
+            "fidelity": fidelity,
             "thresholds": asdict(thresholds), "versions": out["versions"],
             **({"qat": qat.get("settings", {})} if qat is not None else {}),
             "made": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -349,6 +397,21 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
         _say(f"calibrate: INT8 networks added to {root} in {out['seconds']:.0f} s"
              + ("" if not timing_only else " (timing only: accuracy not checked)"))
     return out
+
+
+def _reference(bundle, files, booster, sets, simulated, chosen, path: Path) -> dict | None:
+    """The installed set's reference frames (runtime/fidelity.py): up to REFERENCE_FRAMES frames of the held-out
+    set (else the first set checked), those its simulated run accepted first, with their simulated outputs."""
+    names = [s for s in sets if (s, chosen) in simulated]
+    if files is None or not names:
+        return None
+    set_name = "held-out" if "held-out" in names else names[0]
+    idx = pick_frames(simulated[(set_name, chosen)].accepted)
+    images = [sets[set_name][i] for i in idx]
+    out = run_precision(bundle, files, booster, images, quiet=True, simulated=True, keep_prob=True)
+    write_reference(path, images, out.prob, out.features)
+    return {"file": REFERENCE_FILE, "frames": len(images), "set": set_name,
+            "outputs": "simulated INT8 (onnxruntime with graph optimisations off)"}
 
 
 _SUMMARY = ("frames", "mask_iou_mean", "gate_agreement", "feature_cosine_mean", "grade_agreement",

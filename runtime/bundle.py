@@ -91,6 +91,8 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                                                              "why": "must be a sha256 (64 hex digits)"}},
         "provenance": {"type": ["object", "null"]},
         "calibration": {"type": ["object", "null"]},
+        # The INT8 set's reference frames with their simulated outputs (runtime/fidelity.py), written by calibrate.
+        "int8_reference": {"type": "object", "required": ["file"], "properties": {"file": _FILE}},
         # The model card (MONAI Bundle metadata fields); `Bundle.card` gives a default one when it is absent.
         "card": {"type": "object", "required": ["name", "version"], "properties": {
             "name": {"type": "string", "minLength": 1, "maxLength": 200},
@@ -150,12 +152,14 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def referenced_files(manifest: dict[str, Any]) -> list[str]:
-    """Every file the manifest names (networks per precision, booster)."""
+    """Every file the manifest names (networks per precision, booster, the INT8 reference frames)."""
     names = []
     for net in manifest.get("networks", {}).values():
         names.extend(net.get("files", {}).values())
     if "booster" in manifest:
         names.append(manifest["booster"]["file"])
+    if isinstance(manifest.get("int8_reference"), dict) and manifest["int8_reference"].get("file"):
+        names.append(manifest["int8_reference"]["file"])
     return sorted(set(names))
 
 

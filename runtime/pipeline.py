@@ -83,6 +83,9 @@ class Pipeline(FramePipeline):
             self.vgg = make_runner(self.backend, self.vgg_file, **opts).__enter__()
             check_runner("vgg", self.vgg, self.graph, self.vgg_file, self.bundle.num_features)
             self.booster = self.load_booster()
+            if self.backend == "ort" and self.precision == "int8":   # this CPU's integer kernels: one quick check
+                from runtime.fidelity import check_here              # of the bundle's reference frames (cached)
+                check_here(self.bundle, self.unet, self.vgg, self.booster, cache_dir=self.cache_dir)
         except BaseException:
             self.__exit__(None, None, None)   # a runner already open is released, not leaked
             raise

@@ -209,8 +209,9 @@ def test_scales_are_frozen_after_qat(case):
 # -- fidelity: the file under simulated quantization vs the fake-quant forward -------------------------------------
 
 def _simulated(path, x: np.ndarray) -> list[np.ndarray]:
+    from runtime.backends.ort import optimization_level
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # no QDQ fusion: Q, DQ, float ops
+    opts.graph_optimization_level = optimization_level(simulated_quantization=True)   # no QDQ fusion: Q, DQ, float
     opts.intra_op_num_threads = 2
     s = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     return s.run(None, {s.get_inputs()[0].name: x})

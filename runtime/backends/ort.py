@@ -87,15 +87,27 @@ def provider_status() -> dict[str, str]:
     return status
 
 
+def optimization_level(simulated_quantization: bool = False) -> ort.GraphOptimizationLevel:
+    """The session's graph optimisation level. Default (ORT_ENABLE_ALL): onnxruntime fuses each Q/DQ pattern into
+    this CPU's integer kernels (VNNI, AVX2, ...), whose rounding differs from CPU to CPU. `simulated_quantization`
+    (ORT_DISABLE_ALL): QuantizeLinear and DequantizeLinear run as written, as float ops, and every other node in
+    float: simulated quantization, the same on every x86 CPU and what TensorRT computes from the same Q/DQ file up
+    to accumulation order (docs/design.md "INT8 fidelity: simulated and this CPU")."""
+    return (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if simulated_quantization
+            else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+
+
 class OrtRunner(BaseRunner):
     """An onnxruntime session as a runner: inputs/outputs metadata by tensor name, infer(feeds) -> outputs."""
 
     def __init__(self, model_path: Path, *, providers: list[str] | None = None, intra_op_threads: int | None = None,
                  cuda_graphs: bool = False, spin: bool = False, stream=None, dims: dict[str, int] | None = None,
-                 device_id: int = 0):
+                 device_id: int = 0, simulated_quantization: bool = False):
         """`stream`: the CUDA stream the CUDA EP computes on (a pycuda Stream or a raw cudaStream_t); `dims`:
-        values for symbolic dims (e.g. {"N": 1}), fixed for the session's life; `device_id`: the CUDA device."""
+        values for symbolic dims (e.g. {"N": 1}), fixed for the session's life; `device_id`: the CUDA device;
+        `simulated_quantization`: graph optimisations off (`optimization_level`), for INT8 accuracy checks."""
         super().__init__(model_path)
+        self.simulated_quantization = bool(simulated_quantization)
         # onnxruntime's worker threads busy-wait after each run by default, burning cores that the capture
         # thread and the steps between network calls need on a small device. Off unless asked for.
         self.spin = spin
@@ -126,7 +138,7 @@ class OrtRunner(BaseRunner):
         if not self.model_path.is_file():
             raise FileNotFoundError(f"ONNX model '{self.model_path}' does not exist; check the bundle or the path")
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.graph_optimization_level = optimization_level(self.simulated_quantization)
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.intra_op_num_threads = self.intra_op_threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
