@@ -539,11 +539,16 @@ def _spread(n: int, k: int) -> list[int]:
 
 def qat_networks(unet, vgg, *, unet_images, unet_masks, vgg_images, vgg_labels, graph, out_dir: Path,
                  unet_epochs: int = 2, vgg_epochs: int = 3, lr: float = 1e-4, seed: int = 0, vgg_shift: int = 0,
-                 calibration_frames: int = 64, log: Callable[[str], None] = print) -> dict:
+                 calibration_frames: int = 64, log: Callable[[str], None] = print,
+                 networks: Sequence[str] = ("unet", "vgg"), placement_options: dict | None = None,
+                 log_prefix: str = "train") -> dict:
     """The QAT phase of the training recipe (`sonoscore train --qat`), for both networks after FP32 training:
     `qdq_placement` on up to `calibration_frames` training frames, `qat_finetune` on the training frames (UNet:
     uint8 images [N,S,S] and 0/1 masks; VGG: masked uint8 images and grade indices 0..3) with the recipe's
-    augmentation, `export_qdq` into `out_dir` as unet.int8.onnx / vgg.int8.onnx.
+    augmentation, `export_qdq` into `out_dir` as unet.int8.onnx / vgg.int8.onnx. `networks`: the ones to fine-tune
+    (the other's model and data may be None; it gets no entry); `placement_options`: qdq_placement's keyword options
+    (method, conv_transpose, full_range_weights, ...; default: calibrate's defaults); `log_prefix`: the command
+    named at the start of the log lines.
 
     Returns {"unet": float model, "vgg": float model (the folded networks with the QAT weights: the bundle's FP32
     and FP16 files are exported from these, so the INT8 check compares the same weights), "qat": {"files", "info",
@@ -557,14 +562,16 @@ def qat_networks(unet, vgg, *, unet_images, unet_masks, vgg_images, vgg_labels, 
     for name, model, images, targets, epochs, bs in (
             ("unet", unet, unet_images, unet_masks, unet_epochs, 8),
             ("vgg", vgg, vgg_images, vgg_labels, vgg_epochs, 16)):
+        if name not in networks:
+            continue
         channels = 1 if name == "unet" else int(model.in_channels)
         norm = graph.unet_normalization if name == "unet" else graph.vgg_normalization
         t = time.perf_counter()
         calib = [_batch(images, np.array([i]), channels, None, norm).numpy()
                  for i in _spread(len(images), calibration_frames)]
-        placement = qdq_placement(model, calib, graph)
+        placement = qdq_placement(model, calib, graph, **(placement_options or {}))
         t_place = time.perf_counter() - t
-        log(f"train: QAT {name}: {len(placement.activations)} activations and {len(placement.weights)} weights "
+        log(f"{log_prefix}: QAT {name}: {len(placement.activations)} activations and {len(placement.weights)} weights "
             f"fake-quantized where the Q/DQ file has them ({len(calib)} frames set the initial scales, "
             f"{t_place:.0f} s); {epochs} epochs at lr {lr:g} on {len(images)} frames")
         t = time.perf_counter()

@@ -246,11 +246,36 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     th = Thresholds(min_iou=args.min_iou, min_gate_agreement=args.min_gate, min_grade_agreement=args.min_grade,
                     min_cosine=args.min_cosine)
     report = args.report or str(Path(args.bundle) / "calibration_report.json")
+    qat_given = [o for o, v in (("--unet", args.unet), ("--vgg", args.vgg), ("--data", args.data),
+                                ("--label", args.label), ("--qat-unet-epochs", args.qat_unet_epochs),
+                                ("--qat-vgg-epochs", args.qat_vgg_epochs), ("--qat-lr", args.qat_lr))
+                 if v is not None]
+    if not args.qat and qat_given:
+        raise UserError(f"{qat_given[0]} belongs to --qat (quantization-aware training from the bundle's "
+                        f"checkpoints); add --qat or leave it out")
+    if not args.qat and not args.frames:
+        raise UserError("calibrate needs --frames SOURCE (folder, video, DICOM or sim://kidney), the frames to "
+                        "calibrate on (or --qat with --data)")
+    if args.qat and (args.timing_only or not args.data):
+        raise UserError("--timing-only skips the accuracy check, which is what decides a QAT set; leave it out"
+                        if args.timing_only else "calibrate --qat needs --data DIR, the labelled dataset (labelme "
+                        "masks and grades, as `sonoscore train` reads it) to fine-tune on")
     try:
-        calibrate_bundle(args.bundle, args.frames, check=args.check, method=args.method, count=args.count,
-                         holdout=args.holdout, max_frames=args.max_frames, conv_transpose=args.conv_transpose,
-                         thresholds=th, report=report, full_range_weights=args.full_range_weights,
-                         timing_only=args.timing_only, networks=args.networks)
+        if args.qat:
+            from runtime.app import ensure_export_side
+            ensure_export_side("calibrate --qat")
+            from export.qat_calibrate import calibrate_qat
+            calibrate_qat(args.bundle, unet=args.unet, vgg=args.vgg, data=args.data, frames=args.frames,
+                          check=args.check, networks=args.networks, labels=_kidney_labels(args.label).given,
+                          unet_epochs=args.qat_unet_epochs, vgg_epochs=args.qat_vgg_epochs, lr=args.qat_lr,
+                          count=args.count, holdout=args.holdout, max_frames=args.max_frames, method=args.method,
+                          conv_transpose=args.conv_transpose, full_range_weights=args.full_range_weights,
+                          thresholds=th, report=report)
+        else:
+            calibrate_bundle(args.bundle, args.frames, check=args.check, method=args.method, count=args.count,
+                             holdout=args.holdout, max_frames=args.max_frames, conv_transpose=args.conv_transpose,
+                             thresholds=th, report=report, full_range_weights=args.full_range_weights,
+                             timing_only=args.timing_only, networks=args.networks)
     except CalibrationFailed as e:
         print(f"sonoscore: {e}", file=sys.stderr)
         print(f"sonoscore: report written to {report}", file=sys.stderr)
@@ -471,9 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("calibrate", help="INT8: calibrate the bundle's networks on frames (Q/DQ ONNX) and check "
                        "INT8 and FP16 against FP32 on frames not used for calibration")
     c.add_argument("--bundle", required=True)
-    c.add_argument("--frames", required=True, action="append",
+    c.add_argument("--frames", action="append", default=[],
                    help="calibration source: folder, video, DICOM or sim://kidney?frames=600 (repeatable); "
-                        "frames not picked for calibration are held out for the accuracy check")
+                        "frames not picked for calibration are held out for the accuracy check (with --qat: "
+                        "optional, every frame is checked)")
     c.add_argument("--check", action="append", default=[],
                    help="another source checked in full and never used for calibration (repeatable)")
     c.add_argument("--method", default="minmax", choices=["minmax", "entropy", "percentile"])
@@ -497,6 +523,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--report", help="report JSON (default <bundle>/calibration_report.json)")
     c.add_argument("--timing-only", action="store_true",
                    help="skip the accuracy check (random-weight bundles made for timing)")
+    c.add_argument("--qat", action="store_true", help="INT8 from quantization-aware training instead of calibration: "
+                   "fine-tunes the checkpoints the bundle was exported from (--unet, --vgg; refused unless they "
+                   "compute what the bundle's FP32 files compute) on --data's training patients, then checks the "
+                   "INT8 files against the bundle's unchanged FP32 files on its held-out patients (and --frames, "
+                   "--check) and installs what passes; FP32, FP16 and the booster stay as they are")
+    c.add_argument("--unet", help="with --qat: the UNet checkpoint the bundle was exported from (as `export --unet`)")
+    c.add_argument("--vgg", help="with --qat: the VGG-19-BN checkpoint, with its classification head (as `export "
+                   "--vgg`)")
+    c.add_argument("--data", help="with --qat: labelled dataset folder (labelme masks, grades in labels.csv or flags; "
+                   "as `train --data`); a quarter of its patients is held out for the check")
+    c.add_argument("--label", action="append", metavar="kidney=LABELS", help="with --qat: " + LABEL_HELP)
+    c.add_argument("--qat-unet-epochs", type=int, default=None, help="with --qat: UNet QAT epochs (default 2)")
+    c.add_argument("--qat-vgg-epochs", type=int, default=None, help="with --qat: VGG QAT epochs (default 3)")
+    c.add_argument("--qat-lr", type=float, default=None, help="with --qat: learning rate, Adam (default 1e-4)")
     c.set_defaults(func=cmd_calibrate)
 
     dr = sub.add_parser("doctor", help="which backends, providers and compilers are usable here")
