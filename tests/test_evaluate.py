@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from runtime.evaluate import classification_report, confusion_matrix, confusion_png, iou, latency_png
+from tests.known_bundle import write_known_bundle
 
 
 def test_iou_of_hand_made_masks():
@@ -145,38 +146,16 @@ def _feature(brightness):
 
 @pytest.fixture(scope="module")
 def known_bundle(tmp_path_factory):
-    onnx = pytest.importorskip("onnx")
     xgb = pytest.importorskip("xgboost")
-    from onnx import TensorProto, helper
-
-    from runtime.bundle import CLASS_NAMES, write_manifest
-    from runtime.graph import Graph
-    b = tmp_path_factory.mktemp("known") / "bundle"
-    b.mkdir()
-    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 224, 224])
-    unet = helper.make_graph([helper.make_node("Identity", ["image"], ["mask"])], "unet", [image],
-                             [helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", 1, 224, 224])])
-    vgg = helper.make_graph([helper.make_node("ReduceMean", ["image"], ["features"], axes=[2, 3], keepdims=0)],
-                            "vgg", [image], [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 1])])
-    for name, g in (("unet", unet), ("vgg", vgg)):
-        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(b / f"{name}.onnx"))
     # Each grade's feature +-3 % (the four are 14-23 % apart): the splits fall in the gaps, far from the features
     # the float32 ONNX Runtime computes.
     spread = np.linspace(0.97, 1.03, 7)
     x = np.array([[_feature(v) * k] for v in GRADE_OF_BRIGHTNESS for k in spread])
     y = np.repeat([g - 1 for g in GRADE_OF_BRIGHTNESS.values()], len(spread))
-    booster = xgb.train({"objective": "multi:softprob", "num_class": 4, "max_depth": 2, "eta": 0.5, "seed": 0,
-                         "tree_method": "exact"},
-                        xgb.DMatrix(x, label=y), num_boost_round=10)
+    b = write_known_bundle(tmp_path_factory.mktemp("known") / "bundle", x, y, eta=0.5, tree_method="exact",
+                           num_boost_round=10)
+    booster = xgb.Booster(model_file=str(b / "booster.ubj"))
     assert (booster.predict(xgb.DMatrix(x)).argmax(1) == y).all()
-    booster.save_model(str(b / "booster.ubj"))
-    graph = Graph(crimmins_iterations=0)     # no speckle filter: the rectangles stay exact rectangles
-    net = lambda name, out, shape: {"files": {"fp32": f"{name}.onnx"}, "input": {"name": "image", "shape": ["N", 1, 224, 224]},  # noqa: E731
-                                    "output": {"name": out, "shape": shape}, "channels": 1}
-    write_manifest(b, {"name": "known-functions", "classes": CLASS_NAMES, **graph.manifest_sections(),
-                       "networks": {"unet": net("unet", "mask", ["N", 1, 224, 224]),
-                                    "vgg": net("vgg", "features", ["N", 1])},
-                       "booster": {"file": "booster.ubj", "num_class": 4, "num_features": 1}})
     return b
 
 

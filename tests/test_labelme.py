@@ -13,6 +13,7 @@ import pytest
 from runtime.dataset import (DEFAULT_KIDNEY_LABELS, MISSING, NO_KIDNEY, OUTLINED, LabelMap, flag_grade,
                              normalise_label, rasterise_kidney, read_dataset)
 from tests.conftest import sonoscore
+from tests.known_bundle import write_known_bundle
 
 
 def labelme(path: Path, image: str, shapes: list, h: int = 40, w: int = 50, flags: dict | None = None) -> None:
@@ -236,36 +237,8 @@ KIDNEY = (50, 130, 60, 160)                    # rows r0:r1, columns c0:c1 in th
 
 
 def make_identity_bundle(b: Path) -> Path:
-    """The known-function bundle: identity UNet, mean-brightness VGG, a booster mapping brightness to grade."""
-    onnx = pytest.importorskip("onnx")
-    xgb = pytest.importorskip("xgboost")
-    from onnx import TensorProto, helper
-
-    from runtime.bundle import CLASS_NAMES, write_manifest
-    from runtime.graph import Graph
-    b.mkdir(parents=True)
-    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 224, 224])
-    unet = helper.make_graph([helper.make_node("Identity", ["image"], ["mask"])], "unet", [image],
-                             [helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", 1, 224, 224])])
-    vgg = helper.make_graph([helper.make_node("ReduceMean", ["image"], ["features"], axes=[2, 3], keepdims=0)],
-                            "vgg", [image], [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 1])])
-    for name, g in (("unet", unet), ("vgg", vgg)):
-        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
-                  str(b / f"{name}.onnx"))
-    x = np.linspace(0.0, 0.2, 40)[:, None]
-    y = np.repeat(np.arange(4), 10)
-    booster = xgb.train({"objective": "multi:softprob", "num_class": 4, "max_depth": 2, "seed": 0},
-                        xgb.DMatrix(x, label=y), num_boost_round=4)
-    booster.save_model(str(b / "booster.ubj"))
-    graph = Graph(crimmins_iterations=0)     # no speckle filter: rectangles stay exact rectangles
-    net = lambda name, out, shape: {"files": {"fp32": f"{name}.onnx"},  # noqa: E731
-                                    "input": {"name": "image", "shape": ["N", 1, 224, 224]},
-                                    "output": {"name": out, "shape": shape}, "channels": 1}
-    write_manifest(b, {"name": "known-functions", "classes": CLASS_NAMES, **graph.manifest_sections(),
-                       "networks": {"unet": net("unet", "mask", ["N", 1, 224, 224]),
-                                    "vgg": net("vgg", "features", ["N", 1])},
-                       "booster": {"file": "booster.ubj", "num_class": 4, "num_features": 1}})
-    return b
+    """The known-function bundle (tests/known_bundle.py) with a booster mapping brightness 0..0.2 to grades 1..4."""
+    return write_known_bundle(b, np.linspace(0.0, 0.2, 40)[:, None], np.repeat(np.arange(4), 10))
 
 
 def in_frame(rect=KIDNEY) -> tuple[int, int, int, int]:
