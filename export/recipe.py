@@ -42,6 +42,10 @@ class TrainConfig:
     qat_unet_epochs: int = 2  # from it, checked as `calibrate --networks auto` checks
     qat_vgg_epochs: int = 3
     qat_lr: float = 1e-4
+    # The booster also learns from each training frame's features under masks of these thresholds of the same UNet
+    # probability map (booster_features; the gate's own threshold is always used, and validated on). () = the
+    # paper's recipe: the gate's masks only.
+    booster_mask_thresholds: tuple[float, ...] = ()
 
 
 def _say(msg: str) -> None:
@@ -90,6 +94,7 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
                   unet_normalization=unet_input, vgg_normalization=vgg_input)
     _say(f"train: reading and preprocessing {data_dir}")
     try:
+        extra = booster_thresholds(graph, cfg.booster_mask_thresholds)
         images, masks, grades, patients = load_preprocessed(data_dir, graph, progress, cfg.kidney_labels)
     except ValueError as e:
         from runtime.errors import UserError
@@ -135,29 +140,35 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
 
     # Booster features from the exported networks, the deployed way: predicted mask, gate, masked image.
     from runtime.backends.ort import OrtRunner
-    _say("train: VGG features of every gated kidney image through the exported ONNX networks")
+    _say("train: VGG features of every gated kidney image through the exported ONNX networks"
+         + (f", also under the masks of thresholds {', '.join(f'{t:g}' for t in extra)}" if extra else ""))
     booster_masks = "predicted"
+    t_feats = time.time()
     with OrtRunner(tmp / nets["unet"]["files"]["fp32"]) as un, OrtRunner(tmp / nets["vgg"]["files"]["fp32"]) as vg:
-        chosen, feats = [], []
-        for i in np.flatnonzero(kidney):
-            result = graph.run(images[i], un, vg)
-            if result.gate.accepted:  # the gate would reject it otherwise: deployment never scores it
-                chosen.append(i)
-                feats.append(result.features[0])
+        rows, row_thresholds, feats = booster_features(graph, images, np.flatnonzero(kidney), un, vg, extra)
+        copies = row_thresholds != graph.mask_threshold
+        chosen = rows[~copies]
         if len(set(grades[chosen])) < 2 or len(chosen) < 8:
             # An undertrained UNet (a few epochs on a few images) may pass no frame through the gate. The booster
             # still needs examples: use the labelled masks, and say so in the manifest.
             _say("train: warning: the UNet passed too few frames through the gate; the booster is trained on "
                  "features of the labelled masks instead")
-            chosen = list(np.flatnonzero(kidney))
-            feats = [graph.features(vg, images[i], masks[i])[0] for i in chosen]
+            rows = np.flatnonzero(kidney)
+            feats = np.stack([graph.features(vg, images[i], masks[i])[0] for i in rows])
+            copies = np.zeros(len(rows), bool)
             booster_masks = "labelled"
-    labels, pats = grades[chosen] - 1, patients[chosen]
-    _say(f"train: XGBoost (multi:softprob, eta 0.01, max_depth 16, subsample 0.5, lambda 10) on {len(feats)} frames")
+    t_feats = time.time() - t_feats
+    labels, pats = grades[rows] - 1, patients[rows]
+    _say(f"train: XGBoost (multi:softprob, eta 0.01, max_depth 16, subsample 0.5, lambda 10) on "
+         f"{int((~copies).sum())} frames" + (f" and {int(copies.sum())} copies under other thresholds' masks "
+                                               f"(training patients' copies only are fitted)" if copies.any() else ""))
     val_patients = sorted(set(patients[va].tolist())) or None
-    booster, booster_info = train_booster(np.stack(feats), labels, pats, seed=cfg.seed, val_patients=val_patients,
-                                          grid_search=cfg.grid_search, progress=progress)
+    booster, booster_info = train_booster(feats, labels, pats, seed=cfg.seed, val_patients=val_patients,
+                                          grid_search=cfg.grid_search, progress=progress, copies=copies)
     booster.save_model(str(tmp / "booster.ubj"))
+    booster_info["mask_thresholds"] = ([graph.mask_threshold, *extra] if booster_masks == "predicted"
+                                       else [graph.mask_threshold])
+    booster_info["feature_seconds"] = round(t_feats, 1)
     provenance = {
         "made_by": "sonoscore train", "data": str(data_dir), "images": int(len(images)),
         "patients": int(len(set(patients))), "validation_patients": sorted(set(patients[va].tolist())),
@@ -181,6 +192,50 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
         finally:
             shutil.rmtree(qat_work, ignore_errors=True)
     return out
+
+
+def booster_thresholds(graph: Graph, thresholds) -> tuple[float, ...]:
+    """The extra mask thresholds the booster learns from (TrainConfig.booster_mask_thresholds): sorted, without the
+    gate's own; each must lie strictly between 0 and 1 (ValueError naming it otherwise)."""
+    out = set()
+    for t in thresholds or ():
+        t = float(t)
+        if not 0.0 < t < 1.0:
+            raise ValueError(f"booster mask threshold {t:g} is outside (0, 1); give thresholds of the UNet's kidney "
+                             f"probability, e.g. 0.45,0.55")
+        if t != graph.mask_threshold:
+            out.add(t)
+    return tuple(sorted(out))
+
+
+def booster_features(graph: Graph, images: np.ndarray, frames, unet, vgg, thresholds=()):
+    """The booster's training rows, the deployed way: for each of `frames` (indices into `images`), the UNet's
+    probability map, the gate at the graph's threshold and, when it accepts the frame, the VGG features of the image
+    under that mask (what `Graph.run` computes). With `thresholds` (others than the gate's), the same frame's
+    features under the mask of the same probability map at each of them too, an augmented copy where the gate would
+    also accept that mask; a frame the gate rejects at its own threshold gets no row at all.
+
+    Returns (rows: the frame index of each row, row_thresholds: the threshold of its mask, features [R, F])."""
+    rows, row_thresholds, feats = [], [], []
+    for i in frames:
+        prob = graph.segment(unet, images[i])
+        gate = graph.gate(prob)
+        if not gate.accepted:   # deployment never scores it
+            continue
+        rows.append(i)
+        row_thresholds.append(graph.mask_threshold)
+        feats.append(graph.features(vgg, images[i], gate.mask)[0])
+        for t in thresholds:
+            if t == graph.mask_threshold:
+                continue
+            copy = graph.gate_mask((prob > float(t)).astype(np.uint8))   # as the gate compares (float32)
+            if copy.accepted:
+                rows.append(i)
+                row_thresholds.append(float(t))
+                feats.append(graph.features(vgg, images[i], copy.mask)[0])
+    width = feats[0].shape[-1] if feats else 0
+    return (np.array(rows, dtype=np.int64), np.array(row_thresholds, dtype=np.float64),
+            np.stack(feats) if feats else np.zeros((0, width), np.float32))
 
 
 def _install_qat(bundle: Path, qat: dict, frame_sets: dict, check: list[str] | None, report: Path | None,

@@ -9,7 +9,9 @@ records it in the manifest, so the runtime feeds the exported networks exactly w
 - VGG-19-BN: cross-entropy over the 4 grades on masked kidney images, Adam, random horizontal flips.
 - XGBoost on the VGG's Fc2 features: multi:softprob, eta 0.01, max_depth 16, subsample 0.5, lambda 10, mlogloss,
   early stopping on a validation split made BY PATIENT (frames of one patient are near-duplicates: splitting by
-  image would leak them across and flatter every validation number).
+  image would leak them across and flatter every validation number). Optional augmented copies of frames (the
+  features under masks of nearby thresholds, export.recipe.booster_features) are fitted with their patient's
+  training frames and never validated on.
 
 Everything is seeded; CPU threads are capped at two (the machines this runs on are shared).
 """
@@ -269,11 +271,18 @@ def _mlogloss(prob: np.ndarray, y: np.ndarray) -> float:
 
 def train_booster(features: np.ndarray, labels: np.ndarray, patients: np.ndarray, *, seed: int = 0,
                   val_fraction: float = 0.25, num_boost_round: int = PAPER_ROUNDS, early_stopping_rounds: int = 30,
-                  grid_search: bool = False, val_patients: Iterable | None = None, progress: bool = True):
+                  grid_search: bool = False, val_patients: Iterable | None = None, progress: bool = True,
+                  copies: np.ndarray | None = None):
     """The paper's XGBoost on Fc2 features [N,1024] with labels 0..3, validated on held-out patients.
 
     The held-out patients are drawn here (`split_by_patient`, `val_fraction`, `seed`) unless `val_patients` names
     them, e.g. the patients the networks were validated on, so no validation frame was seen by any training step.
+
+    `copies`: boolean per row, True where the row is an augmented copy of a frame (export.recipe.booster_features:
+    the same frame's features under a mask from another threshold). The split is drawn on the other rows, by
+    patient, so every copy goes with its patient: a training patient's copies are trained on, a validation
+    patient's are left out (validation scores the masks deployment makes, and nothing of a validation patient is
+    ever fitted).
 
     Early stopping on validation mlogloss; the returned booster holds only the trees up to the best iteration, so
     any consumer (xgboost, treelite) predicts with exactly what was validated. With `grid_search`, a small grid
@@ -281,7 +290,8 @@ def train_booster(features: np.ndarray, labels: np.ndarray, patients: np.ndarray
     nothing to hold out: all `num_boost_round` rounds are trained and the validation numbers are None.
 
     Returns (booster, info): best_iteration, num_trees, val_mlogloss, val_accuracy, params, train_patients,
-    val_patients, train_images, val_images, seconds, and `grid` (every fit's params and scores) when searched.
+    val_patients, train_images, val_images (frames' own rows), seconds, `grid` (every fit's params and scores) when
+    searched, and with copies train_copies, train_rows (what was fitted) and val_copies_left_out.
     """
     import xgboost as xgb
     t0 = time.perf_counter()
@@ -293,15 +303,22 @@ def train_booster(features: np.ndarray, labels: np.ndarray, patients: np.ndarray
                          f"{patients.shape}")
     if y.min() < 0 or y.max() >= NUM_CLASSES:
         raise ValueError(f"booster labels must be in 0..{NUM_CLASSES - 1}")
+    copy = np.zeros(len(y), bool) if copies is None else np.asarray(copies, dtype=bool)
+    if copy.shape != y.shape:
+        raise ValueError(f"copies must be one boolean per row ({len(y)}); got {copy.shape}")
+    if copy.all():
+        raise ValueError("every booster row is marked as an augmented copy: give the frames' own rows too")
     if val_patients is not None:
         is_val = np.isin(patients, np.asarray(list(val_patients)))
-        if is_val.all():
+        if is_val[~copy].all():
             raise ValueError("val_patients holds every patient: nothing would be left to train the booster on")
-    else:
-        is_val = split_by_patient(y, patients, val_fraction, seed)
+    else:   # drawn on the frames' own rows, by patient: a patient's copies follow it
+        held = set(patients[~copy][split_by_patient(y[~copy], patients[~copy], val_fraction, seed)].tolist())
+        is_val = np.array([p in held for p in patients.tolist()], dtype=bool)
+    fit_rows, val_rows = ~is_val, is_val & ~copy
     nthread = min(2, os.cpu_count() or 1)
-    dtrain = xgb.DMatrix(x[~is_val], label=y[~is_val], nthread=nthread)
-    dval = xgb.DMatrix(x[is_val], label=y[is_val], nthread=nthread) if is_val.any() else None
+    dtrain = xgb.DMatrix(x[fit_rows], label=y[fit_rows], nthread=nthread)
+    dval = xgb.DMatrix(x[val_rows], label=y[val_rows], nthread=nthread) if val_rows.any() else None
 
     base = dict(BOOSTER_PARAMS, seed=seed, nthread=nthread)
     candidates = [base]
@@ -311,16 +328,19 @@ def train_booster(features: np.ndarray, labels: np.ndarray, patients: np.ndarray
     fits = []
     for i, params in enumerate(candidates):
         desc = f"xgboost {i + 1}/{len(candidates)}" if len(candidates) > 1 else "xgboost"
-        fits.append(_fit_booster(xgb, params, dtrain, dval, y[is_val], num_boost_round, early_stopping_rounds,
+        fits.append(_fit_booster(xgb, params, dtrain, dval, y[val_rows], num_boost_round, early_stopping_rounds,
                                  desc, progress))
     best = min(fits, key=lambda f: (f["val_mlogloss"] is None, f["val_mlogloss"] or 0.0))
     info = {k: v for k, v in best.items() if k != "booster"}
     info.update({
         "train_patients": sorted(set(patients[~is_val].tolist())),
         "val_patients": sorted(set(patients[is_val].tolist())),
-        "train_images": int((~is_val).sum()), "val_images": int(is_val.sum()),
+        "train_images": int((~is_val & ~copy).sum()), "val_images": int(val_rows.sum()),
         "seconds": round(time.perf_counter() - t0, 2),
     })
+    if copy.any():
+        info.update({"train_copies": int((fit_rows & copy).sum()), "train_rows": int(fit_rows.sum()),
+                     "val_copies_left_out": int((is_val & copy).sum())})
     if len(fits) > 1:
         info["grid"] = [{k: f[k] for k in ("params", "best_iteration", "val_mlogloss", "val_accuracy")} for f in fits]
     if progress:
