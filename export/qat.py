@@ -115,6 +115,11 @@ def _network(model) -> str:
     raise TypeError(f"QAT takes export.models.UNet or VGG19BN, not {type(model).__name__}")
 
 
+def _network_of(model) -> str:
+    """The network of an FP32 model or of a QAT model (prepare_qat / qat_finetune's)."""
+    return model.placement.network if hasattr(model, "gm") and hasattr(model, "placement") else _network(model)
+
+
 def _io(network: str, model, graph) -> tuple[str, list[str], int]:
     if network == "unet":
         return graph.unet_input, [graph.unet_output], 1
@@ -373,16 +378,50 @@ def prepare_qat(model, placement: Placement, graph=None):
 
 # -- fine-tuning -------------------------------------------------------------------------------------------------
 
-def _default_loss(network: str):
+VGG_LOSSES = ("ce", "distill", "distill+ce")
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of 1 - cosine(student row, teacher row): the VGG's Fc2 features under fake-quant against
+    the FP32 network's on the same inputs. 0 when the rows point the same way; the teacher gets no gradient."""
+    import torch.nn.functional as F
+    s, t = student.flatten(1), teacher.detach().flatten(1)
+    return (1.0 - F.cosine_similarity(s, t, dim=1, eps=1e-8)).mean()
+
+
+def _default_loss(network: str, vgg_loss: str = "ce"):
     import torch.nn.functional as F
     if network == "unet":                       # the paper's (export.train): MSE on the sigmoid
         return lambda out, y: F.mse_loss(out, y)
-    return lambda out, y: F.cross_entropy(out[-1], y)     # VGG: cross-entropy on the logits
+    if vgg_loss == "ce":
+        return lambda out, y: F.cross_entropy(out[-1], y)     # cross-entropy on the logits against the grades
+    if vgg_loss == "distill":
+        return lambda out, y, teacher: distillation_loss(out[0], teacher[0])
+    return lambda out, y, teacher: distillation_loss(out[0], teacher[0]) + F.cross_entropy(out[-1], y)
+
+
+class _Teacher:
+    """The frozen FP32 VGG whose Fc2 features the fake-quant model learns to reproduce (`vgg_loss="distill"`):
+    folded as the exporter folds it, eval mode, no gradients; called on the same inputs as the student."""
+
+    def __init__(self, model):
+        from export.models import VGGFeaturesAndLogits
+        if hasattr(model, "gm") and hasattr(model, "placement"):
+            model = model.float_model()
+        if _network(model) != "vgg":
+            raise ValueError("distillation takes a VGG19BN teacher (the VGG's Fc2 features)")
+        self.module = VGGFeaturesAndLogits(fold_batch_norm(model)).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    def __call__(self, x: torch.Tensor):
+        with torch.no_grad():
+            return self.module(x)
 
 
 def qat_finetune(model, batches: Iterable, *, epochs: int, lr: float, placement: Placement, graph=None,
                  loss_fn: Callable | None = None, observe_epochs: int | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, vgg_loss: str = "ce", teacher=None):
     """Quantization-aware fine-tuning of `model` (an FP32 UNet or VGG19BN, or a model this function returned) on
     `batches` (re-iterable (inputs [B,C,H,W] float, targets) pairs, fed as the network is fed: UNet targets are
     0/1 masks [B,1,H,W] float, VGG targets class indices [B] long) for `epochs` epochs of Adam at `lr`.
@@ -390,13 +429,25 @@ def qat_finetune(model, batches: Iterable, *, epochs: int, lr: float, placement:
     Fake-quant sits where `placement` (from `qdq_placement`) says the Q/DQ file quantizes. The activation
     observers follow the data for the first `observe_epochs` epochs (default: all but the last, or the only one)
     and are frozen after, so the last epoch trains against the scales the file will carry. Returns the QAT model
-    in eval mode (observers frozen); `export_qdq` writes its Q/DQ file."""
+    in eval mode (observers frozen); `export_qdq` writes its Q/DQ file.
+
+    `vgg_loss` (VGG only; the UNet's is MSE on the mask): "ce", cross-entropy of the logits against the grades;
+    "distill", `distillation_loss` between the fake-quant Fc2 features and `teacher`'s on the same inputs (what
+    the booster reads, so what INT8 must keep); "distill+ce", their sum. `teacher`: the FP32 VGG19BN distilled
+    from, frozen (default: `model` as given, before any step). A `loss_fn` replaces the loss; with a distillation
+    `vgg_loss` it is called as loss_fn(out, targets, teacher_out)."""
 
     if epochs < 1:
         raise ValueError(f"QAT epochs must be at least 1 (got {epochs})")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if vgg_loss not in VGG_LOSSES:
+        raise ValueError(f"vgg_loss must be one of {', '.join(VGG_LOSSES)} (got {vgg_loss!r})")
+    distill = vgg_loss != "ce"
+    if distill and _network_of(model) != "vgg":
+        raise ValueError(f"vgg_loss={vgg_loss!r} distills the VGG's features; the UNet trains on its masks (MSE)")
+    teach = _Teacher(teacher if teacher is not None else model) if distill else None
     qat = model if hasattr(model, "gm") and hasattr(model, "placement") else prepare_qat(model, placement, graph)
-    loss_fn = loss_fn or _default_loss(qat.placement.network)
+    loss_fn = loss_fn or _default_loss(qat.placement.network, vgg_loss)
     observe_epochs = (max(1, epochs - 1) if epochs > 1 else 1) if observe_epochs is None else observe_epochs
     params = [p for p in qat.parameters() if p.requires_grad]
     if not params:
@@ -409,7 +460,8 @@ def qat_finetune(model, batches: Iterable, *, epochs: int, lr: float, placement:
         for x, y in batches:
             x = torch.as_tensor(x, dtype=torch.float32)
             y = torch.as_tensor(y)
-            loss = loss_fn(qat(x), y.float() if qat.placement.network == "unet" else y.long())
+            y = y.float() if qat.placement.network == "unet" else y.long()
+            loss = loss_fn(qat(x), y, teach(x)) if teach is not None else loss_fn(qat(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -541,23 +593,29 @@ def qat_networks(unet, vgg, *, unet_images, unet_masks, vgg_images, vgg_labels, 
                  unet_epochs: int = 2, vgg_epochs: int = 3, lr: float = 1e-4, seed: int = 0, vgg_shift: int = 0,
                  calibration_frames: int = 64, log: Callable[[str], None] = print,
                  networks: Sequence[str] = ("unet", "vgg"), placement_options: dict | None = None,
-                 log_prefix: str = "train") -> dict:
+                 log_prefix: str = "train", vgg_loss: str = "distill") -> dict:
     """The QAT phase of the training recipe (`sonoscore train --qat`), for both networks after FP32 training:
     `qdq_placement` on up to `calibration_frames` training frames, `qat_finetune` on the training frames (UNet:
     uint8 images [N,S,S] and 0/1 masks; VGG: masked uint8 images and grade indices 0..3) with the recipe's
     augmentation, `export_qdq` into `out_dir` as unet.int8.onnx / vgg.int8.onnx. `networks`: the ones to fine-tune
     (the other's model and data may be None; it gets no entry); `placement_options`: qdq_placement's keyword options
     (method, conv_transpose, full_range_weights, ...; default: calibrate's defaults); `log_prefix`: the command
-    named at the start of the log lines.
+    named at the start of the log lines; `vgg_loss`: the VGG's QAT loss (qat_finetune's). With "distill" (the
+    default) the fake-quant VGG learns to reproduce the Fc2 features of `vgg` as given (frozen), and that FP32 VGG
+    is the one that ships beside the INT8 file; with "ce" or "distill+ce", the fine-tuned float weights ship.
 
-    Returns {"unet": float model, "vgg": float model (the folded networks with the QAT weights: the bundle's FP32
-    and FP16 files are exported from these, so the INT8 check compares the same weights), "qat": {"files", "info",
-    "settings"} (what calibration.run.calibrate_bundle's `qat` takes), "seconds": {phase: s}}."""
+    Returns {"unet": float model, "vgg": float model (the folded networks the bundle's FP32 and FP16 files are
+    exported from, so the INT8 check compares the INT8 file with what ships: the UNet with its QAT weights, the VGG
+    as given when distilled, else with its QAT weights), "finetuned": {name: the folded network with its QAT float
+    weights}, "qat": {"files", "info", "settings"} (what calibration.run.calibrate_bundle's `qat` takes),
+    "seconds": {phase: s}}."""
     import time
 
+    if vgg_loss not in VGG_LOSSES:
+        raise ValueError(f"vgg_loss must be one of {', '.join(VGG_LOSSES)} (got {vgg_loss!r})")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result: dict = {"qat": {"files": {}, "info": {}, "settings": {}}, "seconds": {}}
+    result: dict = {"qat": {"files": {}, "info": {}, "settings": {}}, "finetuned": {}, "seconds": {}}
     from export.train import _batch
     for name, model, images, targets, epochs, bs in (
             ("unet", unet, unet_images, unet_masks, unet_epochs, 8),
@@ -578,18 +636,23 @@ def qat_networks(unet, vgg, *, unet_images, unet_masks, vgg_images, vgg_labels, 
         batches = _Batches(images, targets if name == "unet" else np.asarray(targets), channels=channels,
                            batch_size=bs, seed=seed, normalization=norm,
                            shift=0 if name == "unet" else vgg_shift, mask_targets=name == "unet")
-        qat = qat_finetune(model, batches, epochs=epochs, lr=lr, placement=placement, graph=graph, log=log)
+        qat = qat_finetune(model, batches, epochs=epochs, lr=lr, placement=placement, graph=graph, log=log,
+                           vgg_loss=vgg_loss if name == "vgg" else "ce")
         t_train = time.perf_counter() - t
         t = time.perf_counter()
         path = out_dir / f"{name}.int8.onnx"
         info = export_qdq(qat, path, graph)
-        result[name] = qat.float_model()
+        # Distilled: the INT8 file was trained to reproduce the FP32 VGG's features, so that VGG ships (folded, as
+        # the exporter folds it); otherwise the fine-tuned float weights do.
+        result["finetuned"][name] = qat.float_model()
+        result[name] = fold_batch_norm(model) if name == "vgg" and vgg_loss == "distill" else result["finetuned"][name]
         result["qat"]["files"][name] = path
         result["qat"]["info"][name] = info
         result["qat"]["settings"][name] = {"epochs": int(epochs), "lr": float(lr), "batch_size": bs,
                                            "frames": int(len(images)), "calibration_frames": len(calib),
                                            "library": f"torch.ao.quantization (torch {torch.__version__})",
-                                           "placement": placement.options}
+                                           "placement": placement.options,
+                                           **({"loss": vgg_loss} if name == "vgg" else {})}
         result["seconds"][name] = {"placement": round(t_place, 1), "finetune": round(t_train, 1),
                                    "export": round(time.perf_counter() - t, 1)}
     return result

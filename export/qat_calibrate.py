@@ -203,9 +203,8 @@ def calibrate_qat(bundle_path: str | Path, *, unet: str | None, vgg: str | None,
         rec = ck.recognise_checkpoint(path, name, option)
         net = rec.build()
         if name == "vgg" and net.model.head is None:
-            raise UserError(f"--vgg '{path}' is cut at Fc2 (no classification head), and the VGG's QAT trains on the "
-                            f"grades through its head; give the checkpoint with its head (classifier.6 or head), or "
-                            f"--networks unet")
+            raise UserError(f"--vgg '{path}' is cut at Fc2 (no classification head), which calibrate --qat does not "
+                            f"take; give the checkpoint with its head (classifier.6 or head), or --networks unet")
         same = check_same_network(name, net.model, bundle, graph, option, path)
         _say(f"calibrate: {option} {path.name} is the bundle's {name} (outputs within {same['max_abs']:.1e} of "
              f"{same['file']} on {same['inputs']} inputs)", quiet)

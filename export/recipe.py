@@ -83,7 +83,8 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
     training and recorded in the manifest (`sonoscore train --unet-input / --vgg-input`).
 
     With `cfg.qat`: after FP32 training, quantization-aware fine-tuning of each network (export.qat.qat_networks);
-    the FP32/FP16 files are exported from the fine-tuned weights, the booster learns from that VGG's features, and
+    the FP32/FP16 files are exported from the networks it returns (the UNet's fine-tuned weights; the FP32 VGG whose
+    Fc2 features the INT8 VGG was distilled to reproduce), the booster learns from that VGG's features, and
     the Q/DQ files with the trained scales become the bundle's INT8 set after calibrate's accuracy check
     (calibration.run.calibrate_bundle, `--networks auto`, thresholds unchanged) on the validation patients' frames
     and on `check` sources (held-out data); the report goes to `report` (default <bundle>/calibration_report.json);
@@ -134,7 +135,7 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
                            vgg_images=masked_images[kidney & tr], vgg_labels=grades[kidney & tr] - 1, graph=graph,
                            out_dir=qat_work, unet_epochs=cfg.qat_unet_epochs, vgg_epochs=cfg.qat_vgg_epochs,
                            lr=cfg.qat_lr, seed=cfg.seed, vgg_shift=cfg.vgg_shift, log=_say)
-        unet, vgg = qat["unet"], qat["vgg"]   # the FP32/FP16 files and the booster use the fine-tuned weights
+        unet, vgg = qat["unet"], qat["vgg"]   # the networks the FP32/FP16 files and the booster use
     tmp.mkdir(parents=True)
     nets = export_networks(unet, vgg, tmp, cfg.unet_width, cfg.vgg_width, graph)
 
