@@ -24,7 +24,6 @@ fine-tuning's drift together, and grade agreement is the unchanged booster on th
 """
 from __future__ import annotations
 
-import hashlib
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
+from runtime.bundle import sha256_file
 from runtime.errors import UserError
 
 IDENTITY_ATOL = 1e-4      # an FP32 export differs from its torch model by about 1e-6 (test_onnx_export: < 1e-4)
@@ -47,14 +47,6 @@ HELD_OUT = "held-out patients (--data)"
 def _say(msg: str, quiet: bool = False) -> None:
     if not quiet:
         print(msg, file=sys.stderr, flush=True)
-
-
-def sha256_file(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -- the checkpoints must be the bundle's networks ------------------------------------------------------------------

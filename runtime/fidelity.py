@@ -22,17 +22,18 @@ cache that cannot be read or written only means the check runs again. The check 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
-import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from runtime.backends.engine_cache import atomic_write
 
 log = logging.getLogger("sonoscore.fidelity")
 
@@ -107,10 +108,9 @@ def write_reference(path: Path, images: list[np.ndarray], prob: np.ndarray, feat
               "features": np.asarray(features, np.float32)}
     if not (len(arrays["images"]) == len(arrays["prob"]) == len(arrays["features"])):
         raise ValueError("the reference's images, probabilities and features must have one row per frame")
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)
-    tmp.replace(path)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write(path, buf.getvalue())
     return path
 
 
@@ -228,14 +228,7 @@ def _read_cache(path: Path, key: str) -> dict | None:
 def _write_cache(path: Path, verdict: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(verdict, f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, json.dumps(verdict).encode())
     except OSError as e:
         log.debug("int8 fidelity: verdict not cached (%s)", e)
 
