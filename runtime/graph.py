@@ -47,6 +47,7 @@ class Gate:
 class Result:
     """What the graph computed for one preprocessed image (features and scores only when the gate accepted it)."""
     gate: Gate
+    prob: np.ndarray | None = None           # the UNet's kidney probability (HxW) the gate thresholded
     features: np.ndarray | None = None
     probabilities: list[float] | None = None
     grade: int | None = None
@@ -160,7 +161,7 @@ class Graph:
         g = self.gate(prob)
         feeds = self.vgg_feeds(image, g.mask) if g.accepted else None   # masking is the gate's work
         lap("gate")
-        result = Result(g)
+        result = Result(g, prob)
         if feeds is None:
             return result
         result.features = self.infer_features(vgg, feeds)

@@ -1,6 +1,7 @@
 """Kidney size in mm from the network's 224x224 mask: length and area, measured in the source frame.
 
-    kidney_size(mask224, region, frame_shape, meta) -> (length_mm | None, area_mm2 | None, size_note | None)
+    kidney_size(mask224, region, frame_shape, meta, prob=None, image=None, threshold=0.5)
+        -> (length_mm | None, area_mm2 | None, size_note | None)
 
 The definition (docs/design.md, "Kidney size"):
 
@@ -33,6 +34,20 @@ Calibration (where row_mm and col_mm come from), and when the size is not report
 - Any other source is calibrated by the pixel spacing it declares for the whole frame (`pixel_spacing_rc_mm`:
   the simulated probe's true spacing, an OpenIGTLink IMAGE's spacing); none -> not measured (image and video
   files, capture cards).
+
+Whether the outline can be measured at all (`prob` and `image` given, as the pipelines give them; docs/design.md,
+"Kidney size", has the figures behind the two limits):
+
+- The network must be sure where the outline is: the length of the kidney in the mask at half the threshold
+  (p > t/2) and at the threshold's mirror (p > (1 + t)/2; 0.25 and 0.75 for t = 0.5) may differ by at most
+  MAX_OUTLINE_SPREAD of the reported length. A probability that ramps slowly across the outline puts the 0.5
+  line anywhere on the ramp.
+- The outline must be visible in the image: the mean grey level of a 4-pixel band just outside the component and
+  that of a 4-pixel band just inside it (the preprocessed 224x224 image the network saw) must differ by at least
+  MIN_OUTLINE_CONTRAST. A kidney whose cortex is as echogenic as the fat around it has no outline to follow. A
+  component that fills the crop has no band outside it, and is not judged by this rule.
+
+A frame that fails either is not measured (its grade is unaffected), with the reason in its `size_note`.
 """
 from __future__ import annotations
 
@@ -60,18 +75,29 @@ NOT_2D = "not measured: the kidney's ultrasound region is not a 2-D image"
 NOT_CM = "not measured: the kidney's ultrasound region is not calibrated in cm"
 NO_DELTA = "not measured: the kidney's ultrasound region has no usable physical deltas"
 UNFIT_REGION = "not measured: the kidney's ultrasound region does not fit the image (resized after calibration)"
+UNSURE_OUTLINE = "not measured: the network is unsure where the kidney's outline lies (its length is not determined)"
+FAINT_OUTLINE = "not measured: the kidney's outline barely stands out from the tissue around it"
 NO_REGION_GIVEN = "not measured: the frame's crop region is unknown or not inside the frame"
 NOTE_MISSING = "not measured: no size was computed for this frame"    # an accepted record without size or note
 NOTES = (NO_KIDNEY, NO_SPACING, NO_REGIONS, IN_NO_REGION, SEVERAL_REGIONS, BEYOND_REGION, NOT_2D, NOT_CM, NO_DELTA,
-         UNFIT_REGION, NO_REGION_GIVEN, NOTE_MISSING)
+         UNFIT_REGION, UNSURE_OUTLINE, FAINT_OUTLINE, NO_REGION_GIVEN, NOTE_MISSING)
+
+# Whether an outline can be measured (module docstring): the most the length may move between the p > t/2 and the
+# p > (1 + t)/2 masks, relative to it, and the least grey-level step across the outline (bands of OUTLINE_BAND px).
+MAX_OUTLINE_SPREAD = 0.07
+MIN_OUTLINE_CONTRAST = 16.0
+OUTLINE_BAND = 4
 
 
 def kidney_size(mask224: np.ndarray | None, region: Region | None, frame_shape: tuple[int, ...],
-                meta: dict[str, Any] | None) -> tuple[float | None, float | None, str | None]:
+                meta: dict[str, Any] | None, *, prob: np.ndarray | None = None, image: np.ndarray | None = None,
+                threshold: float = 0.5) -> tuple[float | None, float | None, str | None]:
     """(length mm, area mm^2, None) of the kidney in a 0/1 mask cut from `region` of a frame of `frame_shape`
     (rows, columns), or (None, None, the reason) when it cannot be measured (see the module docstring). Calibration
     is checked first: a frame that cannot be calibrated gets that reason whatever its mask; a region not inside the
-    frame is refused."""
+    frame is refused. With `prob` (the network's probability map the mask was thresholded from at `threshold`) and
+    `image` (the preprocessed image it saw), an outline the network is unsure of or that the image barely shows is
+    refused too; without them (a labelled mask) it is measured as it is."""
     meta = meta or {}
     note = calibration_note(meta)
     if note is not None:
@@ -90,6 +116,10 @@ def kidney_size(mask224: np.ndarray | None, region: Region | None, frame_shape: 
         return None, None, spacing
     row_mm, col_mm = spacing
     length = feret_mm(comp, region, (sx, sy), (row_mm, col_mm))
+    if prob is not None and outline_spread(prob, threshold, length, region, (sx, sy), spacing) > MAX_OUTLINE_SPREAD:
+        return None, None, UNSURE_OUTLINE
+    if image is not None and outline_contrast(image, comp) < MIN_OUTLINE_CONTRAST:
+        return None, None, FAINT_OUTLINE
     area = float(np.count_nonzero(comp)) * (sx * col_mm) * (sy * row_mm)
     return round(length, 3), round(area, 2), None
 
@@ -103,12 +133,15 @@ def calibration_note(meta: dict[str, Any] | None) -> str | None:
     return None if _positive_pair(meta.get("pixel_spacing_rc_mm")) is not None else NO_SPACING
 
 
-def measure_record(rec, mask: np.ndarray | None, region: Region | None, frame) -> None:
+def measure_record(rec, mask: np.ndarray | None, region: Region | None, frame, *, prob: np.ndarray | None = None,
+                   image: np.ndarray | None = None, threshold: float = 0.5) -> None:
     """Fill a record's `kidney_length_mm`, `kidney_area_mm2` and `size_note` for an accepted frame; `region` is the
-    crop in the SOURCE frame (before `pipeline.shown_part`), `frame` the runtime.sources.Frame. Never raises."""
+    crop in the SOURCE frame (before `pipeline.shown_part`), `frame` the runtime.sources.Frame, `prob`, `image` and
+    `threshold` as `kidney_size` takes them. Never raises."""
     try:
         shape = frame.pixels.shape[:2] if frame.pixels is not None else (0, 0)
-        rec.kidney_length_mm, rec.kidney_area_mm2, rec.size_note = kidney_size(mask, region, shape, frame.meta)
+        rec.kidney_length_mm, rec.kidney_area_mm2, rec.size_note = kidney_size(
+            mask, region, shape, frame.meta, prob=prob, image=image, threshold=threshold)
     except Exception as e:  # a measurement must never cost the frame its grade
         rec.kidney_length_mm = rec.kidney_area_mm2 = None
         rec.size_note = f"not measured: {type(e).__name__}"
@@ -174,6 +207,31 @@ def feret_mm(comp: np.ndarray, region: Region, scale: tuple[float, float], spaci
     x, y = to_source(pts[:, 0], pts[:, 1], region, scale)
     row_mm, col_mm = spacing_rc
     return max_feret(np.stack([x * col_mm, y * row_mm], axis=1))
+
+
+def outline_spread(prob: np.ndarray, threshold: float, length: float, region: Region, scale: tuple[float, float],
+                   spacing_rc: tuple[float, float]) -> float:
+    """How far the length moves with the threshold: (length of the largest component of p > t/2 minus that of
+    p > (1 + t)/2) / `length`, both measured like `length` (infinite when the second mask is empty)."""
+    p = np.asarray(prob, np.float32).reshape(np.shape(prob)[-2:])
+    outer, inner = p > threshold / 2, p > (1 + threshold) / 2
+    if not inner.any() or length <= 0:
+        return math.inf
+    lengths = [feret_mm(largest_component(m), region, scale, spacing_rc) for m in (outer, inner)]
+    return (lengths[0] - lengths[1]) / length
+
+
+def outline_contrast(image: np.ndarray, comp: np.ndarray, band: int = OUTLINE_BAND) -> float:
+    """|mean grey level of the `band`-pixel ring just outside the 0/1 component - that of the ring just inside it|
+    on the image (HxW, or 1xHxW / HxWx1); infinite when nothing lies outside (the component fills the image)."""
+    img = np.asarray(image, np.float32)
+    img = img.reshape(img.shape[-2:]) if img.ndim == 3 and img.shape[0] == 1 else img.reshape(img.shape[:2])
+    kernel = np.ones((3, 3), np.uint8)
+    inside = comp - cv2.erode(comp, kernel, iterations=band)
+    outside = cv2.dilate(comp, kernel, iterations=band) - comp
+    if not outside.any() or not inside.any():
+        return math.inf
+    return abs(float(img[outside > 0].mean()) - float(img[inside > 0].mean()))
 
 
 def mask_to_source(mask224: np.ndarray, region: Region, frame_shape: tuple[int, ...]) -> np.ndarray:

@@ -106,7 +106,8 @@ class Pipeline(FramePipeline):
         rec.mask, rec.mask_fraction, rec.accepted = result.gate.mask, result.gate.fraction, result.gate.accepted
         rec.probabilities, rec.grade = result.probabilities, result.grade
         if rec.accepted:   # kidney length and area in mm, measured in the source frame (runtime/measure.py)
-            measure_record(rec, rec.mask, source_region, frame)
+            measure_record(rec, rec.mask, source_region, frame, prob=result.prob, image=rec.image,
+                           threshold=self.graph.mask_threshold)
 
     def prepare(self, frame: Frame) -> tuple[np.ndarray, np.ndarray, pp.Region]:
         """(gray display frame, preprocessed image, region it came from): the preprocessing every path shares

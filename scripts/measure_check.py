@@ -13,11 +13,14 @@ diameter of the kidney's section by the image plane, cut to the fan, computed in
 sweep of F frames covers a whole elevational pass when F >= 200 (the sweep's period is 150-200 frames), so
 accepted frames include off-centre sections, where the kidney looks shorter and is harder to segment.
 
-Printed: accepted frames, those measured, those the gate accepted with no kidney in the truth, and the relative
-error of the length |measured / true - 1|: median, 90th percentile, worst, and the share within 5 %; the same for
-the truth's own mask taken through the same path (cut and resized to 224x224 like the network's mask, then
-measured), which isolates the measurement from the segmentation. Exit status 0 when the median error of the
-network's masks is within 5 %, else 1. A benchmark, not a test: its figures depend on the bundle's weights.
+The pipeline measures a frame only where its outline can be measured (runtime/measure.py: the network sure of
+the outline, the outline visible in the image); the others keep their grade and get a `size_note`, counted here.
+Printed: accepted frames, those measured, those the gate accepted with no kidney in the truth, the notes of those
+not measured, and the relative error of the length |measured / true - 1|: median, 90th percentile, worst, and the
+share within 5 %; the same for the truth's own mask taken through the same path (cut and resized to 224x224 like
+the network's mask, then measured), which isolates the measurement from the segmentation; then per patient, the
+frames measured of those accepted and their worst error. Exit status 0 when every measured frame is within 5 % of
+the truth (issue 15's acceptance), else 1. A benchmark, not a test: its figures depend on the bundle's weights.
 """
 from __future__ import annotations
 
@@ -63,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     bundle = Bundle.load(args.bundle)
     net_err, truth_err, rows = [], [], []
     accepted = measured = false_accepts = 0
+    per_patient: dict[int, list[float]] = {}
+    accepted_of: dict[int, int] = {}
     notes: dict[str, int] = {}
     t0 = time.perf_counter()
     with Pipeline(bundle, threads=args.threads) as pipe:
@@ -73,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not rec.accepted:
                     continue
                 accepted += 1
+                accepted_of[seed] = accepted_of.get(seed, 0) + 1
                 truth = frame.meta["truth_kidney_length_mm"]
                 if truth is None:
                     false_accepts += 1
@@ -88,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                                         frame.pixels.shape, frame.meta)
                 net_err.append(net)
                 truth_err.append(ref / truth - 1.0)
+                per_patient.setdefault(seed, []).append(abs(net))
                 rows.append({"seed": seed, "frame": frame.index, "true_mm": round(truth, 3),
                              "measured_mm": rec.kidney_length_mm, "truth_mask_mm": ref,
                              "relative_error": round(net, 5)})
@@ -110,10 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     if worst:
         print(f"worst frame: seed {worst['seed']} frame {worst['frame']}: true {worst['true_mm']:.1f} mm, "
               f"measured {worst['measured_mm']:.1f} mm (truth mask {worst['truth_mask_mm']:.1f} mm)")
+    out["per_patient"] = {str(k): {"accepted": accepted_of.get(k, 0), "measured": len(per_patient.get(k, [])),
+                                   "worst": round(max(per_patient[k]), 5) if per_patient.get(k) else None}
+                          for k in sorted(accepted_of)}
+    print("per patient, measured / accepted (worst error): " + ", ".join(
+        f"{k} {v['measured']}/{v['accepted']}" + (f" ({v['worst']:.1%})" if v["worst"] is not None else "")
+        for k, v in out["per_patient"].items()))
     print(f"{out['seconds']:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps({**out, "frames": rows}, indent=1) + "\n")
-    return 0 if n["median"] is not None and n["median"] <= TOLERANCE else 1
+    return 0 if n["worst"] is not None and n["worst"] <= TOLERANCE else 1
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ The UNet (width 0.25, seed 0, the demo's optimiser and schedule: export/train.py
 (binary cross-entropy + soft Dice). Each accepted frame of the simulated patients (seeds 7001..) is measured as
 runtime/measure.py measures it; printed per patient: the share within 5 %, the median error, and the median outline
 contrast (median grey level of a 5-pixel ring outside the outline minus that of a 5-pixel ring inside it, on the
-preprocessed image); then the share within 5 % of the frames kept when frames below a contrast are refused.
+preprocessed image); then the share within 5 % of the frames kept when frames below a contrast are refused, and of
+the frames runtime/measure.py's outline rule measures (the probability's spread across the outline and the outline's
+contrast, as the pipelines apply it).
 """
 from __future__ import annotations
 
@@ -46,12 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patients", type=int, default=6)
     ap.add_argument("--frames", type=int, default=200)
     ap.add_argument("--first-seed", type=int, default=7001)
+    ap.add_argument("--dump", help="write each measured frame's seed, error, outline spread and contrast (.npz)")
     a = ap.parse_args(argv)
 
     import cv2
 
     from runtime.bundle import Bundle
-    from runtime.measure import kidney_size, largest_component
+    from runtime.measure import kidney_size, largest_component, outline_contrast, outline_spread
     from runtime.pipeline import Pipeline
     from runtime.sources.sim import SimSource
 
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         frames = [f[:5] + (p,) for f, p in zip(frames, probs)]
 
     k = np.ones((3, 3), np.uint8)
-    seeds, errors, contrast = [], [], []
+    seeds, errors, contrast, ruled, spreads, contrasts = [], [], [], [], [], []
     for seed, image, region, shape, meta, prob in frames:
         gate = graph.gate(prob)
         true_mm = meta.get("truth_kidney_length_mm")
@@ -93,13 +96,21 @@ def main(argv: list[str] | None = None) -> int:
         length, _, _ = kidney_size(gate.mask, region, shape, meta)
         if length is None:
             continue
+        kept, _, _ = kidney_size(gate.mask, region, shape, meta, prob=prob, image=image,
+                                 threshold=graph.mask_threshold)                 # the outline rule's verdict
+        ruled.append(kept is not None)
         comp = largest_component(gate.mask)
+        if a.dump:                       # the two quantities the rule limits, as runtime/measure.py computes them
+            sx, sy = (region.x1 - region.x0) / 224, (region.y1 - region.y0) / 224
+            spreads.append(outline_spread(prob, graph.mask_threshold, length, region, (sx, sy),
+                                          meta["pixel_spacing_rc_mm"]))
+            contrasts.append(outline_contrast(image, comp))
         inner = comp.astype(bool) & ~cv2.erode(comp, k, iterations=5).astype(bool)
         outer = cv2.dilate(comp, k, iterations=5).astype(bool) & ~comp.astype(bool) & (image > 0)
         seeds.append(seed)
         errors.append(length / true_mm - 1.0)
         contrast.append(float(np.median(image[outer])) - float(np.median(image[inner])))
-    seeds, e, c = np.array(seeds), np.array(errors), np.array(contrast)
+    seeds, e, c, r = np.array(seeds), np.array(errors), np.array(contrast), np.array(ruled, bool)
     print(f"{len(e)} accepted frames measured: within 5 % {np.mean(np.abs(e) <= 0.05):.1%}, "
           f"median |error| {np.median(np.abs(e)):.2%}, worst {np.abs(e).max():.1%}")
     for s in sorted(set(seeds)):
@@ -111,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         if m.any():
             print(f"  contrast >= {t}: {m.mean():.0%} of frames kept, {np.mean(np.abs(e[m]) <= 0.05):.1%} of them "
                   f"within 5 %, worst {np.abs(e[m]).max():.1%}")
+    if a.dump:
+        np.savez(a.dump, seed=seeds, error=e, spread=np.array(spreads), contrast=np.array(contrasts))
+    if r.any():
+        print(f"  runtime/measure.py's outline rule: {r.mean():.0%} of frames measured, "
+              f"{np.mean(np.abs(e[r]) <= 0.05):.1%} of them within 5 %, worst {np.abs(e[r]).max():.1%}")
     return 0
 
 

@@ -109,6 +109,9 @@ class HostKernels:
         self.mask_downloads += 1
         return self._mask.copy()
 
+    def download_prob(self, ptr, dtype):
+        return host_view(ptr, (self.size, self.size), dtype).astype(np.float32)
+
 
 def host_pipeline(bundle, **kw):
     return DevicePipeline(bundle, _device=HostDevice, _kernels=HostKernels, **kw)

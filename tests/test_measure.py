@@ -240,6 +240,110 @@ def test_a_dicom_colour_box_over_the_kidney_or_units_not_cm_are_not_measured(tmp
     assert f.region == Region(40, 30, 360, 270) and measured_in(f) == (None, None, measure.NOT_CM)
 
 
+# -- whether an outline can be measured -----------------------------------------------------------------------------
+
+def disc_probability(radius, ramp, size=224) -> np.ndarray:
+    """A kidney probability that falls linearly from 1 to 0 across a ring `ramp` pixels wide centred on a circle of
+    `radius` pixels: its p > t line is the circle of radius radius + (0.5 - t) * ramp."""
+    rows, cols = np.mgrid[0:size, 0:size].astype(np.float64)
+    r = np.hypot(rows - (size - 1) / 2, cols - (size - 1) / 2)
+    return np.clip(0.5 + (radius - r) / ramp, 0.0, 1.0).astype(np.float32)
+
+
+def two_tone(prob, inside, outside) -> np.ndarray:
+    """A uint8 image at grey `inside` where prob > 0.5, `outside` elsewhere."""
+    return np.where(prob > 0.5, inside, outside).astype(np.uint8)
+
+
+SQUARE = {"pixel_spacing_rc_mm": (0.5, 0.5)}        # 224 x 224 frame cut whole: a mask pixel is 0.5 mm
+
+
+def size_of(prob, image, threshold=0.5):
+    return kidney_size((prob > threshold).astype(np.uint8), Region(0, 0, 224, 224), (224, 224), SQUARE,
+                       prob=prob, image=image, threshold=threshold)
+
+
+@pytest.mark.parametrize("ramp", [4.0, 7.0, 11.0, 20.0])
+def test_the_outline_spread_is_how_far_the_length_moves_between_the_p025_and_p075_lines(ramp):
+    """A 60-pixel circle whose probability ramps over `ramp` pixels: the p > 0.25 and p > 0.75 circles are ramp / 2
+    apart in radius, so the spread is ramp / (2 * 60) (to the outline's half pixel); a frame is measured exactly when
+    that is within the limit, and then its length is that of the mask alone."""
+    prob = disc_probability(60, ramp)
+    mask = (prob > 0.5).astype(np.uint8)
+    alone = kidney_size(mask, Region(0, 0, 224, 224), (224, 224), SQUARE)
+    spread = measure.outline_spread(prob, 0.5, alone[0], Region(0, 0, 224, 224), (1.0, 1.0), (0.5, 0.5))
+    assert spread == pytest.approx(ramp / 120, abs=0.01)
+    got = size_of(prob, two_tone(prob, 60, 160))
+    if ramp / 120 <= measure.MAX_OUTLINE_SPREAD - 0.01:
+        assert got == alone and got[0] == pytest.approx(60.5, abs=1.0)     # 121 pixels of 0.5 mm across
+    elif ramp / 120 >= measure.MAX_OUTLINE_SPREAD + 0.01:
+        assert got == (None, None, measure.UNSURE_OUTLINE)
+    else:
+        pytest.fail(f"ramp {ramp} sits on the limit; pick another")
+
+
+def test_the_spread_follows_the_bundles_threshold_and_an_empty_inner_mask_is_unsure():
+    """With threshold t the two masks are p > t/2 and p > (1 + t)/2: a sharp probability that never exceeds 0.7
+    has an empty p > 0.75 mask at t = 0.5 (refused), and is measured at t = 0.3 (p > 0.15 and p > 0.65)."""
+    prob = disc_probability(60, 2.0) * 0.7
+    image = two_tone(prob, 60, 160)
+    assert size_of(prob, image, 0.3)[2] is None
+    assert size_of(prob, image, 0.3)[0] == pytest.approx(60.5, abs=1.0)
+    assert size_of(prob, image, 0.5) == (None, None, measure.UNSURE_OUTLINE)
+
+
+@pytest.mark.parametrize("step", [0, 6, 13, 15, 40])
+def test_an_outline_the_image_barely_shows_is_not_measured(step):
+    """The contrast is the grey-level step between the bands just outside and just inside the outline: exactly the
+    two tones' difference here, either way round; under the limit the frame is not measured."""
+    prob = disc_probability(60, 2.0)
+    comp = (prob > 0.5).astype(np.uint8)
+    for inside, outside in ((100, 100 + step), (100 + step, 100)):
+        image = two_tone(prob, inside, outside)
+        assert measure.outline_contrast(image, comp) == pytest.approx(step)
+        assert measure.outline_contrast(image[None], comp) == pytest.approx(step)     # 1 x H x W as well
+        got = size_of(prob, image)
+        if step >= measure.MIN_OUTLINE_CONTRAST:
+            assert got[2] is None and got[0] == pytest.approx(60.5, abs=1.0)
+        else:
+            assert got == (None, None, measure.FAINT_OUTLINE)
+
+
+def test_only_the_bands_next_to_the_outline_count_for_its_contrast():
+    """Grey levels more than the band's width away from the outline do not change the contrast; a mask that fills
+    the image has no outside band and is not judged by it."""
+    prob = disc_probability(60, 2.0)
+    comp = (prob > 0.5).astype(np.uint8)
+    rows, cols = np.mgrid[0:224, 0:224]
+    r = np.hypot(rows - 111.5, cols - 111.5)
+    image = two_tone(prob, 80, 120)
+    far = image.copy()
+    far[r < 60 - measure.OUTLINE_BAND - 2] = 255                    # the kidney's middle
+    far[r > 60 + measure.OUTLINE_BAND + 2] = 0                      # the tissue well away from it
+    assert measure.outline_contrast(far, comp) == pytest.approx(measure.outline_contrast(image, comp)) == 40
+    full = np.ones((224, 224), np.uint8)
+    assert measure.outline_contrast(np.full((224, 224), 90, np.uint8), full) == math.inf
+
+
+def test_the_pipeline_applies_the_outline_rule_to_its_own_probability(tmp_path):
+    """Through the real CPU pipeline with the known-function bundle (the UNet is the identity: the probability is
+    the image / 255), a 224 x 224 frame with a sharp-edged disc is measured, and the same disc with edges that
+    fade over 24 pixels (spread 0.2) is accepted and graded but not measured, with the reason."""
+    from runtime.bundle import Bundle
+    from runtime.pipeline import Pipeline
+    from tests.known_bundle import write_known_bundle
+    b = Bundle.load(write_known_bundle(tmp_path / "kb", np.linspace(0, 1, 8)[:, None], np.arange(8) % 4))
+    meta = {"pixel_spacing_rc_mm": (0.5, 0.5)}
+    with Pipeline(b, threads=1) as pipe:
+        for ramp, note in ((2.0, None), (24.0, measure.UNSURE_OUTLINE)):
+            pixels = np.round(disc_probability(60, ramp) * 255).astype(np.uint8)
+            rec = pipe.process(Frame(0, "sim-x", 0.0, pixels, region=Region(0, 0, 224, 224), meta=meta))
+            assert rec.accepted and rec.grade is not None and rec.size_note == note
+            assert (rec.kidney_length_mm is None) == (note is not None)
+            if note is None:
+                assert rec.kidney_length_mm == pytest.approx(60.5, abs=1.0)
+
+
 # -- the phantom's truth ------------------------------------------------------------------------------------------
 
 def test_the_phantoms_true_length_is_its_masks_longest_chord():

@@ -410,6 +410,11 @@ class GpuKernels:
             raise RuntimeError("download_mask() before any gate(): run gate() on a UNet output first")
         return self._download(self.mask, (self.size, self.size), np.uint8, self._host_mask)
 
+    def download_prob(self, ptr: int, dtype) -> np.ndarray:
+        """Synchronises; the SxS kidney probability at device address `ptr` (the UNet's 1x1xSxS output, `dtype`
+        elements) as float32, for the kidney size's outline rule (runtime/measure.py)."""
+        return self._download(ptr, (self.size, self.size), np.dtype(dtype)).astype(np.float32)
+
     def download_unet_input(self) -> np.ndarray:
         """Synchronises; the 1x1xSxS UNet input."""
         return self._download(self.unet_input, (1, 1, self.size, self.size), self.input_dtype)

@@ -178,10 +178,12 @@ class DevicePipeline(FramePipeline):
             # an accepted frame that can be calibrated brings its mask back for the kidney's size (runtime/measure.py)
             sized = g.accepts(rec.mask_fraction) and calibration_note(frame.meta) is None
             mask = k.download_mask() if self.keep_mask or sized else None
+            prob_host = k.download_prob(prob.ptr, self.prob_dtype) if sized else None   # its outline rule needs
+            image = k.download_image() if self.keep_image or sized else None          # the map and the image
             if self.keep_mask:
                 rec.mask = mask
             if self.keep_image:
-                rec.image = k.download_image()
+                rec.image = image
             if self.keep_display:
                 rec.display, rec.region = shown_part(gray, region, frame.meta)
         rec.accepted = g.accepts(rec.mask_fraction)
@@ -189,7 +191,7 @@ class DevicePipeline(FramePipeline):
             lap.t = time.perf_counter()
             rec.probabilities, rec.grade = g.score(self.booster, self.features)
             lap("booster")
-            measure_record(rec, mask, region, frame)
+            measure_record(rec, mask, region, frame, prob=prob_host, image=image, threshold=g.mask_threshold)
 
     def _host_side(self, frame: Frame):
         """(pixels to upload, their channel order, the region to crop from them, the gray frame or None, the
