@@ -5,8 +5,18 @@ What the file must look like (docs/design.md, "The model bundle"; TensorRT's "Wo
   (which fuses the pairs into integer kernels) and TensorRT (which builds what the Q/DQ nodes say).
 - Symmetric signed INT8 for activations and weights: every zero point is 0 (TensorRT rejects others).
 - Per-channel weights on the output-channel axis: axis 0 of a Conv weight [K, C, R, S].
-- ConvTranspose weights: onnxruntime's default axis for them is 1 (the output channels of a [C, K, R, S] weight),
-  which TensorRT does not take. They are quantized per tensor (default) or left in float; the manifest says which.
+- ConvTranspose (`conv_transpose`): onnxruntime's CPU provider has no integer ConvTranspose kernel, so a Q/DQ
+  ConvTranspose runs in float between a DequantizeLinear and a QuantizeLinear; in the full-width UNet its four
+  upsamplers were 30 of the INT8 file's 80 ms on a 2-core Xeon (scripts/int8_profile.py). "sub-pixel" (default)
+  writes each 4x4 stride-2 pad-1 ConvTranspose (the UNet's upsamplers) as the same computation in operators with
+  integer kernels: a 3x3 pad-1 Conv with 4K output channels (output channel (2a + b) * K + k holds the taps of
+  output phase (a, b), the other taps zero), the ReLU that follows it when it has one, then DepthToSpace(2, DCR).
+  Its weight is a Conv weight, per channel on axis 0 like every other; the result equals the ConvTranspose up to
+  float summation order. The other modes keep the ConvTranspose node: its weight per tensor ("per-tensor";
+  onnxruntime's default per-channel axis for it is 1, the output channels of a [C, K, R, S] weight, which TensorRT
+  does not take) or in float ("float"). Any other ConvTranspose shape stays a per-tensor ConvTranspose under
+  "sub-pixel". The manifest says which. QAT (export/qat.py) trains the ConvTranspose as it is: "per-tensor" or
+  "float".
 - Weights use the 7-bit range [-64, 63] by default (`reduce_range`), still symmetric INT8 in the file. x86 CPUs
   without VNNI multiply 8-bit pairs with VPMADDUBSW, whose 16-bit sums saturate with full-range weights: the
   demo UNet's mask IoU with FP32 fell to 0.09 on onnxruntime CPU here (2-core AMD EPYC, AVX2, no VNNI) while the
@@ -28,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -35,7 +46,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 METHODS = ("minmax", "entropy", "percentile")
-CONV_TRANSPOSE = ("per-tensor", "float")
+CONV_TRANSPOSE = ("sub-pixel", "per-tensor", "float")
 
 
 @dataclass
@@ -79,7 +90,7 @@ class _Reader:
 
 
 def quantize_int8(model_in: Path, model_out: Path, input_name: str, inputs: Sequence[np.ndarray], *,
-                  method: str = "minmax", conv_transpose: str = "per-tensor", percentile: float = 99.999,
+                  method: str = "minmax", conv_transpose: str = "sub-pixel", percentile: float = 99.999,
                   chunk: int = 8, full_range_weights: bool = False, float_outputs: bool = True,
                   keep_float: Sequence[str] = (), keep_float_nodes: Sequence[str] = (),
                   progress: Callable[[int], None] | None = None) -> QuantizeResult:
@@ -94,6 +105,9 @@ def quantize_int8(model_in: Path, model_out: Path, input_name: str, inputs: Sequ
     if len(inputs) == 0:
         raise ValueError("no calibration inputs")
     model = onnx.load(str(model_in))
+    sub_pixel: list[str] = []
+    if conv_transpose == "sub-pixel":
+        model, sub_pixel = sub_pixel_conv_transpose(model)
     inits = {i.name for i in model.graph.initializer}
     op_types = sorted({n.op_type for n in model.graph.node})
     weighted = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
@@ -133,12 +147,17 @@ def quantize_int8(model_in: Path, model_out: Path, input_name: str, inputs: Sequ
     model_out = Path(model_out)
     model_out.parent.mkdir(parents=True, exist_ok=True)
     # onnxruntime prints a line per histogram chunk; the caller shows its own progress instead.
-    with contextlib.redirect_stdout(io.StringIO()):
-        quantize_static(str(model_in), str(model_out), reader, quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=to_quantize, nodes_to_exclude=exclude_nodes, per_channel=True,
-                        reduce_range=not full_range_weights,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=calib, extra_options=extra)
+    with tempfile.TemporaryDirectory(prefix="sonoscore-quantize-") as tmp:
+        src = Path(model_in)
+        if sub_pixel:
+            src = Path(tmp) / "sub_pixel.onnx"
+            onnx.save(model, str(src))
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(str(src), str(model_out), reader, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=to_quantize, nodes_to_exclude=exclude_nodes, per_channel=True,
+                            reduce_range=not full_range_weights,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=calib, extra_options=extra)
 
     out = onnx.load(str(model_out))
     q_inits = {i.name for i in out.graph.initializer}
@@ -149,10 +168,85 @@ def quantize_int8(model_in: Path, model_out: Path, input_name: str, inputs: Sequ
         if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.input) > 1:
             src = producers.get(node.input[1])
             is_q = src is not None and src.op_type == "DequantizeLinear" and src.input[0] in q_inits
-            (quantized if is_q else floats)[node.op_type] = (quantized if is_q else floats).get(node.op_type, 0) + 1
+            op = "ConvTranspose" if node.name in sub_pixel else node.op_type   # counted as the layer it computes
+            (quantized if is_q else floats)[op] = (quantized if is_q else floats).get(op, 0) + 1
     opset = max((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), default=0)
     return QuantizeResult(model_out, method, n, conv_transpose, 8 if full_range_weights else 7, quantized, floats,
                           opset)
+
+
+def sub_pixel_conv_transpose(model) -> tuple["onnx.ModelProto", list[str]]:
+    """A copy of `model` with each 2-D ConvTranspose of kernel 4, stride 2, pads 1 (group 1, no dilation or output
+    padding, weight an initializer) written as a 3x3 pad-1 Conv with 4K output channels and DepthToSpace(2, DCR),
+    with the node's single ReLU consumer (if any) moved between them; and the names of the rewritten nodes (the Conv
+    keeps the ConvTranspose's name; its weight is `<weight>_sub_pixel`, its output `<output>_sub_pixel`).
+
+    ConvTranspose [C, K, 4, 4], stride 2, pad 1: output row 2m + a takes input rows m - 1, m (a = 0; kernel rows 3,
+    1) or m, m + 1 (a = 1; kernel rows 2, 0), and the same for columns; so phase (a, b) is a 3x3 window on the input
+    with those taps, and DepthToSpace in DCR mode puts channel (2a + b) * K + k at [k, 2h + a, 2w + b]."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    inits = {i.name: i for i in g.initializer}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    outputs = {o.name for o in g.output}
+    taps = ((3, 1, None), (None, 2, 0))      # phase -> ConvTranspose kernel index at window offset -1, 0, +1
+    nodes, done, moved = [], [], set()
+    for n in g.node:
+        if n.op_type == "Relu" and n.output[0] in moved:
+            continue
+        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+        w = numpy_helper.to_array(inits[n.input[1]]) if n.op_type == "ConvTranspose" and len(n.input) > 1 \
+            and n.input[1] in inits else None
+        if (w is None or w.ndim != 4 or tuple(w.shape[2:]) != (4, 4) or list(a.get("strides", [1, 1])) != [2, 2]
+                or list(a.get("pads", [0, 0, 0, 0])) != [1, 1, 1, 1] or a.get("group", 1) != 1
+                or any(d != 1 for d in a.get("dilations", [1, 1])) or any(a.get("output_padding", []))
+                or a.get("output_shape") or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")):
+            nodes.append(n)
+            continue
+        c, k = w.shape[:2]
+        wc = np.zeros((4 * k, c, 3, 3), dtype=w.dtype)
+        for pa in (0, 1):
+            for pb in (0, 1):
+                rows = slice((2 * pa + pb) * k, (2 * pa + pb + 1) * k)
+                for r, kr in enumerate(taps[pa]):
+                    for s, ks in enumerate(taps[pb]):
+                        if kr is not None and ks is not None:
+                            wc[rows, :, r, s] = w[:, :, kr, ks].T
+        wname = f"{n.input[1]}_sub_pixel"
+        g.initializer.append(numpy_helper.from_array(wc, wname))
+        ins = [n.input[0], wname]
+        if len(n.input) > 2 and n.input[2]:
+            bname = f"{n.input[2]}_sub_pixel"
+            g.initializer.append(numpy_helper.from_array(np.tile(numpy_helper.to_array(inits[n.input[2]]), 4), bname))
+            ins.append(bname)
+        mid = f"{n.output[0]}_sub_pixel"
+        nodes.append(helper.make_node("Conv", ins, [mid], name=n.name, kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                                      strides=[1, 1], dilations=[1, 1], group=1))
+        out, after = n.output[0], consumers.get(n.output[0], [])
+        if len(after) == 1 and after[0].op_type == "Relu" and out not in outputs:   # ReLU commutes with the shuffle
+            relu = after[0]
+            nodes.append(helper.make_node("Relu", [mid], [f"{mid}_relu"], name=relu.name))
+            mid, out = f"{mid}_relu", relu.output[0]
+            moved.add(relu.output[0])
+        nodes.append(helper.make_node("DepthToSpace", [mid], [out], name=f"{n.name}_depth_to_space", blocksize=2,
+                                      mode="DCR"))
+        done.append(n.name)
+    del g.node[:]
+    g.node.extend(nodes)
+    used = {x for n in g.node for x in n.input}
+    for init in [i for i in g.initializer if i.name not in used]:
+        g.initializer.remove(init)
+    keep = {x for n in g.node for x in list(n.input) + list(n.output)} | {o.name for o in g.output}
+    for vi in [v for v in g.value_info if v.name not in keep]:
+        g.value_info.remove(vi)
+    return m, done
 
 
 def output_tail(model) -> list[str]:
@@ -212,6 +306,10 @@ def float_layers(qdq_model, fp32_model, names) -> "onnx.ModelProto":
     m.CopyFrom(qdq_model)
     g = m.graph
     fp_nodes = {n.name: n for n in fp32_model.graph.node}
+    if any(n.op_type == "Conv" and fp_nodes.get(n.name) is not None and fp_nodes[n.name].op_type == "ConvTranspose"
+           for n in g.node):   # a sub-pixel file: its Convs take the FP32 ConvTranspose's weight, rewritten alike
+        fp32_model = sub_pixel_conv_transpose(fp32_model)[0]
+        fp_nodes = {n.name: n for n in fp32_model.graph.node}
     fp_inits = {i.name: i for i in fp32_model.graph.initializer}
     unknown = names - {n.name for n in g.node}
     if unknown:

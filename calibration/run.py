@@ -133,7 +133,7 @@ def _versions() -> dict[str, str]:
 
 def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[str] | None = None,
                      method: str = "minmax", count: int = 300, holdout: int = 300, max_frames: int = 3000,
-                     conv_transpose: str = "per-tensor", thresholds: Thresholds | None = None,
+                     conv_transpose: str = "sub-pixel", thresholds: Thresholds | None = None,
                      precisions: tuple[str, ...] = ("int8", "fp16"), report: str | Path | None = None,
                      full_range_weights: bool = False, timing_only: bool = False, quiet: bool = False,
                      networks: tuple[str, ...] | str = ("unet", "vgg"), qat: dict | None = None,
@@ -356,7 +356,8 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
             net["int8"] = {"format": "onnx-qdq", "activations": "int8 symmetric per-tensor",
                            "weights": "int8 symmetric per-channel (output-channel axis)",
                            "weight_bits": r.weight_bits,
-                           "conv_transpose_weights": ("per-tensor" if conv_transpose == "per-tensor" else "float")
+                           "conv_transpose_weights": {"sub-pixel": "per-channel (sub-pixel Conv + DepthToSpace)",
+                                                      "per-tensor": "per-tensor"}.get(conv_transpose, "float")
                            if "ConvTranspose" in r.quantized_ops or "ConvTranspose" in r.float_ops else "n/a",
                            "biases": "float", "int8_weights": r.quantized_ops, "float_weights": r.float_ops,
                            "fidelity": fidelity["decided_by"]}

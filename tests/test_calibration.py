@@ -61,7 +61,7 @@ def test_calibrate_adds_int8_networks_with_hashes_and_provenance(calibrated):
         assert m["files"][f"{net}.int8.onnx"]
         info = m["networks"][net]["int8"]
         assert info["weight_bits"] == 7 and info["biases"] == "float"
-    assert m["networks"]["unet"]["int8"]["conv_transpose_weights"] == "per-tensor"
+    assert m["networks"]["unet"]["int8"]["conv_transpose_weights"] == "per-channel (sub-pixel Conv + DepthToSpace)"
     cal = m["calibration"]
     assert cal["method"] == "minmax" and cal["frames"] == 8 and cal["versions"]["onnxruntime"]
     assert cal["sources"][0]["source_id"].startswith("sim-kidney")
@@ -263,7 +263,7 @@ def _inputs(n=8):
 @pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
 def test_every_method_gives_a_ready_qdq_model_with_a_float_output_tail(tmp_path, method):
     src = _conv_model(tmp_path / "m.onnx", transpose=True)
-    r = quantize_int8(src, tmp_path / "q.onnx", "x", _inputs(), method=method)
+    r = quantize_int8(src, tmp_path / "q.onnx", "x", _inputs(), method=method, conv_transpose="per-tensor")
     assert trt_readiness(r.path) == []
     assert r.quantized_ops == {"Conv": 1, "ConvTranspose": 1}      # the head conv stays float (output tail)
     assert r.float_ops == {"Conv": 1}
@@ -398,7 +398,7 @@ def test_float_layers_puts_one_layer_back_in_float_and_keeps_the_rest_quantized(
     computes what the FP32 model computes."""
     from calibration.quantize import float_layers, quantized_layers
     src = _conv_model(tmp_path / "m.onnx", transpose=True)
-    quantize_int8(src, tmp_path / "q.onnx", "x", _inputs())
+    quantize_int8(src, tmp_path / "q.onnx", "x", _inputs(), conv_transpose="per-tensor")
     fp32, qdq = onnx.load(str(src)), onnx.load(str(tmp_path / "q.onnx"))
     assert quantized_layers(qdq) == ["conv1", "up1"]
     one = float_layers(qdq, fp32, ["up1"])

@@ -144,7 +144,8 @@ def _calibration_file(c, tmp_path):
     net = c["placement"].network
     (export_unet if net == "unet" else export_vgg)(c["model"], fp32, c["graph"])
     ref = tmp_path / "ref.int8.onnx"
-    quantize_int8(fp32, ref, c["placement"].input_name, c["calib"], **c["options"])
+    # qdq_placement's options (its ConvTranspose default is "per-tensor": QAT trains the ConvTranspose as it is)
+    quantize_int8(fp32, ref, c["placement"].input_name, c["calib"], **c["placement"].options)
     return ref
 
 
