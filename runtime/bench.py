@@ -401,10 +401,16 @@ def bench_device(bundle_path, *, device: str = "cuda", backend: str = "ort", pre
     if base_name in per:
         out["speedup"] = speedups(per, base_name)
         out["agreement"] = {n: _agreement(confs.outputs[n], confs.outputs[base_name]) for n in per if n != base_name}
+    own = {n: s for n, s in per.items() if n != base_name}
+    if "fp32" in own and len(own) > 1:      # the other precisions against this runtime's FP32, same run
+        out["speedup_vs_fp32"] = speedups(own, "fp32")
     if device == "cuda":
         out["acceptance"] = _acceptance(per, out.get("speedup", {}))
     _say(f"  device: {out['device_name']} ({device}); head configuration {head}")
     _print(per, base_name, out.get("speedup", {}), baseline=base_name, agreement=out.get("agreement"))
+    for name, sp in out.get("speedup_vs_fp32", {}).items():
+        _say(f"  {name} vs fp32: frame to grade {sp['total_p50']:.2f}x, the two networks {sp['networks_p50']:.2f}x "
+             f"(p50 {per[name]['networks_p50_ms']:.1f} vs {per['fp32']['networks_p50_ms']:.1f} ms)")
     acc = out.get("acceptance")
     if acc:
         _say(f"  acceptance ({acc['target']}: p50 <= {TARGET_P50_MS} ms and >= {TARGET_SPEEDUP}x the baseline): "

@@ -87,11 +87,15 @@ def test_a_manifest_width_that_does_not_fit_the_onnx_is_refused_naming_the_layer
 def test_cpu_bench_times_the_baseline_in_the_same_run_and_reports_speedup_and_agreement(tiny_bundle, tmp_path):
     j = tmp_path / "bench.json"
     r = sonoscore("bench", "--bundle", tiny_bundle, "--device", "cpu", "--baseline", "torch", "--frames", 3,
-                  "--warmup", 1, "--threads", 1, "--json", j)
+                  "--warmup", 1, "--threads", 1, "--precision", "fp32,fp16", "--json", j)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(j.read_text())
     assert out["errors"] == {} and out["device"] == "cpu" and out["baseline"] == "torch-eager-fp32"
-    assert set(out["configs"]) == {"fp32", "torch-eager-fp32"} and out["head"] == "fp32"
+    assert set(out["configs"]) == {"fp32", "fp16", "torch-eager-fp32"} and out["head"] == "fp32"
+    fp16 = out["speedup_vs_fp32"]["fp16"]                 # each other precision against FP32, same run
+    assert set(out["speedup_vs_fp32"]) == {"fp16"} and fp16["total_p50"] == pytest.approx(
+        out["configs"]["fp32"]["stages"]["total"]["p50_ms"] / out["configs"]["fp16"]["stages"]["total"]["p50_ms"])
+    assert "fp16 vs fp32: frame to grade" in r.stderr
     for s in ("preprocess", "unet", "gate", "vgg", "booster", "total"):   # the bench --json contract
         assert 0 < out["stages"][s]["p50_ms"] <= out["stages"][s]["max_ms"]
         assert out["configs"]["torch-eager-fp32"]["stages"][s]["p50_ms"] > 0
