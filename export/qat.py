@@ -379,6 +379,7 @@ def prepare_qat(model, placement: Placement, graph=None):
 # -- fine-tuning -------------------------------------------------------------------------------------------------
 
 VGG_LOSSES = ("ce", "distill", "distill+ce")
+UNET_LOSSES = ("mse", "distill")
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -389,10 +390,20 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     return (1.0 - F.cosine_similarity(s, t, dim=1, eps=1e-8)).mean()
 
 
-def _default_loss(network: str, vgg_loss: str = "ce"):
+def mask_distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference between the fake-quant UNet's probability map and the FP32 UNet's on the same inputs
+    (the recipe's MSE on the sigmoid, with the FP32 mask in place of the label). 0 when the maps agree; the teacher
+    gets no gradient."""
     import torch.nn.functional as F
-    if network == "unet":                       # the paper's (export.train): MSE on the sigmoid
-        return lambda out, y: F.mse_loss(out, y)
+    return F.mse_loss(student, teacher.detach())
+
+
+def _default_loss(network: str, vgg_loss: str = "ce", unet_loss: str = "mse"):
+    import torch.nn.functional as F
+    if network == "unet":
+        if unet_loss == "distill":              # toward the FP32 UNet's probability map
+            return lambda out, y, teacher: mask_distillation_loss(out, teacher)
+        return lambda out, y: F.mse_loss(out, y)   # the paper's (export.train): MSE on the sigmoid against the labels
     if vgg_loss == "ce":
         return lambda out, y: F.cross_entropy(out[-1], y)     # cross-entropy on the logits against the grades
     if vgg_loss == "distill":
@@ -401,16 +412,19 @@ def _default_loss(network: str, vgg_loss: str = "ce"):
 
 
 class _Teacher:
-    """The frozen FP32 VGG whose Fc2 features the fake-quant model learns to reproduce (`vgg_loss="distill"`):
-    folded as the exporter folds it, eval mode, no gradients; called on the same inputs as the student."""
+    """The frozen FP32 network whose outputs the fake-quant model learns to reproduce: the VGG's Fc2 features
+    (`vgg_loss="distill"`) or the UNet's probability map (`unet_loss="distill"`). Folded as the exporter folds it,
+    eval mode, no gradients; called on the same inputs as the student."""
 
-    def __init__(self, model):
+    def __init__(self, model, network: str):
         from export.models import VGGFeaturesAndLogits
         if hasattr(model, "gm") and hasattr(model, "placement"):
             model = model.float_model()
-        if _network(model) != "vgg":
-            raise ValueError("distillation takes a VGG19BN teacher (the VGG's Fc2 features)")
-        self.module = VGGFeaturesAndLogits(fold_batch_norm(model)).eval()
+        if _network(model) != network:
+            label, kind = ("VGG", "VGG19BN") if network == "vgg" else ("UNet", "UNet")
+            raise ValueError(f"distillation of the {label} takes a {kind} teacher, not a {type(model).__name__}")
+        folded = fold_batch_norm(model)
+        self.module = (VGGFeaturesAndLogits(folded) if network == "vgg" else folded).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
 
@@ -421,7 +435,8 @@ class _Teacher:
 
 def qat_finetune(model, batches: Iterable, *, epochs: int, lr: float, placement: Placement, graph=None,
                  loss_fn: Callable | None = None, observe_epochs: int | None = None,
-                 log: Callable[[str], None] | None = None, vgg_loss: str = "ce", teacher=None):
+                 log: Callable[[str], None] | None = None, vgg_loss: str = "ce", teacher=None,
+                 unet_loss: str = "mse"):
     """Quantization-aware fine-tuning of `model` (an FP32 UNet or VGG19BN, or a model this function returned) on
     `batches` (re-iterable (inputs [B,C,H,W] float, targets) pairs, fed as the network is fed: UNet targets are
     0/1 masks [B,1,H,W] float, VGG targets class indices [B] long) for `epochs` epochs of Adam at `lr`.
@@ -431,23 +446,30 @@ def qat_finetune(model, batches: Iterable, *, epochs: int, lr: float, placement:
     and are frozen after, so the last epoch trains against the scales the file will carry. Returns the QAT model
     in eval mode (observers frozen); `export_qdq` writes its Q/DQ file.
 
-    `vgg_loss` (VGG only; the UNet's is MSE on the mask): "ce", cross-entropy of the logits against the grades;
-    "distill", `distillation_loss` between the fake-quant Fc2 features and `teacher`'s on the same inputs (what
-    the booster reads, so what INT8 must keep); "distill+ce", their sum. `teacher`: the FP32 VGG19BN distilled
-    from, frozen (default: `model` as given, before any step). A `loss_fn` replaces the loss; with a distillation
-    `vgg_loss` it is called as loss_fn(out, targets, teacher_out)."""
+    `vgg_loss` (VGG only): "ce", cross-entropy of the logits against the grades; "distill", `distillation_loss`
+    between the fake-quant Fc2 features and `teacher`'s on the same inputs (what the booster reads, so what INT8
+    must keep); "distill+ce", their sum. `unet_loss` (UNet only): "mse", the recipe's MSE of the probability map
+    against the label masks; "distill", `mask_distillation_loss` between the fake-quant probability map and
+    `teacher`'s on the same inputs (the mask the booster was trained on; the label masks play no part).
+    `teacher`: the FP32 network distilled from, frozen (default: `model` as given, before any step). A `loss_fn`
+    replaces the loss; with distillation it is called as loss_fn(out, targets, teacher_out)."""
 
     if epochs < 1:
         raise ValueError(f"QAT epochs must be at least 1 (got {epochs})")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if vgg_loss not in VGG_LOSSES:
         raise ValueError(f"vgg_loss must be one of {', '.join(VGG_LOSSES)} (got {vgg_loss!r})")
-    distill = vgg_loss != "ce"
-    if distill and _network_of(model) != "vgg":
-        raise ValueError(f"vgg_loss={vgg_loss!r} distills the VGG's features; the UNet trains on its masks (MSE)")
-    teach = _Teacher(teacher if teacher is not None else model) if distill else None
+    if unet_loss not in UNET_LOSSES:
+        raise ValueError(f"unet_loss must be one of {', '.join(UNET_LOSSES)} (got {unet_loss!r})")
+    network = _network_of(model)
+    if vgg_loss != "ce" and network != "vgg":
+        raise ValueError(f"vgg_loss={vgg_loss!r} distills the VGG's features; for the UNet give unet_loss")
+    if unet_loss != "mse" and network != "unet":
+        raise ValueError(f"unet_loss={unet_loss!r} distills the UNet's mask; for the VGG give vgg_loss")
+    distill = vgg_loss != "ce" or unet_loss != "mse"
+    teach = _Teacher(teacher if teacher is not None else model, network) if distill else None
     qat = model if hasattr(model, "gm") and hasattr(model, "placement") else prepare_qat(model, placement, graph)
-    loss_fn = loss_fn or _default_loss(qat.placement.network, vgg_loss)
+    loss_fn = loss_fn or _default_loss(qat.placement.network, vgg_loss, unet_loss)
     observe_epochs = (max(1, epochs - 1) if epochs > 1 else 1) if observe_epochs is None else observe_epochs
     params = [p for p in qat.parameters() if p.requires_grad]
     if not params:
@@ -593,7 +615,7 @@ def qat_networks(unet, vgg, *, unet_images, unet_masks, vgg_images, vgg_labels, 
                  unet_epochs: int = 2, vgg_epochs: int = 3, lr: float = 1e-4, seed: int = 0, vgg_shift: int = 0,
                  calibration_frames: int = 64, log: Callable[[str], None] = print,
                  networks: Sequence[str] = ("unet", "vgg"), placement_options: dict | None = None,
-                 log_prefix: str = "train", vgg_loss: str = "distill") -> dict:
+                 log_prefix: str = "train", vgg_loss: str = "distill", unet_loss: str = "mse") -> dict:
     """The QAT phase of the training recipe (`sonoscore train --qat`), for both networks after FP32 training:
     `qdq_placement` on up to `calibration_frames` training frames, `qat_finetune` on the training frames (UNet:
     uint8 images [N,S,S] and 0/1 masks; VGG: masked uint8 images and grade indices 0..3) with the recipe's
@@ -603,16 +625,21 @@ def qat_networks(unet, vgg, *, unet_images, unet_masks, vgg_images, vgg_labels, 
     named at the start of the log lines; `vgg_loss`: the VGG's QAT loss (qat_finetune's). With "distill" (the
     default) the fake-quant VGG learns to reproduce the Fc2 features of `vgg` as given (frozen), and that FP32 VGG
     is the one that ships beside the INT8 file; with "ce" or "distill+ce", the fine-tuned float weights ship.
+    `unet_loss`: the UNet's (qat_finetune's): with "mse" (the default) it fine-tunes on the label masks and its
+    fine-tuned float weights ship; with "distill" the fake-quant UNet learns to reproduce the probability map of
+    `unet` as given (frozen), and that FP32 UNet ships beside the INT8 file, as the distilled VGG does.
 
     Returns {"unet": float model, "vgg": float model (the folded networks the bundle's FP32 and FP16 files are
-    exported from, so the INT8 check compares the INT8 file with what ships: the UNet with its QAT weights, the VGG
-    as given when distilled, else with its QAT weights), "finetuned": {name: the folded network with its QAT float
+    exported from, so the INT8 check compares the INT8 file with what ships: each network as given when distilled,
+    else with its QAT weights), "finetuned": {name: the folded network with its QAT float
     weights}, "qat": {"files", "info", "settings"} (what calibration.run.calibrate_bundle's `qat` takes),
     "seconds": {phase: s}}."""
     import time
 
     if vgg_loss not in VGG_LOSSES:
         raise ValueError(f"vgg_loss must be one of {', '.join(VGG_LOSSES)} (got {vgg_loss!r})")
+    if unet_loss not in UNET_LOSSES:
+        raise ValueError(f"unet_loss must be one of {', '.join(UNET_LOSSES)} (got {unet_loss!r})")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result: dict = {"qat": {"files": {}, "info": {}, "settings": {}}, "finetuned": {}, "seconds": {}}
@@ -637,22 +664,24 @@ def qat_networks(unet, vgg, *, unet_images, unet_masks, vgg_images, vgg_labels, 
                            batch_size=bs, seed=seed, normalization=norm,
                            shift=0 if name == "unet" else vgg_shift, mask_targets=name == "unet")
         qat = qat_finetune(model, batches, epochs=epochs, lr=lr, placement=placement, graph=graph, log=log,
-                           vgg_loss=vgg_loss if name == "vgg" else "ce")
+                           vgg_loss=vgg_loss if name == "vgg" else "ce",
+                           unet_loss=unet_loss if name == "unet" else "mse")
         t_train = time.perf_counter() - t
         t = time.perf_counter()
         path = out_dir / f"{name}.int8.onnx"
         info = export_qdq(qat, path, graph)
-        # Distilled: the INT8 file was trained to reproduce the FP32 VGG's features, so that VGG ships (folded, as
-        # the exporter folds it); otherwise the fine-tuned float weights do.
+        # Distilled: the INT8 file was trained to reproduce the FP32 network's outputs, so that network ships
+        # (folded, as the exporter folds it); otherwise the fine-tuned float weights do.
         result["finetuned"][name] = qat.float_model()
-        result[name] = fold_batch_norm(model) if name == "vgg" and vgg_loss == "distill" else result["finetuned"][name]
+        distilled = vgg_loss == "distill" if name == "vgg" else unet_loss == "distill"
+        result[name] = fold_batch_norm(model) if distilled else result["finetuned"][name]
         result["qat"]["files"][name] = path
         result["qat"]["info"][name] = info
         result["qat"]["settings"][name] = {"epochs": int(epochs), "lr": float(lr), "batch_size": bs,
                                            "frames": int(len(images)), "calibration_frames": len(calib),
                                            "library": f"torch.ao.quantization (torch {torch.__version__})",
                                            "placement": placement.options,
-                                           **({"loss": vgg_loss} if name == "vgg" else {})}
+                                           "loss": vgg_loss if name == "vgg" else unet_loss}
         result["seconds"][name] = {"placement": round(t_place, 1), "finetune": round(t_train, 1),
                                    "export": round(time.perf_counter() - t, 1)}
     return result

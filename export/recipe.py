@@ -42,6 +42,8 @@ class TrainConfig:
     qat_unet_epochs: int = 2  # from it, checked as `calibrate --networks auto` checks
     qat_vgg_epochs: int = 3
     qat_lr: float = 1e-4
+    qat_unet_loss: str = "mse"  # the UNet's QAT loss (export.qat.qat_networks' unet_loss): "mse" on the labels, or
+                                # "distill" toward the FP32 UNet's mask (that FP32 UNet then ships)
     # The booster also learns from each training frame's features under masks of these thresholds of the same UNet
     # probability map (booster_features; the gate's own threshold is always used, and validated on). () = the
     # paper's recipe: the gate's masks only.
@@ -134,7 +136,8 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
         qat = qat_networks(unet, vgg, unet_images=images[tr], unet_masks=(masks[tr] > 0).astype(np.uint8),
                            vgg_images=masked_images[kidney & tr], vgg_labels=grades[kidney & tr] - 1, graph=graph,
                            out_dir=qat_work, unet_epochs=cfg.qat_unet_epochs, vgg_epochs=cfg.qat_vgg_epochs,
-                           lr=cfg.qat_lr, seed=cfg.seed, vgg_shift=cfg.vgg_shift, log=_say)
+                           lr=cfg.qat_lr, seed=cfg.seed, vgg_shift=cfg.vgg_shift, log=_say,
+                           unet_loss=cfg.qat_unet_loss)
         unet, vgg = qat["unet"], qat["vgg"]   # the networks the FP32/FP16 files and the booster use
     tmp.mkdir(parents=True)
     nets = export_networks(unet, vgg, tmp, cfg.unet_width, cfg.vgg_width, graph)
