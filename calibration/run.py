@@ -131,6 +131,18 @@ def _versions() -> dict[str, str]:
     return v
 
 
+REJECTED_DIR = "calibration-rejected"   # where a failed check leaves its INT8 files, for inspection
+
+
+def int8_candidate(bundle: Bundle, name: str) -> Path | None:
+    """A bundle's INT8 file of network `name`: the installed one, else the one a failed check left in
+    REJECTED_DIR; None when there is neither (the measurement scripts' default INT8 file)."""
+    if name in bundle.int8_networks:
+        return bundle.network_file(name, "int8")
+    rejected = Path(bundle.root) / REJECTED_DIR / f"{name}.int8.onnx"
+    return rejected if rejected.is_file() else None
+
+
 def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[str] | None = None,
                      method: str = "minmax", count: int = 300, holdout: int = 300, max_frames: int = 3000,
                      conv_transpose: str = "sub-pixel", thresholds: Thresholds | None = None,
@@ -378,7 +390,7 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
         write_manifest(root, manifest)
         shutil.rmtree(work, ignore_errors=True)
     else:
-        rejected_dir = root / "calibration-rejected"
+        rejected_dir = root / REJECTED_DIR
         if rejected_dir.exists():
             shutil.rmtree(rejected_dir)
         work.rename(rejected_dir)
@@ -387,7 +399,7 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
         Path(report).parent.mkdir(parents=True, exist_ok=True)
         Path(report).write_text(json.dumps(out, indent=2) + "\n")
     if failures:
-        where = (f"the INT8 files were not added to the bundle (kept in {root / 'calibration-rejected'} for "
+        where = (f"the INT8 files were not added to the bundle (kept in {root / REJECTED_DIR} for "
                  f"inspection)" if not int8_ok else "the INT8 files passed and were added to the bundle")
         raise CalibrationFailed(f"accuracy check failed: {failures[0]}"
                                 + (f" (and {len(failures) - 1} more, see the report)" if len(failures) > 1 else "")

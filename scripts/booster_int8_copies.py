@@ -67,19 +67,15 @@ def _say(msg: str) -> None:
 
 
 def _int8_file(bundle, name: str, given: str | None) -> Path | None:
-    if given:
-        return Path(given)
-    if name in bundle.int8_networks:
-        return bundle.network_file(name, "int8")
-    rejected = Path(bundle.root) / "calibration-rejected" / f"{name}.int8.onnx"
-    return rejected if rejected.is_file() else None
+    from calibration.run import int8_candidate
+    return Path(given) if given else int8_candidate(bundle, name)
 
 
 def _spread(n: int, limit: int):
     import numpy as np
-    if not limit or limit >= n:
-        return np.arange(n)
-    return np.unique(np.linspace(0, n - 1, limit).round().astype(int))
+
+    from calibration.quantize import spread_indices
+    return np.asarray(spread_indices(n, limit if limit else n), dtype=int)
 
 
 def _digest(paths, extra) -> str:

@@ -56,12 +56,8 @@ def _say(msg: str) -> None:
 
 
 def _int8_file(bundle, name: str, given: str | None) -> Path | None:
-    if given:
-        return Path(given)
-    if name in bundle.int8_networks:
-        return bundle.network_file(name, "int8")
-    rejected = Path(bundle.root) / "calibration-rejected" / f"{name}.int8.onnx"
-    return rejected if rejected.is_file() else None
+    from calibration.run import int8_candidate
+    return Path(given) if given else int8_candidate(bundle, name)
 
 
 def unet_from_onnx(bundle, graph, width: float):

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from calibration.checks import trt_readiness
 from calibration.quantize import float_layers, quantize_int8, quantized_layers, sub_pixel_conv_transpose
+from tests.test_calibration import _inputs   # the same random 1x1x8x8 calibration inputs
 
 
 def _model(path: Path, *, bias: bool = False, relu: bool = True, kernel: int = 4, stride: int = 2,
@@ -44,9 +45,6 @@ def _model(path: Path, *, bias: bool = False, relu: bool = True, kernel: int = 4
     return path
 
 
-def _inputs(n=8):
-    rng = np.random.default_rng(1)
-    return [rng.random((1, 1, 8, 8), dtype=np.float32) for _ in range(n)]
 
 
 def _run(model, x, simulated=True):
