@@ -615,7 +615,7 @@ def qat_networks(unet, vgg, *, unet_images, unet_masks, vgg_images, vgg_labels, 
                  unet_epochs: int = 2, vgg_epochs: int = 3, lr: float = 1e-4, seed: int = 0, vgg_shift: int = 0,
                  calibration_frames: int = 64, log: Callable[[str], None] = print,
                  networks: Sequence[str] = ("unet", "vgg"), placement_options: dict | None = None,
-                 log_prefix: str = "train", vgg_loss: str = "distill", unet_loss: str = "mse") -> dict:
+                 log_prefix: str = "train", vgg_loss: str = "distill", unet_loss: str = "distill") -> dict:
     """The QAT phase of the training recipe (`sonoscore train --qat`), for both networks after FP32 training:
     `qdq_placement` on up to `calibration_frames` training frames, `qat_finetune` on the training frames (UNet:
     uint8 images [N,S,S] and 0/1 masks; VGG: masked uint8 images and grade indices 0..3) with the recipe's
@@ -625,9 +625,9 @@ def qat_networks(unet, vgg, *, unet_images, unet_masks, vgg_images, vgg_labels, 
     named at the start of the log lines; `vgg_loss`: the VGG's QAT loss (qat_finetune's). With "distill" (the
     default) the fake-quant VGG learns to reproduce the Fc2 features of `vgg` as given (frozen), and that FP32 VGG
     is the one that ships beside the INT8 file; with "ce" or "distill+ce", the fine-tuned float weights ship.
-    `unet_loss`: the UNet's (qat_finetune's): with "mse" (the default) it fine-tunes on the label masks and its
-    fine-tuned float weights ship; with "distill" the fake-quant UNet learns to reproduce the probability map of
-    `unet` as given (frozen), and that FP32 UNet ships beside the INT8 file, as the distilled VGG does.
+    `unet_loss`: the UNet's (qat_finetune's): with "distill" (the default) the fake-quant UNet learns to reproduce
+    the probability map of `unet` as given (frozen), and that FP32 UNet ships beside the INT8 file, as the distilled
+    VGG does; with "mse" it fine-tunes on the label masks and its fine-tuned float weights ship.
 
     Returns {"unet": float model, "vgg": float model (the folded networks the bundle's FP32 and FP16 files are
     exported from, so the INT8 check compares the INT8 file with what ships: each network as given when distilled,

@@ -42,8 +42,9 @@ class TrainConfig:
     qat_unet_epochs: int = 2  # from it, checked as `calibrate --networks auto` checks
     qat_vgg_epochs: int = 3
     qat_lr: float = 1e-4
-    qat_unet_loss: str = "mse"  # the UNet's QAT loss (export.qat.qat_networks' unet_loss): "mse" on the labels, or
-                                # "distill" toward the FP32 UNet's mask (that FP32 UNet then ships)
+    qat_unet_loss: str = "distill"  # the UNet's QAT loss (export.qat.qat_networks' unet_loss): "distill" toward the
+                                    # FP32 UNet's probability map (that FP32 UNet ships), or "mse" on the labels (the
+                                    # fine-tuned float weights ship)
     # The booster also learns from each training frame's features under masks of these thresholds of the same UNet
     # probability map (booster_features; the gate's own threshold is always used, and validated on). () = the
     # paper's recipe: the gate's masks only.
@@ -85,8 +86,9 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
     training and recorded in the manifest (`sonoscore train --unet-input / --vgg-input`).
 
     With `cfg.qat`: after FP32 training, quantization-aware fine-tuning of each network (export.qat.qat_networks);
-    the FP32/FP16 files are exported from the networks it returns (the UNet's fine-tuned weights; the FP32 VGG whose
-    Fc2 features the INT8 VGG was distilled to reproduce), the booster learns from that VGG's features, and
+    the FP32/FP16 files are exported from the networks it returns (the FP32 UNet and the FP32 VGG whose probability
+    map and Fc2 features the INT8 files were distilled to reproduce; with `cfg.qat_unet_loss="mse"` the UNet's
+    fine-tuned weights), the booster learns from that VGG's features, and
     the Q/DQ files with the trained scales become the bundle's INT8 set after calibrate's accuracy check
     (calibration.run.calibrate_bundle, `--networks auto`, thresholds unchanged) on the validation patients' frames
     and on `check` sources (held-out data); the report goes to `report` (default <bundle>/calibration_report.json);

@@ -159,10 +159,17 @@ def test_qat_networks_ships_the_fp32_unet_it_distilled_from(unet_case, tmp_path)
     shipped = distilled["unet"].state_dict()
     assert set(shipped) == set(fp32) and all(torch.equal(shipped[k], fp32[k]) for k in fp32)
     assert _distance(distilled["finetuned"]["unet"].state_dict(), fp32) > 0     # the INT8 side did train
-    # The default stays the labels' MSE, whose fine-tuned float weights ship (tests/test_train_qat.py).
-    assert inspect.signature(qat_networks).parameters["unet_loss"].default == "mse"
+    # With the labels' MSE the fine-tuned float weights ship, the ones the INT8 file was exported from.
+    labelled = qat_networks(c["model"], None, out_dir=tmp_path / "mse", unet_loss="mse", **common)
+    assert labelled["qat"]["settings"]["unet"]["loss"] == "mse"
+    shipped = labelled["unet"].state_dict()
+    tuned = labelled["finetuned"]["unet"].state_dict()
+    assert all(torch.equal(shipped[k], tuned[k]) for k in tuned) and _distance(shipped, fp32) > 0
+    # Distillation is the recipe's default (`train --qat`, `calibrate --qat`); the bare fine-tuning step keeps the
+    # labels' MSE, the UNet's training loss.
+    assert inspect.signature(qat_networks).parameters["unet_loss"].default == "distill"
     assert inspect.signature(qat_finetune).parameters["unet_loss"].default == "mse"
-    assert TrainConfig().qat_unet_loss == "mse"
+    assert TrainConfig().qat_unet_loss == "distill"
 
 
 def test_misuse_is_refused(unet_case):

@@ -1,5 +1,5 @@
 """`sonoscore train --qat` through the real command line on the tiny phantom dataset: FP32 training, the QAT phase
-(export.qat), the bundle's FP32/FP16 files from the fine-tuned UNet and the VGG distilled from, and the INT8 Q/DQ
+(export.qat), the bundle's FP32/FP16 files from the UNet and the VGG the INT8 files were distilled from, and the INT8 Q/DQ
 set installed by calibrate's own check and installation. Tiny widths and one epoch each: the grades mean nothing and
 no figure here depends on trained weights or on the CPU's INT8 kernels. One run forces the check open (thresholds 0)
 to see what an installed QAT set looks like; one keeps calibrate's thresholds and holds whatever the check decides
@@ -74,14 +74,15 @@ def test_installed_qat_set_is_qdq_loads_and_is_recorded(opened):
         assert y.shape[0] == 2 and np.isfinite(y).all()
 
 
-def test_fp32_files_are_the_fine_tuned_unet_and_the_vgg_distilled_from(opened):
-    """The UNet's FP32 file is exported from its QAT model's float form: every INT8 weight, dequantized, is that
-    file's weight to within half a quantization step. The VGG's QAT distils the FP32 VGG's features, and that FP32
-    VGG ships: its INT8 weights moved off the FP32 file's by more than that (QAT runs at a learning rate that moves
-    the weights by more), so the FP32 file is not the fine-tuned VGG's."""
+def test_fp32_files_are_the_networks_distilled_from(opened):
+    """Each network's QAT distils the FP32 network's output (the UNet's probability map, the VGG's Fc2 features),
+    and that FP32 network ships: the INT8 weights moved off the FP32 file's by more than half a quantization step
+    (QAT runs at a learning rate that moves the weights by more), so the FP32 file is not the fine-tuned network's
+    (tests/test_qat_unet_distill.py: with the labels' MSE the fine-tuned UNet ships instead)."""
     out, _ = opened
     bundle = Bundle.load(out)
     assert bundle.manifest["provenance"]["qat"]["settings"]["vgg"]["loss"] == "distill"
+    assert bundle.manifest["provenance"]["qat"]["settings"]["unet"]["loss"] == "distill"
     for name in ("unet", "vgg"):
         fp32 = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(bundle.network_file(name, "fp32"))).graph.initializer}
         q = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(bundle.network_file(name, "int8"))).graph.initializer}
@@ -93,13 +94,10 @@ def test_fp32_files_are_the_fine_tuned_unet_and_the_vgg_distilled_from(opened):
             scale = q[key[: -len("_quantized")] + "_scale"]
             s = scale.reshape([-1] + [1] * (w.ndim - 1)) if scale.size > 1 else scale   # per channel: axis 0
             off = int(np.sum(np.abs(wq.astype(np.float32) * s - w) > s / 2 * (1 + 1e-5) + 1e-12))
-            if name == "unet":
-                assert off == 0, (name, key)
             moved += off
             checked += 1
         assert checked >= 5, name
-        if name == "vgg":
-            assert moved > 0
+        assert moved > 0, name
 
 
 def test_check_result_is_reported_and_carried_out(judged):
