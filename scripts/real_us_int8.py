@@ -3,6 +3,7 @@
 
     .venv/bin/python scripts/real_us_int8.py --bundle out/demo/bundle [--unet-int8 FILE] [--frames 40]
         [--threads 2] [--min-iou 0.95] [--mask-threshold T] [--json out.json]
+        [--activation-scale K] [--weights {file,fp32-7bit,fp32-8bit}] [--float-activations] [--phantom DIR]
 
 What it measures (issue 14: "on real ultrasound the project has never trained on, INT8 mask IoU against FP32
 >= 0.95"):
@@ -23,6 +24,25 @@ What it measures (issue 14: "on real ultrasound the project has never trained on
    difference| and the gate agreement; and per precision how many frames have any mask pixel and how many the
    gate accepts (mask fraction >= the manifest's minimum).
 
+4. `--phantom DIR`: also the mask IoU against FP32 on a labelled dataset folder (e.g. out/demo/data/heldout): every
+   labelled image, preprocessed by export.recipe.load_preprocessed with the bundle's graph, FP32 against the INT8
+   UNet simulated; a separate set of rows in the table and the JSON.
+
+Variants of the INT8 file, to find out why its IoU is what it is (`build_variant`: a temporary copy is measured, the
+file itself is never changed; the table and the JSON name the variant):
+- `--activation-scale K`: every activation scale (the scale initializer of each QuantizeLinear whose input is not an
+  initializer, and of the DequantizeLinear that reads it; never a weight scale) multiplied by K: a range K times
+  wider, steps K times coarser.
+- `--weights fp32-7bit|fp32-8bit`: every quantized weight (the int8 `<name>_quantized` initializer read by a
+  DequantizeLinear, and its scale) replaced by the bundle's FP32 UNet weight of that name (for a sub-pixel file,
+  the FP32 ConvTranspose weight rewritten as calibration.quantize.sub_pixel_conv_transpose rewrites it), quantized
+  on the file's own granularity (per channel on the file's axis, or per tensor) to [-64, 64] (scale |w|max / 64) or
+  [-127, 127] (|w|max / 127); the float initializers the file shares with the FP32 UNet (biases, layers kept in
+  float) are the FP32 ones too. These are the FP32 weights, not the QAT-trained ones a distilled file holds.
+- `--float-activations`: every activation QuantizeLinear/DequantizeLinear pair removed (the consumers read the
+  float tensor): quantized weights, float activations.
+Weights are replaced first, then activation scales multiplied or activation pairs removed.
+
 The INT8 UNet: `--unet-int8`, else the bundle's installed one, else `<bundle>/calibration-rejected/unet.int8.onnx`
 (calibration.run.int8_candidate). Exit status: 0 when the simulated INT8 mean IoU is at least `--min-iou`, 1 when it
 is lower or cannot be measured (no frame has a mask pixel at either precision), 2 on bad input (one sentence).
@@ -33,6 +53,7 @@ import argparse
 import json
 import shlex
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -157,11 +178,187 @@ def per_frame_iou(ref: np.ndarray, other: np.ndarray) -> list[float | None]:
     return [round(float(i / u), 6) if u else None for i, u in zip(inter, union)]
 
 
+WEIGHTS = ("file", "fp32-7bit", "fp32-8bit")
+WEIGHT_LEVELS = {"fp32-7bit": 64, "fp32-8bit": 127}    # weights quantized to [-L, L], scale |w|max / L
+
+
+def variant_name(activation_scale: float = 1.0, weights: str = "file", float_activations: bool = False) -> str:
+    """How a variant differs from the INT8 file as given ("as given" when it does not)."""
+    parts = []
+    if weights != "file":
+        parts.append(f"weights {weights} (the bundle's FP32 weights, [-{WEIGHT_LEVELS[weights]}, "
+                     f"{WEIGHT_LEVELS[weights]}])")
+    if float_activations:
+        parts.append("float activations")
+    elif activation_scale != 1:
+        parts.append(f"activation scales x{activation_scale:g}")
+    return ", ".join(parts) or "as given"
+
+
+def _activation_qdq(graph) -> tuple[list, list]:
+    """(activation QuantizeLinear nodes: input not an initializer, the DequantizeLinear nodes that read them)."""
+    inits = {i.name for i in graph.initializer}
+    qs = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    outs = {q.output[0] for q in qs}
+    dqs = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in outs]
+    return qs, dqs
+
+
+def _weight_dqs(graph) -> list:
+    """The DequantizeLinear nodes of quantized weights: their input is an initializer."""
+    inits = {i.name for i in graph.initializer}
+    return [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+
+
+def _fp32_initializers(fp32_model) -> dict[str, np.ndarray]:
+    """The FP32 UNet's initializers by name, with those of its sub-pixel rewrite (calibration.quantize
+    .sub_pixel_conv_transpose: `<weight>_sub_pixel`, `<bias>_sub_pixel`) for files quantized that way."""
+    from onnx import numpy_helper as nh
+
+    from calibration.quantize import sub_pixel_conv_transpose
+    out = {i.name: nh.to_array(i) for i in sub_pixel_conv_transpose(fp32_model)[0].graph.initializer}
+    out.update({i.name: nh.to_array(i) for i in fp32_model.graph.initializer})
+    return out
+
+
+def build_variant(int8: Path, fp32: Path, *, activation_scale: float = 1.0, weights: str = "file",
+                  float_activations: bool = False):
+    """(the variant of the INT8 Q/DQ UNet `int8` as an onnx.ModelProto, what was changed: a dict of counts).
+
+    `weights` "fp32-7bit" / "fp32-8bit": each quantized weight (an int8 initializer `<name>_quantized` read by a
+    DequantizeLinear, with a symmetric zero point) becomes the FP32 UNet `fp32`'s weight `<name>` quantized on the
+    DequantizeLinear's own granularity (per channel on its axis, or per tensor) to [-L, L] with scale |w|max / L
+    (L = 64 or 127; a channel that is all zero gets scale 1 / L), and every float initializer of the file that the
+    FP32 UNet has by the same name and shape (biases, layers kept in float) becomes the FP32 one. Then
+    `activation_scale` K multiplies every activation scale initializer (of each QuantizeLinear whose input is not an
+    initializer and of the DequantizeLinear reading it; once each, so pairs stay equal; never a weight scale), or
+    `float_activations` removes every activation pair, its consumers reading the float tensor (and initializers no
+    node reads any more are dropped). UserError when the file cannot be changed that way."""
+    import onnx
+    from onnx import numpy_helper as nh
+
+    if weights not in WEIGHTS:
+        raise UserError(f"--weights '{weights}' is not one of {', '.join(WEIGHTS)}; give one of them")
+    if not (np.isfinite(activation_scale) and activation_scale > 0):
+        raise UserError(f"--activation-scale {activation_scale:g} is not a positive factor; give a number above 0 "
+                        f"(2 makes every activation range twice as wide)")
+    if float_activations and activation_scale != 1:
+        raise UserError(f"--activation-scale {activation_scale:g} has nothing to scale with --float-activations "
+                        f"(no activation is quantized); give one of them")
+    model = onnx.load(str(int8))
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    info = {"name": variant_name(activation_scale, weights, float_activations), "activation_scale": activation_scale,
+            "weights": weights, "float_activations": bool(float_activations), "weights_replaced": 0,
+            "float_initializers_from_fp32": 0, "weight_error_max_steps": None, "activation_scales_multiplied": 0,
+            "activation_pairs_removed": 0}
+    w_dqs = _weight_dqs(g)
+    weight_scales = {n.input[1] for n in w_dqs}
+
+    if weights != "file":
+        levels = WEIGHT_LEVELS[weights]
+        fi = _fp32_initializers(onnx.load(str(fp32)))
+        worst = 0.0
+        for n in w_dqs:
+            qname, sname = n.input[0], n.input[1]
+            w = nh.to_array(inits[qname])
+            base = qname[:-len("_quantized")] if qname.endswith("_quantized") else None
+            fw = fi.get(base) if base else None
+            if fw is None or fw.shape != w.shape or w.dtype != np.int8 or sname not in inits:
+                raise UserError(f"the INT8 UNet's quantized weight '{qname}' has no FP32 weight of the same name and "
+                                f"shape in {fp32}; give an INT8 UNet quantized from this bundle's FP32 UNet")
+            if len(n.input) > 2 and n.input[2] and (n.input[2] not in inits or nh.to_array(inits[n.input[2]]).any()):
+                raise UserError(f"the INT8 UNet's quantized weight '{qname}' has a zero point that is not 0; "
+                                f"--weights takes symmetric INT8 weights only")
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            if attrs.get("block_size"):
+                raise UserError(f"the INT8 UNet's quantized weight '{qname}' is quantized in blocks; --weights "
+                                f"takes per-channel or per-tensor weights only")
+            s = nh.to_array(inits[sname])
+            fw = fw.astype(np.float32)
+            if s.ndim == 0:
+                new_s = np.asarray(max(float(np.abs(fw).max()), 1e-12) / levels, dtype=s.dtype)
+                step = new_s.astype(np.float32)
+            else:
+                axis = int(attrs.get("axis", 1))
+                axis = axis + w.ndim if axis < 0 else axis
+                if s.ndim != 1 or not 0 <= axis < w.ndim or s.shape[0] != w.shape[axis]:
+                    raise UserError(f"the INT8 UNet's quantized weight '{qname}' has a scale of shape {s.shape} "
+                                    f"that does not fit its shape {w.shape}; give a per-channel or per-tensor file")
+                m = np.moveaxis(np.abs(fw), axis, 0).reshape(w.shape[axis], -1).max(1)
+                new_s = (np.where(m > 0, m, np.float32(1)) / np.float32(levels)).astype(s.dtype)
+                shape = [1] * w.ndim
+                shape[axis] = -1
+                step = new_s.astype(np.float32).reshape(shape)
+            q = np.clip(np.round(fw / step), -levels, levels)
+            worst = max(worst, float((np.abs(q * step - fw) / step).max()))
+            inits[qname].CopyFrom(nh.from_array(q.astype(np.int8), qname))
+            inits[sname].CopyFrom(nh.from_array(new_s, sname))
+            info["weights_replaced"] += 1
+        for name, init in inits.items():
+            if name in weight_scales:
+                continue
+            a = nh.to_array(init)
+            if name in fi and a.dtype.kind == "f" and fi[name].shape == a.shape:
+                init.CopyFrom(nh.from_array(fi[name].astype(a.dtype), name))
+                info["float_initializers_from_fp32"] += 1
+        info["weight_error_max_steps"] = round(worst, 6)
+
+    qs, dqs = _activation_qdq(g)
+    act_scales = {n.input[1] for n in qs + dqs}
+    missing = sorted(x for x in act_scales if x not in inits)
+    if missing:
+        raise UserError(f"the INT8 UNet's activation scale '{missing[0]}' is not an initializer; give a Q/DQ file "
+                        f"whose scales are initializers")
+    if act_scales & weight_scales:
+        raise UserError(f"the INT8 UNet's scale '{sorted(act_scales & weight_scales)[0]}' is both an activation "
+                        f"and a weight scale; give a file where they are separate")
+    if activation_scale != 1:
+        for name in sorted(act_scales):
+            a = nh.to_array(inits[name])
+            inits[name].CopyFrom(nh.from_array((a * a.dtype.type(activation_scale)).astype(a.dtype), name))
+        info["activation_scales_multiplied"] = len(act_scales)
+    if float_activations:
+        outputs = {o.name for o in g.output}
+        identities = []
+        for q in qs:
+            readers = [n for n in g.node if q.output[0] in n.input]
+            if any(n.op_type != "DequantizeLinear" for n in readers) or q.output[0] in outputs:
+                raise UserError(f"the INT8 UNet's activation QuantizeLinear '{q.name}' is read by more than its "
+                                f"DequantizeLinear; --float-activations takes Q/DQ pairs only")
+            for dq in readers:
+                for n in g.node:
+                    for i, x in enumerate(n.input):
+                        if x == dq.output[0]:
+                            n.input[i] = q.input[0]
+                if dq.output[0] in outputs:     # a graph output keeps its name
+                    identities.append(onnx.helper.make_node("Identity", [q.input[0]], [dq.output[0]],
+                                                            name=f"{dq.name}_float"))
+                g.node.remove(dq)
+                info["activation_pairs_removed"] += 1
+            g.node.remove(q)
+        g.node.extend(identities)
+        used = {x for n in g.node for x in n.input}
+        keep = [i for i in g.initializer if i.name in used]
+        del g.initializer[:]
+        g.initializer.extend(keep)
+    qs_left, _ = _activation_qdq(g)
+    info["activation_quantize_nodes"] = len(qs_left)
+    info["weight_dequantize_nodes"] = len(_weight_dqs(g))
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise UserError(f"the variant ({info['name']}) of the INT8 UNet {int8} is not a valid ONNX model "
+                        f"({str(e).splitlines()[0].rstrip('.')}); report this with the file") from None
+    return model, info
+
+
 def _fmt(v, digits: int = 4) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def table(rows: dict[str, dict]) -> str:
+def table(rows: dict[str, dict], variant: str = "as given") -> str:
+    """The markdown table of `rows` (precision key -> row); the INT8 rows name the variant unless it is "as given"."""
     head = ("precision", "mean IoU", "min IoU", "frames counted", "mean abs Δ fraction", "gate agreement",
             "frames with mask", "gate accepts", "seconds")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
@@ -170,6 +367,8 @@ def table(rows: dict[str, dict]) -> str:
         if r is None:
             continue
         ref = key == "fp32"
+        if key.startswith("int8") and variant != "as given":
+            label = f"{label}, {variant}"
         cells = (label, "ref" if ref else _fmt(r["mask_iou_mean"]), "ref" if ref else _fmt(r["mask_iou_min"]),
                  "ref" if ref else str(r["frames_counted"]),
                  "ref" if ref else _fmt(r["mask_fraction_error_mean"], 5),
@@ -191,10 +390,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-iou", type=float, default=0.95, help="simulated INT8 mean IoU needed (default 0.95)")
     ap.add_argument("--mask-threshold", type=float, help="mask = prob > this (default: the manifest's gate)")
     ap.add_argument("--json", type=Path, help="write everything measured here")
+    ap.add_argument("--activation-scale", default="1", metavar="K",
+                    help="measure a copy of the INT8 file with every activation scale (never a weight scale) "
+                         "multiplied by K (default 1: as in the file)")
+    ap.add_argument("--weights", default="file", metavar="{" + ",".join(WEIGHTS) + "}",
+                    help="file (default): the file's weights; fp32-7bit / fp32-8bit: a copy with every quantized "
+                         "weight replaced by the bundle's FP32 UNet weight (the FP32 weights, not the QAT-trained "
+                         "ones a distilled file holds) quantized on the file's granularity to [-64, 64] or "
+                         "[-127, 127], and its float biases and float layers from the FP32 UNet")
+    ap.add_argument("--float-activations", action="store_true",
+                    help="measure a copy with every activation QuantizeLinear/DequantizeLinear pair removed")
+    ap.add_argument("--phantom", type=Path, metavar="DIR",
+                    help="also the mask IoU against FP32 on this labelled dataset folder (every labelled image; "
+                         "INT8 simulated), e.g. out/demo/data/heldout")
     a = ap.parse_args(argv)
     command = shlex.join([".venv/bin/python", "scripts/real_us_int8.py", *argv])
     try:
-        return _main(a, command)
+        with tempfile.TemporaryDirectory(prefix="real_us_int8-") as tmp:   # the variant's copy, if any
+            a.tmp = Path(tmp)
+            return _main(a, command)
     except UserError as e:
         _say(f"real_us_int8: {e}")
         return 2
@@ -212,6 +426,21 @@ def _main(a, command: str) -> int:
     if a.threads < 1:
         raise UserError(f"--threads {a.threads} is not a number of threads; give 1 or more")
     try:
+        a.activation_scale = float(a.activation_scale)
+    except ValueError:
+        raise UserError(f"--activation-scale '{a.activation_scale}' is not a number; give a factor above 0, "
+                        f"such as 2") from None
+    if not (np.isfinite(a.activation_scale) and a.activation_scale > 0):
+        raise UserError(f"--activation-scale {a.activation_scale:g} is not a positive factor; give a number above 0")
+    if a.weights not in WEIGHTS:
+        raise UserError(f"--weights '{a.weights}' is not one of {', '.join(WEIGHTS)}; give one of them")
+    if a.float_activations and a.activation_scale != 1:
+        raise UserError(f"--activation-scale {a.activation_scale:g} has nothing to scale with --float-activations "
+                        f"(no activation is quantized); give one of them")
+    if a.phantom is not None and not a.phantom.is_dir():
+        raise UserError(f"--phantom '{a.phantom}' is not a folder; give a labelled dataset folder such as "
+                        f"out/demo/data/heldout")
+    try:
         bundle = Bundle.load(a.bundle)
     except BundleError as e:
         raise UserError(str(e)) from None
@@ -224,12 +453,32 @@ def _main(a, command: str) -> int:
     if not Path(int8).is_file():
         raise UserError(f"--unet-int8 '{int8}' is not a file; give the path of an INT8 UNet (.onnx)")
 
-    runs = [("fp32", bundle.network_file("unet", "fp32"), False, "the bundle's FP32 UNet")]
+    fp32_path = bundle.network_file("unet", "fp32")
+    what = "--unet-int8" if a.unet_int8 else "the INT8 UNet"
+    unet_masks(graph, Path(int8), [], threads=a.threads, simulated=True, what=what)   # refused now, not after reading
+    measured, variant = Path(int8), None
+    if a.activation_scale != 1 or a.weights != "file" or a.float_activations:
+        import onnx
+        model, variant = build_variant(Path(int8), fp32_path, activation_scale=a.activation_scale,
+                                       weights=a.weights, float_activations=a.float_activations)
+        measured = a.tmp / f"{Path(int8).stem}.variant.onnx"
+        onnx.save(model, str(measured))
+        what = f"the variant ({variant['name']}) of {what}"
+        unet_masks(graph, measured, [], threads=a.threads, simulated=True, what=what)
+        _say(f"real_us_int8: measuring a copy of {int8}: {variant['name']}")
+    variant_label = variant["name"] if variant else "as given"
+    runs = [("fp32", fp32_path, False, "the bundle's FP32 UNet")]
     if "fp16" in unet_files:
         runs.append(("fp16", bundle.network_file("unet", "fp16"), False, "the bundle's FP16 UNet"))
-    what = "--unet-int8" if a.unet_int8 else "the INT8 UNet"
-    runs += [("int8_simulated", Path(int8), True, what), ("int8_cpu", Path(int8), False, what)]
-    unet_masks(graph, Path(int8), [], threads=a.threads, simulated=True, what=what)   # refused now, not after reading
+    runs += [("int8_simulated", measured, True, what), ("int8_cpu", measured, False, what)]
+
+    phantom_images = None
+    if a.phantom is not None:
+        from export.recipe import load_preprocessed
+        try:
+            phantom_images = list(load_preprocessed(a.phantom, graph, progress=False)[0])
+        except ValueError as e:
+            raise UserError(f"--phantom '{a.phantom}' cannot be read ({str(e).rstrip('.')})") from None
 
     try:
         from dicom_sweep import known_files, ultrasound_files
@@ -262,49 +511,73 @@ def _main(a, command: str) -> int:
          + (f" ({', '.join(f'{n} {w}' for w, n in skipped.items())})" if skipped else "")
          + f"; {len(images)} picked from {len(used_files)} files")
 
-    masks: dict[str, np.ndarray] = {}
-    rows: dict[str, dict] = {}
-    for key, path, simulated, what in runs:
-        masks[key], seconds = unet_masks(graph, path, images, threads=a.threads, simulated=simulated, what=what)
-        out = _outputs(graph, masks[key], bundle.num_classes)
-        row = {"file": str(path), "simulated_quantization": simulated, "seconds": round(seconds, 2),
-               "frames": len(images), "frames_with_mask": int(masks[key].reshape(len(images), -1).any(1).sum()),
-               "frames_accepted": int(out.accepted.sum()), "mask_fraction_mean": round(float(out.fractions.mean()), 6),
-               "per_frame_fraction": [round(float(x), 6) for x in out.fractions]}
-        if key != "fp32":
-            c = compare(_outputs(graph, masks["fp32"], bundle.num_classes), out)
-            row.update({"frames_counted": c["frames_with_kidney"], "mask_iou_mean": c["mask_iou_mean"],
-                        "mask_iou_min": c["mask_iou_min"], "mask_fraction_error_mean": c["mask_fraction_error_mean"],
-                        "mask_fraction_error_max": c["mask_fraction_error_max"],
-                        "gate_agreement": c["gate_agreement"],
-                        "per_frame_iou": per_frame_iou(masks["fp32"], masks[key])})
-        rows[key] = row
-        _say(f"real_us_int8: {key}: {seconds:.1f} s")
+    def measure(runs, images, where: str) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+        masks: dict[str, np.ndarray] = {}
+        rows: dict[str, dict] = {}
+        for key, path, simulated, what in runs:
+            masks[key], seconds = unet_masks(graph, path, images, threads=a.threads, simulated=simulated, what=what)
+            out = _outputs(graph, masks[key], bundle.num_classes)
+            row = {"file": str(int8 if key.startswith("int8") else path), "simulated_quantization": simulated,
+                   "seconds": round(seconds, 2), "frames": len(images),
+                   "frames_with_mask": int(masks[key].reshape(len(images), -1).any(1).sum()),
+                   "frames_accepted": int(out.accepted.sum()),
+                   "mask_fraction_mean": round(float(out.fractions.mean()), 6),
+                   "per_frame_fraction": [round(float(x), 6) for x in out.fractions]}
+            if key.startswith("int8"):
+                row["variant"] = variant_label
+            if key != "fp32":
+                c = compare(_outputs(graph, masks["fp32"], bundle.num_classes), out)
+                row.update({"frames_counted": c["frames_with_kidney"], "mask_iou_mean": c["mask_iou_mean"],
+                            "mask_iou_min": c["mask_iou_min"],
+                            "mask_fraction_error_mean": c["mask_fraction_error_mean"],
+                            "mask_fraction_error_max": c["mask_fraction_error_max"],
+                            "gate_agreement": c["gate_agreement"],
+                            "per_frame_iou": per_frame_iou(masks["fp32"], masks[key])})
+            rows[key] = row
+            _say(f"real_us_int8: {where}{key}: {seconds:.1f} s")
+        return masks, rows
+
+    masks, rows = measure(runs, images, "")
+    phantom = None
+    if phantom_images is not None:
+        _, prows = measure([r for r in runs if r[0] in ("fp32", "int8_simulated")], phantom_images, "phantom ")
+        phantom = {"dir": str(a.phantom), "frames": len(phantom_images), "precisions": prows}
 
     sim = rows["int8_simulated"]["mask_iou_mean"]
     passed = sim is not None and sim >= a.min_iou
     fp32_fractions = [round(float(x), 6) for x in masks["fp32"].reshape(len(images), -1).mean(1)]
     result = {
-        "command": command, "bundle": str(a.bundle), "unet_int8": str(int8), "threads": a.threads,
+        "command": command, "bundle": str(a.bundle), "unet_int8": str(int8),
+        "variant": variant or {"name": "as given", "activation_scale": 1.0, "weights": "file",
+                               "float_activations": False},
+        "threads": a.threads,
         "mask_threshold": graph.mask_threshold, "min_mask_fraction": graph.min_mask_fraction, "min_iou": a.min_iou,
         "files": {"ultrasound": len(files), "by_origin": dict(origins), "used": len(used_files), "rows": real.files},
         "frames": {"total": total, "usable": usable, "skipped": skipped, "picked": len(images),
                    "picked_frames": [{"file": name, "frame": i, "fp32_mask_fraction": fr}
                                      for (name, i), fr in zip(origins_picked, fp32_fractions)]},
-        "precisions": rows, "passed": passed, "seconds": round(time.perf_counter() - t_start, 1)}
+        "precisions": rows, "phantom": phantom, "passed": passed,
+        "seconds": round(time.perf_counter() - t_start, 1)}
     if a.json:
         a.json.write_text(json.dumps(result, indent=1) + "\n")
 
     print(f"command: {command}")
     print(f"bundle {a.bundle}; INT8 UNet {int8}; mask = prob > {graph.mask_threshold:g}, gate accepts mask fraction "
           f">= {graph.min_mask_fraction:g}")
+    if variant:
+        print(f"INT8 variant measured (a temporary copy of the file): {variant['name']}")
     print(f"frames: {len(files)} ultrasound DICOM files ({', '.join(f'{n} {o}' for o, n in origins.items())}), "
           f"{total} frames, {usable} usable"
           + (f" ({', '.join(f'{n} {w}' for w, n in skipped.items())})" if skipped else "")
           + f"; {len(images)} picked, spread over them, from {len(used_files)} files")
     print()
-    print(table(rows))
+    print(table(rows, variant_label))
     print()
+    if phantom is not None:
+        print(f"phantom: {a.phantom}, all {phantom['frames']} labelled images (INT8 simulated against FP32)")
+        print()
+        print(table(phantom["precisions"], variant_label))
+        print()
     if sim is None:
         print(f"INT8 (simulated) mask IoU not measured: no picked frame has a mask pixel in FP32 or INT8; "
               f"FAIL (needs >= {a.min_iou:g})")

@@ -1,7 +1,10 @@
 """scripts/real_us_int8.py (INT8 UNet masks against FP32 on the pydicom ultrasound DICOMs) on the tiny bundle: its
 figures match ones computed here independently, the FP32 UNet given as the "INT8" one agrees with itself exactly
-on this CPU's run, the exit status follows --min-iou, and bad input is one sentence with exit 2. No figure here
-depends on trained weights or on INT8 kernels: the mask threshold is derived from the tiny UNet's own output."""
+on this CPU's run, the exit status follows --min-iou, and bad input is one sentence with exit 2. The variants
+(--activation-scale, --weights, --float-activations) change exactly what they say in a Q/DQ file quantized here from
+the tiny FP32 UNet, and --phantom measures the variant on a labelled folder. No figure here depends on trained
+weights or on INT8 kernels: the mask threshold is derived from the tiny UNet's own output, and the variants' IoUs
+are compared with ones computed here from the same model."""
 import importlib.util
 import json
 import shutil
@@ -52,7 +55,7 @@ def expected(script, tiny_bundle):
     inter = (ref & sim).reshape(FRAMES, -1).sum(1)
     union = (ref | sim).reshape(FRAMES, -1).sum(1)
     ious = inter[union > 0] / union[union > 0]
-    return {"threshold": t, "fp32": str(fp32), "usable": len(real.images),
+    return {"threshold": t, "fp32": str(fp32), "usable": len(real.images), "images": images,
             "fp32_with_mask": int(ref.reshape(FRAMES, -1).any(1).sum()),
             "sim_counted": int((union > 0).sum()), "sim_iou": round(float(ious.mean()), 6),
             "sim_iou_min": round(float(ious.min()), 6), "fp16": "fp16" in bundle.manifest["networks"]["unet"]["files"]}
@@ -122,4 +125,172 @@ def test_bad_input_is_one_sentence_and_exit_2(tiny_bundle, tmp_path, case):
     assert message.startswith("real_us_int8: ") and str(target) in message, message
     assert "\n" not in message and "Traceback" not in message, message
     assert message.count(". ") == 0, f"more than one sentence: {message}"
+    assert r.stdout == ""
+
+
+# -- variants --------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["sub-pixel", "per-tensor"])
+def int8_file(request, tiny_bundle, expected, tmp_path_factory):
+    """The tiny FP32 UNet quantized here by the project's quantizer (7-bit weights per channel, symmetric INT8
+    activations), calibrated on the real frames: with its upsamplers rewritten as sub-pixel Convs (the default) or
+    kept as per-tensor ConvTransposes (as QAT writes them)."""
+    from calibration.quantize import quantize_int8
+    from runtime.bundle import Bundle
+    graph = Bundle.load(tiny_bundle).graph()
+    out = tmp_path_factory.mktemp("int8") / f"unet.{request.param}.int8.onnx"
+    feeds = [graph.unet_feeds(img)[graph.unet_input] for img in expected["images"]]
+    quantize_int8(Path(expected["fp32"]), out, graph.unet_input, feeds, conv_transpose=request.param)
+    return out
+
+
+def _parts(path_or_model):
+    """(initializers by name as arrays, activation scale names, weight scale names, activation QuantizeLinear count,
+    weight DequantizeLinear nodes), found here from the node list."""
+    import onnx
+    from onnx import numpy_helper as nh
+    m = onnx.load(str(path_or_model)) if isinstance(path_or_model, Path) else path_or_model
+    inits = {i.name: nh.to_array(i) for i in m.graph.initializer}
+    act_q = [n for n in m.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    act_dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in {q.output[0] for q in act_q}]
+    w_dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    return inits, {n.input[1] for n in act_q + act_dq}, {n.input[1] for n in w_dq}, len(act_q), w_dq
+
+
+def test_activation_scale_multiplies_exactly_the_activation_scales_and_no_weight_scale(script, int8_file, expected):
+    original, act, weight, n_act_q, w_dq = _parts(int8_file)
+    assert act and weight and not act & weight and n_act_q > 0 and w_dq
+    model, info = script.build_variant(int8_file, Path(expected["fp32"]), activation_scale=2.0)
+    changed, *_ = _parts(model)
+    assert set(changed) == set(original)
+    for name, a in original.items():
+        b = changed[name]
+        assert b.dtype == a.dtype and b.shape == a.shape, name
+        if name in act:
+            assert np.array_equal(b, a * a.dtype.type(2)), name
+        else:                                   # weight scales, weights, biases, zero points: untouched
+            assert a.tobytes() == b.tobytes(), name
+    assert info["activation_scales_multiplied"] == len(act) and info["activation_quantize_nodes"] == n_act_q
+    assert info["weights_replaced"] == 0 and info["name"] == "activation scales x2"
+    import onnx
+    assert [(n.op_type, list(n.input)) for n in model.graph.node] == \
+        [(n.op_type, list(n.input)) for n in onnx.load(str(int8_file)).graph.node]
+
+
+@pytest.mark.parametrize("weights, levels", [("fp32-8bit", 127), ("fp32-7bit", 64)])
+def test_fp32_weights_are_within_half_a_step_of_the_fp32_ones_on_the_files_granularity(script, int8_file, expected,
+                                                                                         weights, levels):
+    import onnx
+    from onnx import numpy_helper as nh
+
+    from calibration.quantize import sub_pixel_conv_transpose
+    fp32_model = onnx.load(expected["fp32"])
+    fp32 = {i.name: nh.to_array(i) for i in sub_pixel_conv_transpose(fp32_model)[0].graph.initializer}
+    fp32.update({i.name: nh.to_array(i) for i in fp32_model.graph.initializer})
+    original, act, weight, _, w_dq = _parts(int8_file)
+    model, info = script.build_variant(int8_file, Path(expected["fp32"]), weights=weights)
+    changed, *_ = _parts(model)
+    assert info["weights_replaced"] == len(w_dq) > 0
+    for n in w_dq:
+        q, s = changed[n.input[0]], changed[n.input[1]].astype(np.float64)
+        w = fp32[n.input[0].removesuffix("_quantized")].astype(np.float64)
+        assert q.dtype == np.int8 and q.shape == w.shape
+        assert s.shape == original[n.input[1]].shape            # the file's granularity
+        if s.ndim:                                               # per channel on the node's axis
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+            qc = np.moveaxis(q.astype(int), axis, 0).reshape(len(s), -1)
+            wc = np.moveaxis(w, axis, 0).reshape(len(s), -1)
+            step = s[:, None]
+        else:
+            qc, wc, step = q.astype(int).reshape(1, -1), w.reshape(1, -1), s.reshape(1, 1)
+        assert np.abs(qc).max() <= levels
+        live = np.abs(wc).max(1) > 0
+        assert (np.abs(qc).max(1)[live] == levels).all()        # every channel uses the whole range [-L, L]
+        assert np.allclose(step[live, 0], np.abs(wc).max(1)[live] / levels, rtol=1e-6)
+        assert (np.abs(qc * step - wc) <= step * (0.5 + 1e-5)).all(), n.input[0]
+    for name, a in original.items():
+        if name in weight or name.endswith("_quantized") and name in {n.input[0] for n in w_dq}:
+            continue
+        if name in fp32 and a.dtype.kind == "f" and fp32[name].shape == a.shape:   # biases, float layers
+            assert np.array_equal(changed[name], fp32[name].astype(a.dtype)), name
+        else:                                                    # activation scales and zero points untouched
+            assert a.tobytes() == changed[name].tobytes(), name
+    assert info["float_initializers_from_fp32"] > 0 and info["weight_error_max_steps"] <= 0.5 + 1e-5
+
+
+def test_weights_of_another_network_are_refused_in_one_sentence(script, int8_file, tiny_bundle):
+    from runtime.bundle import Bundle
+    vgg = Bundle.load(tiny_bundle).network_file("vgg", "fp32")
+    with pytest.raises(script.UserError, match="has no FP32 weight of the same name and shape") as e:
+        script.build_variant(int8_file, vgg, weights="fp32-8bit")
+    assert ". " not in str(e.value)
+
+
+def test_float_activations_with_fp32_weights_measure_that_file_on_real_frames_and_on_the_phantom(
+        script, tiny_bundle, tiny_dataset, expected, int8_file, tmp_path, capsys):
+    """The run measures the variant: no activation QuantizeLinear left, every weight replaced, and its real-frame
+    and phantom IoUs are the ones computed here from the model build_variant returns."""
+    import onnx
+
+    from export.recipe import load_preprocessed
+    from runtime.backends.ort import OrtRunner
+    from runtime.bundle import Bundle
+    _, _, _, n_act_q, w_dq = _parts(int8_file)
+    out = tmp_path / "variant.json"
+    rc = script.main(["--bundle", str(tiny_bundle), "--unet-int8", str(int8_file), "--frames", str(FRAMES),
+                      "--mask-threshold", repr(expected["threshold"]), "--float-activations", "--weights",
+                      "fp32-8bit", "--phantom", str(tiny_dataset), "--json", str(out)])
+    d = json.loads(out.read_text())
+    stdout = capsys.readouterr().out
+    v = d["variant"]
+    assert v["weights"] == "fp32-8bit" and v["float_activations"] is True and v["activation_scale"] == 1
+    assert v["activation_quantize_nodes"] == 0 and v["activation_pairs_removed"] == n_act_q > 0
+    assert v["weights_replaced"] == v["weight_dequantize_nodes"] == len(w_dq)
+    assert v["name"] in stdout and f"| INT8 (simulated), {v['name']} |" in stdout
+    assert d["unet_int8"] == str(int8_file) and d["precisions"]["int8_simulated"]["variant"] == v["name"]
+
+    model, _ = script.build_variant(int8_file, Path(expected["fp32"]), weights="fp32-8bit", float_activations=True)
+    path = tmp_path / "variant.onnx"
+    onnx.save(model, str(path))
+    graph = Bundle.load(tiny_bundle).graph(mask_threshold=expected["threshold"])
+    phantom = list(load_preprocessed(tiny_dataset, graph, progress=False)[0])
+
+    def iou(images):
+        masks = {}
+        for name, p, sim in (("ref", Path(expected["fp32"]), False), ("v", path, True)):
+            with OrtRunner(p, intra_op_threads=2, simulated_quantization=sim) as r:
+                masks[name] = np.stack([graph.segment(r, img) > graph.mask_threshold for img in images])
+        n = len(images)
+        inter = (masks["ref"] & masks["v"]).reshape(n, -1).sum(1)
+        union = (masks["ref"] | masks["v"]).reshape(n, -1).sum(1)
+        return (round(float((inter[union > 0] / union[union > 0]).mean()), 6) if (union > 0).any() else None,
+                int((union > 0).sum()))
+
+    sim = d["precisions"]["int8_simulated"]
+    assert (sim["mask_iou_mean"], sim["frames_counted"]) == iou(expected["images"])
+    ph = d["phantom"]
+    assert ph["dir"] == str(tiny_dataset) and ph["frames"] == len(phantom) > 0
+    assert set(ph["precisions"]) == {"fp32", "int8_simulated"}
+    psim = ph["precisions"]["int8_simulated"]
+    assert psim["frames"] == len(phantom) and (psim["mask_iou_mean"], psim["frames_counted"]) == iou(phantom)
+    assert f"phantom: {tiny_dataset}, all {len(phantom)} labelled images" in stdout
+    assert rc == (0 if sim["mask_iou_mean"] is not None and sim["mask_iou_mean"] >= 0.95 else 1)
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--activation-scale", "0"], "--activation-scale 0"),
+    (["--activation-scale", "-1"], "--activation-scale -1"),
+    (["--activation-scale", "two"], "--activation-scale 'two'"),
+    (["--activation-scale", "nan"], "--activation-scale nan"),
+    (["--weights", "fp32-4bit"], "--weights 'fp32-4bit'"),
+    (["--float-activations", "--activation-scale", "2"], "--activation-scale 2"),
+    (["--phantom", "no-such-folder"], "--phantom 'no-such-folder'"),
+])
+def test_bad_variant_values_are_one_sentence_and_exit_2(tiny_bundle, args, names):
+    r = subprocess.run([sys.executable, str(SCRIPT), "--bundle", str(tiny_bundle), *args, "--frames", "2"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    message = r.stderr.strip()
+    assert message.startswith(f"real_us_int8: {names} "), message
+    assert "\n" not in message and "Traceback" not in message and message.count(". ") == 0, message
     assert r.stdout == ""
