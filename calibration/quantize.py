@@ -17,7 +17,7 @@ What the file must look like (docs/design.md, "The model bundle"; TensorRT's "Wo
   does not take) or in float ("float"). Any other ConvTranspose shape stays a per-tensor ConvTranspose under
   "sub-pixel". The manifest says which. QAT (export/qat.py) trains the ConvTranspose as it is: "per-tensor" or
   "float".
-- Weights use the 7-bit range [-64, 63] by default (`reduce_range`), still symmetric INT8 in the file. x86 CPUs
+- Weights use the 7-bit range [-64, 64] by default (`reduce_range`), still symmetric INT8 in the file. x86 CPUs
   without VNNI multiply 8-bit pairs with VPMADDUBSW, whose 16-bit sums saturate with full-range weights: the
   demo UNet's mask IoU with FP32 fell to 0.09 on onnxruntime CPU here (2-core AMD EPYC, AVX2, no VNNI) while the
   same file simulated in float gave 0.998. With 7-bit weights the integer kernels match the simulation, so the
