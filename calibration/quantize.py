@@ -175,6 +175,25 @@ def quantize_int8(model_in: Path, model_out: Path, input_name: str, inputs: Sequ
                           opset)
 
 
+_TAPS = ((3, 1, None), (None, 2, 0))      # phase -> ConvTranspose kernel index at window offset -1, 0, +1
+
+
+def sub_pixel_weight(w: np.ndarray) -> np.ndarray:
+    """A 4x4 stride-2 pad-1 ConvTranspose weight [C, K, 4, 4] as the 3x3 Conv weight [4K, C, 3, 3] of its sub-pixel
+    form (see sub_pixel_conv_transpose): each kernel tap once, the other taps zero, the dtype kept (float weights,
+    or the integers of a quantized one)."""
+    c, k = w.shape[:2]
+    wc = np.zeros((4 * k, c, 3, 3), dtype=w.dtype)
+    for pa in (0, 1):
+        for pb in (0, 1):
+            rows = slice((2 * pa + pb) * k, (2 * pa + pb + 1) * k)
+            for r, kr in enumerate(_TAPS[pa]):
+                for s, ks in enumerate(_TAPS[pb]):
+                    if kr is not None and ks is not None:
+                        wc[rows, :, r, s] = w[:, :, kr, ks].T
+    return wc
+
+
 def sub_pixel_conv_transpose(model) -> tuple["onnx.ModelProto", list[str]]:
     """A copy of `model` with each 2-D ConvTranspose of kernel 4, stride 2, pads 1 (group 1, no dilation or output
     padding, weight an initializer) written as a 3x3 pad-1 Conv with 4K output channels and DepthToSpace(2, DCR),
@@ -196,7 +215,6 @@ def sub_pixel_conv_transpose(model) -> tuple["onnx.ModelProto", list[str]]:
         for x in n.input:
             consumers.setdefault(x, []).append(n)
     outputs = {o.name for o in g.output}
-    taps = ((3, 1, None), (None, 2, 0))      # phase -> ConvTranspose kernel index at window offset -1, 0, +1
     nodes, done, moved = [], [], set()
     for n in g.node:
         if n.op_type == "Relu" and n.output[0] in moved:
@@ -210,15 +228,7 @@ def sub_pixel_conv_transpose(model) -> tuple["onnx.ModelProto", list[str]]:
                 or a.get("output_shape") or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")):
             nodes.append(n)
             continue
-        c, k = w.shape[:2]
-        wc = np.zeros((4 * k, c, 3, 3), dtype=w.dtype)
-        for pa in (0, 1):
-            for pb in (0, 1):
-                rows = slice((2 * pa + pb) * k, (2 * pa + pb + 1) * k)
-                for r, kr in enumerate(taps[pa]):
-                    for s, ks in enumerate(taps[pb]):
-                        if kr is not None and ks is not None:
-                            wc[rows, :, r, s] = w[:, :, kr, ks].T
+        wc = sub_pixel_weight(w)
         wname = f"{n.input[1]}_sub_pixel"
         g.initializer.append(numpy_helper.from_array(wc, wname))
         ins = [n.input[0], wname]

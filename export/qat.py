@@ -1,15 +1,19 @@
 """Quantization-aware fine-tuning (QAT) with fake-quant exactly where the INT8 Q/DQ file has its Q/DQ pairs.
 
 The INT8 file a bundle ships is calibration/quantize.py's: onnxruntime's static QDQ quantizer run on the bundle's
-FP32 ONNX (symmetric INT8, 7-bit per-channel weights by default, ConvTranspose weights per tensor or float, biases
-float, the output tail float). QAT here trains against that same file, not against an approximation of it:
+FP32 ONNX (symmetric INT8, 7-bit per-channel weights by default, each 4x4 stride-2 ConvTranspose in its sub-pixel
+form by default (a Conv and DepthToSpace) or per tensor or float, biases float, the output tail float). QAT here
+trains against that same file, not against an approximation of it:
 
 1. `qdq_placement(model, inputs, graph, ...)` folds the BatchNorms into their convolutions (what the ONNX exporter
    does), exports the FP32 graph with the bundle's exporter settings (export.onnx_export) and quantizes it with
    `calibration.quantize.quantize_int8` on `inputs`. Reading that file gives the placement: every activation tensor
    with a QuantizeLinear/DequantizeLinear pair (and which of them share one scale: onnxruntime gives a MaxPool's or
    a Reshape's output its input's scale), every weight behind a DequantizeLinear (per-channel axis or per tensor,
-   7 or 8 bits) and the weighted layers left in float. Its calibrated scales start the fine-tuning.
+   7 or 8 bits) and the weighted layers left in float. Its calibrated scales start the fine-tuning. For the
+   sub-pixel form the placement is read from the per-tensor layout: the ConvTranspose trains with its weight on one
+   per-tensor grid, which the sub-pixel Conv holds exactly (the same integers rearranged, that scale on every
+   channel; its activations are the same values shuffled, with the same scales).
 2. `qat_finetune(model, batches, epochs=, lr=, placement=)` traces the folded model with the same exporter
    (`torch.onnx.export(dynamo=True)`; its ExportedProgram names every value as the ONNX file does), inserts
    `torch.ao.quantization.FakeQuantize` modules after exactly those values and weights, and fine-tunes it.
@@ -193,13 +197,20 @@ def _read_placement(qdq_path: Path, network: str, input_name: str, output_names:
 
 
 def qdq_placement(model, inputs: Sequence[np.ndarray], graph=None, *, method: str = "minmax",
-                  conv_transpose: str = "per-tensor", full_range_weights: bool = False,
+                  conv_transpose: str = "sub-pixel", full_range_weights: bool = False,
                   float_outputs: bool = True, keep_float_nodes: Sequence[str] = ()) -> Placement:
     """The Q/DQ placement (and calibrated scales) calibration/quantize.py gives `model` (a UNet or VGG19BN, FP32)
     when calibrated on `inputs` (ready [1, C, H, W] float32 arrays, as `quantize_int8` takes them) with these
     options. `keep_float_nodes` names nodes of the folded model's export: the names of `export_qdq`'s file and of
     an FP32 file exported from `QATModel.float_model()` (an export of the unfolded model names its nodes
-    differently)."""
+    differently).
+
+    `conv_transpose="sub-pixel"` (calibrate's default): the placement is read from the per-tensor layout, so QAT
+    trains each ConvTranspose as it is, its weight on one per-tensor grid, and `export_qdq` writes the sub-pixel
+    form (calibration.quantize.sub_pixel_conv_transpose: a 3x3 Conv with 4K channels and DepthToSpace, which
+    onnxruntime's CPU runs on integer kernels). That form is exact: the sub-pixel weight holds the same integers,
+    rearranged, with the per-tensor scale on every channel, and its activations are the ConvTranspose's (and the
+    ReLU's) values shuffled, quantized with the same scales."""
     from calibration.quantize import quantize_int8
 
     graph = _graph_or_default(graph)
@@ -212,7 +223,8 @@ def qdq_placement(model, inputs: Sequence[np.ndarray], graph=None, *, method: st
         fp32 = Path(tmp) / f"{network}.onnx"
         _traced(folded, network, fp32, graph)
         qdq = Path(tmp) / f"{network}.int8.onnx"
-        quantize_int8(fp32, qdq, input_name, list(inputs), **options)
+        layout = {**options, "conv_transpose": "per-tensor"} if conv_transpose == "sub-pixel" else options
+        quantize_int8(fp32, qdq, input_name, list(inputs), **layout)
         return _read_placement(qdq, network, input_name, output_names, channels, graph.size, options)
 
 
@@ -500,16 +512,54 @@ def qat_finetune(model, batches: Iterable, *, epochs: int, lr: float, placement:
 
 # -- export ------------------------------------------------------------------------------------------------------
 
-def _write_qat_parameters(model, work: Path) -> None:
-    """Check the Q/DQ file at `work` has the model's placement, then write the model's scales and integer weights
-    into it."""
+def _sub_pixel_names(fp32: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """For the sub-pixel form calibration.quantize.sub_pixel_conv_transpose makes of the FP32 file `fp32`: ({tensor
+    of the sub-pixel form: the traced tensor holding the same values, shuffled}, {sub-pixel Conv weight: the
+    ConvTranspose weight it is made from})."""
+    import onnx
+
+    from calibration.quantize import sub_pixel_conv_transpose
+
+    m, done = sub_pixel_conv_transpose(onnx.load(str(fp32)))
+    producer = {o: n for n in m.graph.node for o in n.output}
+    acts: dict[str, str] = {}
+    weights: dict[str, str] = {}
+    for n in m.graph.node:
+        if n.op_type != "DepthToSpace" or n.name[: -len("_depth_to_space")] not in done:
+            continue
+        mid, out = n.input[0], n.output[0]
+        acts[mid] = out                       # before the shuffle: the ConvTranspose's (or its ReLU's) output
+        conv = producer[mid]
+        if conv.op_type == "Relu":
+            acts[conv.input[0]] = conv.input[0][: -len("_sub_pixel")]   # the Conv's: the ConvTranspose's output
+            conv = producer[conv.input[0]]
+        weights[conv.input[1]] = conv.input[1][: -len("_sub_pixel")]
+    return acts, weights
+
+
+def _write_qat_parameters(model, work: Path, fp32: Path) -> None:
+    """Check the Q/DQ file at `work` (laid out from the FP32 file `fp32`) has the model's placement, then write the
+    model's scales and integer weights into it. A sub-pixel file (placement option conv_transpose "sub-pixel") is
+    checked and written through the names of its sub-pixel form (`_sub_pixel_names`)."""
     import onnx
     from onnx import numpy_helper
+
+    from calibration.quantize import sub_pixel_weight
 
     pl: Placement = model.placement
     m = onnx.load(str(work))
     placed = _read_placement(work, pl.network, pl.input_name, pl.output_names, pl.channels, pl.size, pl.options)
-    if (placed.activations, placed.weights, placed.float_weights) != (pl.activations, pl.weights, pl.float_weights):
+    sub_acts, sub_weights = _sub_pixel_names(fp32) if pl.options.get("conv_transpose") == "sub-pixel" else ({}, {})
+    file_scales: dict[str, list[str]] = {}            # traced tensor -> the file's scale initializers for it
+    for tensor, scale_name in placed.activations.items():
+        file_scales.setdefault(sub_acts.get(tensor, tensor), []).append(scale_name)
+    weights = {sub_weights.get(w, w): spec for w, spec in placed.weights.items()}
+    same = (set(file_scales) == set(pl.activations) and weights.keys() == pl.weights.keys()
+            and all(weights[w] == spec for w, spec in pl.weights.items() if w not in sub_weights.values())
+            and placed.float_weights == pl.float_weights)
+    if not sub_weights:
+        same = same and placed.activations == pl.activations
+    if not same:
         raise RuntimeError(f"the Q/DQ layout of {work.name} differs from the placement the model was trained with")
     inits = {i.name: i for i in m.graph.initializer}
 
@@ -519,11 +569,18 @@ def _write_qat_parameters(model, work: Path) -> None:
         old.CopyFrom(new)
 
     act = model.activation_quantizers()
-    for tensor, scale_name in pl.activations.items():
+    written: dict[str, np.ndarray] = {}
+    for tensor, scale_names in file_scales.items():
         fq = act[tensor]
         if int(fq.zero_point.detach().abs().max()) != 0:
             raise RuntimeError(f"activation '{tensor}' has a non-zero zero point; TensorRT needs symmetric INT8")
-        put(scale_name, fq.scale.detach().numpy().astype(np.float32))
+        scale = fq.scale.detach().numpy().astype(np.float32)
+        for name in scale_names:
+            if name in written and not np.array_equal(written[name], scale):
+                raise RuntimeError(f"the scale '{name}' of {work.name} is shared by tensors the model quantizes "
+                                   f"with different scales")
+            written[name] = scale
+            put(name, scale)
 
     wq = model.weight_quantizers()
     state = model.gm.state_dict()
@@ -540,8 +597,15 @@ def _write_qat_parameters(model, work: Path) -> None:
             q = torch.round(w_hat / scale.reshape(shape))
             if q.abs().max() > spec.qmax:
                 raise RuntimeError(f"weight '{weight}' quantized outside [-{spec.qmax}, {spec.qmax}]")
-            put(f"{weight}_quantized", q.numpy().astype(np.int8))
-            put(f"{weight}_scale", scale.numpy().astype(np.float32))
+            q = q.numpy().astype(np.int8)
+            scale = scale.numpy().astype(np.float32)
+            if weight in sub_weights.values():
+                # The same integers in the sub-pixel Conv's layout, the per-tensor scale on each of its channels.
+                q = sub_pixel_weight(q)
+                scale = np.full(len(q), float(scale.reshape(-1)[0]), np.float32)
+                weight = f"{weight}_sub_pixel"
+            put(f"{weight}_quantized", q)
+            put(f"{weight}_scale", scale)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         onnx.save(m, str(work))
@@ -570,7 +634,7 @@ def export_qdq(model, path: Path | str, graph=None) -> dict:
         # The layout only: every scale and quantized weight is overwritten below.
         sample = parity_inputs(pl.channels, size=graph.size)[1][:1]
         result = quantize_int8(fp32, work, pl.input_name, [sample], **pl.options)
-        _write_qat_parameters(model, work)
+        _write_qat_parameters(model, work, fp32)
         os.replace(work, path)
     return {"file": path.name, "bytes": path.stat().st_size, "opset": result.opset,
             "activations": len(pl.activations), "weight_bits": result.weight_bits,

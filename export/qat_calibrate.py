@@ -9,8 +9,9 @@ was exported from, on the user's labelled data, judged and installed by calibrat
       -> --data (runtime.dataset: labelme masks for the UNet, grades for the VGG), preprocessed by the bundle's graph;
          whole patients split as `sonoscore train` splits them (export.train.split_by_patient, a quarter held out)
       -> export.qat.qat_networks on the training patients: placement read from calibration's own Q/DQ file (with
-         --method, --conv-transpose, --full-range-weights), fine-tuning (UNet: MSE on the masks; VGG: cross-entropy
-         on the grades), the Q/DQ files written in a scratch folder outside the bundle
+         --method, --conv-transpose, --full-range-weights), fine-tuning (each network distilled from the bundle's
+         FP32 network: the UNet's probability map, the VGG's Fc2 features), the Q/DQ files written in a scratch
+         folder outside the bundle
       -> calibration.run.calibrate_bundle with those files as the INT8 candidates: the held-out patients' frames (and
          --frames / --check sources) checked against FP32 with simulated quantization, the thresholds and --networks
          (auto included) as for post-training calibration; only what passes is installed.
@@ -18,9 +19,9 @@ was exported from, on the user's labelled data, judged and installed by calibrat
 What changes in the bundle: only what calibrate installs (the INT8 files, int8_reference.npz, the manifest's int8
 entries and `calibration` section, whose `qat` records per network the epochs, learning rate, frames, placement and
 the checkpoint's file name and sha256). The FP32/FP16 files and the booster stay as they are, and the INT8 files are
-judged against those unchanged FP32 files: QAT moves the weights, so the check measures the quantization and the
-fine-tuning's drift together, and grade agreement is the unchanged booster on the QAT network's features. (`train
---qat`, which owns the training, instead re-exports FP32/FP16 from the fine-tuned weights and retrains the booster.)
+judged against those unchanged FP32 files (the networks they were distilled from), and grade agreement is the
+unchanged booster on the INT8 set's features. (`train --qat` distils in the same way, after its FP32 training: its
+FP32/FP16 files and booster are the FP32 networks' too.)
 """
 from __future__ import annotations
 
@@ -149,7 +150,7 @@ def calibrate_qat(bundle_path: str | Path, *, unet: str | None, vgg: str | None,
                   frames: Sequence[str] = (), check: Sequence[str] = (), networks: tuple[str, ...] | str = "auto",
                   labels=None, unet_epochs: int | None = None, vgg_epochs: int | None = None, lr: float | None = None,
                   seed: int = 0, count: int = 300, holdout: int = 300, max_frames: int = 3000,
-                  method: str = "minmax", conv_transpose: str = "per-tensor", full_range_weights: bool = False,
+                  method: str = "minmax", conv_transpose: str = "sub-pixel", full_range_weights: bool = False,
                   thresholds=None, report: str | Path | None = None, quiet: bool = False) -> dict:
     """`sonoscore calibrate --qat` (module docstring). Every input is checked before anything is written; a bad one
     is a UserError (exit 2) and the bundle is left as it was. Returns calibrate_bundle's result; raises

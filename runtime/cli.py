@@ -256,9 +256,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if not args.qat and not args.frames:
         raise UserError("calibrate needs --frames SOURCE (folder, video, DICOM or sim://kidney), the frames to "
                         "calibrate on (or --qat with --data)")
-    if args.qat and args.conv_transpose == "sub-pixel":
-        raise UserError("--conv-transpose sub-pixel is for calibration; --qat trains the ConvTranspose layers as "
-                        "they are: give --conv-transpose per-tensor (the default) or float")
     if args.qat and (args.timing_only or not args.data):
         raise UserError("--timing-only skips the accuracy check, which is what decides a QAT set; leave it out"
                         if args.timing_only else "calibrate --qat needs --data DIR, the labelled dataset (labelme "
@@ -272,7 +269,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                           check=args.check, networks=args.networks, labels=_kidney_labels(args.label).given,
                           unet_epochs=args.qat_unet_epochs, vgg_epochs=args.qat_vgg_epochs, lr=args.qat_lr,
                           count=args.count, holdout=args.holdout, max_frames=args.max_frames, method=args.method,
-                          conv_transpose=args.conv_transpose or "per-tensor",
+                          conv_transpose=args.conv_transpose or "sub-pixel",
                           full_range_weights=args.full_range_weights, thresholds=th, report=report)
         else:
             calibrate_bundle(args.bundle, args.frames, check=args.check, method=args.method, count=args.count,
@@ -512,9 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-frames", type=int, default=3000, help="frames read per source at most (spread evenly)")
     c.add_argument("--conv-transpose", default=None, choices=["sub-pixel", "per-tensor", "float"],
                    help="ConvTranspose layers: INT8 as a sub-pixel Conv + DepthToSpace, per-channel weights (default; "
-                        "onnxruntime's CPU has no integer ConvTranspose), INT8 ConvTranspose with per-tensor weights "
-                        "(TensorRT rejects onnxruntime's per-channel axis 1 for them; the default with --qat), or "
-                        "left in float")
+                        "onnxruntime's CPU has no integer ConvTranspose; with --qat the weights are trained per "
+                        "tensor and written so), INT8 ConvTranspose with per-tensor weights (TensorRT rejects "
+                        "onnxruntime's per-channel axis 1 for them), or left in float")
     c.add_argument("--full-range-weights", action="store_true",
                    help="8-bit weights instead of 7-bit; only for targets never checked on an x86 CPU without "
                         "VNNI, where 8-bit weights saturate onnxruntime's integer kernels")

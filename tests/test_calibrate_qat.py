@@ -16,6 +16,7 @@ from onnx import numpy_helper
 torch = pytest.importorskip("torch")
 
 from calibration.checks import trt_readiness  # noqa: E402
+from calibration.quantize import sub_pixel_weight  # noqa: E402
 from runtime.bundle import Bundle  # noqa: E402
 from tests.conftest import sonoscore  # noqa: E402
 from tests.test_checkpoints import RefNet, RefVGG, main_py_save, make_booster, randomize_bn  # noqa: E402
@@ -114,7 +115,10 @@ def test_int8_files_carry_weights_qat_moved_off_the_bundles_fp32(qat_run):
         for key, wq in q.items():
             if not key.endswith("_quantized") or wq.dtype != np.int8:
                 continue
-            w = fp32[key[: -len("_quantized")]]          # the same parameter name in both files
+            name_ = key[: -len("_quantized")]
+            # the same parameter name in both files; a ConvTranspose weight in its sub-pixel Conv form
+            w = (sub_pixel_weight(fp32[name_[: -len("_sub_pixel")]]) if name_.endswith("_sub_pixel")
+                 else fp32[name_])
             scale = q[key[: -len("_quantized")] + "_scale"]
             s = scale.reshape([-1] + [1] * (w.ndim - 1)) if scale.size > 1 else scale
             moved += int(np.sum(np.abs(wq.astype(np.float32) * s - w) > s / 2 * 1.01))

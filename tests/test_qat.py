@@ -11,7 +11,7 @@ import torch
 from onnx import numpy_helper
 
 from calibration.checks import trt_readiness
-from calibration.quantize import quantize_int8
+from calibration.quantize import quantize_int8, sub_pixel_weight
 from export.models import UNet, VGG19BN
 from export.onnx_export import export_unet, export_vgg
 from export.qat import export_qdq, fold_batch_norm, prepare_qat, qat_finetune, qdq_placement
@@ -144,7 +144,7 @@ def _calibration_file(c, tmp_path):
     net = c["placement"].network
     (export_unet if net == "unet" else export_vgg)(c["model"], fp32, c["graph"])
     ref = tmp_path / "ref.int8.onnx"
-    # qdq_placement's options (its ConvTranspose default is "per-tensor": QAT trains the ConvTranspose as it is)
+    # qdq_placement's options (ConvTranspose: calibrate's default, sub-pixel, unless the case gives another)
     quantize_int8(fp32, ref, c["placement"].input_name, c["calib"], **c["placement"].options)
     return ref
 
@@ -161,14 +161,31 @@ def test_qdq_placement_is_calibrations(case, tmp_path):
 
 def test_placement_keeps_calibrations_rules(unet_case, vgg_case):
     """The rules calibration/quantize.py states, seen in the QAT files: 7-bit per-channel Conv/Gemm weights on axis
-    0, ConvTranspose weights per tensor, the output tail (the UNet's last conv, the VGG's Fc2 and head) float."""
+    0, the output tail (the UNet's last conv, the VGG's Fc2 and head) float. ConvTranspose (calibrate's default,
+    sub-pixel): QAT trains each one's weight per tensor and the file holds its sub-pixel form, a 3x3 Conv with 4K
+    channels whose weights are those integers rearranged, the per-tensor scale on every channel, and DepthToSpace."""
     u, v = unet_case["placement"], vgg_case["placement"]
     assert {w.qmax for w in {**u.weights, **v.weights}.values()} == {64}
     assert all(w.axis == 0 for w in {**u.weights, **v.weights}.values() if w.op_type in ("Conv", "Gemm"))
-    assert [w.axis for w in u.weights.values() if w.op_type == "ConvTranspose"] == [None] * 4
+    transposed = [w for w, spec in u.weights.items() if spec.op_type == "ConvTranspose"]
+    assert [u.weights[w].axis for w in transposed] == [None] * 4
     assert u.float_weights == ["conv0.0.weight"]
     assert sorted(v.float_weights) == ["vgg.fc2.weight", "vgg.head.weight"]
     assert unet_case["info"]["quantized_ops"] == {"Conv": 18, "ConvTranspose": 4}
+    m = onnx.load(str(unet_case["path"]))
+    ops = [n.op_type for n in m.graph.node]
+    assert "ConvTranspose" not in ops and ops.count("DepthToSpace") == 4
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    qat = unet_case["qat"]
+    with torch.no_grad():
+        for w in transposed:
+            fq = qat.weight_quantizers()[w]
+            w_hat = fq(qat.gm.state_dict()[w]).numpy()                     # [C, K, 4, 4] on one grid
+            q, scale = inits[f"{w}_sub_pixel_quantized"], inits[f"{w}_sub_pixel_scale"]
+            c, k = w_hat.shape[:2]
+            assert q.shape == (4 * k, c, 3, 3) and scale.shape == (4 * k,) and np.all(scale == scale[0])
+            assert np.array_equal(q, sub_pixel_weight(np.round(w_hat / scale[0]).astype(np.int8)))
+            assert np.count_nonzero(q) == np.count_nonzero(np.round(w_hat / scale[0]))   # every tap once
     assert vgg_case["info"]["float_ops"] == {"Gemm": 2}
     for c in (unet_case, vgg_case):
         m = onnx.load(str(c["path"]))
@@ -288,6 +305,32 @@ def test_full_range_and_float_conv_transpose_options(tmp_path_factory):
     x = c["held"]
     fq = _torch(c["qat"], x)
     assert _distance(_simulated(c["path"], x), fq) <= SIM_TOLERANCE * _distance(fq, _float_outputs(c["qat"], x))
+
+
+def test_per_tensor_conv_transpose_option(tmp_path_factory):
+    """`conv_transpose="per-tensor"` keeps each ConvTranspose in the file (its weight per tensor: TensorRT's form
+    for it), with the same match; the file and the sub-pixel one written from the same QAT model compute the same
+    outputs under simulated quantization, up to float summation order."""
+    c = _case("unet", tmp_path_factory, conv_transpose="per-tensor")
+    ops = [n.op_type for n in onnx.load(str(c["path"])).graph.node]
+    assert ops.count("ConvTranspose") == 4 and "DepthToSpace" not in ops
+    ref = _layout(_calibration_file(c, tmp_path_factory.mktemp("ref")))
+    assert _layout(c["path"])["nodes"] == ref["nodes"]
+    x = c["held"]
+    fq = _torch(c["qat"], x)
+    noise = _distance(fq, _float_outputs(c["qat"], x))
+    per_tensor = _simulated(c["path"], x)
+    assert _distance(per_tensor, fq) <= SIM_TOLERANCE * noise
+    # The same trained model written in the sub-pixel form.
+    qat = c["qat"]
+    qat.placement.options["conv_transpose"] = "sub-pixel"
+    try:
+        sub = tmp_path_factory.mktemp("sub") / "unet.int8.onnx"
+        export_qdq(qat, sub, c["graph"])
+    finally:
+        qat.placement.options["conv_transpose"] = "per-tensor"
+    assert "DepthToSpace" in [n.op_type for n in onnx.load(str(sub)).graph.node]
+    assert _distance(_simulated(sub, x), per_tensor) <= SIM_TOLERANCE * noise
 
 
 # -- misuse ------------------------------------------------------------------------------------------------------

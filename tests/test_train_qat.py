@@ -13,6 +13,7 @@ import pytest
 from onnx import numpy_helper
 
 from calibration.checks import trt_readiness
+from calibration.quantize import sub_pixel_weight
 from runtime.bundle import Bundle
 from tests.conftest import sonoscore
 
@@ -90,8 +91,10 @@ def test_fp32_files_are_the_networks_distilled_from(opened):
         for key, wq in q.items():
             if not key.endswith("_quantized") or wq.dtype != np.int8:
                 continue
-            w = fp32[key[: -len("_quantized")]]
-            scale = q[key[: -len("_quantized")] + "_scale"]
+            base = key[: -len("_quantized")]
+            # the same parameter name in both files; a ConvTranspose weight in its sub-pixel Conv form
+            w = sub_pixel_weight(fp32[base[: -len("_sub_pixel")]]) if base.endswith("_sub_pixel") else fp32[base]
+            scale = q[base + "_scale"]
             s = scale.reshape([-1] + [1] * (w.ndim - 1)) if scale.size > 1 else scale   # per channel: axis 0
             off = int(np.sum(np.abs(wq.astype(np.float32) * s - w) > s / 2 * (1 + 1e-5) + 1e-12))
             moved += off
