@@ -4,6 +4,7 @@
     .venv/bin/python scripts/real_us_int8.py --bundle out/demo/bundle [--unet-int8 FILE] [--frames 40]
         [--threads 2] [--min-iou 0.95] [--mask-threshold T] [--json out.json]
         [--activation-scale K] [--weights {file,fp32-7bit,fp32-8bit}] [--float-activations] [--phantom DIR]
+        [--input-noise S1,S2,...]
 
 What it measures (issue 14: "on real ultrasound the project has never trained on, INT8 mask IoU against FP32
 >= 0.95"):
@@ -27,6 +28,13 @@ What it measures (issue 14: "on real ultrasound the project has never trained on
 4. `--phantom DIR`: also the mask IoU against FP32 on a labelled dataset folder (e.g. out/demo/data/heldout): every
    labelled image, preprocessed by export.recipe.load_preprocessed with the bundle's graph, FP32 against the INT8
    UNet simulated; a separate set of rows in the table and the JSON.
+
+5. `--input-noise S1,S2,...`: how much the FP32 mask itself moves under a small change of its input, the yardstick
+   for the INT8 figures: for each S, the FP32 UNet on the same frames with Gaussian noise of S gray levels added
+   to each preprocessed pixel (`noisy`: seeded, rounded and clipped to 0..255 as a uint8 frame is), its masks
+   against FP32's on the clean frames, a row "FP32, input noise S gray levels" in each table (and with --phantom,
+   on the phantom too). A set of frames on which a noise of 1-2 gray levels already moves the FP32 mask is one on
+   which any numeric change, INT8's included, moves it as much.
 
 Variants of the INT8 file, to find out why its IoU is what it is (`build_variant`: a temporary copy is measured, the
 file itself is never changed; the table and the JSON name the variant):
@@ -180,6 +188,18 @@ def per_frame_iou(ref: np.ndarray, other: np.ndarray) -> list[float | None]:
 
 WEIGHTS = ("file", "fp32-7bit", "fp32-8bit")
 WEIGHT_LEVELS = {"fp32-7bit": 64, "fp32-8bit": 127}    # weights quantized to [-L, L], scale |w|max / L
+
+
+def noisy(images: list[np.ndarray], sigma: float, seed: int = 0) -> list[np.ndarray]:
+    """The uint8 frames with Gaussian noise of `sigma` gray levels added to every pixel, rounded and clipped to
+    0..255 (one seeded generator over the frames in order: the same noise on every run)."""
+    rng = np.random.default_rng(seed)
+    return [np.clip(np.rint(img.astype(np.float64) + rng.normal(0.0, sigma, img.shape)), 0, 255).astype(np.uint8)
+            for img in images]
+
+
+def noise_key(sigma: float) -> str:
+    return f"fp32_noise_{sigma:g}"
 
 
 def variant_name(activation_scale: float = 1.0, weights: str = "file", float_activations: bool = False) -> str:
@@ -362,7 +382,9 @@ def table(rows: dict[str, dict], variant: str = "as given") -> str:
     head = ("precision", "mean IoU", "min IoU", "frames counted", "mean abs Δ fraction", "gate agreement",
             "frames with mask", "gate accepts", "seconds")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for key, label in PRECISIONS:
+    noise = [(k, f"FP32, input noise {rows[k]['input_noise']:g} gray level{'' if rows[k]['input_noise'] == 1 else 's'}")
+             for k in rows if k.startswith("fp32_noise_")]
+    for key, label in [*PRECISIONS, *noise]:
         r = rows.get(key)
         if r is None:
             continue
@@ -403,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phantom", type=Path, metavar="DIR",
                     help="also the mask IoU against FP32 on this labelled dataset folder (every labelled image; "
                          "INT8 simulated), e.g. out/demo/data/heldout")
+    ap.add_argument("--input-noise", metavar="S1,S2,...",
+                    help="also the FP32 UNet with Gaussian noise of S gray levels on its input, against itself "
+                         "without (how far the reference moves under a small input change), e.g. 1,2")
     a = ap.parse_args(argv)
     command = shlex.join([".venv/bin/python", "scripts/real_us_int8.py", *argv])
     try:
@@ -437,6 +462,17 @@ def _main(a, command: str) -> int:
     if a.float_activations and a.activation_scale != 1:
         raise UserError(f"--activation-scale {a.activation_scale:g} has nothing to scale with --float-activations "
                         f"(no activation is quantized); give one of them")
+    sigmas = []
+    for part in (a.input_noise or "").split(",") if a.input_noise else []:
+        try:
+            sigma = float(part)
+        except ValueError:
+            raise UserError(f"--input-noise '{a.input_noise}' is not a list of noise levels; give gray levels "
+                            f"separated by commas, such as 1,2") from None
+        if not (np.isfinite(sigma) and sigma >= 0):
+            raise UserError(f"--input-noise '{a.input_noise}' holds {part}, not a noise level; give gray levels of "
+                            f"0 or more, such as 1,2")
+        sigmas.append(sigma)
     if a.phantom is not None and not a.phantom.is_dir():
         raise UserError(f"--phantom '{a.phantom}' is not a folder; give a labelled dataset folder such as "
                         f"out/demo/data/heldout")
@@ -537,10 +573,33 @@ def _main(a, command: str) -> int:
             _say(f"real_us_int8: {where}{key}: {seconds:.1f} s")
         return masks, rows
 
+    def measure_noise(masks: dict[str, np.ndarray], rows: dict[str, dict], images, where: str) -> None:
+        """The FP32 UNet on noisy copies of the frames, against its masks on the frames (rows keyed noise_key)."""
+        for sigma in sigmas:
+            key = noise_key(sigma)
+            noisy_masks, seconds = unet_masks(graph, fp32_path, noisy(images, sigma), threads=a.threads,
+                                              simulated=False, what="the bundle's FP32 UNet")
+            out = _outputs(graph, noisy_masks, bundle.num_classes)
+            c = compare(_outputs(graph, masks["fp32"], bundle.num_classes), out)
+            rows[key] = {"file": str(fp32_path), "simulated_quantization": False, "input_noise": sigma,
+                         "seconds": round(seconds, 2), "frames": len(images),
+                         "frames_with_mask": int(noisy_masks.reshape(len(images), -1).any(1).sum()),
+                         "frames_accepted": int(out.accepted.sum()),
+                         "mask_fraction_mean": round(float(out.fractions.mean()), 6),
+                         "frames_counted": c["frames_with_kidney"], "mask_iou_mean": c["mask_iou_mean"],
+                         "mask_iou_min": c["mask_iou_min"],
+                         "mask_fraction_error_mean": c["mask_fraction_error_mean"],
+                         "mask_fraction_error_max": c["mask_fraction_error_max"],
+                         "gate_agreement": c["gate_agreement"],
+                         "per_frame_iou": per_frame_iou(masks["fp32"], noisy_masks)}
+            _say(f"real_us_int8: {where}FP32 with input noise {sigma:g}: {seconds:.1f} s")
+
     masks, rows = measure(runs, images, "")
+    measure_noise(masks, rows, images, "")
     phantom = None
     if phantom_images is not None:
-        _, prows = measure([r for r in runs if r[0] in ("fp32", "int8_simulated")], phantom_images, "phantom ")
+        pmasks, prows = measure([r for r in runs if r[0] in ("fp32", "int8_simulated")], phantom_images, "phantom ")
+        measure_noise(pmasks, prows, phantom_images, "phantom ")
         phantom = {"dir": str(a.phantom), "frames": len(phantom_images), "precisions": prows}
 
     sim = rows["int8_simulated"]["mask_iou_mean"]
@@ -550,7 +609,7 @@ def _main(a, command: str) -> int:
         "command": command, "bundle": str(a.bundle), "unet_int8": str(int8),
         "variant": variant or {"name": "as given", "activation_scale": 1.0, "weights": "file",
                                "float_activations": False},
-        "threads": a.threads,
+        "threads": a.threads, "input_noise": sigmas,
         "mask_threshold": graph.mask_threshold, "min_mask_fraction": graph.min_mask_fraction, "min_iou": a.min_iou,
         "files": {"ultrasound": len(files), "by_origin": dict(origins), "used": len(used_files), "rows": real.files},
         "frames": {"total": total, "usable": usable, "skipped": skipped, "picked": len(images),

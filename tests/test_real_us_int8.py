@@ -2,7 +2,8 @@
 figures match ones computed here independently, the FP32 UNet given as the "INT8" one agrees with itself exactly
 on this CPU's run, the exit status follows --min-iou, and bad input is one sentence with exit 2. The variants
 (--activation-scale, --weights, --float-activations) change exactly what they say in a Q/DQ file quantized here from
-the tiny FP32 UNet, and --phantom measures the variant on a labelled folder. No figure here depends on trained
+the tiny FP32 UNet, --phantom measures the variant on a labelled folder, and --input-noise rows are the FP32 UNet on
+seeded noisy copies of the frames against itself. No figure here depends on trained
 weights or on INT8 kernels: the mask threshold is derived from the tiny UNet's own output, and the variants' IoUs
 are compared with ones computed here from the same model."""
 import importlib.util
@@ -101,6 +102,40 @@ def test_a_minimum_iou_above_one_fails_with_exit_1(script, tiny_bundle, expected
     rc, d = _run(script, tiny_bundle, expected, tmp_path, "--min-iou", "1.5")
     assert rc == 1 and d["passed"] is False
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_noisy_frames_are_seeded_uint8_with_the_noise_asked(script):
+    flat = [np.full((64, 64), 128, np.uint8) for _ in range(3)]
+    assert all(np.array_equal(a, b) for a, b in zip(script.noisy(flat, 0.0), flat))
+    a, b = script.noisy(flat, 2.0), script.noisy(flat, 2.0)
+    assert all(x.dtype == np.uint8 and np.array_equal(x, y) for x, y in zip(a, b))      # the same on every run
+    diff = np.stack(a).astype(np.float64) - 128
+    assert abs(diff.std() - np.sqrt(4 + 1 / 12)) < 0.05 and abs(diff.mean()) < 0.05    # N(0, 2) then rounded
+    assert not np.array_equal(a[0], a[1])                                               # each frame its own draw
+    edges = script.noisy([np.array([[0, 255]], np.uint8)] * 50, 5.0)
+    assert min(int(x[0, 0]) for x in edges) == 0 and max(int(x[0, 1]) for x in edges) == 255   # clipped
+
+
+def test_input_noise_rows_are_the_fp32_unet_on_noisy_frames_against_itself(script, tiny_bundle, expected, tmp_path,
+                                                                            capsys):
+    """No noise: the same masks (IoU exactly 1). Noise of 60 gray levels: the masks computed here from the same
+    noisy frames, and an IoU below 1 (the threshold sits mid-way in the tiny UNet's output on these frames)."""
+    from runtime.backends.ort import OrtRunner
+    from runtime.bundle import Bundle
+    rc, d = _run(script, tiny_bundle, expected, tmp_path, "--input-noise", "0,60")
+    stdout = capsys.readouterr().out
+    assert d["input_noise"] == [0.0, 60.0]
+    zero, loud = d["precisions"]["fp32_noise_0"], d["precisions"]["fp32_noise_60"]
+    assert zero["mask_iou_mean"] == 1.0 and zero["frames_counted"] == expected["fp32_with_mask"]
+    graph = Bundle.load(tiny_bundle).graph(mask_threshold=expected["threshold"])
+    with OrtRunner(expected["fp32"], intra_op_threads=2) as r:
+        ref = np.stack([graph.segment(r, img) > expected["threshold"] for img in expected["images"]])
+        got = np.stack([graph.segment(r, img) > expected["threshold"]
+                        for img in script.noisy(expected["images"], 60.0)])
+    ious = [v for v in script.per_frame_iou(ref, got) if v is not None]
+    assert loud["mask_iou_mean"] == round(float(np.mean(ious)), 6) < 1.0
+    assert loud["per_frame_iou"] == script.per_frame_iou(ref, got)
+    assert "| FP32, input noise 0 gray levels | 1.0000 |" in stdout and "| FP32, input noise 60 gray levels |" in stdout
 
 
 @pytest.mark.parametrize("case", ["missing", "not-onnx", "no-int8"])
@@ -285,6 +320,8 @@ def test_float_activations_with_fp32_weights_measure_that_file_on_real_frames_an
     (["--weights", "fp32-4bit"], "--weights 'fp32-4bit'"),
     (["--float-activations", "--activation-scale", "2"], "--activation-scale 2"),
     (["--phantom", "no-such-folder"], "--phantom 'no-such-folder'"),
+    (["--input-noise", "loud"], "--input-noise 'loud'"),
+    (["--input-noise", "1,-2"], "--input-noise '1,-2'"),
 ])
 def test_bad_variant_values_are_one_sentence_and_exit_2(tiny_bundle, args, names):
     r = subprocess.run([sys.executable, str(SCRIPT), "--bundle", str(tiny_bundle), *args, "--frames", "2"], cwd=ROOT,
