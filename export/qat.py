@@ -600,6 +600,9 @@ def _write_qat_parameters(model, work: Path, fp32: Path) -> None:
             q = q.numpy().astype(np.int8)
             scale = scale.numpy().astype(np.float32)
             if weight in sub_weights.values():
+                if spec.axis is not None:
+                    raise RuntimeError(f"ConvTranspose weight '{weight}' is per channel; its sub-pixel form is "
+                                       f"written from one per-tensor grid")
                 # The same integers in the sub-pixel Conv's layout, the per-tensor scale on each of its channels.
                 q = sub_pixel_weight(q)
                 scale = np.full(len(q), float(scale.reshape(-1)[0]), np.float32)
