@@ -143,6 +143,16 @@ def int8_candidate(bundle: Bundle, name: str) -> Path | None:
     return rejected if rejected.is_file() else None
 
 
+# How each ConvTranspose weight is held (the manifest's int8.conv_transpose_weights), by the file's form: calibrate's
+# own files, and QAT's (export.qat: trained on one per-tensor grid, written as its placement says).
+CONV_TRANSPOSE_WEIGHTS = {
+    "sub-pixel": "per-channel (sub-pixel Conv + DepthToSpace)",
+    "per-tensor": "per-tensor",
+    "qat-sub-pixel": "per-tensor scale on every channel of the sub-pixel Conv + DepthToSpace (QAT)",
+    "qat-per-tensor": "per-tensor (QAT)",
+}
+
+
 def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[str] | None = None,
                      method: str = "minmax", count: int = 300, holdout: int = 300, max_frames: int = 3000,
                      conv_transpose: str = "sub-pixel", thresholds: Thresholds | None = None,
@@ -232,7 +242,9 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
         if qat is not None:
             shutil.copyfile(qat["files"][name], work / INT8_FILES[name])
             i = qat["info"][name]
-            results[name] = QuantizeResult(work / INT8_FILES[name], "qat", 0, conv_transpose, i["weight_bits"],
+            placed = (qat.get("settings", {}).get(name, {}).get("placement") or {}).get("conv_transpose")
+            results[name] = QuantizeResult(work / INT8_FILES[name], "qat", 0,
+                                           f"qat-{placed}" if placed else conv_transpose, i["weight_bits"],
                                            i["quantized_ops"], i["float_ops"], i["opset"])
             continue
         prog = _Progress(f"calibrating {name}", len(inputs), quiet)
@@ -368,8 +380,7 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
             net["int8"] = {"format": "onnx-qdq", "activations": "int8 symmetric per-tensor",
                            "weights": "int8 symmetric per-channel (output-channel axis)",
                            "weight_bits": r.weight_bits,
-                           "conv_transpose_weights": {"sub-pixel": "per-channel (sub-pixel Conv + DepthToSpace)",
-                                                      "per-tensor": "per-tensor"}.get(conv_transpose, "float")
+                           "conv_transpose_weights": CONV_TRANSPOSE_WEIGHTS.get(r.conv_transpose, "float")
                            if "ConvTranspose" in r.quantized_ops or "ConvTranspose" in r.float_ops else "n/a",
                            "biases": "float", "int8_weights": r.quantized_ops, "float_weights": r.float_ops,
                            "fidelity": fidelity["decided_by"]}

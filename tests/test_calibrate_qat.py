@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 
 from calibration.checks import trt_readiness  # noqa: E402
 from calibration.quantize import sub_pixel_weight  # noqa: E402
+from calibration.run import CONV_TRANSPOSE_WEIGHTS  # noqa: E402
 from runtime.bundle import Bundle  # noqa: E402
 from tests.conftest import sonoscore  # noqa: E402
 from tests.test_checkpoints import RefNet, RefVGG, main_py_save, make_booster, randomize_bn  # noqa: E402
@@ -92,6 +93,9 @@ def test_qat_set_is_installed_recorded_and_the_rest_of_the_bundle_is_unchanged(m
         assert net["files"]["int8"] == f"{name}.int8.onnx" and net["int8"]["format"] == "onnx-qdq"
         assert net["int8"]["qat"]["checkpoint"]["sha256"] == s["checkpoint"]["sha256"]
         assert trt_readiness(bundle.network_file(name, "int8")) == []
+    # the UNet's upsamplers: trained on one per-tensor grid, written in the sub-pixel form (calibrate's default)
+    assert m["networks"]["unet"]["int8"]["conv_transpose_weights"] == CONV_TRANSPOSE_WEIGHTS["qat-sub-pixel"]
+    assert "DepthToSpace" in {n.op_type for n in onnx.load(str(bundle.network_file("unet", "int8"))).graph.node}
     rep = json.loads((bundle_dir / "calibration_report.json").read_text())
     assert rep["method"] == "qat" and rep["qat"] == cal["qat"] and rep["passed"]
     assert rep["frames"]["calibration"] == 0          # no frame calibrates: the scales are QAT's
