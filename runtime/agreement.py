@@ -109,8 +109,16 @@ def graph_outputs(graph, unet, vgg, booster, images: list[np.ndarray], *, num_cl
     return Outputs(masks, fractions, accepted, feats, probs, prob_maps)
 
 
+# Information beside grade agreement (never a threshold): the agreement on the frames whose FP32 probabilities do not
+# nearly tie, the top grade ahead of the second by at least this much. Where FP32 itself is within a few hundredths
+# of another grade, any small change of the features (INT8's, another CPU's summation order) can swap the two.
+CLEAR_GAP = 0.1
+
+
 def compare(ref: Outputs, other: Outputs) -> dict:
-    """The metrics of `other` against `ref` (FP32). None where no frame qualifies."""
+    """The metrics of `other` against `ref` (FP32). None where no frame qualifies. `grade_agreement_clear` (with
+    `frames_clear`): the grade agreement over the frames both accept whose FP32 top-two probability gap is at least
+    CLEAR_GAP; information only, the check decides on `grade_agreement`."""
     n = len(ref.fractions)
     inter = (ref.masks & other.masks).reshape(n, -1).sum(1)
     union = (ref.masks | other.masks).reshape(n, -1).sum(1)
@@ -128,11 +136,17 @@ def compare(ref: Outputs, other: Outputs) -> dict:
         cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
         pa, pb = ref.probabilities[both], other.probabilities[both]
         l1 = np.abs(pa - pb).sum(1)
+        top2 = np.sort(pa, axis=1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] >= CLEAR_GAP
+        same = pa.argmax(1) == pb.argmax(1)
         out.update({"feature_cosine_mean": _f(cos.mean()), "feature_cosine_min": _f(cos.min()),
-                    "grade_agreement": _f((pa.argmax(1) == pb.argmax(1)).mean()),
+                    "grade_agreement": _f(same.mean()),
+                    "grade_agreement_clear": _f(same[clear].mean()) if clear.any() else None,
+                    "frames_clear": int(clear.sum()),
                     "probability_l1_mean": _f(l1.mean()), "probability_l1_max": _f(l1.max())})
     else:
         out.update({"feature_cosine_mean": None, "feature_cosine_min": None, "grade_agreement": None,
+                    "grade_agreement_clear": None, "frames_clear": 0,
                     "probability_l1_mean": None, "probability_l1_max": None})
     return out
 

@@ -113,7 +113,7 @@ def main(argv=None) -> int:
 
     from export.qat import qat_networks
     from export.recipe import load_preprocessed
-    from runtime.agreement import compare, graph_outputs
+    from runtime.agreement import CLEAR_GAP, compare, graph_outputs
     from runtime.backends.ort import OrtRunner
     from runtime.booster import Booster
     from runtime.bundle import Bundle, BundleError
@@ -220,7 +220,7 @@ def main(argv=None) -> int:
                 m = compare(ref, o)
                 row[run] = {k: m[k] for k in ("frames_with_kidney", "frames_accepted_by_both", "mask_iou_mean",
                                               "mask_iou_min", "gate_agreement", "feature_cosine_mean",
-                                              "grade_agreement")}
+                                              "grade_agreement", "grade_agreement_clear", "frames_clear")}
                 row[run]["accuracy"] = accuracy(o)
             rows[v] = row
             _say(f"  {set_name} {v}: mask IoU {row['sim']['mask_iou_mean']:.4f}, gate {row['sim']['gate_agreement']:.3f}, "
@@ -228,6 +228,9 @@ def main(argv=None) -> int:
                  f"accuracy {row['sim']['accuracy']:.3f}")
         results[set_name] = {"frames": len(imgs), "fp32_accuracy": accuracy(ref),
                              "vgg_alone_grade_agreement": vgg_alone["grade_agreement"],
+                             "vgg_alone_grade_agreement_clear": vgg_alone["grade_agreement_clear"],
+                             "vgg_alone_frames_clear": vgg_alone["frames_clear"],
+                             "vgg_alone_frames": vgg_alone["frames_accepted_by_both"],
                              "vgg_alone_feature_cosine": vgg_alone["feature_cosine_mean"], "variants": rows}
         _say(f"unet_qat_variants: {set_name}, {len(imgs)} frames in {time.perf_counter() - ts:.0f} s")
     t_eval = time.perf_counter() - t_eval
@@ -245,8 +248,10 @@ def main(argv=None) -> int:
                   f"{f3(s['mask_iou_mean'], 4)} | {f3(s['gate_agreement'])} | {f3(s['grade_agreement'])} | "
                   f"{f3(r['fp32_accuracy'])} | {f3(s['accuracy'])} | {f3(row['cpu']['grade_agreement'])} |")
     for set_name, r in results.items():
-        print(f"{set_name}: INT8 VGG alone (FP32 UNet's masks) grade agreement {f3(r['vgg_alone_grade_agreement'])}, "
-              f"feature cosine {f3(r['vgg_alone_feature_cosine'], 5)}")
+        print(f"{set_name}: INT8 VGG alone (FP32 UNet's masks) grade agreement {f3(r['vgg_alone_grade_agreement'])} "
+              f"over {r['vgg_alone_frames']} frames, {f3(r['vgg_alone_grade_agreement_clear'])} over the "
+              f"{r['vgg_alone_frames_clear']} where FP32's top grade leads by at least {CLEAR_GAP:g}, feature cosine "
+              f"{f3(r['vgg_alone_feature_cosine'], 5)}")
     out = {"bundle": str(bundle.root), "train_data": str(a.train_data), "data": str(a.data),
            "files": {"vgg int8": str(vgg_int8), **{v: str(p) for v, p in files.items()}}, "variants": info,
            "lr": lr, "seed": seed, "sets": results, "threads": a.threads,

@@ -329,9 +329,27 @@ def test_compare_metrics_against_hand_computed_values():
     assert m["gate_agreement"] == pytest.approx(2 / 3, abs=1e-6)
     assert m["feature_cosine_mean"] == pytest.approx((1 / np.sqrt(2) + 1) / 2, abs=1e-6)
     assert m["grade_agreement"] == 0.5
+    # frame 0's FP32 gap is 0.4, frame 1's 0.2: both clear of a near-tie, the same agreement
+    assert m["frames_clear"] == 2 and m["grade_agreement_clear"] == 0.5
     assert m["probability_l1_mean"] == pytest.approx(0.3, abs=1e-6)
     assert Thresholds().missed(m)                              # far below every default
     assert Thresholds(0, 0, 0, 0).missed(m) == []
+
+
+def test_clear_grade_agreement_leaves_out_only_frames_where_fp32_nearly_ties():
+    """Three accepted frames: FP32 gaps 0.02 (a near-tie, swapped), exactly CLEAR_GAP (swapped) and 0.5 (kept).
+    Agreement 1/3 over all three; over the clear ones (gap >= CLEAR_GAP) 1/2; the check still decides on 1/3."""
+    from runtime.agreement import CLEAR_GAP
+    masks = np.ones((3, 2, 2), bool)
+    feats = np.ones((3, 2), np.float32)
+    half = CLEAR_GAP / 2
+    probs = np.array([[0.51, 0.49], [0.5 + half, 0.5 - half], [0.75, 0.25]])
+    oprobs = np.array([[0.49, 0.51], [0.4, 0.6], [0.7, 0.3]])
+    accepted = np.ones(3, bool)
+    m = compare(Outputs(masks, np.ones(3), accepted, feats, probs), Outputs(masks, np.ones(3), accepted, feats, oprobs))
+    assert m["grade_agreement"] == pytest.approx(1 / 3, abs=1e-6)
+    assert m["frames_clear"] == 2 and m["grade_agreement_clear"] == 0.5
+    assert Thresholds(0, 0, 0.5, 0).missed(m)                 # 1/3 < 0.5: the clear figure does not decide
 
 
 def test_a_metric_that_could_not_be_measured_fails_its_check():
