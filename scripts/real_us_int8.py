@@ -547,51 +547,42 @@ def _main(a, command: str) -> int:
          + (f" ({', '.join(f'{n} {w}' for w, n in skipped.items())})" if skipped else "")
          + f"; {len(images)} picked from {len(used_files)} files")
 
+    def row_of(m: np.ndarray, ref: np.ndarray | None, *, file, simulated: bool, seconds: float) -> dict:
+        """One table row: the masks `m` (their file, how they were run) and, unless they are the reference, their
+        figures against the reference masks `ref`."""
+        out = _outputs(graph, m, bundle.num_classes)
+        row = {"file": str(file), "simulated_quantization": simulated, "seconds": round(seconds, 2),
+               "frames": len(m), "frames_with_mask": int(m.reshape(len(m), -1).any(1).sum()),
+               "frames_accepted": int(out.accepted.sum()),
+               "mask_fraction_mean": round(float(out.fractions.mean()), 6),
+               "per_frame_fraction": [round(float(x), 6) for x in out.fractions]}
+        if ref is not None:
+            c = compare(_outputs(graph, ref, bundle.num_classes), out)
+            row.update({"frames_counted": c["frames_with_kidney"], "mask_iou_mean": c["mask_iou_mean"],
+                        "mask_iou_min": c["mask_iou_min"], "mask_fraction_error_mean": c["mask_fraction_error_mean"],
+                        "mask_fraction_error_max": c["mask_fraction_error_max"],
+                        "gate_agreement": c["gate_agreement"], "per_frame_iou": per_frame_iou(ref, m)})
+        return row
+
     def measure(runs, images, where: str) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
         masks: dict[str, np.ndarray] = {}
         rows: dict[str, dict] = {}
         for key, path, simulated, what in runs:
             masks[key], seconds = unet_masks(graph, path, images, threads=a.threads, simulated=simulated, what=what)
-            out = _outputs(graph, masks[key], bundle.num_classes)
-            row = {"file": str(int8 if key.startswith("int8") else path), "simulated_quantization": simulated,
-                   "seconds": round(seconds, 2), "frames": len(images),
-                   "frames_with_mask": int(masks[key].reshape(len(images), -1).any(1).sum()),
-                   "frames_accepted": int(out.accepted.sum()),
-                   "mask_fraction_mean": round(float(out.fractions.mean()), 6),
-                   "per_frame_fraction": [round(float(x), 6) for x in out.fractions]}
+            rows[key] = row_of(masks[key], None if key == "fp32" else masks["fp32"], simulated=simulated,
+                               file=int8 if key.startswith("int8") else path, seconds=seconds)
             if key.startswith("int8"):
-                row["variant"] = variant_label
-            if key != "fp32":
-                c = compare(_outputs(graph, masks["fp32"], bundle.num_classes), out)
-                row.update({"frames_counted": c["frames_with_kidney"], "mask_iou_mean": c["mask_iou_mean"],
-                            "mask_iou_min": c["mask_iou_min"],
-                            "mask_fraction_error_mean": c["mask_fraction_error_mean"],
-                            "mask_fraction_error_max": c["mask_fraction_error_max"],
-                            "gate_agreement": c["gate_agreement"],
-                            "per_frame_iou": per_frame_iou(masks["fp32"], masks[key])})
-            rows[key] = row
+                rows[key]["variant"] = variant_label
             _say(f"real_us_int8: {where}{key}: {seconds:.1f} s")
         return masks, rows
 
     def measure_noise(masks: dict[str, np.ndarray], rows: dict[str, dict], images, where: str) -> None:
         """The FP32 UNet on noisy copies of the frames, against its masks on the frames (rows keyed noise_key)."""
         for sigma in sigmas:
-            key = noise_key(sigma)
             noisy_masks, seconds = unet_masks(graph, fp32_path, noisy(images, sigma), threads=a.threads,
                                               simulated=False, what="the bundle's FP32 UNet")
-            out = _outputs(graph, noisy_masks, bundle.num_classes)
-            c = compare(_outputs(graph, masks["fp32"], bundle.num_classes), out)
-            rows[key] = {"file": str(fp32_path), "simulated_quantization": False, "input_noise": sigma,
-                         "seconds": round(seconds, 2), "frames": len(images),
-                         "frames_with_mask": int(noisy_masks.reshape(len(images), -1).any(1).sum()),
-                         "frames_accepted": int(out.accepted.sum()),
-                         "mask_fraction_mean": round(float(out.fractions.mean()), 6),
-                         "frames_counted": c["frames_with_kidney"], "mask_iou_mean": c["mask_iou_mean"],
-                         "mask_iou_min": c["mask_iou_min"],
-                         "mask_fraction_error_mean": c["mask_fraction_error_mean"],
-                         "mask_fraction_error_max": c["mask_fraction_error_max"],
-                         "gate_agreement": c["gate_agreement"],
-                         "per_frame_iou": per_frame_iou(masks["fp32"], noisy_masks)}
+            rows[noise_key(sigma)] = {**row_of(noisy_masks, masks["fp32"], file=fp32_path, simulated=False,
+                                               seconds=seconds), "input_noise": sigma}
             _say(f"real_us_int8: {where}FP32 with input noise {sigma:g}: {seconds:.1f} s")
 
     masks, rows = measure(runs, images, "")
