@@ -4,7 +4,7 @@
     .venv/bin/python scripts/real_us_int8.py --bundle out/demo/bundle [--unet-int8 FILE] [--frames 40]
         [--threads 2] [--min-iou 0.95] [--mask-threshold T] [--json out.json]
         [--activation-scale K] [--weights {file,fp32-7bit,fp32-8bit}] [--float-activations] [--phantom DIR]
-        [--input-noise S1,S2,...]
+        [--input-noise S1,S2,...] [--ranges]
 
 What it measures (issue 14: "on real ultrasound the project has never trained on, INT8 mask IoU against FP32
 >= 0.95"):
@@ -23,7 +23,11 @@ What it measures (issue 14: "on real ultrasound the project has never trained on
 3. Against FP32: mean mask IoU over the frames where either mask has a pixel (runtime.agreement.compare: frames
    where both are empty are not counted), the lowest IoU, how many frames counted, the mean |mask fraction
    difference| and the gate agreement; and per precision how many frames have any mask pixel and how many the
-   gate accepts (mask fraction >= the manifest's minimum).
+   gate accepts (mask fraction >= the manifest's minimum). Two more means of the same per-frame IoUs: per picture
+   (frames whose prepared pixels are identical are one picture, `picture_ids`: pydicom and pydicom-data ship some
+   pictures in several encodings, and a picture shipped five times would otherwise count five times), and over
+   the frames whose mask either precision's gate accepts (the only masks that reach the VGG and the grade; a
+   speck of a few pixels the gate rejects in both changes no output).
 
 4. `--phantom DIR`: also the mask IoU against FP32 on a labelled dataset folder (e.g. out/demo/data/heldout): every
    labelled image, preprocessed by export.recipe.load_preprocessed with the bundle's graph, FP32 against the INT8
@@ -35,6 +39,11 @@ What it measures (issue 14: "on real ultrasound the project has never trained on
    against FP32's on the clean frames, a row "FP32, input noise S gray levels" in each table (and with --phantom,
    on the phantom too). A set of frames on which a noise of 1-2 gray levels already moves the FP32 mask is one on
    which any numeric change, INT8's included, moves it as much.
+
+6. `--ranges`: how far the INT8 file's activations (run simulated) reach past the range each activation
+   QuantizeLinear can hold (`activation_ranges`: per tensor and frame, the furthest value over the range's end and
+   the share of values that saturate), on the real frames and, with --phantom, on the phantom: a file calibrated on
+   the phantom whose real-frame activations saturate in many layers is meeting inputs its ranges were not set for.
 
 Variants of the INT8 file, to find out why its IoU is what it is (`build_variant`: a temporary copy is measured, the
 file itself is never changed; the table and the JSON name the variant):
@@ -58,6 +67,7 @@ is lower or cannot be measured (no frame has a mask pixel at either precision), 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import sys
@@ -184,6 +194,109 @@ def per_frame_iou(ref: np.ndarray, other: np.ndarray) -> list[float | None]:
     inter = (ref & other).reshape(n, -1).sum(1)
     union = (ref | other).reshape(n, -1).sum(1)
     return [round(float(i / u), 6) if u else None for i, u in zip(inter, union)]
+
+
+def picture_ids(images: list[np.ndarray]) -> list[str]:
+    """A key per frame, the same for frames whose prepared pixels are identical: pydicom and pydicom-data ship some
+    pictures in several encodings (one picture as uncompressed, RLE, big-endian and JPEG 2000 files), and the
+    per-picture figures count each picture once."""
+    return [hashlib.sha256(str(img.shape).encode() + np.ascontiguousarray(img).tobytes()).hexdigest()[:16]
+            for img in images]
+
+
+def mean_by_picture(values: list[float | None], ids: list[str]) -> tuple[float | None, int]:
+    """(mean over pictures of each picture's mean value, pictures counted); frames whose value is None (not
+    counted) are left out, and a picture none of whose frames counts is not counted."""
+    groups: dict[str, list[float]] = {}
+    for v, k in zip(values, ids):
+        if v is not None:
+            groups.setdefault(k, []).append(v)
+    if not groups:
+        return None, 0
+    return round(float(np.mean([np.mean(v) for v in groups.values()])), 6), len(groups)
+
+
+def activation_ranges(path: Path, graph, images: list[np.ndarray], *, threads: int) -> dict:
+    """How far the activations of the INT8 file (run simulated: graph optimisations off) reach past the range each
+    activation QuantizeLinear can hold, frame by frame. For each such node (scale s, zero point z of type int8 or
+    uint8): the range is [(qmin - z) s, (qmax - z) s]; `ratio` is the largest value over the top of the range, or
+    the most negative one over the bottom, whichever is larger (1: the range is just reached); `clipped` is the
+    share of the tensor's values whose rounded level falls outside [qmin, qmax] (they saturate). Where every reader
+    of the node's DequantizeLinear is a Relu, values below the range are not counted: the Relu zeroes them anyway
+    (onnxruntime's quantizer gives such a tensor its Relu output's range, so they are below it by design)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper as nh
+    from runtime.backends.ort import optimization_level
+
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    readers: dict[str, list] = {}
+    for n in model.graph.node:
+        for x in n.input:
+            readers.setdefault(x, []).append(n)
+    tensors = []
+    for n in nodes:
+        dqs = [r for r in readers.get(n.output[0], []) if r.op_type == "DequantizeLinear"]
+        after = [r for dq in dqs for r in readers.get(dq.output[0], [])]
+        relu_only = bool(after) and all(r.op_type == "Relu" for r in after)
+        scale = float(nh.to_array(inits[n.input[1]]).reshape(-1)[0])
+        zp = nh.to_array(inits[n.input[2]]) if len(n.input) > 2 and n.input[2] in inits else np.zeros((), np.uint8)
+        info = np.iinfo(zp.dtype)
+        z = int(zp.reshape(-1)[0])
+        tensors.append({"tensor": n.input[0], "scale": scale, "zero_point": z, "qmin": int(info.min),
+                        "qmax": int(info.max), "low": (int(info.min) - z) * scale, "high": (int(info.max) - z) * scale,
+                        "relu_only": relu_only})
+    graph_inputs = {i.name for i in model.graph.input}
+    present = {o.name for o in model.graph.output}
+    for t in tensors:
+        if t["tensor"] not in graph_inputs and t["tensor"] not in present:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(t["tensor"], onnx.TensorProto.FLOAT, None))
+            present.add(t["tensor"])
+    so = ort.SessionOptions()
+    so.graph_optimization_level = optimization_level(simulated_quantization=True)
+    so.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    fetch = [t["tensor"] for t in tensors if t["tensor"] not in graph_inputs]
+    ratio = np.zeros((len(images), len(tensors)))
+    clipped = np.zeros((len(images), len(tensors)))
+    for i, img in enumerate(images):
+        feeds = graph.unet_feeds(img)
+        values = dict(zip(fetch, session.run(fetch, feeds)))
+        values.update(feeds)
+        for j, t in enumerate(tensors):
+            x = np.asarray(values[t["tensor"]], np.float64)
+            over = [x.max() / t["high"]] if t["high"] > 0 else []
+            over += [x.min() / t["low"]] if t["low"] < 0 and not t["relu_only"] else []
+            ratio[i, j] = max(over) if over else 0.0
+            level = np.rint(x / t["scale"]) + t["zero_point"]
+            out = (level > t["qmax"]) if t["relu_only"] else (level > t["qmax"]) | (level < t["qmin"])
+            clipped[i, j] = float(out.mean())
+    per_frame = (clipped > 0).sum(1)
+    return {"tensors": len(tensors), "frames": len(images),
+            "frames_clipping": int((per_frame > 0).sum()),
+            "tensors_clipping_median": float(np.median(per_frame)) if len(images) else None,
+            "ratio_max": round(float(ratio.max()), 4) if ratio.size else None,
+            "ratio_median": round(float(np.median(ratio.max(1))), 4) if ratio.size else None,
+            "clipped_share_mean": round(float(clipped.mean()), 8) if clipped.size else None,
+            "per_frame": [{"tensors_clipping": int(c), "ratio_max": round(float(r), 4)}
+                          for c, r in zip(per_frame, ratio.max(1) if ratio.size else [])],
+            "per_tensor": [{"tensor": t["tensor"], "scale": t["scale"], "zero_point": t["zero_point"],
+                            "relu_only": t["relu_only"],
+                            "ratio_max": round(float(ratio[:, j].max()), 4) if len(images) else None,
+                            "frames_clipping": int((clipped[:, j] > 0).sum()),
+                            "clipped_share_mean": round(float(clipped[:, j].mean()), 8) if len(images) else None}
+                           for j, t in enumerate(tensors)]}
+
+
+def ranges_line(where: str, r: dict) -> str:
+    """One sentence on activation_ranges' result."""
+    worst = sorted(r["per_tensor"], key=lambda t: -(t["ratio_max"] or 0))[:3]
+    return (f"{where}: {r['frames_clipping']} of {r['frames']} frames saturate at least one of the {r['tensors']} "
+            f"activation ranges (median {r['tensors_clipping_median']:g} tensors per frame); the furthest value "
+            f"reaches {r['ratio_max']:.2f}x its range (median frame {r['ratio_median']:.2f}x); furthest tensors: "
+            + ", ".join(f"{t['tensor']} {t['ratio_max']:.2f}x" for t in worst))
 
 
 WEIGHTS = ("file", "fp32-7bit", "fp32-8bit")
@@ -379,7 +492,8 @@ def _fmt(v, digits: int = 4) -> str:
 
 def table(rows: dict[str, dict], variant: str = "as given") -> str:
     """The markdown table of `rows` (precision key -> row); the INT8 rows name the variant unless it is "as given"."""
-    head = ("precision", "mean IoU", "min IoU", "frames counted", "mean abs Δ fraction", "gate agreement",
+    head = ("precision", "mean IoU", "min IoU", "frames counted", "mean IoU per picture", "pictures counted",
+            "mean IoU, a gate accepts", "frames a gate accepts", "mean abs Δ fraction", "gate agreement",
             "frames with mask", "gate accepts", "seconds")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     noise = [(k, f"FP32, input noise {rows[k]['input_noise']:g} gray level{'' if rows[k]['input_noise'] == 1 else 's'}")
@@ -393,6 +507,8 @@ def table(rows: dict[str, dict], variant: str = "as given") -> str:
             label = f"{label}, {variant}"
         cells = (label, "ref" if ref else _fmt(r["mask_iou_mean"]), "ref" if ref else _fmt(r["mask_iou_min"]),
                  "ref" if ref else str(r["frames_counted"]),
+                 "ref" if ref else _fmt(r["mask_iou_mean_pictures"]), "ref" if ref else str(r["pictures_counted"]),
+                 "ref" if ref else _fmt(r["mask_iou_mean_gated"]), "ref" if ref else str(r["frames_gated"]),
                  "ref" if ref else _fmt(r["mask_fraction_error_mean"], 5),
                  "ref" if ref else _fmt(r["gate_agreement"], 3),
                  f"{r['frames_with_mask']}/{r['frames']}", f"{r['frames_accepted']}/{r['frames']}",
@@ -425,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phantom", type=Path, metavar="DIR",
                     help="also the mask IoU against FP32 on this labelled dataset folder (every labelled image; "
                          "INT8 simulated), e.g. out/demo/data/heldout")
+    ap.add_argument("--ranges", action="store_true",
+                    help="also how far the INT8 file's activations (simulated) reach past the range each activation "
+                         "QuantizeLinear holds, on the real frames (and with --phantom, on the phantom)")
     ap.add_argument("--input-noise", metavar="S1,S2,...",
                     help="also the FP32 UNet with Gaussian noise of S gray levels on its input, against itself "
                          "without (how far the reference moves under a small input change), e.g. 1,2")
@@ -547,51 +666,72 @@ def _main(a, command: str) -> int:
          + (f" ({', '.join(f'{n} {w}' for w, n in skipped.items())})" if skipped else "")
          + f"; {len(images)} picked from {len(used_files)} files")
 
-    def row_of(m: np.ndarray, ref: np.ndarray | None, *, file, simulated: bool, seconds: float) -> dict:
+    def row_of(m: np.ndarray, ref: np.ndarray | None, ids: list[str], *, file, simulated: bool,
+               seconds: float) -> dict:
         """One table row: the masks `m` (their file, how they were run) and, unless they are the reference, their
-        figures against the reference masks `ref`."""
+        figures against the reference masks `ref`: over frames, over distinct pictures (`ids`, picture_ids of the
+        frames), and over the frames whose mask either gate accepts (the masks that reach the VGG)."""
         out = _outputs(graph, m, bundle.num_classes)
         row = {"file": str(file), "simulated_quantization": simulated, "seconds": round(seconds, 2),
-               "frames": len(m), "frames_with_mask": int(m.reshape(len(m), -1).any(1).sum()),
+               "frames": len(m), "pictures": len(set(ids)), "frames_with_mask": int(m.reshape(len(m), -1).any(1).sum()),
                "frames_accepted": int(out.accepted.sum()),
                "mask_fraction_mean": round(float(out.fractions.mean()), 6),
                "per_frame_fraction": [round(float(x), 6) for x in out.fractions]}
         if ref is not None:
-            c = compare(_outputs(graph, ref, bundle.num_classes), out)
+            ref_out = _outputs(graph, ref, bundle.num_classes)
+            c = compare(ref_out, out)
+            per = per_frame_iou(ref, m)
+            by_picture, pictures = mean_by_picture(per, ids)
+            gated = [v for v, x, y in zip(per, ref_out.accepted, out.accepted) if v is not None and (x or y)]
+            row.update({"pictures_counted": pictures, "mask_iou_mean_pictures": by_picture,
+                        "frames_gated": len(gated),
+                        "mask_iou_mean_gated": round(float(np.mean(gated)), 6) if gated else None})
             row.update({"frames_counted": c["frames_with_kidney"], "mask_iou_mean": c["mask_iou_mean"],
                         "mask_iou_min": c["mask_iou_min"], "mask_fraction_error_mean": c["mask_fraction_error_mean"],
                         "mask_fraction_error_max": c["mask_fraction_error_max"],
-                        "gate_agreement": c["gate_agreement"], "per_frame_iou": per_frame_iou(ref, m)})
+                        "gate_agreement": c["gate_agreement"], "per_frame_iou": per})
         return row
 
-    def measure(runs, images, where: str) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    def measure(runs, images, ids, where: str) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
         masks: dict[str, np.ndarray] = {}
         rows: dict[str, dict] = {}
         for key, path, simulated, what in runs:
             masks[key], seconds = unet_masks(graph, path, images, threads=a.threads, simulated=simulated, what=what)
-            rows[key] = row_of(masks[key], None if key == "fp32" else masks["fp32"], simulated=simulated,
+            rows[key] = row_of(masks[key], None if key == "fp32" else masks["fp32"], ids, simulated=simulated,
                                file=int8 if key.startswith("int8") else path, seconds=seconds)
             if key.startswith("int8"):
                 rows[key]["variant"] = variant_label
             _say(f"real_us_int8: {where}{key}: {seconds:.1f} s")
         return masks, rows
 
-    def measure_noise(masks: dict[str, np.ndarray], rows: dict[str, dict], images, where: str) -> None:
-        """The FP32 UNet on noisy copies of the frames, against its masks on the frames (rows keyed noise_key)."""
+    def measure_noise(masks: dict[str, np.ndarray], rows: dict[str, dict], images, ids, where: str) -> None:
+        """The FP32 UNet on noisy copies of the frames, against its masks on the frames (rows keyed noise_key;
+        pictures as the clean frames')."""
         for sigma in sigmas:
             noisy_masks, seconds = unet_masks(graph, fp32_path, noisy(images, sigma), threads=a.threads,
                                               simulated=False, what="the bundle's FP32 UNet")
-            rows[noise_key(sigma)] = {**row_of(noisy_masks, masks["fp32"], file=fp32_path, simulated=False,
+            rows[noise_key(sigma)] = {**row_of(noisy_masks, masks["fp32"], ids, file=fp32_path, simulated=False,
                                                seconds=seconds), "input_noise": sigma}
             _say(f"real_us_int8: {where}FP32 with input noise {sigma:g}: {seconds:.1f} s")
 
-    masks, rows = measure(runs, images, "")
-    measure_noise(masks, rows, images, "")
+    ids = picture_ids(images)
+    masks, rows = measure(runs, images, ids, "")
+    measure_noise(masks, rows, images, ids, "")
+    ranges = None
+    if a.ranges:
+        ranges = {"real": activation_ranges(measured, graph, images, threads=a.threads)}
+        _say("real_us_int8: activation ranges measured on the real frames")
     phantom = None
     if phantom_images is not None:
-        pmasks, prows = measure([r for r in runs if r[0] in ("fp32", "int8_simulated")], phantom_images, "phantom ")
-        measure_noise(pmasks, prows, phantom_images, "phantom ")
-        phantom = {"dir": str(a.phantom), "frames": len(phantom_images), "precisions": prows}
+        phantom_ids = picture_ids(phantom_images)
+        pmasks, prows = measure([r for r in runs if r[0] in ("fp32", "int8_simulated")], phantom_images,
+                                phantom_ids, "phantom ")
+        measure_noise(pmasks, prows, phantom_images, phantom_ids, "phantom ")
+        phantom = {"dir": str(a.phantom), "frames": len(phantom_images), "pictures": len(set(phantom_ids)),
+                   "precisions": prows}
+        if a.ranges:
+            ranges["phantom"] = activation_ranges(measured, graph, phantom_images, threads=a.threads)
+            _say("real_us_int8: activation ranges measured on the phantom")
 
     sim = rows["int8_simulated"]["mask_iou_mean"]
     passed = sim is not None and sim >= a.min_iou
@@ -604,9 +744,10 @@ def _main(a, command: str) -> int:
         "mask_threshold": graph.mask_threshold, "min_mask_fraction": graph.min_mask_fraction, "min_iou": a.min_iou,
         "files": {"ultrasound": len(files), "by_origin": dict(origins), "used": len(used_files), "rows": real.files},
         "frames": {"total": total, "usable": usable, "skipped": skipped, "picked": len(images),
-                   "picked_frames": [{"file": name, "frame": i, "fp32_mask_fraction": fr}
-                                     for (name, i), fr in zip(origins_picked, fp32_fractions)]},
-        "precisions": rows, "phantom": phantom, "passed": passed,
+                   "pictures": len(set(ids)),
+                   "picked_frames": [{"file": name, "frame": i, "picture": k, "fp32_mask_fraction": fr}
+                                     for (name, i), k, fr in zip(origins_picked, ids, fp32_fractions)]},
+        "precisions": rows, "phantom": phantom, "activation_ranges": ranges, "passed": passed,
         "seconds": round(time.perf_counter() - t_start, 1)}
     if a.json:
         a.json.write_text(json.dumps(result, indent=1) + "\n")
@@ -619,7 +760,8 @@ def _main(a, command: str) -> int:
     print(f"frames: {len(files)} ultrasound DICOM files ({', '.join(f'{n} {o}' for o, n in origins.items())}), "
           f"{total} frames, {usable} usable"
           + (f" ({', '.join(f'{n} {w}' for w, n in skipped.items())})" if skipped else "")
-          + f"; {len(images)} picked, spread over them, from {len(used_files)} files")
+          + f"; {len(images)} picked, spread over them, from {len(used_files)} files; {len(set(ids))} distinct "
+            f"pictures among them (identical prepared pixels)")
     print()
     print(table(rows, variant_label))
     print()
@@ -627,6 +769,11 @@ def _main(a, command: str) -> int:
         print(f"phantom: {a.phantom}, all {phantom['frames']} labelled images (INT8 simulated against FP32)")
         print()
         print(table(phantom["precisions"], variant_label))
+        print()
+    if ranges is not None:
+        print("activation ranges of the INT8 file, simulated (" + str(measured) + "):")
+        for where, r in ranges.items():
+            print("- " + ranges_line(where, r))
         print()
     if sim is None:
         print(f"INT8 (simulated) mask IoU not measured: no picked frame has a mask pixel in FP32 or INT8; "

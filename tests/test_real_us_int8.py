@@ -331,3 +331,114 @@ def test_bad_variant_values_are_one_sentence_and_exit_2(tiny_bundle, args, names
     assert message.startswith(f"real_us_int8: {names} "), message
     assert "\n" not in message and "Traceback" not in message and message.count(". ") == 0, message
     assert r.stdout == ""
+
+
+# -- pictures, gated IoU, activation ranges ---------------------------------------------------------------------------
+
+def test_identical_pixels_are_one_picture_and_each_picture_counts_once(script):
+    a = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    b = a.copy()
+    b[0, 0] = 1                                   # one pixel differs
+    ids = script.picture_ids([a, a.copy(), b, a.reshape(4, 3), a])
+    assert ids[0] == ids[1] == ids[4] and len({ids[0], ids[2], ids[3]}) == 3   # the same bytes in another shape differ
+    # pictures a (0.2, 0.4: mean 0.3), b (not counted), c (0.8): (0.3 + 0.8) / 2
+    assert script.mean_by_picture([0.2, 0.4, None, 0.8], ["a", "a", "b", "c"]) == (0.55, 2)
+    assert script.mean_by_picture([None, None], ["a", "b"]) == (None, 0)
+
+
+def test_per_picture_and_gated_means_are_the_per_frame_ious_grouped_here(script, tiny_bundle, expected, tmp_path):
+    """Every row's per-picture mean and its mean over frames a gate accepts, recomputed here from its own per-frame
+    IoUs and fractions, with pictures grouped by comparing the frames' pixels (not by the script's keys)."""
+    _, d = _run(script, tiny_bundle, expected, tmp_path, "--input-noise", "60")
+    images = expected["images"]
+    group = []
+    for i, img in enumerate(images):
+        group.append(next(j for j in range(i + 1) if images[j].shape == img.shape and np.array_equal(images[j], img)))
+    assert d["frames"]["pictures"] == len(set(group))
+    assert [f["picture"] for f in d["frames"]["picked_frames"]] == script.picture_ids(images)
+    minimum = d["min_mask_fraction"]
+    ref_accepted = [f >= minimum for f in d["precisions"]["fp32"]["per_frame_fraction"]]
+    checked = 0
+    for key, row in d["precisions"].items():
+        if key == "fp32":
+            continue
+        per = row["per_frame_iou"]
+        by = {}
+        for g, v in zip(group, per):
+            if v is not None:
+                by.setdefault(g, []).append(v)
+        want = round(float(np.mean([np.mean(v) for v in by.values()])), 6) if by else None
+        assert (row["mask_iou_mean_pictures"], row["pictures_counted"]) == (want, len(by)), key
+        accepted = [f >= minimum for f in row["per_frame_fraction"]]
+        gated = [v for v, x, y in zip(per, ref_accepted, accepted) if v is not None and (x or y)]
+        assert row["frames_gated"] == len(gated), key
+        assert row["mask_iou_mean_gated"] == (round(float(np.mean(gated)), 6) if gated else None), key
+        checked += 1
+    assert checked >= 3
+
+
+class _Feeds:
+    """What activation_ranges needs of a Graph: the UNet's feeds for an image (here the image itself as float)."""
+    def unet_feeds(self, image):
+        return {"x": image.astype(np.float32).reshape(1, 1, *image.shape)}
+
+
+def _ranges_model(path: Path):
+    """x -> Q/DQ (scale 0.5) -> Neg -> Q/DQ (scale 1) -> Relu -> y, and the second Q/DQ's output also -> LeakyRelu
+    -> z: the first activation is read by Neg; the second by a Relu and a LeakyRelu (its low side counts)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper as nh
+
+    def qdq(name, inp, scale):
+        return ([helper.make_node("QuantizeLinear", [inp, f"{name}_s", f"{name}_z"], [f"{name}_q"]),
+                 helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s", f"{name}_z"], [f"{name}_dq"])],
+                [nh.from_array(np.array(scale, np.float32), f"{name}_s"), nh.from_array(np.array(0, np.int8),
+                                                                                          f"{name}_z")])
+    n1, i1 = qdq("a", "x", 0.5)
+    n2, i2 = qdq("b", "neg", 1.0)
+    nodes = n1 + [helper.make_node("Neg", ["a_dq"], ["neg"])] + n2 + [
+        helper.make_node("Relu", ["b_dq"], ["y"]), helper.make_node("LeakyRelu", ["b_dq"], ["z"], alpha=0.1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 2, 2]),
+                           helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 1, 2, 2])], i1 + i2)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+
+
+def test_activation_ranges_are_how_far_values_reach_past_what_each_quantizer_holds(script, tmp_path):
+    """Hand-computed: x's quantizer (scale 0.5) holds [-64, 63.5]; -x's (scale 1) holds [-128, 127]. With the Relu
+    alone reading -x, values below -128 would not count; here a LeakyRelu reads it too, so they do."""
+    path = tmp_path / "ranges.onnx"
+    _ranges_model(path)
+    frames = [np.array([[10, 20], [30, 40]], np.float32),    # inside both ranges: 40 / 63.5 of x's
+              np.array([[0, 0], [0, 127]], np.float32),      # x past its top (127 / 63.5 = 2), -x at -63.5 after DQ
+              np.array([[0, 0], [0, 64]], np.float32)]       # x: 64 / 63.5, level 128 > 127: saturates
+    r = script.activation_ranges(path, _Feeds(), frames, threads=1)
+    assert r["tensors"] == 2 and r["frames"] == 3
+    a, b = r["per_tensor"]
+    assert a["tensor"] == "x" and a["relu_only"] is False and b["tensor"] == "neg" and b["relu_only"] is False
+    assert a["ratio_max"] == round(127 / 63.5, 4) and a["frames_clipping"] == 2
+    # -x after x's Q/DQ: at most 63.5 in magnitude, inside [-128, 127]: the furthest is -63.5 / -128
+    assert b["ratio_max"] == round(63.5 / 128, 4) and b["frames_clipping"] == 0
+    assert [f["tensors_clipping"] for f in r["per_frame"]] == [0, 1, 1]
+    assert [f["ratio_max"] for f in r["per_frame"]] == [round(40 / 63.5, 4), round(127 / 63.5, 4),
+                                                         round(64 / 63.5, 4)]
+    assert r["frames_clipping"] == 2 and r["ratio_max"] == round(127 / 63.5, 4)
+    assert a["clipped_share_mean"] == round((0 + 0.25 + 0.25) / 3, 8)
+
+
+def test_values_a_relu_alone_zeroes_do_not_count_as_saturating(script, tmp_path):
+    import onnx
+    path = tmp_path / "relu.onnx"
+    _ranges_model(path)
+    m = onnx.load(str(path))
+    leaky = next(n for n in m.graph.node if n.op_type == "LeakyRelu")
+    m.graph.node.remove(leaky)
+    del m.graph.output[1]
+    m.graph.node[3].input[0] = "x"                    # the second quantizer reads x itself: values down to -200
+    onnx.save(m, str(path))
+    frames = [np.array([[-200, 0], [0, 100]], np.float32)]
+    r = script.activation_ranges(path, _Feeds(), frames, threads=1)
+    a, b = r["per_tensor"]
+    assert b["relu_only"] is True
+    assert b["ratio_max"] == round(100 / 127, 4) and b["frames_clipping"] == 0      # -200 below -128: not counted
+    assert a["ratio_max"] == round(200 / 64, 4) and a["frames_clipping"] == 1        # x's own: counted both sides
