@@ -41,6 +41,34 @@ from runtime.sources import SourceError, open_source
 INT8_FILES = {"unet": "unet.int8.onnx", "vgg": "vgg.int8.onnx"}
 
 
+def with_gain(image: np.ndarray, gain: float) -> np.ndarray:
+    """A prepared uint8 frame as a scanner with `gain` times the brightness would give it: pixels times the gain,
+    rounded, saturating at 0 and 255 (gain 1: the frame itself)."""
+    if gain == 1.0:
+        return image
+    return np.clip(np.rint(image.astype(np.float64) * gain), 0, 255).astype(np.uint8)
+
+
+def check_gains(gains) -> tuple[float, ...]:
+    """The gains as floats; UserError (one sentence) unless each is a finite number above 0 and 1 is among them
+    (the frames as they are always calibrate)."""
+    out = []
+    for g in gains:
+        try:
+            g = float(g)
+        except (TypeError, ValueError):
+            raise UserError(f"--unet-gains holds '{g}', not a gain; give numbers above 0 separated by commas, "
+                            f"such as 1,1.6") from None
+        if not (np.isfinite(g) and g > 0):
+            raise UserError(f"--unet-gains holds {g:g}, not a gain; give numbers above 0 separated by commas, "
+                            f"such as 1,1.6")
+        out.append(g)
+    if 1.0 not in out:
+        raise UserError(f"--unet-gains {','.join(f'{g:g}' for g in out)} leaves out the frames as they are; "
+                        f"include 1, such as 1,{out[0]:g}")
+    return tuple(dict.fromkeys(out))
+
+
 class CalibrationFailed(UserError):
     """A lower precision missed an accuracy threshold; the message names it."""
 
@@ -159,7 +187,8 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
                      precisions: tuple[str, ...] = ("int8", "fp16"), report: str | Path | None = None,
                      full_range_weights: bool = False, timing_only: bool = False, quiet: bool = False,
                      networks: tuple[str, ...] | str = ("unet", "vgg"), qat: dict | None = None,
-                     frame_sets: dict[str, list[np.ndarray]] | None = None) -> dict:
+                     frame_sets: dict[str, list[np.ndarray]] | None = None,
+                     unet_gains: tuple[float, ...] = (1.0,)) -> dict:
     """Calibrate, report, and (when every threshold holds) install the INT8 networks into the bundle.
 
     `networks` names the ones to quantize; one left out stays FP32 in the INT8 set (its manifest entry for int8 names
@@ -170,7 +199,11 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
     `qat`: the INT8 candidates come from quantization-aware training (export.qat), not from calibrating here:
     {"files": {net: Q/DQ file}, "info": {net: export_qdq's info}, "settings": {...}} (export.qat.qat_networks). No
     frame is used for calibration then: every frame of `frames` is held out for the check (up to `holdout`).
-    `frame_sets`: more check sets, name -> images already preprocessed as the runtime preprocesses them."""
+    `frame_sets`: more check sets, name -> images already preprocessed as the runtime preprocesses them.
+    `unet_gains`: the UNet calibrates on each calibration frame at each of these gains (`with_gain`: the prepared
+    pixels times the gain, saturating at 255), so its activation ranges also cover a scanner set brighter (or
+    darker) than the calibration frames; the VGG, whose input is min-max normalized, calibrates on the frames as
+    they are. The check runs on the frames as they are."""
     from runtime.backends import make_runner
     from runtime.booster import Booster
 
@@ -178,6 +211,10 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
         raise UserError(f"--method {method} is not one of {', '.join(METHODS)}")
     if count < 1 or holdout < 1:
         raise UserError("--count and --holdout must be at least 1")
+    gains = check_gains(unet_gains)
+    if qat is not None and gains != (1.0,):
+        raise UserError("--unet-gains sets the ranges calibration measures, and a QAT set has its ranges from "
+                        "training; leave --unet-gains out with --qat")
     auto = networks == "auto"
     networks = ("unet", "vgg") if auto else tuple(n for n in ("unet", "vgg") if n in networks)
     if not networks:
@@ -204,7 +241,7 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
     calib_images = [data.images[i] for i in calib_idx]
 
     graph = bundle.graph()
-    unet_inputs = [graph.unet_feeds(img)[graph.unet_input] for img in calib_images]
+    unet_inputs = [graph.unet_feeds(with_gain(img, g))[graph.unet_input] for g in gains for img in calib_images]
     with make_runner("ort", bundle.network_file("unet", "fp32")) as unet32:
         vgg_inputs, rejected = [], 0
         for img in calib_images if qat is None else ():
@@ -227,7 +264,9 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
              f"{', '.join(held) or 'the --check frames'}")
     elif not quiet:
         _say(f"calibrate: {n} frames read ({data.unreadable} inputs were not readable images); {len(calib_idx)} "
-             f"calibrate the UNet, "
+             f"calibrate the UNet"
+             + (f" (each at gains {', '.join(f'{g:g}' for g in gains)}: {len(unet_inputs)} inputs)"
+                if gains != (1.0,) else "") + ", "
              f"{len(vgg_inputs)} of them pass the gate and calibrate the VGG ({rejected} rejected); "
              f"{len(hold_idx)} held out for the accuracy check; method {method}")
 
@@ -340,6 +379,7 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
                "accumulation order)")
     out = {
         "bundle": str(root), "method": method, "conv_transpose": conv_transpose, "int8_networks": list(networks),
+        "unet_gains": list(gains),
         "networks_choice": "auto" if auto else "given", "int8_both_missed": fallback,
         "frames": {"read": n, "unreadable": data.unreadable, "calibration": len(calib_idx),
                    "calibration_vgg": len(vgg_inputs), "rejected_by_gate": rejected, "held_out": len(hold_idx)},
@@ -384,6 +424,8 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
                            if "ConvTranspose" in r.quantized_ops or "ConvTranspose" in r.float_ops else "n/a",
                            "biases": "float", "int8_weights": r.quantized_ops, "float_weights": r.float_ops,
                            "fidelity": fidelity["decided_by"]}
+            if name == "unet" and qat is None:
+                net["int8"]["calibration_gains"] = list(gains)
             if qat is not None:   # the scales and integer weights are the QAT model's (export.qat), not calibrated
                 net["int8"]["qat"] = {**qat.get("settings", {}).get(name, {}), "file_info": qat["info"][name]}
         manifest["calibration"] = {

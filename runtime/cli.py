@@ -256,6 +256,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if not args.qat and not args.frames:
         raise UserError("calibrate needs --frames SOURCE (folder, video, DICOM or sim://kidney), the frames to "
                         "calibrate on (or --qat with --data)")
+    if args.qat and args.unet_gains.strip() != "1":
+        raise UserError("--unet-gains sets the ranges calibration measures, and a QAT set has its ranges from "
+                        "training; leave --unet-gains out with --qat")
     if args.qat and (args.timing_only or not args.data):
         raise UserError("--timing-only skips the accuracy check, which is what decides a QAT set; leave it out"
                         if args.timing_only else "calibrate --qat needs --data DIR, the labelled dataset (labelme "
@@ -276,7 +279,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                              holdout=args.holdout, max_frames=args.max_frames,
                              conv_transpose=args.conv_transpose or "sub-pixel",
                              thresholds=th, report=report, full_range_weights=args.full_range_weights,
-                             timing_only=args.timing_only, networks=args.networks)
+                             timing_only=args.timing_only, networks=args.networks,
+                             unet_gains=tuple(x for x in args.unet_gains.split(",")))
     except CalibrationFailed as e:
         print(f"sonoscore: {e}", file=sys.stderr)
         print(f"sonoscore: report written to {report}", file=sys.stderr)
@@ -515,6 +519,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--full-range-weights", action="store_true",
                    help="8-bit weights instead of 7-bit; only for targets never checked on an x86 CPU without "
                         "VNNI, where 8-bit weights saturate onnxruntime's integer kernels")
+    c.add_argument("--unet-gains", default="1", metavar="G1,G2,...",
+                   help="the UNet also calibrates on each frame at these gains (pixels times G, saturating at "
+                        "255), so its INT8 ranges cover a brighter scanner setting than the frames show, e.g. 1,1.6 "
+                        "(default 1: the frames as they are; docs/benchmarks.md has what it costs on the phantom)")
     c.add_argument("--networks", default="unet,vgg", type=_networks,
                    help="which networks to quantize (default unet,vgg); one left out runs in FP32 in the INT8 set "
                         "(mixed precision, as TensorRT builds it), e.g. --networks vgg when the UNet's INT8 masks "

@@ -483,3 +483,67 @@ def test_a_timing_only_calibration_does_not_need_frames_the_gate_accepts(tiny_bu
     calibrate_bundle(b, ["sim://kidney?frames=8&fps=0&seed=5"], count=4, holdout=4, timing_only=True, quiet=True)
     bundle = Bundle.load(b)
     assert "int8" in bundle.precisions and set(bundle.int8_networks) == {"unet", "vgg"}
+
+
+def test_gain_is_pixels_times_gain_rounded_and_saturating():
+    from calibration.run import with_gain
+    img = np.array([[0, 3, 100], [160, 200, 255]], np.uint8)
+    assert with_gain(img, 1.0) is img
+    assert with_gain(img, 1.6).tolist() == [[0, 5, 160], [255, 255, 255]]     # 3 * 1.6 = 4.8 -> 5; 256 -> 255
+    assert with_gain(img, 0.5).tolist() == [[0, 2, 50], [80, 100, 128]]       # 1.5 and 127.5 round half to even
+    assert with_gain(img, 0.5).dtype == np.uint8
+
+
+def test_unet_gains_widen_the_unet_ranges_to_the_gained_frames_and_leave_the_vgg_alone(tiny_bundle, tmp_path):
+    """Calibrating with gains (1, 4): the UNet's input range is the largest input of the calibration frames and of
+    their copies at 4x (computed here from the same frames), a quarter of the frames' own range or more; every other
+    UNet range stays defined; the VGG, which calibrates on the frames as they are, gets the same file byte for
+    byte; the manifest and the report name the gains."""
+    from calibration.run import calibrate_bundle, read_frames, with_gain
+    from runtime.pipeline import Pipeline
+    source = "sim://kidney?frames=16&fps=0&seed=6"
+    files, outs = {}, {}
+    for gains in ((1.0,), (1.0, 4.0)):
+        b = tmp_path / f"b{len(gains)}"
+        shutil.copytree(tiny_bundle, b)
+        _open_gate(b)
+        outs[gains] = calibrate_bundle(b, [source], count=6, holdout=6, timing_only=True, quiet=True,
+                                       unet_gains=gains)
+        files[gains] = b
+
+    def input_scale(path):
+        m = onnx.load(str(path))
+        inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+        x = m.graph.input[0].name
+        q = next(n for n in m.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == x)
+        return float(inits[q.input[1]])
+
+    bundle = Bundle.load(files[(1.0,)])
+    graph = bundle.graph()
+    data = read_frames([source], Pipeline(bundle), max_frames=3000, quiet=True)
+    frames = [data.images[i] for i in spread_indices(len(data.images), min(6, len(data.images) // 2))]
+    plain = max(float(np.abs(graph.unet_feeds(f)[graph.unet_input]).max()) for f in frames)
+    gained = max(plain, *(float(np.abs(graph.unet_feeds(with_gain(f, 4.0))[graph.unet_input]).max()) for f in frames))
+    assert gained > plain                          # the copies at 4x reach further: the test can tell them apart
+    s1 = input_scale(files[(1.0,)] / "unet.int8.onnx")
+    s4 = input_scale(files[(1.0, 4.0)] / "unet.int8.onnx")
+    assert s4 / s1 == pytest.approx(gained / plain, rel=1e-5)
+    assert (files[(1.0,)] / "vgg.int8.onnx").read_bytes() == (files[(1.0, 4.0)] / "vgg.int8.onnx").read_bytes()
+    m = Bundle.load(files[(1.0, 4.0)]).manifest
+    assert m["networks"]["unet"]["int8"]["calibration_gains"] == [1.0, 4.0]
+    assert "calibration_gains" not in m["networks"]["vgg"]["int8"]
+    assert outs[(1.0, 4.0)]["unet_gains"] == [1.0, 4.0] and outs[(1.0,)]["unet_gains"] == [1.0]
+
+
+@pytest.mark.parametrize("gains, says", [("0,1", "holds 0, not a gain"), ("1,x", "holds 'x', not a gain"),
+                                         ("2", "leaves out the frames as they are"),
+                                         ("1,inf", "holds inf, not a gain")])
+def test_bad_unet_gains_are_one_sentence(tiny_bundle, gains, says):
+    r = sonoscore("calibrate", "--bundle", tiny_bundle, "--frames", SIM, "--unet-gains", gains)
+    assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.count(". ") == 0
+
+
+def test_unet_gains_are_refused_with_qat(tiny_bundle, tmp_path):
+    r = sonoscore("calibrate", "--bundle", tiny_bundle, "--qat", "--data", tmp_path, "--unet-gains", "1,1.6")
+    assert r.returncode == 2 and "leave --unet-gains out with --qat" in r.stderr and "Traceback" not in r.stderr
