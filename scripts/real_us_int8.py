@@ -241,6 +241,10 @@ def activation_ranges(path: Path, graph, images: list[np.ndarray], *, threads: i
         dqs = [r for r in readers.get(n.output[0], []) if r.op_type == "DequantizeLinear"]
         after = [r for dq in dqs for r in readers.get(dq.output[0], [])]
         relu_only = bool(after) and all(r.op_type == "Relu" for r in after)
+        if n.input[1] not in inits:
+            raise UserError(f"the INT8 UNet '{path}' gives the scale of the QuantizeLinear of {n.input[0]} as a "
+                            f"computed tensor, not an initializer, so --ranges cannot read it; leave --ranges out "
+                            f"for this file")
         scale = float(nh.to_array(inits[n.input[1]]).reshape(-1)[0])
         zp = nh.to_array(inits[n.input[2]]) if len(n.input) > 2 and n.input[2] in inits else np.zeros((), np.uint8)
         info = np.iinfo(zp.dtype)

@@ -442,3 +442,18 @@ def test_values_a_relu_alone_zeroes_do_not_count_as_saturating(script, tmp_path)
     assert b["relu_only"] is True
     assert b["ratio_max"] == round(100 / 127, 4) and b["frames_clipping"] == 0      # -200 below -128: not counted
     assert a["ratio_max"] == round(200 / 64, 4) and a["frames_clipping"] == 1        # x's own: counted both sides
+
+
+def test_a_scale_that_is_not_an_initializer_is_one_sentence_for_ranges(script, tmp_path):
+    import onnx
+    from onnx import helper
+    path = tmp_path / "computed.onnx"
+    _ranges_model(path)
+    m = onnx.load(str(path))
+    scale = next(i for i in m.graph.initializer if i.name == "a_s")
+    m.graph.initializer.remove(scale)
+    m.graph.node.insert(0, helper.make_node("Constant", [], ["a_s"], value=scale))
+    onnx.save(m, str(path))
+    with pytest.raises(script.UserError, match="leave --ranges out for this file") as e:
+        script.activation_ranges(path, _Feeds(), [np.zeros((2, 2), np.float32)], threads=1)
+    assert ". " not in str(e.value) and str(path) in str(e.value)
