@@ -3,7 +3,7 @@
 
     .venv/bin/python scripts/booster_int8_copies.py --bundle B --train-data TRAIN --data HELD_OUT
         [--unet-int8 F] [--vgg-int8 F] [--seeds 0,1,2] [--mask-thresholds 0.45,0.55] [--limit N] [--threads 2]
-        [--cache DIR] [--save-boosters DIR] [--json out.json]
+        [--cache DIR] [--save-boosters DIR] [--feature-noise S1,S2] [--json out.json]
 
 docs/benchmarks.md ("Booster trained with the INT8 set's features as copies") ran it on the `train --qat` demo
 bundle that `scripts/qat_seeds.py --seeds 2` writes (its check rejected the INT8 set, left in calibration-rejected/):
@@ -31,6 +31,13 @@ accuracy against the labels with FP32 and with the INT8 set (simulated), and gra
 `calibrate` defines it (runtime.agreement.graph_outputs / compare) for the INT8 set (both networks, simulated:
 what decides), the INT8 VGG alone (simulated) and the INT8 set on this CPU's integer kernels (information). The
 networks run once per set and precision; each booster re-grades the same features.
+
+`--feature-noise S1,S2,...`: the yardstick for the agreement figures: for each S, the FP32 run's features with
+seeded Gaussian noise whose norm is about S times each frame's feature norm (`feature_noise`; clipped at 0, as the
+ReLU outputs they stand for are), graded by every booster and compared with FP32 like the INT8 runs (a run
+"fp32 features + noise S" in the JSON; its cosine and agreement printed under each table). It says how small a
+feature error the booster's grades tolerate: an INT8 set whose feature cosine is that of noise S agrees at most
+about as well, since its error is not spread evenly over the features.
 
 The INT8 files: `--unet-int8` / `--vgg-int8`, else the bundle's installed INT8 set, else the files `calibrate` left
 in <bundle>/calibration-rejected/. `--cache DIR` keeps the training features (the simulated INT8 pass is the slow
@@ -131,6 +138,24 @@ def _outputs(bundle, graph, files, booster, images, threads: int) -> dict:
     return out
 
 
+def feature_noise(o, sigma: float, seed: int = 0):
+    """The run's Outputs with seeded Gaussian noise on each frame's features: every element gets N(0, (sigma *
+    |f| / sqrt(D))^2), |f| the frame's feature norm and D the feature count (so the noise's norm is about sigma |f|),
+    then the features are clipped at 0, as the ReLU outputs they stand for are. Rows that are not a number (frames
+    the gate rejected) stay so."""
+    import numpy as np
+    f = np.asarray(o.features, np.float64)
+    rng = np.random.default_rng(seed)
+    scale = np.linalg.norm(f, axis=1, keepdims=True) / np.sqrt(f.shape[1])
+    noisy = np.maximum(f + rng.normal(0.0, 1.0, f.shape) * scale * sigma, 0.0)
+    noisy[np.isnan(f)] = np.nan
+    return dataclasses.replace(o, features=noisy.astype(np.float32))
+
+
+def noise_run(sigma: float) -> str:
+    return f"fp32 features + noise {sigma:g}"
+
+
 def _regrade(o, booster):
     """The same run's Outputs with another booster's probabilities (the features are the booster's input only)."""
     import numpy as np
@@ -188,6 +213,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime threads (xgboost uses at most 2)")
     ap.add_argument("--cache", help="folder that keeps the training features between runs")
     ap.add_argument("--save-boosters", help="folder to write the retrained boosters to (.ubj)")
+    ap.add_argument("--feature-noise", default="", metavar="S1,S2,...",
+                    help="also the FP32 features with seeded noise of about S times their norm, graded and compared "
+                         "with FP32 like the INT8 runs (the yardstick for the agreement), e.g. 0.02,0.06")
     ap.add_argument("--json", help="write every figure here")
     a = ap.parse_args(argv)
 
@@ -199,6 +227,17 @@ def main(argv=None) -> int:
     from runtime.bundle import Bundle, BundleError
 
     t_all = time.perf_counter()
+    sigmas = []
+    for part in [x for x in a.feature_noise.split(",") if x.strip()]:
+        try:
+            sigma = float(part)
+        except ValueError:
+            sigma = float("nan")
+        if not (np.isfinite(sigma) and sigma >= 0):
+            _say(f"booster_int8_copies: --feature-noise '{a.feature_noise}' holds {part.strip()}, not a noise level; "
+                 f"give fractions of the feature norm of 0 or more separated by commas, such as 0.02,0.06")
+            return 2
+        sigmas.append(sigma)
     try:
         bundle = Bundle.load(a.bundle)
     except BundleError as e:
@@ -288,6 +327,8 @@ def main(argv=None) -> int:
             imgs, grd = imgs[keep], grd[keep]
             ts = time.perf_counter()
             outputs = _outputs(bundle, graph, files, boosters["bundle"], list(imgs), a.threads)
+            for sigma in sigmas:
+                outputs[noise_run(sigma)] = feature_noise(outputs["fp32"], sigma)
             per = {name: _scores(outputs, b, grd) for name, b in boosters.items()}
             for recipe in recipes:
                 names = [f"{recipe} s{s}" for s in seeds]
@@ -315,10 +356,14 @@ def main(argv=None) -> int:
               f"{cell(fp['int8 sim'].get('gate_agreement'))}, feature cosine "
               f"{fp['int8 sim'].get('feature_cosine_mean'):.5f}; VGG alone cosine "
               f"{fp['int8-vgg sim'].get('feature_cosine_mean'):.5f}")
+        for sigma in sigmas:
+            m = fp[noise_run(sigma)]
+            print(f"  FP32 features + noise {sigma:g} (bundle booster): feature cosine {m['feature_cosine_mean']:.5f}, "
+                  f"grade agreement {cell(m.get('grade_agreement'))}")
     out = {"bundle": str(bundle.root), "train_data": str(a.train_data), "data": str(a.data),
            "files": {k: str(v) for k, v in files.items()}, "seeds": seeds, "limit": a.limit,
            "validation_patients": len(val), "training_frames": int(len(frames)),
-           "mask_thresholds": list(extra),
+           "mask_thresholds": list(extra), "feature_noise": sigmas,
            "training_rows": {"fp32": int(own.sum()), "threshold copies": int((~own).sum()), "int8": int(len(r8))},
            "boosters": info, "sets": results,
            "seconds": {"training_features": round(t_feats, 1), "booster_fits": round(t_fit, 1),
