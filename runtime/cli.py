@@ -242,7 +242,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from runtime.app import ensure_calibration_side
     ensure_calibration_side()
     from calibration.report import Thresholds
-    from calibration.run import CalibrationFailed, calibrate_bundle
+    from calibration.run import CalibrationFailed, calibrate_bundle, check_gains
     th = Thresholds(min_iou=args.min_iou, min_gate_agreement=args.min_gate, min_grade_agreement=args.min_grade,
                     min_cosine=args.min_cosine)
     report = args.report or str(Path(args.bundle) / "calibration_report.json")
@@ -256,7 +256,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if not args.qat and not args.frames:
         raise UserError("calibrate needs --frames SOURCE (folder, video, DICOM or sim://kidney), the frames to "
                         "calibrate on (or --qat with --data)")
-    if args.qat and args.unet_gains.strip() != "1":
+    if args.qat and check_gains(args.unet_gains.split(",")) != (1.0,):
         raise UserError("--unet-gains sets the ranges calibration measures, and a QAT set has its ranges from "
                         "training; leave --unet-gains out with --qat")
     if args.qat and (args.timing_only or not args.data):

@@ -547,3 +547,6 @@ def test_bad_unet_gains_are_one_sentence(tiny_bundle, gains, says):
 def test_unet_gains_are_refused_with_qat(tiny_bundle, tmp_path):
     r = sonoscore("calibrate", "--bundle", tiny_bundle, "--qat", "--data", tmp_path, "--unet-gains", "1,1.6")
     assert r.returncode == 2 and "leave --unet-gains out with --qat" in r.stderr and "Traceback" not in r.stderr
+    # the frames as they are (1, however written) is what QAT does anyway: not refused for that reason
+    r = sonoscore("calibrate", "--bundle", tiny_bundle, "--qat", "--data", tmp_path / "nope", "--unet-gains", "1.0")
+    assert r.returncode == 2 and "--unet-gains" not in r.stderr and "Traceback" not in r.stderr, r.stderr
