@@ -49,9 +49,10 @@ def with_gain(image: np.ndarray, gain: float) -> np.ndarray:
     return np.clip(np.rint(image.astype(np.float64) * gain), 0, 255).astype(np.uint8)
 
 
-def check_gains(gains) -> tuple[float, ...]:
+def check_gains(gains, qat: bool = False) -> tuple[float, ...]:
     """The gains as floats; UserError (one sentence) unless each is a finite number above 0 and 1 is among them
-    (the frames as they are always calibrate)."""
+    (the frames as they are always calibrate), and, for a QAT set (`qat`), unless 1 is the only one: QAT's ranges
+    come from training, not from calibration frames."""
     out = []
     for g in gains:
         try:
@@ -66,7 +67,11 @@ def check_gains(gains) -> tuple[float, ...]:
     if 1.0 not in out:
         raise UserError(f"--unet-gains {','.join(f'{g:g}' for g in out)} leaves out the frames as they are; "
                         f"include 1, such as 1,{out[0]:g}")
-    return tuple(dict.fromkeys(out))
+    out = tuple(dict.fromkeys(out))
+    if qat and out != (1.0,):
+        raise UserError("--unet-gains sets the ranges calibration measures, and a QAT set has its ranges from "
+                        "training; leave --unet-gains out with --qat")
+    return out
 
 
 class CalibrationFailed(UserError):
@@ -211,10 +216,7 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
         raise UserError(f"--method {method} is not one of {', '.join(METHODS)}")
     if count < 1 or holdout < 1:
         raise UserError("--count and --holdout must be at least 1")
-    gains = check_gains(unet_gains)
-    if qat is not None and gains != (1.0,):
-        raise UserError("--unet-gains sets the ranges calibration measures, and a QAT set has its ranges from "
-                        "training; leave --unet-gains out with --qat")
+    gains = check_gains(unet_gains, qat=qat is not None)
     auto = networks == "auto"
     networks = ("unet", "vgg") if auto else tuple(n for n in ("unet", "vgg") if n in networks)
     if not networks:

@@ -256,9 +256,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if not args.qat and not args.frames:
         raise UserError("calibrate needs --frames SOURCE (folder, video, DICOM or sim://kidney), the frames to "
                         "calibrate on (or --qat with --data)")
-    if args.qat and check_gains(args.unet_gains.split(",")) != (1.0,):
-        raise UserError("--unet-gains sets the ranges calibration measures, and a QAT set has its ranges from "
-                        "training; leave --unet-gains out with --qat")
+    if args.qat:   # said before any training, not after it
+        check_gains(args.unet_gains.split(","), qat=True)
     if args.qat and (args.timing_only or not args.data):
         raise UserError("--timing-only skips the accuracy check, which is what decides a QAT set; leave it out"
                         if args.timing_only else "calibrate --qat needs --data DIR, the labelled dataset (labelme "
@@ -280,7 +279,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                              conv_transpose=args.conv_transpose or "sub-pixel",
                              thresholds=th, report=report, full_range_weights=args.full_range_weights,
                              timing_only=args.timing_only, networks=args.networks,
-                             unet_gains=tuple(x for x in args.unet_gains.split(",")))
+                             unet_gains=tuple(args.unet_gains.split(",")))
     except CalibrationFailed as e:
         print(f"sonoscore: {e}", file=sys.stderr)
         print(f"sonoscore: report written to {report}", file=sys.stderr)

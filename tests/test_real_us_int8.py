@@ -426,16 +426,22 @@ def test_activation_ranges_are_how_far_values_reach_past_what_each_quantizer_hol
     assert a["clipped_share_mean"] == round((0 + 0.25 + 0.25) / 3, 8)
 
 
-def test_values_a_relu_alone_zeroes_do_not_count_as_saturating(script, tmp_path):
+def _edited_ranges_model(path: Path, edit) -> Path:
+    """_ranges_model's file with `edit(model)` applied."""
     import onnx
-    path = tmp_path / "relu.onnx"
     _ranges_model(path)
     m = onnx.load(str(path))
-    leaky = next(n for n in m.graph.node if n.op_type == "LeakyRelu")
-    m.graph.node.remove(leaky)
-    del m.graph.output[1]
-    m.graph.node[3].input[0] = "x"                    # the second quantizer reads x itself: values down to -200
+    edit(m)
     onnx.save(m, str(path))
+    return path
+
+
+def test_values_a_relu_alone_zeroes_do_not_count_as_saturating(script, tmp_path):
+    def relu_alone(m):
+        m.graph.node.remove(next(n for n in m.graph.node if n.op_type == "LeakyRelu"))
+        del m.graph.output[1]
+        m.graph.node[3].input[0] = "x"                # the second quantizer reads x itself: values down to -200
+    path = _edited_ranges_model(tmp_path / "relu.onnx", relu_alone)
     frames = [np.array([[-200, 0], [0, 100]], np.float32)]
     r = script.activation_ranges(path, _Feeds(), frames, threads=1)
     a, b = r["per_tensor"]
@@ -445,15 +451,13 @@ def test_values_a_relu_alone_zeroes_do_not_count_as_saturating(script, tmp_path)
 
 
 def test_a_scale_that_is_not_an_initializer_is_one_sentence_for_ranges(script, tmp_path):
-    import onnx
     from onnx import helper
-    path = tmp_path / "computed.onnx"
-    _ranges_model(path)
-    m = onnx.load(str(path))
-    scale = next(i for i in m.graph.initializer if i.name == "a_s")
-    m.graph.initializer.remove(scale)
-    m.graph.node.insert(0, helper.make_node("Constant", [], ["a_s"], value=scale))
-    onnx.save(m, str(path))
+
+    def computed_scale(m):
+        scale = next(i for i in m.graph.initializer if i.name == "a_s")
+        m.graph.initializer.remove(scale)
+        m.graph.node.insert(0, helper.make_node("Constant", [], ["a_s"], value=scale))
+    path = _edited_ranges_model(tmp_path / "computed.onnx", computed_scale)
     with pytest.raises(script.UserError, match="leave --ranges out for this file") as e:
         script.activation_ranges(path, _Feeds(), [np.zeros((2, 2), np.float32)], threads=1)
     assert ". " not in str(e.value) and str(path) in str(e.value)
