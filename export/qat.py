@@ -391,6 +391,7 @@ def prepare_qat(model, placement: Placement, graph=None):
 # -- fine-tuning -------------------------------------------------------------------------------------------------
 
 VGG_LOSSES = ("ce", "distill", "distill+ce")
+ACTIVATION_SCALES = ("calibration", "observed")   # qat_networks: fixed at the placement's calibration, or observed
 UNET_LOSSES = ("mse", "distill")
 
 
@@ -454,9 +455,11 @@ def qat_finetune(model, batches: Iterable, *, epochs: int, lr: float, placement:
     0/1 masks [B,1,H,W] float, VGG targets class indices [B] long) for `epochs` epochs of Adam at `lr`.
 
     Fake-quant sits where `placement` (from `qdq_placement`) says the Q/DQ file quantizes. The activation
-    observers follow the data for the first `observe_epochs` epochs (default: all but the last, or the only one)
-    and are frozen after, so the last epoch trains against the scales the file will carry. Returns the QAT model
-    in eval mode (observers frozen); `export_qdq` writes its Q/DQ file.
+    observers follow the data for the first `observe_epochs` epochs and are frozen after, so at least the last
+    epoch trains against the scales the file will carry. Default: 0 with distillation (the scales stay the
+    placement's min-max calibration and the weights learn to them: docs/benchmarks.md, "QAT: activation scales",
+    measured steadier and closer to FP32 than scales that follow the data), else all epochs but the last (or the
+    only one). Returns the QAT model in eval mode (observers frozen); `export_qdq` writes its Q/DQ file.
 
     `vgg_loss` (VGG only): "ce", cross-entropy of the logits against the grades; "distill", `distillation_loss`
     between the fake-quant Fc2 features and `teacher`'s on the same inputs (what the booster reads, so what INT8
@@ -482,7 +485,8 @@ def qat_finetune(model, batches: Iterable, *, epochs: int, lr: float, placement:
     teach = _Teacher(teacher if teacher is not None else model, network) if distill else None
     qat = model if hasattr(model, "gm") and hasattr(model, "placement") else prepare_qat(model, placement, graph)
     loss_fn = loss_fn or _default_loss(qat.placement.network, vgg_loss, unet_loss)
-    observe_epochs = (max(1, epochs - 1) if epochs > 1 else 1) if observe_epochs is None else observe_epochs
+    if observe_epochs is None:
+        observe_epochs = 0 if distill else (max(1, epochs - 1) if epochs > 1 else 1)
     params = [p for p in qat.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("the traced model has no trainable parameters")
@@ -682,7 +686,8 @@ def qat_networks(unet, vgg, *, unet_images, unet_masks, vgg_images, vgg_labels, 
                  unet_epochs: int = 2, vgg_epochs: int = 3, lr: float = 1e-4, seed: int = 0, vgg_shift: int = 0,
                  calibration_frames: int = 64, log: Callable[[str], None] = print,
                  networks: Sequence[str] = ("unet", "vgg"), placement_options: dict | None = None,
-                 log_prefix: str = "train", vgg_loss: str = "distill", unet_loss: str = "distill") -> dict:
+                 log_prefix: str = "train", vgg_loss: str = "distill", unet_loss: str = "distill",
+                 activation_scales: str | None = None) -> dict:
     """The QAT phase of the training recipe (`sonoscore train --qat`), for both networks after FP32 training:
     `qdq_placement` on up to `calibration_frames` training frames, `qat_finetune` on the training frames (UNet:
     uint8 images [N,S,S] and 0/1 masks; VGG: masked uint8 images and grade indices 0..3) with the recipe's
@@ -695,6 +700,9 @@ def qat_networks(unet, vgg, *, unet_images, unet_masks, vgg_images, vgg_labels, 
     `unet_loss`: the UNet's (qat_finetune's): with "distill" (the default) the fake-quant UNet learns to reproduce
     the probability map of `unet` as given (frozen), and that FP32 UNet ships beside the INT8 file, as the distilled
     VGG does; with "mse" it fine-tunes on the label masks and its fine-tuned float weights ship.
+    `activation_scales`: "calibration", the placement's min-max scales stay fixed and the weights learn to them;
+    "observed", the observers follow the batches for all epochs but the last; None, qat_finetune's default
+    (calibration when distilling, else observed).
 
     Returns {"unet": float model, "vgg": float model (the folded networks the bundle's FP32 and FP16 files are
     exported from, so the INT8 check compares the INT8 file with what ships: each network as given when distilled,
@@ -707,6 +715,9 @@ def qat_networks(unet, vgg, *, unet_images, unet_masks, vgg_images, vgg_labels, 
         raise ValueError(f"vgg_loss must be one of {', '.join(VGG_LOSSES)} (got {vgg_loss!r})")
     if unet_loss not in UNET_LOSSES:
         raise ValueError(f"unet_loss must be one of {', '.join(UNET_LOSSES)} (got {unet_loss!r})")
+    if activation_scales not in (None,) + ACTIVATION_SCALES:
+        raise ValueError(f"activation_scales must be one of {', '.join(ACTIVATION_SCALES)} "
+                         f"(got {activation_scales!r})")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result: dict = {"qat": {"files": {}, "info": {}, "settings": {}}, "finetuned": {}, "seconds": {}}
@@ -730,9 +741,12 @@ def qat_networks(unet, vgg, *, unet_images, unet_masks, vgg_images, vgg_labels, 
         batches = _Batches(images, targets if name == "unet" else np.asarray(targets), channels=channels,
                            batch_size=bs, seed=seed, normalization=norm,
                            shift=0 if name == "unet" else vgg_shift, mask_targets=name == "unet")
+        distilling = vgg_loss != "ce" if name == "vgg" else unet_loss != "mse"   # qat_finetune's own test
+        scales = activation_scales or ("calibration" if distilling else "observed")
         qat = qat_finetune(model, batches, epochs=epochs, lr=lr, placement=placement, graph=graph, log=log,
                            vgg_loss=vgg_loss if name == "vgg" else "ce",
-                           unet_loss=unet_loss if name == "unet" else "mse")
+                           unet_loss=unet_loss if name == "unet" else "mse",
+                           observe_epochs=0 if scales == "calibration" else max(1, epochs - 1))
         t_train = time.perf_counter() - t
         t = time.perf_counter()
         path = out_dir / f"{name}.int8.onnx"
@@ -748,7 +762,8 @@ def qat_networks(unet, vgg, *, unet_images, unet_masks, vgg_images, vgg_labels, 
                                            "frames": int(len(images)), "calibration_frames": len(calib),
                                            "library": f"torch.ao.quantization (torch {torch.__version__})",
                                            "placement": placement.options,
-                                           "loss": vgg_loss if name == "vgg" else unet_loss}
+                                           "loss": vgg_loss if name == "vgg" else unet_loss,
+                                           "activation_scales": scales}
         result["seconds"][name] = {"placement": round(t_place, 1), "finetune": round(t_train, 1),
                                    "export": round(time.perf_counter() - t, 1)}
     return result

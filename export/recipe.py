@@ -45,6 +45,8 @@ class TrainConfig:
     qat_unet_loss: str = "distill"  # the UNet's QAT loss (export.qat.qat_networks' unet_loss): "distill" toward the
                                     # FP32 UNet's probability map (that FP32 UNet ships), or "mse" on the labels (the
                                     # fine-tuned float weights ship)
+    qat_activation_scales: str = "calibration"  # QAT's activation scales (qat_networks' activation_scales): the
+                                    # min-max calibration's, fixed, or "observed" (moving-average observers)
     # The booster also learns from each training frame's features under masks of these thresholds of the same UNet
     # probability map (booster_features; the gate's own threshold is always used, and validated on). () = the
     # paper's recipe: the gate's masks only.
@@ -139,7 +141,7 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
                            vgg_images=masked_images[kidney & tr], vgg_labels=grades[kidney & tr] - 1, graph=graph,
                            out_dir=qat_work, unet_epochs=cfg.qat_unet_epochs, vgg_epochs=cfg.qat_vgg_epochs,
                            lr=cfg.qat_lr, seed=cfg.seed, vgg_shift=cfg.vgg_shift, log=_say,
-                           unet_loss=cfg.qat_unet_loss)
+                           unet_loss=cfg.qat_unet_loss, activation_scales=cfg.qat_activation_scales)
         unet, vgg = qat["unet"], qat["vgg"]   # the networks the FP32/FP16 files and the booster use
     tmp.mkdir(parents=True)
     nets = export_networks(unet, vgg, tmp, cfg.unet_width, cfg.vgg_width, graph)

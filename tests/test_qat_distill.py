@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from export.models import UNet, VGG19BN, VGGFeaturesAndLogits
-from export.qat import distillation_loss, fold_batch_norm, qat_finetune, qdq_placement
+from export.qat import distillation_loss, fold_batch_norm, prepare_qat, qat_finetune, qdq_placement
 from runtime.graph import Graph
 from runtime.phantom import KidneyPhantom
 
@@ -111,6 +111,25 @@ def test_distillation_ignores_the_grades_and_cross_entropy_does_not(vgg_case):
     assert distill <= 1e-3 * ce
 
 
+def test_distillation_keeps_the_calibrated_activation_scales_and_cross_entropy_follows_the_data(vgg_case):
+    """With distillation the scales stay those the placement's min-max calibration starts from (the weights learn to
+    them); with cross-entropy, or with observe_epochs given, the observers follow the fine-tuning batches (other
+    frames than the calibration's, so their ranges differ)."""
+    pl = vgg_case["placement"]
+
+    def scales(loss, **kw):
+        torch.manual_seed(0)
+        qat = qat_finetune(vgg_case["model"], [(vgg_case["x"], vgg_case["y"])], epochs=2, lr=1e-3, placement=pl,
+                           graph=vgg_case["graph"], vgg_loss=loss, **kw)
+        return {t: float(fq.scale) for t, fq in qat.activation_quantizers().items()}
+
+    start = prepare_qat(vgg_case["model"], pl, vgg_case["graph"])       # the scales the placement's frames set
+    calibrated = {t: float(fq.scale) for t, fq in start.activation_quantizers().items()}
+    assert scales("distill") == pytest.approx(calibrated, rel=1e-6)
+    for observed in (scales("ce"), scales("distill", observe_epochs=1)):
+        assert any(v != pytest.approx(calibrated[t], rel=1e-3) for t, v in observed.items())
+
+
 def test_misuse_is_refused(vgg_case):
     with pytest.raises(ValueError, match="vgg_loss"):
         qat_finetune(vgg_case["model"], [(vgg_case["x"], vgg_case["y"])], epochs=1, lr=1e-3,
@@ -132,11 +151,17 @@ def test_qat_networks_distills_by_default_and_ships_the_fp32_vgg(vgg_case, tmp_p
     fp32 = fold_batch_norm(model).state_dict()
     distilled = qat_networks(None, model, out_dir=tmp_path / "distill", **common)
     assert distilled["qat"]["settings"]["vgg"]["loss"] == "distill"
+    assert distilled["qat"]["settings"]["vgg"]["activation_scales"] == "calibration"
     assert (tmp_path / "distill" / "vgg.int8.onnx").is_file()
     shipped = distilled["vgg"].state_dict()
     assert set(shipped) == set(fp32) and all(torch.equal(shipped[k], fp32[k]) for k in fp32)
     assert _distance(distilled["finetuned"]["vgg"].state_dict(), fp32) > 0     # the INT8 side did train
     ce = qat_networks(None, model, out_dir=tmp_path / "ce", vgg_loss="ce", **common)
     assert ce["qat"]["settings"]["vgg"]["loss"] == "ce"
+    assert ce["qat"]["settings"]["vgg"]["activation_scales"] == "observed"
+    observed = qat_networks(None, model, out_dir=tmp_path / "observed", activation_scales="observed", **common)
+    assert observed["qat"]["settings"]["vgg"]["activation_scales"] == "observed"
+    with pytest.raises(ValueError, match="activation_scales"):
+        qat_networks(None, model, out_dir=tmp_path / "bad", activation_scales="frozen", **common)
     assert _distance(ce["vgg"].state_dict(), fp32) > 0
     assert _distance(ce["vgg"].state_dict(), ce["finetuned"]["vgg"].state_dict()) == 0
