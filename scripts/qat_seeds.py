@@ -4,7 +4,8 @@ aware training (`sonoscore train --qat`), one model per seed, each INT8 set chec
 checks it (thresholds unchanged) on the validation patients and on the demo's held-out patients. Run from the repo
 root:
 
-    .venv/bin/python scripts/qat_seeds.py [--seeds 0,1,2] [--out out/qat-seeds] [--data out/demo/data]
+    .venv/bin/python scripts/qat_seeds.py [--seeds 0,1,2] [--out out/qat-seeds] [--data out/demo/data] [--vgg-width W]
+        [--qat-scales calibration|observed]
 
 `--data`: a folder with the demo's train/ and heldout/ datasets (export/demo.py makes them in out/demo/data; made
 here under --out when not given or missing). For each seed it reports, one JSON line each: which networks were
@@ -57,7 +58,14 @@ def main() -> int:
     ap.add_argument("--out", default="out/qat-seeds")
     ap.add_argument("--data", default=None, help="folder holding the demo's train/ and heldout/ datasets")
     ap.add_argument("--json", default=None, help="all rows as one JSON file (default <out>/summary.json)")
+    ap.add_argument("--vgg-width", type=float, default=None,
+                    help="the VGG's width (`train --vgg-width`; default: the demo's)")
+    ap.add_argument("--qat-scales", choices=["calibration", "observed"], default="calibration",
+                    help="QAT's activation scales: the calibration's, fixed (default, the recipe's), or observed "
+                         "during fine-tuning (TrainConfig.qat_activation_scales)")
     args = ap.parse_args()
+    if args.vgg_width is not None and not args.vgg_width > 0:
+        ap.error(f"--vgg-width {args.vgg_width:g} is not a width; give a number above 0 (the paper's VGG is 1)")
     from export.demo import HELDOUT_FRAMES, HELDOUT_PATIENTS, TRAIN_FRAMES, TRAIN_PATIENTS
     from export.recipe import TrainConfig, train_bundle
     from runtime.bundle import Bundle
@@ -78,8 +86,9 @@ def main() -> int:
         report = out / f"calibration-seed{seed}.json"
         load0 = os.getloadavg()[0]
         t0 = time.time()
-        train_bundle(train, b, TrainConfig(demo=True, seed=seed, qat=True), check=[str(held / "images")],
-                     report=report)
+        width = {} if args.vgg_width is None else {"vgg_width": args.vgg_width}
+        cfg = TrainConfig(demo=True, seed=seed, qat=True, qat_activation_scales=args.qat_scales, **width)
+        train_bundle(train, b, cfg, check=[str(held / "images")], report=report)
         t_total = time.time() - t0
         bundle = Bundle.load(b)
         prov = bundle.manifest["provenance"]
@@ -89,7 +98,8 @@ def main() -> int:
         if not int8 and (b / "calibration-rejected").is_dir():
             ev["int8 (forced)"] = _forced_int8(b, out / f"bundle-seed{seed}-int8-forced", cal, held)
         qat_s = sum(sum(v.values()) for v in prov["qat"]["seconds"].values())
-        row = {"seed": seed, "int8_networks": int8,
+        row = {"seed": seed, "vgg_width": cfg.vgg_width, "qat_scales": cfg.qat_activation_scales,
+               "int8_networks": int8,
                "train_s": round(prov["seconds"]), "of_which_qat_s": round(qat_s),
                "check_s": round(cal["seconds"]), "total_s": round(t_total), "load_avg_1min_at_start": round(load0, 2),
                "check_failures": cal["failures"], "both_int8_missed": cal.get("int8_both_missed"),

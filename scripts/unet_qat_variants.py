@@ -24,6 +24,9 @@ else the bundle's, else calibration-rejected/'s: with `train --qat` the VGG dist
                FP32 UNet's on the same (flipped) batch, so the INT8 mask follows the FP32 mask the booster was
                trained on; the bundle's QAT epochs and lr
   distill-e4   the same with twice the epochs (the suffix -eN sets N epochs for mse or distill)
+  distill-observed  distillation with the activation scales following the batches (moving-average min/max
+               observers, frozen for the last epoch) instead of staying the placement's min-max calibration, the
+               default with distillation (the suffix -observed goes last: distill-e4-observed)
 
 The fine-tuning starts from the bundle's FP32 UNet (read back from its unet.onnx into export.models.UNet, folded, and
 checked against that file as `calibrate --qat` checks a checkpoint) on the bundle's training patients' frames (those
@@ -48,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-VARIANT = re.compile(r"^(bundle|mse|distill)(?:-e([1-9][0-9]*))?$")
+VARIANT = re.compile(r"^(bundle|mse|distill)(?:-e([1-9][0-9]*))?(-observed)?$")
 
 
 def _say(msg: str) -> None:
@@ -106,7 +109,7 @@ def main(argv=None) -> int:
     for v in variants:
         if not VARIANT.match(v) or v.startswith("bundle-"):
             ap.error(f"--variants: unknown variant '{v}'; give bundle, mse or distill, the last two optionally "
-                     f"with -eN")
+                     f"with -eN and then -observed")
 
     import numpy as np
     import torch
@@ -158,15 +161,16 @@ def main(argv=None) -> int:
     info: dict[str, dict] = {}
     fp32_unet = None
     for v in variants:
-        kind, n = VARIANT.match(v).groups()
+        kind, n, observed = VARIANT.match(v).groups()
         if kind == "bundle":
             files[v], info[v] = Path(unet_int8), {"loss": prov["qat"]["settings"]["unet"].get("loss", "mse"),
                                                   "epochs": prov["qat"]["settings"]["unet"].get("epochs"),
                                                   "lr": prov["qat"]["settings"]["unet"].get("lr"), "seconds": None}
             continue
         e = int(n) if n else epochs
+        scales = "observed" if observed else None              # None: qat_networks' default for the loss
         key = hashlib.sha256(bundle.network_file("unet", "fp32").read_bytes()
-                             + json.dumps([kind, e, lr, seed, placement_options]).encode()).hexdigest()[:12]
+                             + json.dumps([kind, e, lr, seed, placement_options, scales]).encode()).hexdigest()[:12]
         work = Path(a.work) / f"{v}-{key}" if a.work else None
         info[v] = {"loss": kind, "epochs": e, "lr": lr}
         if work is not None and (work / "unet.int8.onnx").is_file():
@@ -185,7 +189,7 @@ def main(argv=None) -> int:
         q = qat_networks(fp32_unet, None, unet_images=images[tr], unet_masks=(masks[tr] > 0).astype(np.uint8),
                          vgg_images=None, vgg_labels=None, graph=graph, out_dir=out_dir, unet_epochs=e, lr=lr,
                          seed=seed, log=_say, networks=("unet",), placement_options=placement_options,
-                         log_prefix=f"unet_qat_variants: {v}", unet_loss=kind)
+                         log_prefix=f"unet_qat_variants: {v}", unet_loss=kind, activation_scales=scales)
         info[v]["seconds"] = round(time.perf_counter() - t, 1)
         info[v]["phases"] = q["seconds"]["unet"]
         files[v] = q["qat"]["files"]["unet"]

@@ -2,13 +2,16 @@
 """What the VGG's quantization-aware fine-tuning should target (a benchmark, not a test).
 
     .venv/bin/python scripts/vgg_qat_variants.py --bundle out/demo/bundle --train-data out/demo/data/train \
-        --data out/demo/data/heldout [--seeds 0,1] [--variants ptq,ce,distill,...] [--threads 2] [--json out.json]
+        --data out/demo/data/heldout [--seeds 0,1] [--variants ptq,ce,distill,...] [--vgg-width W] [--threads 2]
+        [--cache DIR] [--json out.json]
 
 Only the VGG and the booster are trained, as `export.recipe.train_bundle` trains them with the demo's TrainConfig;
 the UNet is the bundle's FP32 one (its files are not changed):
 
 1. `load_preprocessed` on `--train-data`; the validation patients drawn by `split_by_patient` with the seed; the VGG
    trained by `train_vgg` (the demo's width, epochs, lr, shift) on the training patients' labelled kidneys, masked.
+   `--vgg-width W` trains it at another width (`train --vgg-width`), the rest of the recipe unchanged; `--cache`
+   keeps each width's VGG under its own name.
 2. Per variant (and per `--qat-seeds`: the seed of the fine-tuning's batches and of the booster), the VGG's INT8
    file and the float VGG that ships beside it:
      ptq          no fine-tuning: the FP32 VGG and its Q/DQ file with the min-max scales of 64 training frames
@@ -16,7 +19,9 @@ the UNet is the bundle's FP32 one (its files are not changed):
      distill      the same, loss 1 - cosine between the fake-quant Fc2 features and the FP32 VGG's (frozen)
      distill+ce   the sum of both
      ...-w8       8-bit weights (`full_range_weights`) instead of 7-bit
-     ...-e6       6 epochs instead of 3
+     ...-e6       6 epochs instead of 3 (distill-e12: 12)
+     distill-observed  distillation with the activation scales following the batches (moving-average min/max
+                  observers, frozen for the last epoch) instead of staying the 64 frames' min-max calibration
    Two ways to ship the INT8 file, each with its booster (`train_booster`, the validation patients held out,
    trained on the shipped float VGG's features of every training frame the bundle's FP32 UNet passes through the
    gate, under the gate's mask: what `booster_features` computes; the masks are computed once, the UNet being
@@ -45,6 +50,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # name -> (vgg_loss, full_range_weights, epochs); lr is --lr for all
+OBSERVED = "-observed"   # suffix: activation scales observed during QAT (all epochs but the last), not calibrated
 VARIANTS = {
     "ptq": (None, False, 0),
     "ce": ("ce", False, 3),
@@ -53,6 +59,8 @@ VARIANTS = {
     "ce-w8": ("ce", True, 3),
     "distill-w8": ("distill", True, 3),
     "distill-e6": ("distill", False, 6),
+    "distill-e12": ("distill", False, 12),
+    "distill-observed": ("distill", False, 3),
     "ce-e6": ("ce", False, 6),
 }
 
@@ -98,10 +106,15 @@ def main(argv=None) -> int:
                     help="seeds of the fine-tuning's batches and of the booster, per FP32 VGG (default: its seed)")
     ap.add_argument("--variants", default="ptq,ce,distill,distill+ce,ce-w8,distill-w8")
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--vgg-width", type=float, default=None,
+                    help="the VGG's width (default: the demo's TrainConfig.vgg_width); wider VGGs train slower")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default=None, help="folder for the trained FP32 VGGs (reused when present)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
+    if a.vgg_width is not None and not a.vgg_width > 0:
+        ap.error(f"--vgg-width {a.vgg_width:g} is not a width; give a number above 0 (the paper's VGG is 1, the demo's "
+                 f"0.0625)")
     for v in a.variants.split(","):
         if v not in VARIANTS:
             ap.error(f"--variants: unknown variant '{v}'; choose from {', '.join(VARIANTS)}")
@@ -119,7 +132,7 @@ def main(argv=None) -> int:
     from runtime.graph import masked
 
     torch.set_num_threads(a.threads)
-    cfg = TrainConfig()
+    cfg = TrainConfig() if a.vgg_width is None else TrainConfig(vgg_width=a.vgg_width)
     bundle = Bundle.load(Path(a.bundle))
     graph = bundle.graph()
     t0 = time.perf_counter()
@@ -141,7 +154,8 @@ def main(argv=None) -> int:
         is_val = split_by_patient(np.maximum(grades - 1, 0), patients, cfg.val_fraction, seed)
         tr, va = ~is_val, is_val
         sel = kidney & tr
-        cache = Path(a.cache) / f"vgg_seed{seed}.pt" if a.cache else None
+        width_tag = "" if cfg.vgg_width == TrainConfig().vgg_width else f"_w{cfg.vgg_width:g}"
+        cache = Path(a.cache) / f"vgg_seed{seed}{width_tag}.pt" if a.cache else None
         t = time.perf_counter()
         if cache and cache.is_file():
             from export.models import VGG19BN
@@ -184,6 +198,7 @@ def main(argv=None) -> int:
             qat_seeds = [int(s) for s in a.qat_seeds.split(",")] if a.qat_seeds else [seed]
             for qseed, name in [(q, n) for q in qat_seeds for n in a.variants.split(",")]:
                 loss, w8, epochs = VARIANTS[name]
+                observed = name.endswith(OBSERVED)
                 if qseed not in ref_boosters:
                     ref_boosters[qseed] = booster_for(b_ref, qseed)
                 t = time.perf_counter()
@@ -200,7 +215,8 @@ def main(argv=None) -> int:
                     q = qat_networks(None, vgg, unet_images=None, unet_masks=None, vgg_images=masked_images[sel],
                                      vgg_labels=grades[sel] - 1, graph=graph, out_dir=tmp / name, vgg_epochs=epochs,
                                      lr=a.lr, seed=qseed, vgg_shift=cfg.vgg_shift, log=_say, networks=("vgg",),
-                                     placement_options=opts, vgg_loss=loss)
+                                     placement_options=opts, vgg_loss=loss,
+                                     activation_scales="observed" if observed else None)
                     int8, shipped = q["qat"]["files"]["vgg"], q["finetuned"]["vgg"]
                 t_qat = time.perf_counter() - t
                 with OrtRunner(int8, intra_op_threads=a.threads, simulated_quantization=True) as r:
@@ -215,7 +231,9 @@ def main(argv=None) -> int:
                         h_float = _features(graph, r, h_img, h_masks)
                     ships.append(("QAT float", booster_for(b_feats, qseed), h_float))
                 for ship, booster, h_float in ships:
-                    row = {"seed": seed, "qat_seed": qseed, "variant": name, "ships": ship, "loss": loss,
+                    scales = None if loss is None else "observed" if observed or loss == "ce" else "calibration"
+                    row = {"seed": seed, "qat_seed": qseed, "vgg_width": cfg.vgg_width, "variant": name,
+                           "activation_scales": scales, "ships": ship, "loss": loss,
                            "weight_bits": 8 if w8 else 7, "epochs": epochs, "lr": a.lr if loss else None,
                            "frames": int(len(h_rows)), "labelled": int(labelled.sum()),
                            **measure(booster, h_float, h_int8),
@@ -227,11 +245,11 @@ def main(argv=None) -> int:
                          f"{row['float_vs_before_cosine']:.4f} ({row['qat_seconds']:.0f} s QAT)")
                 if a.json:
                     Path(a.json).write_text(json.dumps(results, indent=1))
-    print("| seed (VGG/QAT) | variant | ships | feature cosine (p05) | grade agreement | FP32 accuracy | "
+    print("| VGG width | seed (VGG/QAT) | variant | ships | feature cosine (p05) | grade agreement | FP32 accuracy | "
           "INT8 accuracy | float vs pre-QAT cosine | QAT s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['seed']}/{r['qat_seed']} | {r['variant']} | {r['ships']} | "
+        print(f"| {r['vgg_width']:g} | {r['seed']}/{r['qat_seed']} | {r['variant']} | {r['ships']} | "
               f"{r['cosine_mean']:.4f} ({r['cosine_p05']:.4f}) | "
               f"{r['grade_agreement']:.3f} | {r['fp32_accuracy']:.3f} | {r['int8_accuracy']:.3f} | "
               f"{r['float_vs_before_cosine']:.4f} | {r['qat_seconds']:.0f} |")
