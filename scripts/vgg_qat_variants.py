@@ -20,8 +20,9 @@ the UNet is the bundle's FP32 one (its files are not changed):
      distill+ce   the sum of both
      ...-w8       8-bit weights (`full_range_weights`) instead of 7-bit
      ...-e6       6 epochs instead of 3 (distill-e12: 12)
-     distill-observed  distillation with the activation scales following the batches (moving-average min/max
-                  observers, frozen for the last epoch) instead of staying the 64 frames' min-max calibration
+     ...-observed the activation scales follow the batches (moving-average min/max observers, frozen for the
+                  last epoch) instead of staying the 64 frames' min-max calibration (the default with distillation;
+                  cross-entropy observes them anyway), e.g. distill-observed, distill-w8-observed
    Two ways to ship the INT8 file, each with its booster (`train_booster`, the validation patients held out,
    trained on the shipped float VGG's features of every training frame the bundle's FP32 UNet passes through the
    gate, under the gate's mask: what `booster_features` computes; the masks are computed once, the UNet being
@@ -60,7 +61,6 @@ VARIANTS = {
     "distill-w8": ("distill", True, 3),
     "distill-e6": ("distill", False, 6),
     "distill-e12": ("distill", False, 12),
-    "distill-observed": ("distill", False, 3),
     "ce-e6": ("ce", False, 6),
 }
 
@@ -116,8 +116,10 @@ def main(argv=None) -> int:
         ap.error(f"--vgg-width {a.vgg_width:g} is not a width; give a number above 0 (the paper's VGG is 1, the demo's "
                  f"0.0625)")
     for v in a.variants.split(","):
-        if v not in VARIANTS:
-            ap.error(f"--variants: unknown variant '{v}'; choose from {', '.join(VARIANTS)}")
+        base = v[:-len(OBSERVED)] if v.endswith(OBSERVED) else v
+        if base not in VARIANTS or (base != v and base == "ptq"):
+            ap.error(f"--variants: unknown variant '{v}'; choose from {', '.join(VARIANTS)}, each but ptq "
+                     f"optionally with {OBSERVED}")
 
     import numpy as np
     import torch
@@ -128,12 +130,16 @@ def main(argv=None) -> int:
     from export.recipe import TrainConfig, load_preprocessed
     from export.train import _batch, split_by_patient, train_booster, train_vgg
     from runtime.backends.ort import OrtRunner
-    from runtime.bundle import Bundle
+    from runtime.bundle import Bundle, BundleError
     from runtime.graph import masked
 
     torch.set_num_threads(a.threads)
     cfg = TrainConfig() if a.vgg_width is None else TrainConfig(vgg_width=a.vgg_width)
-    bundle = Bundle.load(Path(a.bundle))
+    try:
+        bundle = Bundle.load(Path(a.bundle))
+    except BundleError as e:
+        _say(f"vgg_qat_variants: {e}")
+        return 2
     graph = bundle.graph()
     t0 = time.perf_counter()
     images, masks, grades, patients = load_preprocessed(Path(a.train_data), graph, progress=False)
@@ -197,8 +203,8 @@ def main(argv=None) -> int:
 
             qat_seeds = [int(s) for s in a.qat_seeds.split(",")] if a.qat_seeds else [seed]
             for qseed, name in [(q, n) for q in qat_seeds for n in a.variants.split(",")]:
-                loss, w8, epochs = VARIANTS[name]
                 observed = name.endswith(OBSERVED)
+                loss, w8, epochs = VARIANTS[name[:-len(OBSERVED)] if observed else name]
                 if qseed not in ref_boosters:
                     ref_boosters[qseed] = booster_for(b_ref, qseed)
                 t = time.perf_counter()
