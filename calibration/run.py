@@ -361,7 +361,7 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
             failures = [f for f in failures if f not in full_missed]
             if not quiet:
                 _say(f"calibrate: INT8 UNet + VGG missed ({full_missed[0]}); the VGG alone in INT8 passes, so the "
-                     f"UNet stays FP32 in the INT8 set")
+                     f"UNet stays FP32 in the INT8 set (its INT8 file is kept in {root / REJECTED_DIR})")
         elif not full_missed:
             failures = [f for f in failures if f not in vgg_missed]
     int8_ok = timing_only or not any(f.startswith("int8 ") or f.startswith("int8-vgg ") for f in failures)
@@ -443,6 +443,14 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
             "made": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         write_manifest(root, manifest)
+        dropped = [n for n in ("unet", "vgg") if n not in networks and (work / INT8_FILES[n]).is_file()]
+        if fallback and dropped:   # `auto` left a quantized network out: its file is kept for inspection
+            rejected_dir = root / REJECTED_DIR
+            shutil.rmtree(rejected_dir, ignore_errors=True)
+            rejected_dir.mkdir()
+            for name in dropped:
+                shutil.move(str(work / INT8_FILES[name]), str(rejected_dir / INT8_FILES[name]))
+            out["rejected_files"] = str(rejected_dir)
         shutil.rmtree(work, ignore_errors=True)
     else:
         rejected_dir = root / REJECTED_DIR

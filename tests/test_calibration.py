@@ -184,6 +184,9 @@ def test_networks_auto_installs_both_when_both_pass_else_the_vgg_alone(calibrate
         assert report["int8_both_missed"] and "mask IoU" in report["int8_both_missed"][0]
         assert "the VGG alone in INT8 passes" in r.stderr
         assert m["networks"]["unet"]["files"]["int8"] == "unet.onnx" and not (b / "unet.int8.onnx").exists()
+        kept = b / "calibration-rejected" / "unet.int8.onnx"   # the UNet file that missed, kept for inspection
+        assert kept.is_file() and report["rejected_files"] == str(b / "calibration-rejected")
+        assert not (b / "calibration-rejected" / "vgg.int8.onnx").exists()
     else:                # INT8 kept every mask pixel here: both pass the floor of 1 and both are installed
         assert report["int8_networks"] == ["unet", "vgg"] and report["int8_both_missed"] is None
         assert m["networks"]["unet"]["files"]["int8"] == "unet.int8.onnx"
