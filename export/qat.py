@@ -392,6 +392,12 @@ def prepare_qat(model, placement: Placement, graph=None):
 
 VGG_LOSSES = ("ce", "distill", "distill+ce")
 ACTIVATION_SCALES = ("calibration", "observed")   # qat_networks: fixed at the placement's calibration, or observed
+
+
+def _observe_epochs(scales: str, epochs: int) -> int:
+    """The epochs whose activation observers follow the data: none for the calibration's fixed scales, else all but
+    the last (or the only one)."""
+    return 0 if scales == "calibration" else max(1, epochs - 1)
 UNET_LOSSES = ("mse", "distill")
 
 
@@ -486,7 +492,7 @@ def qat_finetune(model, batches: Iterable, *, epochs: int, lr: float, placement:
     qat = model if hasattr(model, "gm") and hasattr(model, "placement") else prepare_qat(model, placement, graph)
     loss_fn = loss_fn or _default_loss(qat.placement.network, vgg_loss, unet_loss)
     if observe_epochs is None:
-        observe_epochs = 0 if distill else (max(1, epochs - 1) if epochs > 1 else 1)
+        observe_epochs = _observe_epochs("calibration" if distill else "observed", epochs)
     params = [p for p in qat.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("the traced model has no trainable parameters")
@@ -746,7 +752,7 @@ def qat_networks(unet, vgg, *, unet_images, unet_masks, vgg_images, vgg_labels, 
         qat = qat_finetune(model, batches, epochs=epochs, lr=lr, placement=placement, graph=graph, log=log,
                            vgg_loss=vgg_loss if name == "vgg" else "ce",
                            unet_loss=unet_loss if name == "unet" else "mse",
-                           observe_epochs=0 if scales == "calibration" else max(1, epochs - 1))
+                           observe_epochs=_observe_epochs(scales, epochs))
         t_train = time.perf_counter() - t
         t = time.perf_counter()
         path = out_dir / f"{name}.int8.onnx"

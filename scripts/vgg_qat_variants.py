@@ -216,7 +216,7 @@ def main(argv=None) -> int:
                     pl = qdq_placement(vgg, calib, graph, **opts)
                     int8 = tmp / f"{name}.int8.onnx"
                     export_qdq(prepare_qat(vgg, pl, graph), int8, graph)
-                    shipped = None
+                    shipped, scales = None, None
                 else:
                     q = qat_networks(None, vgg, unet_images=None, unet_masks=None, vgg_images=masked_images[sel],
                                      vgg_labels=grades[sel] - 1, graph=graph, out_dir=tmp / name, vgg_epochs=epochs,
@@ -224,6 +224,7 @@ def main(argv=None) -> int:
                                      placement_options=opts, vgg_loss=loss,
                                      activation_scales="observed" if observed else None)
                     int8, shipped = q["qat"]["files"]["vgg"], q["finetuned"]["vgg"]
+                    scales = q["qat"]["settings"]["vgg"]["activation_scales"]
                 t_qat = time.perf_counter() - t
                 with OrtRunner(int8, intra_op_threads=a.threads, simulated_quantization=True) as r:
                     h_int8 = _features(graph, r, h_img, h_masks)
@@ -237,7 +238,6 @@ def main(argv=None) -> int:
                         h_float = _features(graph, r, h_img, h_masks)
                     ships.append(("QAT float", booster_for(b_feats, qseed), h_float))
                 for ship, booster, h_float in ships:
-                    scales = None if loss is None else "observed" if observed or loss == "ce" else "calibration"
                     row = {"seed": seed, "qat_seed": qseed, "vgg_width": cfg.vgg_width, "variant": name,
                            "activation_scales": scales, "ships": ship, "loss": loss,
                            "weight_bits": 8 if w8 else 7, "epochs": epochs, "lr": a.lr if loss else None,
