@@ -41,7 +41,7 @@ JOIN_S = 5.0        # how long the end of a run waits for the capture thread onc
 
 
 class StopRequest:
-    """A request to end a run early, made from a signal handler (runtime/cli.py): setting it is one attribute
+    """A request to end a run early, made from a signal handler (runtime/cli/common.py): setting it is one attribute
     write, no lock, so it is safe at any moment. `signum` is the signal that asked (None: not asked). `phase` is
     the run's, which the handler reads: "starting" (nothing to finish yet), "streaming" (the stream ends after the
     frame in hand and the outputs are finished), "finishing" (the outputs are being finished)."""

@@ -1,0 +1,36 @@
+"""`listen`: the DICOM Storage SCP that scores the studies a scanner sends and sends the results to a PACS."""
+from __future__ import annotations
+
+import argparse
+import signal
+
+from runtime.cli.common import EXIT_SIGNAL_BASE, stop_signals
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    from runtime.dicomnet.listen import listen_command
+    from runtime.stream import StopRequest
+    stop = StopRequest()
+    with stop_signals(stop):
+        try:
+            return listen_command(args, stop)
+        except KeyboardInterrupt:
+            return EXIT_SIGNAL_BASE + (stop.signum or signal.SIGINT)
+
+
+def add_parsers(sub) -> None:
+    ls = sub.add_parser("listen", help="DICOM Storage SCP: score the ultrasound studies received, send the results "
+                        "(SR, SEG, SC) to a PACS")
+    ls.add_argument("--config", required=True, metavar="YAML", help="the listen/send configuration "
+                    "(docs/hospital.md, 'DICOM network'; device/listen.example.yaml)")
+    ls.add_argument("--bundle", help="the model bundle (default: the configuration's processing.bundle)")
+    ls.add_argument("--backend", choices=["ort", "trt"], default=None, help="default: processing.backend, else ort")
+    ls.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None,
+                    help="default: processing.precision, else fp32")
+    ls.add_argument("--threads", type=int, default=None, help="CPU threads per network (default: all cores)")
+    ls.add_argument("--trust", metavar="PUB", default=None, help="the public key the bundle's signature must "
+                    "verify with (default: $SONOSCORE_TRUST)")
+    ls.add_argument("--deidentify", action="store_true", help="de-identified DICOM results (PS3.15 basic profile "
+                    "pseudonyms, no Secondary Capture), for research; the same as results.deidentify: true")
+    ls.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+    ls.set_defaults(func=cmd_listen)

@@ -1,0 +1,236 @@
+"""`sim`, `train`, `export` and `calibrate`: the model side (datasets, training, bundles, INT8)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from runtime.cli.common import EXIT_ACCURACY, EXIT_OK, LABEL_HELP, UserError, kidney_labels
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from runtime.dataset import write_dataset
+    if args.patients < 1:
+        raise UserError("--patients must be at least 1")
+    out = write_dataset(Path(args.out), args.patients, seed=args.seed, frames_per_patient=args.frames_per_patient)
+    print(f"wrote a synthetic dataset of {args.patients} patients to {out}")
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from export.recipe import TrainConfig, train_bundle
+    cfg = TrainConfig(unet_width=args.unet_width, vgg_width=args.vgg_width, unet_epochs=args.unet_epochs,
+                      vgg_epochs=args.vgg_epochs, seed=args.seed, grid_search=args.grid_search,
+                      kidney_labels=kidney_labels(args.label).given, qat=args.qat,
+                      qat_unet_epochs=args.qat_unet_epochs, qat_vgg_epochs=args.qat_vgg_epochs, qat_lr=args.qat_lr)
+    given = [o for o, v in (("--check", args.check), ("--report", args.report), ("--min-iou", args.min_iou),
+                            ("--min-gate", args.min_gate), ("--min-grade", args.min_grade),
+                            ("--min-cosine", args.min_cosine)) if v not in (None, [])]
+    if not args.qat and given:
+        raise UserError(f"{given[0]} belongs to --qat (the INT8 check after quantization-aware training); "
+                        "add --qat or leave them out")
+    if args.qat and min(args.qat_unet_epochs, args.qat_vgg_epochs) < 1:
+        raise UserError("--qat-unet-epochs and --qat-vgg-epochs must be at least 1")
+    from runtime.normalize import parse
+    train_bundle(Path(args.data), Path(args.out), cfg,
+                 unet_input=parse(args.unet_input, "--unet-input", 1) if args.unet_input else None,
+                 vgg_input=parse(args.vgg_input, "--vgg-input", cfg.vgg_channels) if args.vgg_input else None,
+                 check=args.check or None, report=Path(args.report) if args.report else None,
+                 thresholds=_thresholds(args) if args.qat else None)
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from export.recipe import export_from_checkpoints
+    export_from_checkpoints(args.unet, args.vgg, args.booster, Path(args.out), random_weights=args.random_weights,
+                            unet_width=args.unet_width, vgg_width=args.vgg_width, unet_onnx=args.unet_onnx,
+                            vgg_onnx=args.vgg_onnx, unet_input=args.unet_input, vgg_input=args.vgg_input,
+                            name=args.name, version=args.version, card=args.card)
+    return EXIT_OK
+
+
+def _networks(text: str) -> tuple[str, ...] | str:
+    if text.strip() == "auto":
+        return "auto"
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    bad = [n for n in names if n not in ("unet", "vgg")]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"'{text}': name unet, vgg or both joined by a comma, or auto")
+    return names
+
+
+def _thresholds(args: argparse.Namespace):
+    """calibrate's accuracy thresholds from --min-iou/--min-gate/--min-grade/--min-cosine (None: the default)."""
+    from calibration.report import Thresholds
+    given = {k: v for k, v in (("min_iou", args.min_iou), ("min_gate_agreement", args.min_gate),
+                               ("min_grade_agreement", args.min_grade), ("min_cosine", args.min_cosine))
+             if v is not None}
+    return Thresholds(**given)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from runtime.app import ensure_calibration_side
+    ensure_calibration_side()
+    from calibration.report import Thresholds
+    from calibration.run import CalibrationFailed, calibrate_bundle, check_gains
+    th = Thresholds(min_iou=args.min_iou, min_gate_agreement=args.min_gate, min_grade_agreement=args.min_grade,
+                    min_cosine=args.min_cosine)
+    report = args.report or str(Path(args.bundle) / "calibration_report.json")
+    qat_given = [o for o, v in (("--unet", args.unet), ("--vgg", args.vgg), ("--data", args.data),
+                                ("--label", args.label), ("--qat-unet-epochs", args.qat_unet_epochs),
+                                ("--qat-vgg-epochs", args.qat_vgg_epochs), ("--qat-lr", args.qat_lr))
+                 if v is not None]
+    if not args.qat and qat_given:
+        raise UserError(f"{qat_given[0]} belongs to --qat (quantization-aware training from the bundle's "
+                        f"checkpoints); add --qat or leave it out")
+    if not args.qat and not args.frames:
+        raise UserError("calibrate needs --frames SOURCE (folder, video, DICOM or sim://kidney), the frames to "
+                        "calibrate on (or --qat with --data)")
+    if args.qat:   # said before any training, not after it
+        check_gains(args.unet_gains.split(","), qat=True)
+    if args.qat and (args.timing_only or not args.data):
+        raise UserError("--timing-only skips the accuracy check, which is what decides a QAT set; leave it out"
+                        if args.timing_only else "calibrate --qat needs --data DIR, the labelled dataset (labelme "
+                        "masks and grades, as `sonoscore train` reads it) to fine-tune on")
+    try:
+        if args.qat:
+            from runtime.app import ensure_export_side
+            ensure_export_side("calibrate --qat")
+            from export.qat_calibrate import calibrate_qat
+            calibrate_qat(args.bundle, unet=args.unet, vgg=args.vgg, data=args.data, frames=args.frames,
+                          check=args.check, networks=args.networks, labels=kidney_labels(args.label).given,
+                          unet_epochs=args.qat_unet_epochs, vgg_epochs=args.qat_vgg_epochs, lr=args.qat_lr,
+                          count=args.count, holdout=args.holdout, max_frames=args.max_frames, method=args.method,
+                          conv_transpose=args.conv_transpose or "sub-pixel",
+                          full_range_weights=args.full_range_weights, thresholds=th, report=report)
+        else:
+            calibrate_bundle(args.bundle, args.frames, check=args.check, method=args.method, count=args.count,
+                             holdout=args.holdout, max_frames=args.max_frames,
+                             conv_transpose=args.conv_transpose or "sub-pixel",
+                             thresholds=th, report=report, full_range_weights=args.full_range_weights,
+                             timing_only=args.timing_only, networks=args.networks,
+                             unet_gains=tuple(args.unet_gains.split(",")))
+    except CalibrationFailed as e:
+        print(f"sonoscore: {e}", file=sys.stderr)
+        print(f"sonoscore: report written to {report}", file=sys.stderr)
+        return EXIT_ACCURACY
+    print(f"calibration report: {report}")
+    return EXIT_OK
+
+
+def add_parsers(sub) -> None:
+    s = sub.add_parser("sim", help="write a synthetic labelled kidney dataset (labelme JSON + labels.csv)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--patients", type=int, required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--frames-per-patient", type=int, default=12)
+    s.set_defaults(func=cmd_sim)
+
+    t = sub.add_parser("train", help="train UNet, VGG-19-BN and XGBoost with the paper's recipes; writes a bundle")
+    t.add_argument("--data", required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--unet-width", type=float, default=0.25)
+    t.add_argument("--vgg-width", type=float, default=0.0625)
+    t.add_argument("--unet-epochs", type=int, default=4)
+    t.add_argument("--vgg-epochs", type=int, default=24)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--grid-search", action="store_true", help="small XGBoost grid search on the validation split")
+    t.add_argument("--label", action="append", metavar="kidney=LABELS", help=LABEL_HELP)
+    t.add_argument("--unet-input", metavar="NORM", help="the UNet's input normalization after uint8/255, used in "
+                   "training and recorded in the manifest: unit (default), minmax (per image), or meanstd:MEAN/STD (one "
+                   "channel: one value each)")
+    t.add_argument("--vgg-input", metavar="NORM", help="the same for the VGG (of the masked image): unit (default), "
+                   "minmax, imagenet, or meanstd:M1,M2,M3/S1,S2,S3")
+    t.add_argument("--qat", action="store_true", help="after FP32 training, quantization-aware fine-tuning of both "
+                   "networks; the INT8 Q/DQ set it gives is checked as `calibrate --networks auto` checks it (on the "
+                   "validation patients and --check data) and installed when it passes")
+    t.add_argument("--qat-unet-epochs", type=int, default=2, help="QAT epochs of the UNet (default 2)")
+    t.add_argument("--qat-vgg-epochs", type=int, default=3, help="QAT epochs of the VGG (default 3)")
+    t.add_argument("--qat-lr", type=float, default=1e-4, help="QAT learning rate, Adam (default 1e-4)")
+    t.add_argument("--check", action="append", default=[], help="with --qat: held-out frames (folder, video, DICOM "
+                   "or sim://) the INT8 set is also checked on (repeatable)")
+    t.add_argument("--report", help="with --qat: the INT8 check's report (default <out>/calibration_report.json)")
+    for opt, what in (("--min-iou", "mask IoU"), ("--min-gate", "gate agreement"), ("--min-grade", "grade agreement"),
+                      ("--min-cosine", "feature cosine similarity")):
+        t.add_argument(opt, type=float, default=None, help=f"with --qat: minimum {what} of the INT8 check "
+                       f"(default: calibrate's)")
+    t.set_defaults(func=cmd_train)
+
+    x = sub.add_parser("export", help="checkpoints + booster -> bundle (ONNX fp32/fp16, UBJ booster, manifest)")
+    x.add_argument("--unet", help="UNet checkpoint as jakeoung/Unet_pytorch saves it, with or without BatchNorm "
+                   "(bare state dict or {'state_dict': ...}; 'module.' prefixes and the legacy format are fine)")
+    x.add_argument("--vgg", help="VGG-19-BN checkpoint: torchvision keys (features.N, classifier.0/3[/6]) or "
+                   "sonoscore's (fc1, fc2[, head]); a network cut at Fc2 is fine, Fc1/Fc2 sizes come from the tensors")
+    x.add_argument("--unet-onnx", metavar="FILE", help="instead of --unet: a UNet you exported to ONNX yourself "
+                   "(one float input [N,1,224,224], dynamic batch, sigmoid output [N,1,224,224])")
+    x.add_argument("--vgg-onnx", metavar="FILE", help="instead of --vgg: a VGG you exported to ONNX yourself "
+                   "(one float input [N,C,224,224], dynamic batch; the Fc2 features as its one output or 'features')")
+    x.add_argument("--booster", required=True, help="XGBoost model (.ubj or .json; multi:softprob or multi:softmax, "
+                   "4 classes, as many features as the VGG's Fc2); checked before anything is exported")
+    x.add_argument("--out", required=True, help="the bundle folder: a new one, or an existing bundle (replaced "
+                   "only once the new one is complete)")
+    x.add_argument("--unet-input", metavar="NORM", help="what the UNet was trained on after uint8/255: unit "
+                   "(default), minmax (per image), or meanstd:MEAN/STD (one value each: the UNet takes one channel)")
+    x.add_argument("--vgg-input", metavar="NORM", help="the same for the VGG: unit (default), minmax, imagenet, or "
+                   "meanstd:M1,M2,M3/S1,S2,S3")
+    x.add_argument("--name", help="the model's name in the manifest and on reports (default: the --out folder's name)")
+    x.add_argument("--version", help="the model's version (default: the card's, else 'unversioned')")
+    x.add_argument("--card", metavar="FILE", help="model card, JSON or YAML: name, version, description, changelog, "
+                   "authors, license, intended_use, data_source, references, disclaimer")
+    x.add_argument("--random-weights", action="store_true",
+                   help="no checkpoints: random weights at the given widths (for timing only)")
+    x.add_argument("--unet-width", type=float, default=None, help="with --random-weights (default 1.0)")
+    x.add_argument("--vgg-width", type=float, default=None, help="with --random-weights (default 1.0)")
+    x.set_defaults(func=cmd_export)
+
+    c = sub.add_parser("calibrate", help="INT8: calibrate the bundle's networks on frames (Q/DQ ONNX) and check "
+                       "INT8 and FP16 against FP32 on frames not used for calibration")
+    c.add_argument("--bundle", required=True)
+    c.add_argument("--frames", action="append", default=[],
+                   help="calibration source: folder, video, DICOM or sim://kidney?frames=600 (repeatable); "
+                        "frames not picked for calibration are held out for the accuracy check (with --qat: "
+                        "optional, every frame is checked)")
+    c.add_argument("--check", action="append", default=[],
+                   help="another source checked in full and never used for calibration (repeatable)")
+    c.add_argument("--method", default="minmax", choices=["minmax", "entropy", "percentile"])
+    c.add_argument("--count", type=int, default=300, help="calibration frames, spread over the source (default 300)")
+    c.add_argument("--holdout", type=int, default=300, help="held-out frames for the check (default 300)")
+    c.add_argument("--max-frames", type=int, default=3000, help="frames read per source at most (spread evenly)")
+    c.add_argument("--conv-transpose", default=None, choices=["sub-pixel", "per-tensor", "float"],
+                   help="ConvTranspose layers: INT8 as a sub-pixel Conv + DepthToSpace, per-channel weights (default; "
+                        "onnxruntime's CPU has no integer ConvTranspose; with --qat the weights are trained per "
+                        "tensor and written so), INT8 ConvTranspose with per-tensor weights (TensorRT rejects "
+                        "onnxruntime's per-channel axis 1 for them), or left in float")
+    c.add_argument("--full-range-weights", action="store_true",
+                   help="8-bit weights instead of 7-bit; only for targets never checked on an x86 CPU without "
+                        "VNNI, where 8-bit weights saturate onnxruntime's integer kernels")
+    c.add_argument("--unet-gains", default="1", metavar="G1,G2,...",
+                   help="the UNet also calibrates on each frame at these gains (pixels times G, saturating at "
+                        "255), so its INT8 ranges cover a brighter scanner setting than the frames show, e.g. 1,1.6 "
+                        "(default 1: the frames as they are; docs/benchmarks.md has what it costs on the phantom)")
+    c.add_argument("--networks", default="unet,vgg", type=_networks,
+                   help="which networks to quantize (default unet,vgg); one left out runs in FP32 in the INT8 set "
+                        "(mixed precision, as TensorRT builds it), e.g. --networks vgg when the UNet's INT8 masks "
+                        "move grades; auto: both if they pass, else the VGG alone if it passes")
+    c.add_argument("--min-iou", type=float, default=0.97)
+    c.add_argument("--min-gate", type=float, default=0.97, help="minimum gate agreement")
+    c.add_argument("--min-grade", type=float, default=0.97, help="minimum grade agreement")
+    c.add_argument("--min-cosine", type=float, default=0.99, help="minimum feature cosine similarity")
+    c.add_argument("--report", help="report JSON (default <bundle>/calibration_report.json)")
+    c.add_argument("--timing-only", action="store_true",
+                   help="skip the accuracy check (random-weight bundles made for timing)")
+    c.add_argument("--qat", action="store_true", help="INT8 from quantization-aware training instead of calibration: "
+                   "fine-tunes the checkpoints the bundle was exported from (--unet, --vgg; refused unless they "
+                   "compute what the bundle's FP32 files compute) on --data's training patients, then checks the "
+                   "INT8 files against the bundle's unchanged FP32 files on its held-out patients (and --frames, "
+                   "--check) and installs what passes; FP32, FP16 and the booster stay as they are")
+    c.add_argument("--unet", help="with --qat: the UNet checkpoint the bundle was exported from (as `export --unet`)")
+    c.add_argument("--vgg", help="with --qat: the VGG-19-BN checkpoint, with its classification head (as `export "
+                   "--vgg`)")
+    c.add_argument("--data", help="with --qat: labelled dataset folder (labelme masks, grades in labels.csv or flags; "
+                   "as `train --data`); a quarter of its patients is held out for the check")
+    c.add_argument("--label", action="append", metavar="kidney=LABELS", help="with --qat: " + LABEL_HELP)
+    c.add_argument("--qat-unet-epochs", type=int, default=None, help="with --qat: UNet QAT epochs (default 2)")
+    c.add_argument("--qat-vgg-epochs", type=int, default=None, help="with --qat: VGG QAT epochs (default 3)")
+    c.add_argument("--qat-lr", type=float, default=None, help="with --qat: learning rate, Adam (default 1e-4)")
+    c.set_defaults(func=cmd_calibrate)
