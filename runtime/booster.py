@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.bundle import sha256_file
-from runtime.cachefs import file_lock
+from runtime.files import file_lock
 
 BACKENDS = ("auto", "tl2cgen", "gtil")
 _F32 = np.dtype(np.float32)

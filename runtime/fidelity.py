@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.backends.engine_cache import atomic_write
+from runtime.files import atomic_write
 
 log = logging.getLogger("sonoscore.fidelity")
 

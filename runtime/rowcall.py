@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 
 from runtime.bundle import sha256_file
-from runtime.cachefs import file_lock
+from runtime.files import file_lock
 
 _NAME = "_sonoscore_rowcall"
 _SOURCE = r"""

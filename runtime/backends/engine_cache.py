@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +39,7 @@ import numpy as np
 
 from runtime.backends.base import TensorMeta
 from runtime.bundle import sha256_file  # noqa: F401  (one sha256 for bundles, boosters and engines)
-from runtime.cachefs import file_lock  # noqa: F401  (one build lock for boosters and engines)
+from runtime.files import atomic_write, file_lock  # noqa: F401  (one build lock for boosters and engines)
 
 FORMAT = 2                      # bump when the entry layout or the build recipe (flags, profile rule) changes
                                 # 2: TF32 cleared; DLA profiles pinned to one batch size
@@ -247,19 +245,6 @@ def invalidate(entry: Path) -> None:
     (Path(entry) / "meta.json").unlink(missing_ok=True)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a synced temp file in the same folder and os.replace."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def get_or_build(root: Path, key: dict[str, Any], build: Callable[[], BuildResult], *, label: str = "engine",

@@ -27,6 +27,7 @@ import stat
 from pathlib import Path
 
 from runtime.errors import UserError
+from runtime.files import fsync_path  # noqa: F401  (sinks and the spool import it from here)
 from runtime.record import FrameRecord
 
 
@@ -118,14 +119,6 @@ def is_stream_file(path: str | Path) -> bool:
         return False
     return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
 
-
-def fsync_path(path: str | Path) -> None:
-    """Make a written file durable before it is renamed into place."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _creatable(label: str, path: Path, shown: str | Path) -> None:
