@@ -4,7 +4,7 @@
                                           |
                          worker: a study quiet for `quiet_time_s` --> its pending instances as one round:
                                  records, summary.json, report.html (results.dir/<study>/<round>/) and the DICOM
-                                 results (runtime/dicom_out.py) --> outbox --> C-STORE / STOW-RS destinations
+                                 results (runtime/dicom_out/) --> outbox --> C-STORE / STOW-RS destinations
 
 What the SCP accepts (presentation contexts): Ultrasound Image Storage and Ultrasound Multi-frame Image Storage
 (and their retired forms, which the DICOM source reads the same way), in every transfer syntax the DICOM source

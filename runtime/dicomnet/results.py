@@ -1,4 +1,4 @@
-"""A scored study round -> its DICOM results (runtime/dicom_out.py): the Segmentations, the SR and, when the
+"""A scored study round -> its DICOM results (runtime/dicom_out/): the Segmentations, the SR and, when the
 configuration asks (`results.secondary_capture`, not with `deidentify`), a Secondary Capture of the overlay for each
 frame that has a Segmentation."""
 from __future__ import annotations

@@ -4,7 +4,7 @@ by hand, through the same outbox and destinations as `sonoscore listen`.
 `SendRun.prepare(config_path, source)` checks, before anything starts, the configuration (one sentence per error)
 and that the source is DICOM. During the run, `tag` notes each record's file and frame (in its `meta`, which the
 results file never writes) and `sink` keeps the records. `finish(bundle)` groups the records by study (a folder
-may hold several), gives each study its own summary, makes its DICOM results (runtime/dicom_out.py), puts them in
+may hold several), gives each study its own summary, makes its DICOM results (runtime/dicom_out/), puts them in
 the outbox as one batch and delivers: a first attempt, and two more after the configured back-off. What is still
 not delivered then waits in the outbox (`sonoscore listen`, or the next `run --send`, with the same outbox
 delivers it) and `finish` returns one sentence saying so (`run` exits 5).

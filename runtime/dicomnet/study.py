@@ -1,5 +1,5 @@
 """One study round: a study's instances scored as one source through the `run` pipeline and sinks, then its
-DICOM results made (runtime/dicom_out.py) for the outbox.
+DICOM results made (runtime/dicom_out/) for the outbox.
 
 `StudySource` chains the instances' `DicomSource`s (frames numbered continuously across them; each frame keeps its
 file's name, a hash, and its number inside the file), so a study's records, study summary and report are made by
