@@ -62,7 +62,7 @@ def load_preprocessed(data_dir: Path, graph: Graph, progress: bool = True, kidne
     preprocessed by the graph the bundle will pin. `kidney_labels`: the labelme labels that are the kidney (None:
     runtime.dataset's default variants). Images whose kidney annotation is missing (runtime.dataset) are left
     out: their mask is unknown; the dataset's summary line names them."""
-    from runtime.dataset import read_dataset
+    from runtime.labelme import read_dataset
     samples = read_dataset(Path(data_dir), labels=kidney_labels)
     _say(f"train: {samples.summary_line()}")
     samples = [s for s in samples if not s.kidney_missing]

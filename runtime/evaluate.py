@@ -324,7 +324,7 @@ def evaluate_bundle(bundle_path, data_dir, *, precision="fp32", backend="ort", r
 
     from runtime import preprocess as pp
     from runtime.bundle import Bundle
-    from runtime.dataset import MISSING, read_dataset
+    from runtime.labelme import MISSING, read_dataset
     from runtime.errors import UserError
     from runtime.pipeline import Pipeline
     from runtime.sources import Frame

@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime.dataset import (LabelledImage, balanced_grades, labelme_document, mask_to_polygons, polygons_to_mask,
-                             read_dataset, simulated_patient, write_dataset)
+from runtime.dataset import balanced_grades, labelme_document, mask_to_polygons, simulated_patient, write_dataset
+from runtime.labelme import LabelledImage, polygons_to_mask, read_dataset
 from runtime.phantom import KidneyPhantom
 
 

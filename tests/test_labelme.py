@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime.dataset import (DEFAULT_KIDNEY_LABELS, MISSING, NO_KIDNEY, OUTLINED, LabelMap, flag_grade,
+from runtime.labelme import (DEFAULT_KIDNEY_LABELS, MISSING, NO_KIDNEY, OUTLINED, LabelMap, flag_grade,
                              normalise_label, rasterise_kidney, read_dataset)
 from tests.conftest import sonoscore
 from tests.known_bundle import write_known_bundle

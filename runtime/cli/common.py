@@ -74,8 +74,8 @@ def check_trust(args: argparse.Namespace) -> None:
         print(unsigned_warning(args.bundle), file=sys.stderr, flush=True)
 
 def kidney_labels(texts: list[str] | None):
-    """`--label kidney=...` (repeatable) -> runtime.dataset.LabelMap; a bad one is one sentence (exit 2)."""
-    from runtime.dataset import LabelMap
+    """`--label kidney=...` (repeatable) -> runtime.labelme.LabelMap; a bad one is one sentence (exit 2)."""
+    from runtime.labelme import LabelMap
     try:
         return LabelMap.parse(texts)
     except ValueError as e:
