@@ -313,11 +313,11 @@ class SizeStats:
         "kidney_size":      {"measured": frames with a size, "not_measured": accepted frames without one,
                              "not_measured_reasons": {size_note: count}, most frequent first}
 
-    The percentiles come from runtime.sinks.summary.LatencySketch: exact for the first 2048 measured frames, then
+    The percentiles come from runtime.stats.LatencySketch: exact for the first 2048 measured frames, then
     within 0.5 % (relative); at most MAX_REASONS distinct notes are counted apart (any further ones as OTHER)."""
 
     def __init__(self) -> None:
-        from runtime.sinks.summary import LatencySketch   # here: runtime.sinks.summary imports this module
+        from runtime.stats import LatencySketch
         self.length, self.area = LatencySketch(), LatencySketch()
         self.measured = 0
         self.reasons: dict[str, int] = {}

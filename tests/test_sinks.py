@@ -399,7 +399,7 @@ def test_study_summary_memory_is_bounded_and_its_percentiles_within_the_stated_e
     import copy
     import tracemalloc
 
-    from runtime.sinks.summary import LatencySketch
+    from runtime.stats import LatencySketch
     rng = np.random.default_rng(12)
     held = {}
     for n in (5_000, 200_000):
