@@ -86,6 +86,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if not args.qat and not args.frames:
         raise UserError("calibrate needs --frames SOURCE (folder, video, DICOM or sim://kidney), the frames to "
                         "calibrate on (or --qat with --data)")
+    if args.diagnose:   # per-layer INT8 sensitivity (calibration/diagnose.py): reports, installs nothing
+        from calibration.diagnose import run_diagnose
+        return run_diagnose(args)
     if args.qat:   # said before any training, not after it
         check_gains(args.unet_gains.split(","), qat=True)
     if args.qat and (args.timing_only or not args.data):
@@ -217,6 +220,9 @@ def add_parsers(sub) -> None:
     c.add_argument("--min-grade", type=float, default=0.97, help="minimum grade agreement")
     c.add_argument("--min-cosine", type=float, default=0.99, help="minimum feature cosine similarity")
     c.add_argument("--report", help="report JSON (default <bundle>/calibration_report.json)")
+    c.add_argument("--diagnose", action="store_true", help="instead of calibrating: each quantized layer of "
+                   "--networks put back in float in turn, ranked by how close it brings the INT8 file to FP32 "
+                   "(calibration/diagnose.py); installs nothing")
     c.add_argument("--timing-only", action="store_true",
                    help="skip the accuracy check (random-weight bundles made for timing)")
     c.add_argument("--qat", action="store_true", help="INT8 from quantization-aware training instead of calibration: "
