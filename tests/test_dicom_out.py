@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -90,9 +91,10 @@ def make(sources, records, summary, tmp_path, **kw):
 
 
 def by_modality(paths):
+    """{kind: paths}, kind SR, SEG or SC (runtime.dicom_out.result_kind)."""
     out: dict[str, list[Path]] = {}
     for p in paths:
-        out.setdefault(pydicom.dcmread(p, stop_before_pixels=True).Modality, []).append(p)
+        out.setdefault(D.result_kind(pydicom.dcmread(p, stop_before_pixels=True)), []).append(p)
     return out
 
 
@@ -182,6 +184,75 @@ def test_sr_per_frame_groups_reference_the_segmentations_with_each_frames_kidney
         else:
             assert measured["410668003"] == pytest.approx(70.0 + frame)
         assert measured["42798000"] == pytest.approx(1800.0 + frame)
+
+
+LENGTH = ("SCT", "410668003", "Length")
+AREA = ("SCT", "42798000", "Area")
+
+
+def size_measurements(group) -> dict[tuple[str, str, str], tuple[float, tuple[str, str]]]:
+    """A measurement group's kidney sizes: {(scheme, code, meaning): (value, (unit scheme, unit code))}."""
+    out = {}
+    for m in group.get_measurements():
+        key = (m.name.scheme_designator, m.name.value, m.name.meaning)
+        if key in (LENGTH, AREA):
+            out[key] = (m.value, (m.unit.scheme_designator, m.unit.value))
+    return out
+
+
+def test_sr_kidney_length_and_area_are_sct_coded_in_ucum_mm_and_mm2_and_equal_the_records(tmp_path):
+    """Study level (the summary's medians) and per result frame (that frame's record): SCT 410668003 Length in
+    UCUM mm, SCT 42798000 Area in UCUM mm2, the values as given; a size not measured is left out."""
+    src = source(MULTI)
+    records = multi_records()
+    records[3]["kidney_area_mm2"] = None
+    summary = summary_of(records)
+    summary.update(kidney_length_mm={"median": 83.25, "p10": 71.0, "p90": 95.0}, kidney_area_mm2=1912.5)
+    _, paths = make([src], records, summary, tmp_path, max_seg_frames=30)
+    sr = hd.sr.srread(by_modality(paths)["SR"][0])
+    (study,) = sr.content.get_image_measurement_groups()
+    assert size_measurements(study) == {LENGTH: (pytest.approx(83.25), ("UCUM", "mm")),
+                                        AREA: (pytest.approx(1912.5), ("UCUM", "mm2"))}
+    groups = sr.content.get_planar_roi_measurement_groups()
+    chosen = D.seg_record_indices(records, 30)
+    assert len(groups) == len(chosen) == 20
+    for group, i in zip(groups, chosen):
+        want = {LENGTH: (pytest.approx(records[i]["kidney_length_mm"]), ("UCUM", "mm"))}
+        if records[i]["kidney_area_mm2"] is not None:
+            want[AREA] = (pytest.approx(records[i]["kidney_area_mm2"]), ("UCUM", "mm2"))
+        assert size_measurements(group) == want, i
+        (site,) = group.get_measurements()[0].finding_sites or group.finding_sites
+        assert (site.value.scheme_designator, site.value.value) == ("SCT", "64033007")    # Kidney
+    # a study without sizes: neither concept at study level
+    summary.update(kidney_length_mm=None, kidney_area_mm2={"median": None})
+    _, paths = make([src], records, summary, tmp_path / "none")
+    (study,) = hd.sr.srread(by_modality(paths)["SR"][0]).content.get_image_measurement_groups()
+    assert size_measurements(study) == {}
+
+
+def test_the_private_coding_scheme_is_declared_with_its_name_and_organisation(tmp_path):
+    """Every coding scheme the SR uses beyond PS3.16's own (DCM, SCT, UCUM, RFC5646) is declared in its Coding Scheme
+    Identification Sequence (0008,0110) with designator, name and responsible organization; and each designator
+    dciodvfy does not know (it checks against PS3.16's list only, declared or not) is one so declared."""
+    records = multi_records(4)
+    _, paths = make([source(MULTI)], records, summary_of(records), tmp_path)
+    sr_path = by_modality(paths)["SR"][0]
+    sr = pydicom.dcmread(sr_path)
+    used: set[str] = set()
+
+    def collect(_, elem):
+        if elem.keyword == "CodingSchemeDesignator":
+            used.add(str(elem.value))
+    sr.walk(collect)
+    declared = {str(i.CodingSchemeDesignator): i for i in sr.get("CodingSchemeIdentificationSequence") or ()}
+    assert used - {"DCM", "SCT", "UCUM", "RFC5646"} == {"99SONOSCORE"} == set(declared)   # PS3.16 8.1's, and ours
+    item = declared["99SONOSCORE"]
+    assert item.CodingSchemeName and item.CodingSchemeResponsibleOrganization == D.MANUFACTURER
+    if shutil.which("dciodvfy") is not None:
+        r = subprocess.run(["dciodvfy", str(sr_path)], capture_output=True, text=True, timeout=60)
+        unknown = set(re.findall(r"Unrecognized defined term <([^>]*)> for value \d+ of attribute <Coding Scheme "
+                                 r"Designator>", r.stdout + r.stderr))
+        assert unknown <= set(declared), unknown
 
 
 def test_sr_without_an_accepted_frame_has_counts_and_no_grade(tmp_path):
@@ -293,7 +364,7 @@ def test_sc_is_derived_with_burned_in_annotation_and_the_overlay_pixels(tmp_path
     records = multi_records(4)
     picture = np.random.default_rng(1).integers(0, 256, (240, 320, 3), dtype=np.uint8)   # BGR
     _, paths = make([src], records, summary_of(records), tmp_path, overlay_pictures={3: picture})
-    (sc_path,) = by_modality(paths)["OT"]
+    (sc_path,) = by_modality(paths)["SC"]
     sc = hd.imread(sc_path)
     assert sc.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
     assert sc.ImageType[0] == "DERIVED"
@@ -302,6 +373,39 @@ def test_sc_is_derived_with_burned_in_annotation_and_the_overlay_pixels(tmp_path
     assert sc.SourceImageSequence[0].ReferencedFrameNumber == 4
     np.testing.assert_array_equal(pydicom.dcmread(sc_path).pixel_array, picture[:, :, ::-1])   # stored as RGB
 
+
+
+def test_sc_modality_is_the_sources_and_laterality_is_the_sources_or_left_out(tmp_path):
+    """The SC's Modality is its source's (US), OT when the source has none; Laterality the source's R or L (its
+    Laterality, else its Image Laterality), never guessed: without a value when the source names no side (the
+    element present and empty: type 2C for a paired organ, which dciodvfy then only notes as 'actually unknown')."""
+    records = multi_records(2)
+    picture = np.zeros((60, 80, 3), np.uint8)
+    cases = [({}, "US", None),                          # the file's own: Laterality empty, no Image Laterality
+             ({"Laterality": None}, "US", None), ({"Laterality": "R"}, "US", "R"),
+             ({"ImageLaterality": "L"}, "US", "L"), ({"ImageLaterality": "U"}, "US", None),
+             ({"Modality": None}, "OT", None)]
+    for n, (change, modality, side) in enumerate(cases):
+        src = source(MULTI)
+        assert src.Modality == "US" and src.Laterality == "" and "ImageLaterality" not in src
+        for kw, value in change.items():
+            if value is None:
+                delattr(src, kw)
+            else:
+                setattr(src, kw, value)
+        _, paths = make([src], records, summary_of(records), tmp_path / str(n), overlay_pictures={1: picture})
+        (sc_path,) = by_modality(paths)["SC"]
+        assert sc_path.name.startswith("SC.")
+        sc = pydicom.dcmread(sc_path)
+        assert sc.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
+        assert sc.Modality == modality, change
+        assert sc.Laterality == (side or ""), change
+        if shutil.which("dciodvfy") is not None:
+            r = subprocess.run(["dciodvfy", str(sc_path)], capture_output=True, text=True, timeout=60)
+            said = [line for line in (r.stdout + r.stderr).splitlines() if "Laterality" in line or "Modality" in line]
+            unknown = ["Warning - is only permitted to be empty when actually unknown; should be absent (not empty) if "
+                       "an unpaired body part, and have a value if a paired body part - attribute <Laterality>"]
+            assert said == ([] if side else unknown), (change, said)
 
 # -- UIDs, patient and study -------------------------------------------------------------------------------------
 
@@ -322,13 +426,13 @@ def test_new_uids_come_from_the_root_and_patient_study_attributes_are_the_source
         {"source": 0, "accepted": True, "mask": block_mask(), "frame_region": (96, 16, 544, 464)}]
     picture = np.zeros((64, 64, 3), np.uint8)
     datasets, paths = make([src], records, summary_of(records), tmp_path, overlay_pictures={0: picture})
-    assert sorted({d.Modality for d in datasets}) == ["OT", "SEG", "SR"]
+    assert sorted({D.result_kind(d) for d in datasets}) == ["SC", "SEG", "SR"]
     source_uids = {str(src.get(k)) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
                                              "FrameOfReferenceUID") if k in src}
     for path in paths:
         ds = pydicom.dcmread(path)
         assert ds.SOPInstanceUID.startswith(ROOT_UID) and ds.SeriesInstanceUID.startswith(ROOT_UID)
-        assert path.name == f"{ds.Modality}.{ds.SOPInstanceUID}.dcm"
+        assert path.name == f"{D.result_kind(ds)}.{ds.SOPInstanceUID}.dcm"
         # every UID: the source's, a registered one (SOP classes, transfer syntaxes), or new from the root
         for uid in uid_values(ds):
             assert uid in source_uids or UID(uid).name != uid or uid.startswith(ROOT_UID), (ds.Modality, uid)
@@ -500,7 +604,7 @@ def test_write_results_renames_complete_files_into_place(tmp_path):
     records = multi_records(3)
     datasets = D.study_results([source(MULTI)], records, summary_of(records), BUNDLE, uid_root=ROOT_UID)
     paths = D.write_results(datasets, tmp_path / "a" / "b")
-    assert [p.name for p in paths] == [f"{d.Modality}.{d.SOPInstanceUID}.dcm" for d in datasets]
+    assert [p.name for p in paths] == [f"{D.result_kind(d)}.{d.SOPInstanceUID}.dcm" for d in datasets]
     assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == sorted(p.name for p in paths)  # no temp left
     for p, d in zip(paths, datasets):
         assert pydicom.dcmread(p).SOPInstanceUID == d.SOPInstanceUID

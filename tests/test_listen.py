@@ -197,12 +197,14 @@ def wait_until(check, timeout: float = 240.0, what: str = "the condition", step:
 
 
 def study_results(pacs: Orthanc, study_uid: str) -> dict[str, list]:
-    """The study's result objects in Orthanc (the sources left out), read back: {Modality: [datasets]}."""
+    """The study's result objects in Orthanc (the sources left out), read back: {kind: [datasets]}, kind SR, SEG or
+    SC (runtime.dicom_out.result_kind; a Secondary Capture's Modality is its source's, US)."""
+    from runtime.dicom_out import result_kind
     out: dict[str, list] = {}
     for inst in pacs.study_instances(study_uid):
-        if inst["Modality"] in ("SR", "SEG", "OT"):
-            ds = pacs.dataset(inst["ID"])
-            out.setdefault(str(ds.Modality), []).append(ds)
+        ds = pacs.dataset(inst["ID"])
+        if result_kind(ds) in ("SR", "SEG", "SC"):
+            out.setdefault(result_kind(ds), []).append(ds)
     return out
 
 
@@ -247,9 +249,9 @@ def check_study(pacs: Orthanc, workdir: Path, sources: list, *, sc: bool = True)
         assert (seg.Rows, seg.Columns) == (src.Rows, src.Columns)
         assert seg.get_segment_numbers() == [1]
     if sc:
-        assert len(results.get("OT", [])) == len(segs)
-        for ds in results["OT"]:
-            assert ds.BurnedInAnnotation == "YES" and "DERIVED" in list(ds.ImageType)
+        assert len(results.get("SC", [])) == len(segs)
+        for ds in results["SC"]:
+            assert ds.BurnedInAnnotation == "YES" and "DERIVED" in list(ds.ImageType) and ds.Modality == "US"
     return results
 
 
@@ -441,7 +443,7 @@ def test_run_send_delivers_the_results_of_a_file_given_by_hand(tmp_path, open_bu
     (sr_ds,) = results["SR"]
     (group,) = hd.sr.srread(io.BytesIO(_bytes(sr_ds))).content.get_image_measurement_groups()
     assert group.get_qualitative_evaluations()[0].value.value == f"IFTA-{summary['final_grade']}"
-    assert len(results["SEG"]) == 2 and len(results["OT"]) == 2
+    assert len(results["SEG"]) == 2 and len(results["SC"]) == 2
     assert not [s for s in SECRETS if s in r.stderr]
 
     # the PACS down: the run ends with exit 5 and one sentence; the results wait in the outbox for listen

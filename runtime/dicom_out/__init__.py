@@ -7,6 +7,8 @@ The interface (what `sonoscore listen` and `run --send` call; docs/design.md, "R
     study_results(sources, records, summary, bundle_info, *, uid_root=None, deidentify=False,
                   overlay_pictures=None, pseudonym_key=None, max_seg_frames=MAX_SEG_FRAMES) -> list[pydicom.Dataset]
     write_results(datasets, out_dir) -> list[Path]
+                                                 each as <kind>.<SOPInstanceUID>.dcm, kind SR, SEG or SC
+    result_kind(dataset) -> str                  SR, SEG or SC (a Secondary Capture's Modality is its source's)
     frame_input(record, source) -> dict          a FrameRecord (runtime/record.py) as one `records` item
     seg_record_indices(records, max_seg_frames=MAX_SEG_FRAMES) -> list[int]
                                                  which records get a Segmentation (and so want an overlay picture)
@@ -66,7 +68,9 @@ What each object holds (docs/design.md, "Results as DICOM"):
   of Reference from exactly one single-frame source image (highdicom issue #284), so each object is built from a
   single-frame view of its source frame and its references are then set to the real SOP class and frame number.
 - SC (Secondary Capture): the overlay picture, ImageType DERIVED\\SECONDARY, Burned In Annotation YES, referencing
-  the source frame.
+  the source frame; Modality the source's (US; OT when the source has none), Laterality the source's R or L (its
+  Laterality, else its Image Laterality), without a value when the source says neither (never guessed; the element
+  is there, empty, as PS3.3 asks of a paired organ whose side is unknown).
 
 Patient and study: highdicom copies the Patient, General Study and Patient Study modules of the source into every
 object (what the IODs require); nothing else of the source is copied, nothing is added but empty type 2 attributes
@@ -95,10 +99,10 @@ from __future__ import annotations
 
 from runtime.dicom_out.build import study_results, write_results
 from runtime.dicom_out.common import (CODING_SCHEME, IFTA_CLASS_NAMES, MANUFACTURER, MAX_SEG_FRAMES, frame_input,
-                                      seg_frames, seg_record_indices)
+                                      result_kind, seg_frames, seg_record_indices)
 from runtime.dicom_out.deid import DEIDENTIFICATION_METHOD
 from runtime.dicom_out.sr import COUNT_CODES, grade_code, grade_concept, probability_concept
 
-__all__ = ["study_results", "write_results", "frame_input", "seg_record_indices", "seg_frames", "MAX_SEG_FRAMES",
-           "MANUFACTURER", "CODING_SCHEME", "IFTA_CLASS_NAMES", "DEIDENTIFICATION_METHOD", "COUNT_CODES",
+__all__ = ["study_results", "write_results", "frame_input", "result_kind", "seg_record_indices", "seg_frames",
+           "MAX_SEG_FRAMES", "MANUFACTURER", "CODING_SCHEME", "IFTA_CLASS_NAMES", "DEIDENTIFICATION_METHOD", "COUNT_CODES",
            "grade_concept", "grade_code", "probability_concept"]

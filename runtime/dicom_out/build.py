@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from runtime.dicom_out.common import (MAX_SEG_FRAMES, _bundle, _frames, _header, _need_highdicom, _series_base,
-                                      _Uids, seg_frames)
+                                      _Uids, result_kind, seg_frames)
 from runtime.dicom_out.deid import _deidentify, _study_when
 from runtime.dicom_out.sc import _secondary_capture
 from runtime.dicom_out.seg import _segmentation
@@ -71,9 +71,9 @@ def study_results(sources: Sequence[Any], records: Sequence[Any], summary: Mappi
 # -- writing -----------------------------------------------------------------------------------------------------
 
 def write_results(datasets: Sequence[Any], out_dir: str | os.PathLike) -> list[Path]:
-    """Write each dataset as a DICOM file `<Modality>.<SOPInstanceUID>.dcm` in `out_dir` (created when missing):
-    written to a temporary name beside it, flushed to disk, then renamed into place, so a file is there whole or
-    not at all. Returns the paths, in the order given."""
+    """Write each dataset as a DICOM file `<kind>.<SOPInstanceUID>.dcm` (kind: SR, SEG or SC, `result_kind`) in
+    `out_dir` (created when missing): written to a temporary name beside it, flushed to disk, then renamed into
+    place, so a file is there whole or not at all. Returns the paths, in the order given."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -82,7 +82,7 @@ def write_results(datasets: Sequence[Any], out_dir: str | os.PathLike) -> list[P
                         f"give a folder you can write to") from None
     paths = []
     for ds in datasets:
-        name = f"{ds.Modality}.{ds.SOPInstanceUID}.dcm"
+        name = f"{result_kind(ds)}.{ds.SOPInstanceUID}.dcm"
         path = out / name
         fd, tmp = tempfile.mkstemp(prefix=".", suffix=".part", dir=out)
         try:

@@ -27,6 +27,17 @@ _TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDa
           "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
+SECONDARY_CAPTURE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def result_kind(ds) -> str:
+    """What a result is, for file names and logs: SR, SEG or SC (a Secondary Capture's Modality is its source's,
+    e.g. US, so the SOP class says it); another object's Modality, else '?'."""
+    if str(ds.get("SOPClassUID", "")) == SECONDARY_CAPTURE_STORAGE:
+        return "SC"
+    return str(ds.get("Modality", "") or "?")
+
+
 # -- input -------------------------------------------------------------------------------------------------------
 
 @dataclass

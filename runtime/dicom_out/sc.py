@@ -1,6 +1,8 @@
 """The Secondary Capture of an overlay picture (not made with `deidentify`)."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from runtime.dicom_out.common import MANUFACTURER, _Frame, _software_versions, _Uids
@@ -24,7 +26,11 @@ def _secondary_capture(header, frame: _Frame, picture: np.ndarray, number: int, 
         series_description="sonoscore overlay", transfer_syntax_uid="1.2.840.10008.1.2.1")
     sc.copy_patient_and_study_information(header)
     sc.PatientOrientation = header.get("PatientOrientation") or None  # the source's (none is known to us)
-    sc.Laterality = header.get("Laterality") or None  # type 2C (the kidney is paired); the source's, else empty
+    # Modality: the source's equipment (SC Equipment module, overriding the General Series' OT), else OT
+    sc.Modality = _source_modality(header)
+    # Laterality: the source's R or L; else no value (not guessed). The element stays, empty: the kidney is a paired
+    # structure, so PS3.3 C.7.3.1 requires it (type 2C) and empty is how it says the side is unknown.
+    sc.Laterality = _laterality(header)
     sc.BurnedInAnnotation = "YES"
     sc.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
     sc.DerivationDescription = "Source frame with the kidney contour and the grade drawn into it"
@@ -37,3 +43,19 @@ def _secondary_capture(header, frame: _Frame, picture: np.ndarray, number: int, 
     return sc
 
 
+
+
+def _source_modality(header) -> str:
+    """The source's Modality when it names one (a code string, e.g. US), else OT (other)."""
+    value = str(header.get("Modality") or "").strip()
+    return value if re.fullmatch(r"[A-Z0-9_]{1,16}", value) else "OT"
+
+
+def _laterality(header) -> str | None:
+    """R or L from the source's Laterality, else from its Image Laterality; None (empty) when neither says a side
+    (U, B, empty, absent)."""
+    for keyword in ("Laterality", "ImageLaterality"):
+        value = str(header.get(keyword) or "").strip().upper()
+        if value in ("R", "L"):
+            return value
+    return None

@@ -4,7 +4,7 @@
     <outbox>/deliver.lock              one delivery pass at a time (`listen` and `run --send` may share an outbox)
     <outbox>/batches/<batch>/          one batch: the results of one study round (or of one `run --send`)
         batch.json                     {"id", "label", "created", "destinations": [names], "files": [names],
-                                        "kinds": [each file's Modality: SR, SEG, OT...]}
+                                        "kinds": [each file's kind: SR, SEG, SC (runtime.dicom_out.result_kind)]}
         <n>-<sop key>.dcm              a result, DICOM Part 10
         <n>-<sop key>.dcm.sent-<dest>  written (and fsynced) right after <dest> acknowledged that file
     <outbox>/done/<batch>              the batch was delivered everywhere (kept so that a study round redone after
@@ -82,6 +82,7 @@ class Outbox:
         """Put a batch of results: `items` are pydicom Datasets (written as DICOM Part 10) or paths of DICOM files
         (copied). Returns the file names, in order. Putting a batch that is already there does nothing."""
         import pydicom
+        from runtime.dicom_out import result_kind
         if self.has(batch):
             return []
         work = self.tmp / f"{batch}.{os.getpid()}.{secrets.token_hex(4)}"
@@ -99,7 +100,7 @@ class Outbox:
                     item.save_as(work / name, enforce_file_format=True)
                 fsync_path(work / name)
                 names.append(name)
-                kinds.append(str(head.get("Modality", "") or "?"))
+                kinds.append(result_kind(head))
             meta = {"id": batch, "label": label, "created": time.time(), "destinations": sorted(set(destinations)),
                     "files": names, "kinds": kinds}
             (work / "batch.json").write_text(json.dumps(meta))
