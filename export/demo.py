@@ -16,19 +16,17 @@ out/demo/
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
+from runtime import logs
 from runtime.bundle import Bundle, BundleError
 
 # Sized so the first run (install excluded) fits well inside 15 minutes on a 2-core machine.
 TRAIN_PATIENTS, TRAIN_FRAMES = 112, 8      # more patients, not more frames, is what generalises to new patients
 HELDOUT_PATIENTS, HELDOUT_FRAMES = 64, 6
 
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+log = logs.get("demo")
 
 
 def _bundle_ok(path: Path) -> bool:
@@ -42,7 +40,7 @@ def _bundle_ok(path: Path) -> bool:
 def _heldout(heldout: Path) -> None:
     from runtime.dataset import write_dataset
     if not (heldout / "labels.csv").is_file():
-        _say(f"demo: simulating {HELDOUT_PATIENTS} held-out patients (never seen in training)")
+        log.info(f"demo: simulating {HELDOUT_PATIENTS} held-out patients (never seen in training)")
         write_dataset(heldout, HELDOUT_PATIENTS, seed=1000, frames_per_patient=HELDOUT_FRAMES)
 
 
@@ -53,15 +51,15 @@ def _calibrate_demo(bundle: Path, out: Path) -> None:
     from calibration.run import CalibrationFailed, calibrate_bundle
     report = out / "calibration.json"
     if report.is_file() and report.stat().st_mtime > (bundle / "manifest.json").stat().st_mtime:
-        _say(f"demo: INT8 for this bundle was already tried and missed its accuracy check ({report}); the demo "
+        log.info(f"demo: INT8 for this bundle was already tried and missed its accuracy check ({report}); the demo "
              f"runs FP32 (delete that file to calibrate again)")
         return
-    _say("demo: calibrating INT8 networks (Q/DQ ONNX) and checking them against FP32")
+    log.info("demo: calibrating INT8 networks (Q/DQ ONNX) and checking them against FP32")
     try:
         calibrate_bundle(bundle, [str(out / "data" / "train" / "images")],
                          check=[str(out / "data" / "heldout" / "images")], report=report, networks="auto")
     except CalibrationFailed as e:
-        _say(f"demo: {e}")
+        log.info(f"demo: {e}")
 
 
 def calibrate_bench(bundle: Path, bench: Path, *, frames: str = "sim://kidney?frames=32&fps=0&seed=5",
@@ -78,10 +76,10 @@ def calibrate_bench(bundle: Path, bench: Path, *, frames: str = "sim://kidney?fr
     if chosen:
         what = " and ".join({"unet": "UNet", "vgg": "VGG"}[n] for n in want) + (
             " (the UNet stays FP32)" if "unet" not in want else "")
-        _say(f"demo: INT8 for the full-width timing bundle, as in the demo bundle's INT8 set: {what}; random "
+        log.info(f"demo: INT8 for the full-width timing bundle, as in the demo bundle's INT8 set: {what}; random "
              f"weights, so timing only")
     else:
-        _say("demo: the demo bundle has no INT8 set; the full-width timing bundle quantizes both networks, timing "
+        log.info("demo: the demo bundle has no INT8 set; the full-width timing bundle quantizes both networks, timing "
              "only (random weights)")
     calibrate_bundle(bench, [frames], count=count, holdout=count, timing_only=True, networks=want,
                      report=bench / "calibration_report.json")
@@ -101,10 +99,10 @@ def run_demo(out: Path, *, frames: int = 150, fps: float = 30.0, bench_frames: i
     bundle = out / "bundle"
     heldout = out / "data" / "heldout"
     if rebuild or not _bundle_ok(bundle):
-        _say(f"demo: no demo bundle yet: building it (synthetic phantom -> training -> export) in {bundle}")
+        log.info(f"demo: no demo bundle yet: building it (synthetic phantom -> training -> export) in {bundle}")
         train_data = out / "data" / "train"
         if rebuild or not (train_data / "labels.csv").is_file():
-            _say(f"demo: simulating {TRAIN_PATIENTS} training patients x {TRAIN_FRAMES} frames")
+            log.info(f"demo: simulating {TRAIN_PATIENTS} training patients x {TRAIN_FRAMES} frames")
             write_dataset(train_data, TRAIN_PATIENTS, seed=0, frames_per_patient=TRAIN_FRAMES)
         _heldout(heldout)
         # `train --qat`: the INT8 set comes from quantization-aware training, installed when calibrate's check
@@ -112,32 +110,32 @@ def run_demo(out: Path, *, frames: int = 150, fps: float = 30.0, bench_frames: i
         train_bundle(train_data, bundle, TrainConfig(demo=True, qat=True), check=[str(heldout / "images")],
                      report=out / "calibration.json")
     else:
-        _say(f"demo: using the existing bundle {bundle} (--rebuild to make a new one)")
+        log.info(f"demo: using the existing bundle {bundle} (--rebuild to make a new one)")
     _heldout(heldout)
 
     loaded = Bundle.load(bundle)
     if "int8" not in loaded.precisions:
         if loaded.manifest.get("provenance", {}).get("config", {}).get("qat"):
-            _say(f"demo: the quantization-aware INT8 set missed its accuracy check ({out / 'calibration.json'}); "
+            log.info(f"demo: the quantization-aware INT8 set missed its accuracy check ({out / 'calibration.json'}); "
                  f"the demo runs FP32")
         else:
             _calibrate_demo(bundle, out)
 
     source = f"sim://kidney?grade={grade}&fps={fps:g}&frames={frames}&seed={seed}"
-    _say(f"demo: streaming the simulated probe {source}")
+    log.info(f"demo: streaming the simulated probe {source}")
     run_bundle(RunConfig(bundle, source, results=out / "results.jsonl", video=out / "overlay.mp4",
                          summary=out / "summary.json"))
 
-    _say("demo: evaluating on held-out synthetic patients")
+    log.info("demo: evaluating on held-out synthetic patients")
     evaluate_bundle(bundle, heldout, report=out / "eval.json", quiet=True)
 
     bench = out / "bench_bundle"
     if not _bundle_ok(bench):
-        _say("demo: exporting a full-width (1.0) UNet + VGG-19-BN with random weights for timing")
+        log.info("demo: exporting a full-width (1.0) UNet + VGG-19-BN with random weights for timing")
         export_from_checkpoints(None, None, bundle / "booster.ubj", bench, random_weights=True)
     calibrate_bench(bundle, bench)
-    _say(f"demo: benchmarking the full-width networks, FP32 and INT8 ({bench_frames} frames)")
+    log.info(f"demo: benchmarking the full-width networks, FP32 and INT8 ({bench_frames} frames)")
     bench_bundle(bench, precision="fp32,int8", frames=bench_frames, json_path=out / "bench.json",
                  plot=out / "bench.png")
-    _say(f"demo: done in {time.time() - t0:.0f} s; outputs in {out}/ "
+    log.info(f"demo: done in {time.time() - t0:.0f} s; outputs in {out}/ "
          f"(results.jsonl, overlay.mp4, summary.json, eval.json, bench.json)")

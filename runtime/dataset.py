@@ -13,14 +13,13 @@ import contextlib
 import csv
 import json
 import os
-import sys
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import cv2
 import numpy as np
 
 from runtime.labelme import KIDNEY_LABEL
+from runtime.progress import Progress
 
 LABELME_VERSION = "5.4.1"
 PATIENTS_PER_SEED = 100_000        # patient i of dataset seed s is phantom seed s * PATIENTS_PER_SEED + i
@@ -110,7 +109,7 @@ def write_dataset(out_dir: Path, patients: int, seed: int = 0, frames_per_patien
         else:
             done = (_write_patient(*job) for job in jobs)
         done = iter(done)
-        for _ in _progress(range(patients), patients, progress):
+        for _ in Progress("sim", patients, unit="patient", enabled=progress, indent="").iterate(range(patients)):
             patient_rows = next(done)
             rows += patient_rows
     with open(out_dir / "labels.csv", "w", newline="") as fh:
@@ -135,24 +134,3 @@ def is_synthetic(data_dir: Path | str) -> bool:
     except (OSError, ValueError, AttributeError):
         return False
 
-
-def _tqdm():
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm
-
-
-def _progress(items: Iterable[int], total: int, enabled: bool) -> Iterator[int]:
-    """A bar on a terminal; elsewhere (logs, CI, pipes) a line at every tenth of the patients, not a bar's
-    carriage returns."""
-    tqdm = _tqdm() if enabled and sys.stderr.isatty() else None
-    if tqdm is not None:
-        yield from tqdm(items, total=total, desc="sim", unit="patient", file=sys.stderr)
-        return
-    every = max(1, total // 10)
-    for n, item in enumerate(items, 1):
-        yield item
-        if enabled and (n % every == 0 or n == total):
-            print(f"sim: {n}/{total} patients", file=sys.stderr, flush=True)

@@ -29,7 +29,6 @@ import hashlib
 import json
 import platform
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +36,12 @@ from typing import Any, Callable, Union
 
 import numpy as np
 
+from runtime import logs
 from runtime.backends.base import TensorMeta
 from runtime.bundle import sha256_file  # noqa: F401  (one sha256 for bundles, boosters and engines)
 from runtime.files import atomic_write, file_lock  # noqa: F401  (one build lock for boosters and engines)
+
+log = logs.get("trt")
 
 FORMAT = 2                      # bump when the entry layout or the build recipe (flags, profile rule) changes
                                 # 2: TF32 cleared; DLA profiles pinned to one batch size
@@ -255,6 +257,7 @@ def get_or_build(root: Path, key: dict[str, Any], build: Callable[[], BuildResul
     meta.json (e.g. the profile shapes and the TensorRT build log summary). Progress lines go to stderr: that it
     builds and why it takes long, how long it took, or that it waits for another process."""
     t0 = time.perf_counter()
+    say = log.info if progress else log.debug
     entry = entry_dir(root, key)
     hit = open_entry(entry, key)
     if hit is not None:
@@ -262,17 +265,17 @@ def get_or_build(root: Path, key: dict[str, Any], build: Callable[[], BuildResul
     entry.mkdir(parents=True, exist_ok=True)
 
     def waiting() -> None:
-        _say(progress, f"trt: another process is building the {label} engine; waiting for it ({entry})")
+        say(f"trt: another process is building the {label} engine; waiting for it ({entry})")
 
     with file_lock(entry / ".lock", on_wait=waiting):
         hit = open_entry(entry, key)  # built by another process while we waited
         if hit is not None:
             return CacheEntry(entry, hit[0], hit[1], built=False, seconds=time.perf_counter() - t0)
-        _say(progress, f"trt: building the {label} engine (TensorRT {key['tensorrt']}, {key['gpu']} "
-                       f"sm{key['compute_capability'].replace('.', '')}, {key['precision']}, batch "
-                       f"{'/'.join(map(str, key['profile']['batch']))}"
-                       f"{', DLA core %d' % key['dla_core'] if key['dla_core'] is not None else ''}); "
-                       f"once per model and device, it can take minutes on a Jetson...")
+        say(f"trt: building the {label} engine (TensorRT {key['tensorrt']}, {key['gpu']} "
+            f"sm{key['compute_capability'].replace('.', '')}, {key['precision']}, batch "
+            f"{'/'.join(map(str, key['profile']['batch']))}"
+            f"{', DLA core %d' % key['dla_core'] if key['dla_core'] is not None else ''}); "
+            f"once per model and device, it can take minutes on a Jetson...")
         tb = time.perf_counter()
         result = build()
         engine, info = result if isinstance(result, tuple) else (result, {})
@@ -282,7 +285,7 @@ def get_or_build(root: Path, key: dict[str, Any], build: Callable[[], BuildResul
         if hit is None:  # only if the file system lies to us; never hand out an unverified engine
             raise OSError(f"the engine just written to {entry} does not read back intact; check the disk and "
                           f"SONOSCORE_CACHE")
-    _say(progress, f"trt: built the {label} engine in {seconds:.1f} s -> {hit[0]}")
+    say(f"trt: built the {label} engine in {seconds:.1f} s -> {hit[0]}")
     return CacheEntry(entry, hit[0], hit[1], built=True, seconds=seconds)
 
 
@@ -311,6 +314,3 @@ def write_timing_cache(path: Path, data: bytes) -> None:
         atomic_write(path, bytes(data))
 
 
-def _say(progress: bool, msg: str) -> None:
-    if progress:
-        print(msg, file=sys.stderr, flush=True)
