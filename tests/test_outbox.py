@@ -179,6 +179,50 @@ def test_a_pacs_that_cannot_be_reached_is_retried_with_back_off_and_said_once(tm
         pacs.stop()
 
 
+def test_a_batch_stays_until_every_destination_has_it(tmp_path, logs):
+    """Two real destinations, as device/listen.example.yaml configures: an in-process pynetdicom Storage SCP and an
+    Orthanc that is down at first (nothing listens on its port: the connection is refused). The batch stays while
+    Orthanc lacks it, even though the SCP has every file; a restarted deliverer sends the SCP nothing again; once
+    Orthanc is up it gets each file once and only then does the batch leave the outbox."""
+    from tests.orthanc_server import Orthanc, OrthancUnavailable
+    try:
+        orthanc = Orthanc(tmp_path / "orthanc")
+    except OrthancUnavailable as e:
+        pytest.skip(f"needs Orthanc: {e}")
+    pacs = Pacs(free_port()).start()
+    dests = [cstore(pacs.port, "scp"),
+             Destination(name="orthanc", type="cstore", host="127.0.0.1", port=orthanc.dicom_port,
+                         called_ae=orthanc.aet, timeout_s=5)]
+    try:
+        box = Outbox(tmp_path / "outbox").open()
+        items = results(3)
+        uids = sorted(str(d.SOPInstanceUID) for d in items)
+        box.put("b1", "study-z", items, [d.name for d in dests])
+        retry = Retry(first_s=0.05, max_s=0.1)
+        assert Deliverer(box, dests, retry).deliver_once() is False
+        assert sorted(pacs.received) == uids                                # the SCP has all three ...
+        (batch,) = box.pending()                                            # ... and the batch still waits
+        assert batch.unsent("scp") == [] and len(batch.unsent("orthanc")) == 3 and not (box.done / "b1").exists()
+        (down,) = lines(logs, "orthanc (C-STORE) cannot be reached")
+        assert f"127.0.0.1:{orthanc.dicom_port} refused the connection (is the PACS running" in down
+        assert "presentation context" not in down
+
+        time.sleep(0.15)
+        assert Deliverer(box, dests, retry).deliver_once() is False         # a restart, Orthanc still down
+        assert len(box.pending()) == 1 and set(pacs.received.values()) == {1}
+
+        orthanc.start()
+        time.sleep(0.15)
+        assert Deliverer(box, dests, retry).deliver_once() is True
+        assert box.pending() == [] and (box.done / "b1").exists()
+        got = orthanc.received()
+        assert sorted(uid for uid, how in got) == uids and set(got.values()) == {1}
+        assert set(pacs.received.values()) == {1}                           # the SCP got nothing twice
+    finally:
+        pacs.stop()
+        orthanc.stop()
+
+
 def test_a_put_cut_short_leaves_no_batch(tmp_path):
     box = Outbox(tmp_path / "outbox").open()
 

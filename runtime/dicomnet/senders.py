@@ -95,7 +95,7 @@ class CStoreSender:
         except OSError as e:  # a TLS handshake that fails, an address that cannot be resolved
             raise Unreachable(f"no association ({e.strerror or e})") from None
         if not assoc.is_established:
-            raise Unreachable(_association_failure(assoc))
+            raise Unreachable(_association_failure(assoc, d))
         try:
             for p in paths:
                 status = assoc.send_c_store(p)
@@ -115,16 +115,39 @@ class CStoreSender:
                 assoc.release()
 
 
-def _association_failure(assoc) -> str:
+def _association_failure(assoc, dest: Destination) -> str:
+    """Why no association was made, as a clause. pynetdicom reports a refused or unanswered TCP connection as an
+    aborted association, so the connection itself is tried again to tell a PACS that is down from one that hung
+    up."""
     if assoc.is_rejected:
         rsp = getattr(assoc.acceptor, "primitive", None)
         diag = {1: "no reason given", 2: "application context not supported", 3: "calling AE title not recognised",
                 7: "called AE title not recognised"}
         reason = diag.get(getattr(rsp, "diagnostic", None), "rejected")
         return f"the association was rejected ({reason})"
+    down = connection_problem(dest.host, dest.port, dest.timeout_s)
+    if down:
+        return down
     if assoc.is_aborted:
         return "the association was aborted (no presentation context accepted, or the peer hung up)"
-    return "no association (connection refused or timed out)"
+    return "no association (the peer did not answer the association request)"
+
+
+def connection_problem(host: str, port: int, timeout_s: float) -> str | None:
+    """Why a TCP connection to host:port cannot be made, as a clause (None: it can). A refused connection means
+    nothing listens there: the PACS is not running or the port is not its DICOM port."""
+    import socket
+    try:
+        with socket.create_connection((host, port), timeout=min(timeout_s, 10.0)):
+            return None
+    except ConnectionRefusedError:
+        return f"{host}:{port} refused the connection (is the PACS running, and is {port} its DICOM port?)"
+    except socket.timeout:
+        return f"{host}:{port} did not answer within {min(timeout_s, 10.0):g} s (a firewall, or the wrong host?)"
+    except socket.gaierror:
+        return f"the host name {host} cannot be resolved (check the destination's host)"
+    except OSError as e:
+        return f"{host}:{port} cannot be reached ({e.strerror or type(e).__name__})"
 
 
 class StowSender:
