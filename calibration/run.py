@@ -247,14 +247,15 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
     with make_runner("ort", bundle.network_file("unet", "fp32")) as unet32:
         vgg_inputs, rejected = [], 0
         for img in calib_images if qat is None else ():
-            gate = graph.gate(graph.segment(unet32, img))
-            mask = gate.mask
-            if not gate.accepted:
+            # the VGG's input as deployment makes it: FP32 UNet, gate, masked image (Graph.run up to the gate)
+            r = graph.run(img, unet32, until="gate")
+            if not r.gate.accepted:
                 if not timing_only:
                     rejected += 1
                     continue
-                mask = np.ones_like(mask)   # timing only (random weights): the whole image calibrates the VGG
-            vgg_inputs.append(graph.vgg_feeds(img, mask)[graph.vgg_input])
+                # timing only (random weights): the whole image calibrates the VGG
+                r = graph.run(img, mask=np.ones_like(r.gate.mask), until="gate")
+            vgg_inputs.append(r.vgg_feeds[graph.vgg_input])
     if not vgg_inputs and qat is None:
         raise UserError(f"none of the {len(calib_images)} calibration frames passed the quality gate (kidney mask "
                         f"below {graph.min_mask_fraction:.0%} of the frame), so the VGG cannot be calibrated; "

@@ -105,29 +105,17 @@ def check_same_network(kind: str, model, bundle, graph, option: str, path: Path 
 
 def read_labelled(data: Path, graph, labels, quiet: bool):
     """--data -> (images [N,S,S] uint8, masks [N,S,S] 0/1, grades [N] (0 unknown), patients [N]) preprocessed by
-    the bundle's graph; images whose kidney annotation is missing are left out (their mask is unknown)."""
-    from runtime import preprocess as pp
-    from runtime.dataset import read_dataset
+    the bundle's graph (export.recipe.load_preprocessed, the one dataset loop `sonoscore train` uses too); images
+    whose kidney annotation is missing are left out (their mask is unknown)."""
+    from export.recipe import NoLabelledImages, load_preprocessed
     try:
-        samples = read_dataset(Path(data), labels=labels)
-    except ValueError as e:
-        raise UserError(f"--data: {e}") from None
-    _say(f"calibrate: {samples.summary_line()}", quiet)
-    samples = [s for s in samples if not s.kidney_missing]
-    if not samples:
+        return load_preprocessed(Path(data), graph, progress=False, kidney_labels=labels,
+                                 say=lambda m: _say(m, quiet), who="calibrate")
+    except NoLabelledImages:
         raise UserError(f"--data '{data}' has no image whose kidney is annotated (labelme JSON beside each image, "
-                        f"kidney outlined or no kidney shape); the UNet's QAT trains on those masks")
-    images, masks, grades, patients = [], [], [], []
-    try:
-        for s in samples:
-            img, region = graph.preprocess(s.load_gray())
-            images.append(img)
-            masks.append(pp.crop_mask(s.load_mask(), region, graph.size))
-            grades.append(s.grade or 0)
-            patients.append(s.patient)
+                        f"kidney outlined or no kidney shape); the UNet's QAT trains on those masks") from None
     except ValueError as e:
         raise UserError(f"--data: {e}") from None
-    return np.stack(images), np.stack(masks), np.array(grades), np.array(patients)
 
 
 def _precheck_sources(specs: Sequence[str], option: str) -> None:
@@ -209,7 +197,7 @@ def calibrate_qat(bundle_path: str | Path, *, unet: str | None, vgg: str | None,
     from export.train import split_by_patient
     is_val = split_by_patient(np.maximum(grades - 1, 0), patients, VAL_FRACTION, seed)
     tr = ~is_val
-    kidney = np.array([graph.gate_mask(m).accepted for m in masks]) & (grades > 0)
+    kidney = graph.kidney_frames(masks, grades)   # the labelled kidneys the gate passes, graded
     if "vgg" in nets and not (kidney & tr).any():
         raise UserError(f"--data '{data}' has no graded image with a kidney the gate passes among its training "
                         f"patients (grades come from labels.csv's image,patient,grade or the labelme flags); the VGG's "

@@ -57,26 +57,36 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def load_preprocessed(data_dir: Path, graph: Graph, progress: bool = True, kidney_labels=None):
-    """Dataset -> (images [N,S,S] uint8, masks [N,S,S] 0/1, grades [N] (0 = unknown), patients [N]), every image
-    preprocessed by the graph the bundle will pin. `kidney_labels`: the labelme labels that are the kidney (None:
-    runtime.dataset's default variants). Images whose kidney annotation is missing (runtime.dataset) are left
-    out: their mask is unknown; the dataset's summary line names them."""
+class NoLabelledImages(ValueError):
+    """The dataset has no image whose kidney is annotated (`load_preprocessed`)."""
+
+
+def load_preprocessed(data_dir: Path, graph: Graph, progress: bool = True, kidney_labels=None, *,
+                      say=None, who: str = "train"):
+    """Dataset -> (images [N,S,S] uint8, masks [N,S,S] 0/1, grades [N] (0 = unknown), patients [N]): the one
+    preprocessing loop over a labelled dataset (`sonoscore train`, `calibrate --qat`). Each image goes through the
+    graph's own source preparation (`Graph.prepare_source`, as a frame of an image source) and its labelled mask is
+    cut and resized by the same region (`preprocess.crop_mask`). `kidney_labels`: the labelme labels that are the
+    kidney (None: runtime.dataset's default variants). Images whose kidney annotation is missing (runtime.dataset)
+    are left out: their mask is unknown; the dataset's summary line (through `say`, default stderr, prefixed
+    `who`) names them. ValueError for a dataset that cannot be read, NoLabelledImages when no image is left."""
     from runtime.labelme import read_dataset
+    from runtime.sources import Frame
+    say = _say if say is None else say
     samples = read_dataset(Path(data_dir), labels=kidney_labels)
-    _say(f"train: {samples.summary_line()}")
+    say(f"{who}: {samples.summary_line()}")
     samples = [s for s in samples if not s.kidney_missing]
     if not samples:
-        raise ValueError(f"dataset {data_dir} has no labelled images")
+        raise NoLabelledImages(f"dataset {data_dir} has no labelled images")
     images, masks, grades, patients = [], [], [], []
     for i, s in enumerate(samples):
-        img, region = graph.preprocess(s.load_gray())
+        _, img, region = graph.prepare_source(Frame(i, "dataset", 0.0, s.load_gray()))
         images.append(img)
         masks.append(pp.crop_mask(s.load_mask(), region, graph.size))
         grades.append(s.grade or 0)
         patients.append(s.patient)
         if progress and ((i + 1) % 100 == 0 or i + 1 == len(samples)):
-            _say(f"  preprocessed {i + 1}/{len(samples)} images")
+            say(f"  preprocessed {i + 1}/{len(samples)} images")
     return np.stack(images), np.stack(masks), np.array(grades), np.array(patients)
 
 
@@ -120,7 +130,7 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
                                  seed=cfg.seed, val=(images[va], masks[va]) if va.any() else None,
                                  progress=progress, graph=graph, normalization=graph.unet_normalization)
     # The VGG learns from labelled kidneys the gate would pass, under their labelled masks.
-    kidney = np.array([graph.gate_mask(m).accepted for m in masks]) & (grades > 0)
+    kidney = graph.kidney_frames(masks, grades)
     masked_images = np.stack([masked(i, m) for i, m in zip(images, masks)])
     _say(f"train: VGG-19-BN width {cfg.vgg_width}, {cfg.vgg_epochs} epochs (cross-entropy) on "
          f"{int((kidney & tr).sum())} masked kidney images")
@@ -162,7 +172,7 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
             _say("train: warning: the UNet passed too few frames through the gate; the booster is trained on "
                  "features of the labelled masks instead")
             rows = np.flatnonzero(kidney)
-            feats = np.stack([graph.features(vg, images[i], masks[i])[0] for i in rows])
+            feats = np.stack([graph.run(images[i], vgg=vg, mask=masks[i], until="vgg").features[0] for i in rows])
             copies = np.zeros(len(rows), bool)
             booster_masks = "labelled"
     t_feats = time.time() - t_feats
@@ -217,30 +227,31 @@ def booster_thresholds(graph: Graph, thresholds) -> tuple[float, ...]:
 
 
 def booster_features(graph: Graph, images: np.ndarray, frames, unet, vgg, thresholds=()):
-    """The booster's training rows, the deployed way: for each of `frames` (indices into `images`), the UNet's
-    probability map, the gate at the graph's threshold and, when it accepts the frame, the VGG features of the image
-    under that mask (what `Graph.run` computes). With `thresholds` (others than the gate's), the same frame's
-    features under the mask of the same probability map at each of them too, an augmented copy where the gate would
-    also accept that mask; a frame the gate rejects at its own threshold gets no row at all.
+    """The booster's training rows, the deployed way: for each of `frames` (indices into `images`), `Graph.run` up
+    to the VGG (the UNet's probability map, the gate at the graph's threshold and, when it accepts the frame, the
+    VGG features of the image under that mask). With `thresholds` (others than the gate's), the same frame's
+    features under the mask of the same probability map at each of them too (the graph with that threshold, given
+    the map), an augmented copy where the gate would also accept that mask; a frame the gate rejects at its own
+    threshold gets no row at all.
 
     Returns (rows: the frame index of each row, row_thresholds: the threshold of its mask, features [R, F])."""
+    from dataclasses import replace
+    others = [(float(t), replace(graph, mask_threshold=float(t)))
+              for t in thresholds if t != graph.mask_threshold]
     rows, row_thresholds, feats = [], [], []
     for i in frames:
-        prob = graph.segment(unet, images[i])
-        gate = graph.gate(prob)
-        if not gate.accepted:   # deployment never scores it
+        r = graph.run(images[i], unet, vgg, until="vgg")
+        if not r.gate.accepted:   # deployment never scores it
             continue
         rows.append(i)
         row_thresholds.append(graph.mask_threshold)
-        feats.append(graph.features(vgg, images[i], gate.mask)[0])
-        for t in thresholds:
-            if t == graph.mask_threshold:
-                continue
-            copy = graph.gate_mask((prob > float(t)).astype(np.uint8))   # as the gate compares (float32)
-            if copy.accepted:
+        feats.append(r.features[0])
+        for t, at_t in others:
+            copy = at_t.run(images[i], vgg=vgg, prob=r.prob, until="vgg")   # as the gate compares (float32)
+            if copy.gate.accepted:
                 rows.append(i)
-                row_thresholds.append(float(t))
-                feats.append(graph.features(vgg, images[i], copy.mask)[0])
+                row_thresholds.append(t)
+                feats.append(copy.features[0])
     width = feats[0].shape[-1] if feats else 0
     return (np.array(rows, dtype=np.int64), np.array(row_thresholds, dtype=np.float64),
             np.stack(feats) if feats else np.zeros((0, width), np.float32))

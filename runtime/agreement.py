@@ -72,9 +72,13 @@ class Outputs:
 
 
 def graph_outputs(graph, unet, vgg, booster, images: list[np.ndarray], *, num_classes: int,
-                  masks_from: Outputs | None = None, keep_prob: bool = False, label: str | None = None) -> Outputs:
-    """`Outputs` of the graph on preprocessed images with runners already open (`unet` unused with `masks_from`);
-    `keep_prob` keeps the UNet's probabilities; `label`: a progress line on stderr every quarter."""
+                  masks_from: Outputs | None = None, keep_prob: bool = False, label: str | None = None,
+                  prob: np.ndarray | None = None, features: np.ndarray | None = None) -> Outputs:
+    """`Outputs` of the graph (`Graph.run`, frame by frame) on preprocessed images with runners already open.
+    Outputs already known replace their stage (the runner may then be None): `masks_from`, an earlier run's masks
+    (and, with `keep_prob`, its probabilities); `prob` [N, H, W], stored probability maps the gate thresholds;
+    `features` [N, F], stored features (rows of frames the gate rejects are not read). `keep_prob` keeps the
+    UNet's probabilities; `label`: a progress line on stderr every quarter."""
     n = len(images)
     masks = np.zeros((n, *images[0].shape), bool) if n else np.zeros((0, 0, 0), bool)
     prob_maps = np.zeros(masks.shape, np.float32) if keep_prob else None
@@ -84,24 +88,28 @@ def graph_outputs(graph, unet, vgg, booster, images: list[np.ndarray], *, num_cl
     probs = np.full((n, num_classes), np.nan)
     step = max(1, n // 4)
     for i, img in enumerate(images):
+        given = {}
         if masks_from is not None:
-            gate = graph.gate_mask(masks_from.masks[i].astype(np.uint8))
+            given["mask"] = masks_from.masks[i].astype(np.uint8)
             if prob_maps is not None:
                 if masks_from.prob is None:
                     raise ValueError("keep_prob with masks_from needs the probabilities of that run")
-                prob_maps[i] = masks_from.prob[i]
-        else:
-            p = graph.segment(unet, img)
-            gate = graph.gate(p)
-            if prob_maps is not None:
-                prob_maps[i] = p
+                given["prob"] = masks_from.prob[i]
+        elif prob is not None:
+            given["prob"] = prob[i]
+        if features is not None:
+            given["features"] = features[i]
+        r = graph.run(img, unet, vgg, booster, **given)
+        gate = r.gate
         masks[i], fractions[i], accepted[i] = gate.mask.astype(bool), gate.fraction, gate.accepted
+        if prob_maps is not None:
+            prob_maps[i] = r.prob
         if gate.accepted:
-            f = graph.features(vgg, img, gate.mask)[0]
+            f = r.features[0]
             if feats is None:
                 feats = np.full((n, f.shape[-1]), np.nan, np.float32)
             feats[i] = f
-            probs[i] = booster.predict(f)[0]
+            probs[i] = r.probabilities
         if label and ((i + 1) % step == 0 or i + 1 == n):
             print(f"  checking {label}: {i + 1}/{n}", file=sys.stderr, flush=True)
     if feats is None:

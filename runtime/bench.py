@@ -42,7 +42,6 @@ from typing import Callable
 
 import numpy as np
 
-from runtime import preprocess as pp
 from runtime.bundle import Bundle
 from runtime.backends.base import BackendUnavailable, short
 from runtime.errors import UserError
@@ -325,13 +324,22 @@ def bench_bundle(bundle_path, *, backend="ort", precision="fp32", frames=100, wa
     return out
 
 
-def _booster_isolated(pipe, frames: list[Frame], repeats: int = 200) -> dict[str, float]:
-    """The booster's own cost per frame, warm: predict_one() on real features back to back (us)."""
-    g = pipe.graph
+def bench_features(pipe, frames: list[Frame]) -> list[np.ndarray]:
+    """The VGG features ([1, F]) of `frames` as an open CPU pipeline computes them: its source preparation
+    (`prepare_source`: window, scan-sector rule, crop, resize, Crimmins) and its graph up to the VGG (`Graph.run`);
+    a frame the gate rejects has none (the bench opens the gate: every frame has them)."""
     feats = []
     for f in frames:
-        img, _ = g.preprocess(pp.to_gray(f.pixels, f.channel_order))
-        feats.append(g.features(pipe.vgg, img, g.gate(g.segment(pipe.unet, img)).mask))
+        _, image, _ = pipe.prepare_source(f)
+        result = pipe.graph.run(image, pipe.unet, pipe.vgg, until="vgg")
+        if result.features is not None:
+            feats.append(result.features)
+    return feats
+
+
+def _booster_isolated(pipe, frames: list[Frame], repeats: int = 200) -> dict[str, float]:
+    """The booster's own cost per frame, warm: predict_one() on real features back to back (us)."""
+    feats = bench_features(pipe, frames)
     ts = []
     for _ in range(repeats):
         for x in feats:

@@ -308,7 +308,7 @@ def evaluate_bundle(bundle_path, data_dir, *, precision="fp32", backend="ort", r
                     cache_dir=None, labels=None) -> dict:
     """`sonoscore eval`: kidney IoU, gate agreement and grade metrics on a labelme dataset, through the deployed
     pipeline. Each labelled mask is cut and scaled exactly like its image (the region the pipeline used), and the
-    gate's rule (`Graph.accepts`) says whether it shows a kidney; a frame is graded when both the label and the
+    graph's kidney rule (`Graph.is_kidney`: the labelled mask passes the gate) says whether it shows a kidney; a frame is graded when both the label and the
     pipeline say it does and it has a labelled grade.
 
     `labels`: which labelme labels are the kidney (runtime.dataset.LabelMap.of; None: the default variants). An
@@ -363,8 +363,8 @@ def evaluate_bundle(bundle_path, data_dir, *, precision="fp32", backend="ort", r
                     y_pred.append(rec.grade - 1)
                     without_outline += 1
                 continue
-            truth_mask = pp.crop_mask(truth, rec.region, graph.size)
-            has_kidney = graph.gate_mask(truth_mask).accepted
+            truth_mask = pp.crop_mask(truth, rec.frame_region, graph.size)   # the source frame's crop
+            has_kidney = graph.is_kidney(truth_mask)    # the one rule (runtime.graph)
             if truth_mask.any():
                 ious.append(iou(rec.mask, truth_mask))
             gate_n += 1

@@ -180,21 +180,17 @@ def warning(verdict: dict) -> str:
 
 
 def _compute(bundle, entry: dict, unet, vgg, booster) -> dict:
-    from runtime.agreement import Outputs, Thresholds, compare, graph_outputs
+    from runtime.agreement import Thresholds, compare, graph_outputs
 
     ref = read_reference(bundle.root / entry["file"])
     graph = bundle.graph()          # the manifest's gate, not a pipeline's override (the bench opens the gate)
     images = list(ref["images"])
-    gates = [graph.gate(p) for p in ref["prob"]]
-    accepted = np.array([g.accepted for g in gates], bool)
-    features = ref["features"].astype(np.float32)
-    probs = np.full((len(images), bundle.num_classes), np.nan)
-    if accepted.any():
-        if not np.isfinite(features[accepted]).all():
-            raise ValueError("the reference has no features for a frame its gate accepts")
-        probs[accepted] = booster.predict(features[accepted])
-    reference = Outputs(np.stack([g.mask.astype(bool) for g in gates]), np.array([g.fraction for g in gates]),
-                        accepted, np.where(accepted[:, None], features, np.nan).astype(np.float32), probs)
+    # the stored outputs through the same graph: its gate on the stored probabilities, the booster on the stored
+    # features of the frames it accepts
+    reference = graph_outputs(graph, None, None, booster, images, num_classes=bundle.num_classes,
+                              prob=ref["prob"], features=ref["features"].astype(np.float32))
+    if not np.isfinite(reference.features[reference.accepted]).all():
+        raise ValueError("the reference has no features for a frame its gate accepts")
     here = graph_outputs(graph, unet, vgg, booster, images, num_classes=bundle.num_classes)
     metrics = compare(reference, here)
     given = (bundle.manifest.get("calibration") or {}).get("thresholds") or {}

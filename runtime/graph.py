@@ -11,11 +11,21 @@ features) and the PyTorch baseline. Its constants come from the bundle's manifes
 Each network's input is the uint8 image * (1/255) then the normalization its manifest `input` declares
 (runtime.normalize: unit, minmax per image, or meanstd per channel; `unet_feeds` / `vgg_feeds`).
 
-`Graph.run` is that dataflow in one function (its stage times: the masked image is made within `gate`, as the device
-pipeline's gate kernel makes it, so `vgg` times the network alone); a pipeline supplies the runners (anything with
-`infer(feeds, outputs) -> {name: array}`), the booster (`predict_one(features) -> (probabilities, grade)`) and a
-clock for its stage latencies. The device pipeline runs the same steps as CUDA kernels (runtime.gpu.kernels) with
-the threshold and minimum fraction read from here, and decides acceptance with `Graph.accepts`.
+`Graph.run` is that dataflow in one function, and the only place the steps are put together: the CPU pipeline,
+the PyTorch baseline, INT8 calibration and its accuracy check (runtime.agreement), the run-time INT8 check
+(runtime.fidelity), the booster's training features (export.recipe) and the bench all call it
+(tests/test_one_composition.py reads every module to hold them to that). A caller supplies the runners (anything
+with `infer(feeds, outputs) -> {name: array}`), the booster (`predict_one(features) -> (probabilities, grade)`) and
+a `lap(stage)` clock for its stage latencies (the masked image is made within `gate`, as the device pipeline's gate
+kernel makes it, so `vgg` times the network alone); an output it already has is given instead of computed (`prob`,
+`mask`, `features`), and `until` names the last stage to run. The device pipeline runs the same steps as CUDA
+kernels (runtime.gpu.kernels) with the threshold and minimum fraction read from here, and decides acceptance with
+`Graph.accepts`.
+
+Also defined here, once: the source preparation every path shares (`prepare_source`: gray with the source's
+window, the burned-in-text scan-sector rule, crop, resize, Crimmins) and the rule for which labelled frames count
+as kidney (`is_kidney`, `kidney_frames`). A future kind of graph (a classifier, a series of frames) is another
+stage sequence in this module, with its `run` and its `Result`; callers go on calling `run`.
 """
 from __future__ import annotations
 
@@ -27,6 +37,10 @@ import numpy as np
 
 from runtime import normalize as norm
 from runtime import preprocess as pp
+
+# The stages of `Graph.run`, in order: the record's `latency_ms` keys (with "preprocess" before them) and the values
+# of its `until`.
+STAGES = ("unet", "gate", "vgg", "booster")
 
 # The gate and preprocessing a new bundle gets (docs/design.md, "The per-frame graph"). A bundle's manifest may
 # set others; every path reads them from the manifest through `Graph.from_manifest`.
@@ -45,10 +59,12 @@ class Gate:
 
 @dataclass
 class Result:
-    """What the graph computed for one preprocessed image (features and scores only when the gate accepted it)."""
+    """What the graph computed for one preprocessed image (the VGG's input, features and scores only when the gate
+    accepted it, and only as far as `Graph.run` was asked to go)."""
     gate: Gate
-    prob: np.ndarray | None = None           # the UNet's kidney probability (HxW) the gate thresholded
-    features: np.ndarray | None = None
+    prob: np.ndarray | None = None           # the UNet's kidney probability (HxW) the gate thresholded (or given)
+    vgg_feeds: dict[str, np.ndarray] | None = None   # the VGG's input: the image under the mask, normalized
+    features: np.ndarray | None = None       # [1, F]
     probabilities: list[float] | None = None
     grade: int | None = None
 
@@ -112,6 +128,32 @@ class Graph:
         """uint8 gray frame -> (size x size uint8 image after Crimmins, the region it was cut from)."""
         return pp.preprocess(gray, region, size=self.size, crimmins_iterations=self.crimmins_iterations)
 
+    def prepare_source(self, frame) -> tuple[np.ndarray, np.ndarray, pp.Region]:
+        """A source's frame (runtime.sources.Frame: pixels, channel_order, window, region, meta) -> (gray frame,
+        preprocessed image, the region it was cut from in the SOURCE frame's pixel coordinates). The one source
+        preparation of every path (the pipelines, bench, calibration, evaluation, the training data): `to_gray`
+        with the source's window, the burned-in-text rule (a frame that may carry text and has no region: its scan
+        sector only, or FrameError: not scored or shown), then `preprocess` (crop, resize, Crimmins)."""
+        gray = pp.to_gray(frame.pixels, frame.channel_order, frame.window)
+        gray, region = pp.sector_frame(gray, frame.region, frame.meta)
+        image, region = self.preprocess(gray, region)
+        return gray, image, region
+
+    def is_kidney(self, mask: np.ndarray) -> bool:
+        """Whether a frame whose kidney is known (a labelled, truth mask on the preprocessed image) counts as
+        showing the kidney: the mask passes the gate (its kidney share >= min_mask_fraction), as a network's mask
+        must for the frame to be scored. Evaluation's gate agreement, the VGG's and the booster's training frames
+        and QAT's all use this rule."""
+        return self.accepts(float((np.asarray(mask) > 0).mean()))
+
+    def kidney_frames(self, masks, grades=None) -> np.ndarray:
+        """`is_kidney` of each labelled mask, as a bool array; with `grades` (0 or None: unknown), only the graded
+        ones (the frames the VGG learns from and a grade is checked on)."""
+        out = np.array([self.is_kidney(m) for m in masks], bool)
+        if grades is not None:
+            out &= np.array([g is not None and g > 0 for g in grades], bool)
+        return out
+
     def segment(self, unet, image: np.ndarray) -> np.ndarray:
         """The UNet's kidney probability (HxW) for a preprocessed image."""
         return unet.infer(self.unet_feeds(image), [self.unet_output])[self.unet_output][0, 0]
@@ -152,23 +194,47 @@ class Graph:
         return booster.predict_one(features)
 
     # -- the whole graph ---------------------------------------------------------------------------------------
-    def run(self, image: np.ndarray, unet, vgg, booster=None, lap: Callable[[str], None] | None = None) -> Result:
-        """segment -> gate -> features -> score on one preprocessed image. `lap(stage)` is called as each stage
-        ends (the pipelines time their stages with it); with no booster the result stops at the features."""
+    def run(self, image: np.ndarray, unet=None, vgg=None, booster=None, lap: Callable[[str], None] | None = None,
+            *, prob: np.ndarray | None = None, mask: np.ndarray | None = None, features: np.ndarray | None = None,
+            until: str = "booster") -> Result:
+        """segment -> gate -> features -> score on one preprocessed image: the graph's one composition.
+
+        `lap(stage)` is called as each stage that ran ends (the pipelines time their stages with it). An output the
+        caller already has replaces its stage (the runner it would need may then be None):
+          prob      the UNet's probability map (a stored reference's): no UNet; the gate thresholds it.
+          mask      a 0/1 uint8 mask (an earlier run's, a labelled one): no UNet, no threshold; the gate judges it
+                    (`gate_mask`). With `prob` too, that map is only carried in the result.
+          features  the VGG's features ([1, F] or [F]): no VGG; the booster scores them if the gate accepts.
+        `until`: the last stage to run, one of STAGES: "gate" stops with the verdict and, for an accepted frame,
+        the VGG's input (`vgg_feeds`: what calibrating the VGG needs); "vgg" with the features; "booster" (the
+        default) with the grade, or with the features when no booster is given. A frame the gate rejects stops at
+        the gate: no VGG input, features or grade."""
+        if until not in STAGES:
+            raise ValueError(f"until={until!r}: the graph's stages are {', '.join(STAGES)}")
+        last = STAGES.index(until)
         lap = lap or _no_lap
-        prob = self.segment(unet, image)
-        lap("unet")
-        g = self.gate(prob)
-        feeds = self.vgg_feeds(image, g.mask) if g.accepted else None   # masking is the gate's work
-        lap("gate")
+        if mask is None and prob is None:
+            prob = self.segment(_needed(unet, "UNet"), image)
+            lap("unet")
+        g = self.gate(prob) if mask is None else self.gate_mask(mask)
         result = Result(g, prob)
-        if feeds is None:
+        if not g.accepted:
+            lap("gate")
             return result
-        result.features = self.infer_features(vgg, feeds)
-        lap("vgg")
-        if booster is not None:
-            result.probabilities, result.grade = self.score(booster, result.features)
-            lap("booster")
+        if features is None:
+            result.vgg_feeds = self.vgg_feeds(image, g.mask)      # masking is the gate's work
+        lap("gate")
+        if last < STAGES.index("vgg"):
+            return result
+        if features is None:
+            result.features = self.infer_features(_needed(vgg, "VGG"), result.vgg_feeds)
+            lap("vgg")
+        else:
+            result.features = np.asarray(features).reshape(1, -1)
+        if booster is None or last < STAGES.index("booster"):
+            return result
+        result.probabilities, result.grade = self.score(booster, result.features)
+        lap("booster")
         return result
 
 
@@ -179,3 +245,9 @@ def masked(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def _no_lap(stage: str) -> None:
     pass
+
+
+def _needed(runner, what: str):
+    if runner is None:
+        raise ValueError(f"Graph.run needs the {what} runner here (or give its output instead)")
+    return runner

@@ -234,13 +234,23 @@ def outline_contrast(image: np.ndarray, comp: np.ndarray, band: int = OUTLINE_BA
     return abs(float(img[outside > 0].mean()) - float(img[inside > 0].mean()))
 
 
-def mask_to_source(mask224: np.ndarray, region: Region, frame_shape: tuple[int, ...]) -> np.ndarray:
-    """The 224x224 mask in the source frame's geometry: uint8 0/1 of `frame_shape`, the mask stretched back over
-    `region` (bilinear on 0/1, then > 0.5; the pixel-centre convention of `to_source`), 0 outside the region."""
+def mask_to_source(mask224: np.ndarray, region: Region | None, frame_shape: tuple[int, ...]) -> np.ndarray:
+    """The network's 224x224 mask in a frame's geometry: uint8 0/1 of `frame_shape`, 0 outside `region` (None: the
+    whole frame). The one mapping of a mask back to a frame: the overlay's and the viewer's contour, `--save-masks
+    --mask-size original`, the DICOM SEG and the measurements all use it (docs/design.md, "Kidney size").
+
+    The rule: the 0/1 mask is interpolated bilinearly onto the region's pixels, then > 0.5, with the pixel-centre
+    convention of `to_source` and `cv2.resize` (frame pixel x samples mask column (x - x0 + 0.5) / sx - 0.5, edges
+    replicated). So the mapped mask is the inside of the outline the measurements measure (the 0.5 iso-line
+    between a mask pixel inside and one outside), not a staircase of whole mask pixels shifted by nearest
+    neighbour's rounding; a pixel exactly on that line (value 0.5) is outside."""
     h, w = int(frame_shape[0]), int(frame_shape[1])
-    r = region.clip((h, w))
+    r = (region or Region(0, 0, w, h)).clip((h, w))
     out = np.zeros((h, w), np.uint8)
-    m = cv2.resize(np.asarray(mask224, np.float32), (r.x1 - r.x0, r.y1 - r.y0), interpolation=cv2.INTER_LINEAR)
+    if r.x1 <= r.x0 or r.y1 <= r.y0:
+        return out
+    m = cv2.resize((np.asarray(mask224) > 0).astype(np.float32), (r.x1 - r.x0, r.y1 - r.y0),
+                   interpolation=cv2.INTER_LINEAR)
     out[r.y0:r.y1, r.x0:r.x1] = m > 0.5
     return out
 

@@ -118,12 +118,9 @@ class Pipeline(FramePipeline):
 
     def prepare_source(self, frame: Frame) -> tuple[np.ndarray, np.ndarray, pp.Region]:
         """`prepare` before `shown_part`: (gray frame, preprocessed image, the region it came from in the SOURCE
-        frame's pixel coordinates, which measurements in mm need)."""
-        gray = pp.to_gray(frame.pixels, frame.channel_order, frame.window)
-        # a frame that may carry burned-in text and has no region: its scan sector only, or FrameError (not shown)
-        gray, region = pp.sector_frame(gray, frame.region, frame.meta)
-        image, region = self.graph.preprocess(gray, region)
-        return gray, image, region
+        frame's pixel coordinates, which measurements in mm need): the graph's one source preparation
+        (`Graph.prepare_source`: window, scan-sector rule, crop, resize, Crimmins)."""
+        return self.graph.prepare_source(frame)
 
 
 def shown_part(gray: np.ndarray | None, region: pp.Region, meta: dict) -> tuple[np.ndarray | None, pp.Region]:

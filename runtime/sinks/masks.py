@@ -9,9 +9,9 @@ alike), the later one in the run keeps its suffix (`x.jpg-0.png`), then a counte
 overwrites another of the same run.
 
 Size (`--mask-size`): `224` (default), the network's mask as it is; `original`, the mask mapped back into the
-source frame's geometry: resized (nearest neighbour) to the region the network's image was cut from and placed
-there in a frame of the source frame's size (`runtime.sinks.overlay.mask_to_frame`, the mapping the overlay draws
-its contour with), zeros outside the region.
+source frame's geometry: interpolated bilinearly onto the region the network's image was cut from, > 0.5, and
+placed there in a frame of the source frame's size, zeros outside the region (`runtime.measure.mask_to_source`,
+the one mapping, which the overlay's contour, the DICOM SEG and the measurements use too).
 """
 from __future__ import annotations
 
@@ -51,11 +51,11 @@ def mask_name(source_file: str, frame_in_file: int, keep_suffix: bool = False) -
 def frame_mask(record: FrameRecord) -> np.ndarray:
     """The record's mask in the source frame's geometry (`--mask-size original`); the 224 mask when the record
     does not know its frame's geometry."""
-    from runtime.sinks.overlay import mask_to_frame
+    from runtime.measure import mask_to_source
     if record.frame_shape is not None:
-        return mask_to_frame(record.mask, record.frame_region, record.frame_shape)
+        return mask_to_source(record.mask, record.frame_region, record.frame_shape)
     if record.display is not None:
-        return mask_to_frame(record.mask, record.region, record.display.shape[:2])
+        return mask_to_source(record.mask, record.region, record.display.shape[:2])
     return record.mask
 
 

@@ -28,6 +28,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from runtime.measure import mask_to_source
 from runtime.preprocess import Region, window_to_uint8
 from runtime.record import FrameRecord
 
@@ -159,14 +160,10 @@ def frame_scale(shape: tuple[int, ...]) -> float:
 
 
 def mask_to_frame(mask: np.ndarray, region: Region | None, shape: tuple[int, ...]) -> np.ndarray:
-    """The network's 224x224 mask as a 0/1 mask of the display frame: resized back to the region it was cropped
-    from (INTER_NEAREST, so it stays binary) and placed there; `region` None means the whole frame."""
-    h, w = shape[:2]
-    r = (region or Region(0, 0, w, h)).clip((h, w))
-    full = np.zeros((h, w), np.uint8)
-    full[r.y0:r.y1, r.x0:r.x1] = cv2.resize((mask > 0).astype(np.uint8), (r.x1 - r.x0, r.y1 - r.y0),
-                                            interpolation=cv2.INTER_NEAREST)
-    return full
+    """The network's 224x224 mask as a 0/1 mask of the display frame, placed in the region it was cropped from
+    (`region` None: the whole frame): runtime.measure.mask_to_source, the one mapping of a mask back to a frame
+    (bilinear, > 0.5), which the saved masks, the DICOM SEG and the measurements use too."""
+    return mask_to_source(mask, region, shape)
 
 
 def _display_bgr(display: np.ndarray) -> np.ndarray:
