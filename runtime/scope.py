@@ -277,7 +277,7 @@ class Reference:
         """Every test's score (refused above 1); `view` only when the descriptors have features."""
         v = desc.values
         picture = [float(v.get("colour", 0.0)) / self.limits["colour"], float(v.get("flat", 0.0)) / self.limits["flat"]]
-        out = {"ultrasound": max(picture) if all(x == x for x in picture) else math.inf}
+        out = {"ultrasound": max(picture) if all(math.isfinite(x) for x in picture) else math.inf}
         for test in ("kidney", "outline"):
             out[test] = _nan_inf(self._z(test, v) / self.thresholds[test])
         if desc.features is not None:
@@ -363,7 +363,7 @@ class Reference:
         if protos.ndim != 2 or protos.shape[0] < 1 or protos.dtype != np.float16 or not np.isfinite(protos).all():
             raise ScopeError(f"{path}: its prototypes are not a finite float16 [N, F] array; re-export the bundle")
         try:
-            ref = cls(prototypes=protos.astype(np.float32), k=int(cfg["k"]),
+            ref = cls(prototypes=_from_stored(protos), k=int(cfg["k"]),
                       centers={k: float(v) for k, v in cfg["centers"].items()},
                       scales={k: float(v) for k, v in cfg["scales"].items()},
                       thresholds={k: float(v) for k, v in cfg["thresholds"].items()},
@@ -440,7 +440,7 @@ def fit_reference(reference: Sequence[Descriptors], held_out: Sequence[Descripto
     rng = np.random.default_rng(seed)
     rows = np.arange(len(ref_f)) if len(ref_f) <= max_prototypes else np.sort(
         rng.choice(len(ref_f), max_prototypes, replace=False))
-    protos = _unit(ref_f[rows]).astype(np.float16).astype(np.float32)
+    protos = _from_stored(_unit(ref_f[rows]).astype(np.float16))
     fitted = [n for n, (t, _) in DESCRIPTORS.items() if t in ("kidney", "outline")]
     centers, scales = {}, {}
     for name in fitted:
@@ -495,6 +495,12 @@ def _features(rows: Sequence[Descriptors], what: str) -> np.ndarray:
 def _unit(f: np.ndarray) -> np.ndarray:
     n = np.linalg.norm(f, axis=1, keepdims=True)
     return np.where(n > 0, f / np.where(n > 0, n, 1), 0).astype(np.float32)
+
+
+def _from_stored(protos16: np.ndarray) -> np.ndarray:
+    """The prototypes as used: the stored float16 rows in float32, normalised again to unit length (the same
+    arithmetic at fit and at load, so the limits see exactly what the check uses)."""
+    return _unit(protos16.astype(np.float32))
 
 
 def _nan_inf(x: float) -> float:

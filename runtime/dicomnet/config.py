@@ -26,7 +26,8 @@ Every problem found is one sentence naming the file and the key; all of them are
       deidentify: false              # PS3.15 basic profile on the DICOM results (research use)
       secondary_capture: true        # also an overlay Secondary Capture
     outbox:
-      dir: /var/lib/sonoscore/outbox    # default with listen: `outbox` beside the spool
+      dir: /var/lib/sonoscore/outbox    # default with listen: `outbox` beside the spool (also when only
+                                        # retry is given); run --send needs it
       retry: {first_s: 5, max_s: 300, factor: 2}
     destinations:
       - {name: pacs, type: cstore, host: pacs.example.org, port: 104, called_ae: PACS, calling_ae: SONOSCORE}
@@ -85,7 +86,7 @@ SCHEMA: dict[str, Any] = {
                     "properties": {"dir": _PATH, "uid_root": _UID_ROOT,
                                    "deidentify": {"type": "boolean", "why": "must be true or false"},
                                    "secondary_capture": {"type": "boolean", "why": "must be true or false"}}},
-        "outbox": {"type": "object", "additionalProperties": False, "required": ["dir"],
+        "outbox": {"type": "object", "additionalProperties": False,
                    "properties": {"dir": _PATH,
                                   "retry": {"type": "object", "additionalProperties": False,
                                             "properties": {"first_s": {**_SECONDS, "exclusiveMinimum": 0,
@@ -376,9 +377,10 @@ def _build(doc: dict, name: str, base: Path, listen: bool) -> tuple[NetConfig | 
                           keep_instances=bool(ls.get("keep_instances", False)),
                           max_associations=int(ls.get("max_associations", 10)),
                           tls=tls_of(ls.get("tls"), "listen.tls", server=True))
-    if "outbox" in doc:
-        outbox = folder("outbox.dir", doc["outbox"]["dir"])
-    elif lc is not None:                     # beside the spool
+    outbox_doc = doc.get("outbox") or {}
+    if "dir" in outbox_doc:
+        outbox = folder("outbox.dir", outbox_doc["dir"])
+    elif lc is not None:                     # beside the spool (also when only outbox.retry is given)
         outbox = folder("outbox.dir", str(lc.spool.parent / "outbox"))
     else:
         outbox = None
