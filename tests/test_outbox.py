@@ -332,6 +332,12 @@ def test_spool_keeps_instances_until_their_round_is_done_and_knows_them_after(tm
         study, key = spool.commit(part, "1.2.3", sop)
         paths.append(spool.studies_dir / study / f"{key}.dcm")
     assert study == uid_key("1.2.3") and "1.2.3" not in str(paths[0])        # named by hashes only
+    # keyed: HMAC-SHA256 under the installation's salt, so hashing a known UID does not find its study
+    import hashlib
+    import hmac
+    from runtime.sources import installation_salt
+    assert study == hmac.new(installation_salt(), b"1.2.3", hashlib.sha256).hexdigest()[:16]
+    assert study not in hashlib.sha256(b"1.2.3").hexdigest()
     assert spool.pending(study) == sorted(paths)
     assert spool.last_activity(study) == pytest.approx(time.time(), abs=5)
     spool.mark_done(study, "r1", paths, "batch-1")
@@ -382,6 +388,13 @@ def test_configuration_paths_are_taken_from_its_folder_and_defaults_filled(tmp_p
     with pytest.raises(ConfigError, match="section 'outbox' is missing"):
         load_config(write(tmp_path, bare.replace("listen: {ae_title: SONO, port: 11112, spool: spool, "
                                                  "quiet_time_s: 5}", "")))
+    # an outbox section with only its back-off: the folder is still the default one beside the spool
+    retry_only = bare.replace("spool: spool", "spool: var/spool") + "outbox: {retry: {first_s: 1, max_s: 8}}\n"
+    cfg = load_config(write(tmp_path, retry_only), listen=True)
+    assert cfg.outbox == tmp_path / "var" / "outbox" and cfg.retry == Retry(1, 8, 2)
+    with pytest.raises(ConfigError, match="'outbox.dir' is missing; add outbox.dir"):
+        load_config(write(tmp_path, retry_only.replace("listen: {ae_title: SONO, port: 11112, spool: var/spool, "
+                                                       "quiet_time_s: 5}", "")))
 
 
 def test_configuration_errors_name_the_key_one_sentence_each(tmp_path):

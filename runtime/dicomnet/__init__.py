@@ -11,16 +11,21 @@
     study.py    one study round: the instances as one source through the `run` pipeline and sinks, and its results
 
 pynetdicom, dicomweb-client and pyyaml come with the `dicom` extra and are imported only by these commands.
-Nothing here writes or logs a patient identifier: studies, instances and outbox entries are named by hashes of
-their UIDs (`uid_key`), and log lines name those.
+Nothing here writes or logs a patient identifier: studies, instances and outbox entries are named by keyed
+hashes of their UIDs (`uid_key`), and log lines name those.
 """
 from __future__ import annotations
 
 import hashlib
+import hmac
 
 
 def uid_key(uid: str, length: int = 16) -> str:
-    """The opaque name of a DICOM UID on disk and in logs: the first `length` hex digits of its sha256. UIDs are
-    not guessable, so the hash does not reveal them, and it is the same after a restart (the spool and the outbox
-    are found again by it)."""
-    return hashlib.sha256(str(uid).strip().encode("ascii", "replace")).hexdigest()[:length]
+    """The opaque name of a DICOM UID on disk and in logs: the first `length` hex digits of its HMAC-SHA256 under
+    the installation's secret salt (runtime.sources.installation_salt, the key of the source ids). Keyed, so whoever
+    holds a UID (the scanner's log, a PACS query, another site) cannot find its study's folder or log lines by
+    hashing it, and a name reveals nothing without the salt; the same on this installation after a restart (the
+    spool and the outbox are found again by it)."""
+    from runtime.sources import installation_salt
+    text = str(uid).strip().encode("ascii", "replace")
+    return hmac.new(installation_salt(), text, hashlib.sha256).hexdigest()[:length]

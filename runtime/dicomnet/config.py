@@ -384,8 +384,9 @@ def _build(doc: dict, name: str, base: Path, listen: bool) -> tuple[NetConfig | 
         outbox = folder("outbox.dir", str(lc.spool.parent / "outbox"))
     else:
         outbox = None
-        errors.append(f"{name}: section 'outbox' is missing; add it with 'dir', the folder where results wait "
-                      f"until every destination has them")
+        where = "'outbox.dir' is missing" if "outbox" in doc else "section 'outbox' is missing"
+        errors.append(f"{name}: {where}; add outbox.dir, the folder where results wait until every destination "
+                      f"has them (`run --send` has no spool to put it beside)")
     if "destinations" not in doc:
         errors.append(f"{name}: section 'destinations' is missing; name at least one PACS (type cstore or stow-rs)")
     dests: list[Destination] = []

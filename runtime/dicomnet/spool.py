@@ -5,9 +5,10 @@
     <spool>/studies/<study key>/done-<round>.json   a finished round of that study: the instances it covered and
                                                     the outbox batch that holds its results
 
-Keys are `uid_key` hashes of the Study and SOP Instance UIDs: no patient data in a name. An instance is written
-to tmp/, fsynced, renamed into its study's folder and the folder fsynced; only then is the C-STORE answered with
-success, so an acknowledged instance survives a crash or a power cut. An instance is pending until a done file of
+Keys are `uid_key` keyed hashes (HMAC under the installation's salt) of the Study and SOP Instance UIDs: no
+patient data in a name, and no name found by hashing a known UID. An instance is written to tmp/, fsynced, renamed
+into its study's folder and the folder fsynced; only then is the C-STORE answered with success, so an
+acknowledged instance survives a crash or a power cut. An instance is pending until a done file of
 its study lists it; a study's pending instances are scored together as one round. Once its round is done, an
 instance is removed (unless `keep_instances`); its key stays listed, so the same instance sent again is known and
 not scored twice.
