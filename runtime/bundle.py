@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,19 @@ def validate_manifest(manifest: Any, path: Path) -> None:
             raise BundleError(f"{path}: {e}; correct it or re-export the bundle") from None
 
 
+def non_finite_field(doc: Any, field: str = "") -> str | None:
+    """The dotted field of the first number in a parsed JSON document that is not finite (NaN, Infinity: Python's
+    json reads them, and 1e999 too, and a schema's ranges compare false with NaN), or None."""
+    if isinstance(doc, float) and not math.isfinite(doc):
+        return field or "(top level)"
+    items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else ()
+    for key, value in items:
+        found = non_finite_field(value, f"{field}.{key}" if field else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 def _short(text: str, n: int = 160) -> str:
     text = " ".join(text.split())
     return text if len(text) <= n else text[:n - 3] + "..."
@@ -171,7 +185,10 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
     manifest = dict(manifest)
     manifest["schema"] = SCHEMA
     manifest["files"] = {name: sha256_file(directory / name) for name in referenced_files(manifest)}
-    data = (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode()
+    bad = non_finite_field(manifest)
+    if bad is not None:
+        raise BundleError(f"{directory / 'manifest.json'}: field '{bad}' is not a finite number; nothing written")
+    data = (json.dumps(manifest, indent=2, sort_keys=False, allow_nan=False) + "\n").encode()
     for name, content in (("manifest.json", data),
                           (MANIFEST_CHECKSUM, f"{hashlib.sha256(data).hexdigest()}  manifest.json\n".encode())):
         tmp = directory / f"{name}.tmp"
@@ -212,6 +229,10 @@ class Bundle:
         if not isinstance(manifest, dict):
             raise BundleError(f"{path} holds a JSON {type(manifest).__name__}, not an object; restore the bundle "
                               f"from its source")
+        bad = non_finite_field(manifest)
+        if bad is not None:
+            raise BundleError(f"{path}: field '{bad}' is not a finite number (NaN or Infinity); correct it or "
+                              f"re-export the bundle")
         if manifest.get("schema") != SCHEMA:
             raise BundleError(f"{path} has schema {manifest.get('schema')!r}; this sonoscore reads schema {SCHEMA}: "
                               f"re-export the bundle with this version")

@@ -207,3 +207,53 @@ def test_a_copied_real_bundle_still_loads(tiny_bundle, tmp_path):
     shutil.copytree(tiny_bundle, b)
     with Pipeline(Bundle.load(b)) as p:
         assert p.unet is not None and p.vgg is not None
+
+
+# -- issue 27 item 10: a number that is not finite (json reads NaN, Infinity and 1e999) ------------------------
+
+@pytest.mark.parametrize("literal,field", [
+    ("NaN", "gate.mask_threshold"), ("Infinity", "gate.min_mask_fraction"), ("-Infinity", "gate.min_mask_fraction"),
+    ("1e999", "gate.mask_threshold"), ("NaN", "provenance.history.0.loss"), ("NaN", "networks.vgg.parity"),
+])
+def test_a_number_that_is_not_finite_is_refused_anywhere_naming_the_field(plain, literal, field):
+    """Before: a NaN gate threshold passed the schema (NaN compares false with its range), every frame was rejected
+    silently and the run exited 0. The manifest.sha256 is rewritten to match, so only the value is at fault."""
+    import hashlib
+    m = json.loads((plain / "manifest.json").read_text())
+    m.setdefault("provenance", {})["history"] = [{"loss": 0.5}]
+    m["networks"]["vgg"]["parity"] = 0.0
+    text = json.dumps(m)
+    path = field.split(".")
+    key = path[-1] if not path[-1].isdigit() else path[-2]
+    old = f'"{key}": {json.dumps(m[path[0]][path[1]] if len(path) == 2 else 0.5 if key == "loss" else 0.0)}'
+    assert old in text, old
+    text = text.replace(old, f'"{key}": {literal}', 1)
+    (plain / "manifest.json").write_text(text)
+    (plain / "manifest.sha256").write_text(f"{hashlib.sha256(text.encode()).hexdigest()}  manifest.json\n")
+    msg = _refusal(plain)
+    assert f"'{field}'" in msg and "not a finite number" in msg and msg.count(". ") == 0
+
+
+def test_the_cli_refuses_a_nan_gate_with_exit_2_and_nothing_is_written(plain, tmp_path):
+    import hashlib
+    text = (plain / "manifest.json").read_text()
+    text = text.replace('"mask_threshold": 0.5', '"mask_threshold": NaN', 1)
+    assert "NaN" in text
+    (plain / "manifest.json").write_text(text)
+    (plain / "manifest.sha256").write_text(f"{hashlib.sha256(text.encode()).hexdigest()}  manifest.json\n")
+    r = sonoscore("run", "--bundle", plain, "--source", "sim://kidney?frames=2", "--results", tmp_path / "r.jsonl",
+                  timeout=300)
+    assert r.returncode == 2 and "gate.mask_threshold" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_write_manifest_refuses_a_number_that_is_not_finite(tmp_path):
+    b = tmp_path / "b"
+    b.mkdir()
+    for f in ("unet.onnx", "vgg.onnx", "booster.ubj"):
+        (b / f).write_bytes(b"x")
+    m = _manifest()
+    m["gate"]["min_mask_fraction"] = float("nan")
+    with pytest.raises(BundleError, match="gate.min_mask_fraction"):
+        write_manifest(b, m)
+    assert not (b / "manifest.json").exists()
