@@ -114,7 +114,7 @@ def is_green(px) -> bool:
     return g >= 170 and g - r >= 100 and g - b >= 100
 
 
-def test_mask_to_frame_resizes_the_mask_back_to_its_region_nearest_neighbour():
+def test_mask_to_frame_maps_the_mask_back_into_its_region():
     m = np.zeros((224, 224), np.uint8)
     m[:112, :] = 1                                              # top half
     full = mask_to_frame(m, Region(10, 20, 122, 132), (200, 300))
