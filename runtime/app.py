@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.bundle import Bundle
-from runtime.pipeline import Pipeline
+from runtime.pipeline import open_pipeline
 from runtime.record import DROPPED, FrameRecord
 from runtime.sources import open_source
 from runtime.stream import StopRequest, StreamStats, run_stream
@@ -51,6 +51,8 @@ class RunConfig:
     bundle: str | Path
     source: str                                   # a source string (runtime/sources)
     backend: str = "ort"                          # ort or trt
+    device: str = "cpu"                           # cpu, or cuda: the device-resident pipeline (runtime/gpu)
+    cuda_graphs: bool = False                     # --cuda-graphs: replay the networks as CUDA graphs (cuda, ort)
     precision: str = "fp32"                       # fp32, fp16 or int8
     policy: str | None = None                     # newest or all; None: newest for live sources, else all
     threads: int | None = None                    # CPU threads per network; None: all cores
@@ -141,6 +143,13 @@ def run_bundle(config: RunConfig) -> StreamStats:
     from runtime.signing import check_trust, is_signed, unsigned_warning
     check_trust(config.bundle, config.trust, label=config.trust_label)   # under --trust: verified before parsed
     bundle = Bundle.load(config.bundle)
+    # Made before anything is opened: a device this machine cannot run (--device cuda without pycuda, the GPU
+    # kernels, onnxruntime-gpu or TensorRT) is one sentence now. What the sinks draw or save is all that the device
+    # pipeline brings back from the GPU besides the features and the mask fraction.
+    shown = bool(config.video or config.view is not None or config.display or config.send)
+    pipeline = open_pipeline(bundle, device=config.device, backend=config.backend, precision=config.precision,
+                             threads=config.threads, cache_dir=config.cache_dir, cuda_graphs=config.cuda_graphs,
+                             keep_display=shown, keep_mask=shown or bool(config.masks))
     if not config.trust and not is_signed(bundle.root):
         _say(unsigned_warning(bundle.root))
     source = open_source(config.source)
@@ -163,7 +172,8 @@ def run_bundle(config: RunConfig) -> StreamStats:
         raise
     if bundle.disclaimer:
         _say(f"NOTE: {bundle.disclaimer}")
-    _say(f"running {bundle.root} ({config.precision}, {config.backend}) on {source.source_id}, policy {policy}"
+    on = ", frames on the GPU" + (", CUDA graphs" if config.cuda_graphs else "") if config.device == "cuda" else ""
+    _say(f"running {bundle.root} ({config.precision}, {config.backend}{on}) on {source.source_id}, policy {policy}"
          + (f" ({source.annotations} annotation files beside their images are not frames)"
             if getattr(source, "annotations", 0) else ""))
 
@@ -206,8 +216,7 @@ def run_bundle(config: RunConfig) -> StreamStats:
     stats = None
     failures: list[str] = []
     try:
-        with Pipeline(bundle, backend=config.backend, precision=config.precision, threads=config.threads,
-                      cache_dir=config.cache_dir) as pipe:
+        with pipeline as pipe:
             if stop.is_set():
                 raise KeyboardInterrupt
             outputs = open_outputs()

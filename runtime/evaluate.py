@@ -326,7 +326,7 @@ def evaluate_bundle(bundle_path, data_dir, *, precision="fp32", backend="ort", r
     from runtime.bundle import Bundle
     from runtime.labelme import MISSING, read_dataset
     from runtime.errors import UserError
-    from runtime.pipeline import Pipeline
+    from runtime.pipeline import open_pipeline
     from runtime.sources import Frame
 
     def say(msg: str) -> None:
@@ -342,7 +342,7 @@ def evaluate_bundle(bundle_path, data_dir, *, precision="fp32", backend="ort", r
     say(f"eval: {samples.summary_line()}")
     ious, y_true, y_pred, errors = [], [], [], []
     gate_ok = gate_n = without_outline = 0
-    with Pipeline(bundle, backend=backend, precision=precision, cache_dir=cache_dir) as pipe:
+    with open_pipeline(bundle, backend=backend, precision=precision, cache_dir=cache_dir, keep_mask=True) as pipe:
         graph = pipe.graph
         for i, s in enumerate(samples):
             if not quiet and i and i % 25 == 0:

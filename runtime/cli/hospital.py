@@ -30,6 +30,8 @@ def add_parsers(sub) -> None:
     ls.add_argument("--threads", type=int, default=None, help="CPU threads per network (default: all cores)")
     ls.add_argument("--trust", metavar="PUB", default=None, help="the public key the bundle's signature must "
                     "verify with (default: $SONOSCORE_TRUST)")
+    ls.add_argument("--device", choices=["cpu", "cuda"], default=None, help="cuda: the frames stay on the GPU "
+                    "(docs/jetson.md); default: processing.device, else cpu")
     ls.add_argument("--deidentify", action="store_true", help="de-identified DICOM results (PS3.15 basic profile "
                     "pseudonyms, no Secondary Capture), for research; the same as results.deidentify: true")
     ls.add_argument("--quiet", action="store_true", help="log warnings and errors only")

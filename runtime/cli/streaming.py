@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -19,6 +20,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from runtime.signing import trust_option
     trust, trust_label = trust_option(args.trust)
     config = RunConfig(bundle=args.bundle, source=args.source, backend=args.backend, precision=args.precision,
+                       device=run_device(args.device), cuda_graphs=args.cuda_graphs,
                        trust=trust, trust_label=trust_label,
                        policy=args.policy, threads=args.threads, results=args.results, video=args.video,
                        masks=args.save_masks, summary=args.study_summary, report=args.study_report,
@@ -39,6 +41,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     if stop.signum:
         return EXIT_SIGNAL_BASE + stop.signum
     return EXIT_FRAME_ERRORS if stats.errors else EXIT_OK
+
+
+def run_device(given: str | None) -> str:
+    """--device, else $SONOSCORE_DEVICE (the service's env file sets it), else cpu; a bad value in the environment
+    is one sentence naming it."""
+    if given:
+        return given
+    env = os.environ.get("SONOSCORE_DEVICE", "").strip()
+    if env and env not in ("cpu", "cuda"):
+        raise UserError(f"SONOSCORE_DEVICE is '{env}' in the environment; set it to cpu or cuda (or give --device)")
+    return env or "cpu"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -63,6 +76,13 @@ def add_parsers(sub) -> None:
     r.add_argument("--source", required=True, help="image, folder, video, DICOM, sim://kidney?grade=3&fps=30&frames=300, "
                    "igtl://host:18944/Device, v4l2:///dev/video0 or gst://<pipeline>")
     backend_opts(r)
+    r.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="cpu: each network on --backend with the frame in host memory; cuda: the frame uploaded "
+                        "once and kept on the GPU (GPU kernels, IO binding; the path `bench --device cuda` "
+                        "measures; needs pycuda, nvcc and onnxruntime-gpu or TensorRT). Default: "
+                        "$SONOSCORE_DEVICE, else cpu")
+    r.add_argument("--cuda-graphs", action="store_true",
+                   help="with --device cuda and --backend ort: replay each network as a CUDA graph")
     r.add_argument("--policy", choices=["newest", "all"], default=None,
                    help="newest: live, keep only the latest frame; all: lossless (default: newest for live sources)")
     r.add_argument("--results", help="write one JSON object per input frame here (JSONL)")

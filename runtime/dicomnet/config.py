@@ -15,8 +15,9 @@ Every problem found is one sentence naming the file and the key; all of them are
       quiet_time_s: 30               # a study is complete after this long without a new instance
       keep_instances: false          # keep the received instances after their study is done
       tls: {certificate: .., private_key: .., ca_certificates: ..}   # with ca_certificates: client certs required
-    processing:                      # optional; the command line's --bundle/--backend/--precision win
+    processing:                      # optional; the command line's --bundle/--device/--backend/--precision win
       bundle: /opt/sonoscore/bundle
+      device: cpu                    # cpu, or cuda: the frames stay on the GPU (docs/jetson.md)
       backend: ort
       precision: fp32
     results:
@@ -78,7 +79,8 @@ SCHEMA: dict[str, Any] = {
                                                        "why": "must be a whole number from 1 to 100"},
                                   "tls": _TLS}},
         "processing": {"type": "object", "additionalProperties": False,
-                       "properties": {"bundle": _PATH, "backend": {"enum": ["ort", "trt"]},
+                       "properties": {"bundle": _PATH, "device": {"enum": ["cpu", "cuda"]},
+                                      "backend": {"enum": ["ort", "trt"]},
                                       "precision": {"enum": ["fp32", "fp16", "int8"]},
                                       "threads": {"type": "integer", "minimum": 1, "maximum": 1024,
                                                   "why": "must be a whole number from 1 to 1024"}}},
@@ -216,6 +218,7 @@ class NetConfig:
     deidentify: bool = False
     secondary_capture: bool = True
     bundle: Path | None = None
+    device: str = "cpu"
     backend: str = "ort"
     precision: str = "fp32"
     threads: int | None = None
@@ -453,7 +456,8 @@ def _build(doc: dict, name: str, base: Path, listen: bool) -> tuple[NetConfig | 
                      results_dir=results_dir, uid_root=res.get("uid_root"),
                      deidentify=bool(res.get("deidentify", False)),
                      secondary_capture=bool(res.get("secondary_capture", True)), bundle=bundle,
-                     backend=proc.get("backend", "ort"), precision=proc.get("precision", "fp32"),
+                     device=proc.get("device", "cpu"), backend=proc.get("backend", "ort"),
+                     precision=proc.get("precision", "fp32"),
                      threads=proc.get("threads")), []
 
 

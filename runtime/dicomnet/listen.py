@@ -273,7 +273,7 @@ class Listener:
     # -- the whole command -------------------------------------------------------------------------------------
 
     def run(self) -> int:
-        from runtime.pipeline import Pipeline
+        from runtime.pipeline import open_pipeline
         try:
             self.spool.open()
             self.outbox.open()
@@ -286,7 +286,8 @@ class Listener:
         self.deliverer = Deliverer(self.outbox, self.cfg.destinations, self.cfg.retry)
         stop_delivery = threading.Event()
         deliver = threading.Thread(target=self.deliverer.run, args=(stop_delivery,), name="outbox", daemon=True)
-        with Pipeline(bundle, backend=self.backend, precision=self.precision, threads=self.threads) as pipe:
+        with open_pipeline(bundle, device=self.cfg.device, backend=self.backend, precision=self.precision,
+                           threads=self.threads, keep_mask=True, keep_display=True) as pipe:   # SEG, SC
             try:
                 self.start_server()
                 self.started = time.time()   # a study in the spool from before gets its quiet time from now on
@@ -384,3 +385,5 @@ def listen_command(args, stop) -> int:
                         precision=args.precision or cfg.precision, threads=args.threads or cfg.threads, stop=stop,
                         trust=args.trust)
     return listener.run()
+    if getattr(args, "device", None):
+        cfg = dataclasses.replace(cfg, device=args.device)

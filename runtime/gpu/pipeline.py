@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import importlib.util
 import time
 from pathlib import Path
 
@@ -46,6 +47,42 @@ from runtime.sources import Frame
 
 # The GPU stages, in order; an event is recorded before the first and after each.
 GPU_STAGES = ("preprocess", "unet", "gate", "vgg")
+
+
+def cuda_parts(backend: str, kernels=None) -> tuple:
+    """(the CUDA device class, the GPU kernels class) for the device pipeline on `backend` (ort: onnxruntime's CUDA
+    execution provider; trt: TensorRT), checked before anything is opened; BackendUnavailable, one sentence that
+    names everything this machine lacks for it (pycuda, the GPU kernels, onnxruntime-gpu or TensorRT).
+    `kernels`: a kernels class already chosen (the bench's profiled one), not checked again."""
+    missing = []
+    if importlib.util.find_spec("pycuda") is None:
+        missing.append("pycuda (pip install 'sonoscore[gpu]', built against this machine's CUDA)")
+    else:
+        try:
+            importlib.import_module("pycuda.driver")
+        except ImportError as e:
+            missing.append(f"a pycuda that imports (this one fails: {short(e)}; rebuild it for this CUDA with "
+                           f"device/setup.sh)")
+        else:
+            if kernels is None:
+                try:
+                    ok, why = importlib.import_module("runtime.gpu.kernels").available()
+                except ImportError as e:
+                    ok, why = False, f"runtime.gpu.kernels cannot be imported: {short(e)}"
+                if not ok:
+                    missing.append(f"the GPU kernels, which cannot run here ({why.rstrip('.')})")
+    if backend == "ort":
+        import onnxruntime
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            missing.append(f"onnxruntime's CUDA execution provider (this onnxruntime {onnxruntime.__version__} is "
+                           f"the CPU build; install onnxruntime-gpu, or the Jetson wheel, in its place)")
+    elif importlib.util.find_spec("tensorrt") is None:
+        missing.append("TensorRT's Python bindings (python3-libnvinfer from JetPack, or NVIDIA's package index)")
+    if missing:
+        listed = missing[0] if len(missing) == 1 else ", ".join(missing[:-1]) + " and " + missing[-1]
+        raise BackendUnavailable(f"the device pipeline needs {listed}, which this machine lacks; use the CPU "
+                                 f"pipeline (--device cpu)")
+    return CudaDevice, kernels or _load_kernels()
 
 
 def _load_kernels():
@@ -78,6 +115,8 @@ class DevicePipeline(FramePipeline):
         if cuda_graphs and backend != "ort":
             raise BackendUnavailable("CUDA graphs are implemented for the ort backend (onnxruntime captures them); "
                                      "with --backend trt leave them off")
+        if _device is None:   # the real CUDA device: what this machine lacks for it is said now, in one sentence
+            _device, _kernels = cuda_parts(backend, _kernels)
         super().__init__(bundle, backend=backend, precision=precision, booster_backend=booster_backend,
                          cache_dir=cache_dir, min_mask_fraction=min_mask_fraction, mask_threshold=mask_threshold)
         self.cuda_graphs = bool(cuda_graphs)
@@ -93,7 +132,7 @@ class DevicePipeline(FramePipeline):
         if self.device is not None:
             raise RuntimeError("DevicePipeline is already active; enter it once")
         kernels_cls = self._kernels_factory or _load_kernels()
-        self.device = (self._device_factory or CudaDevice)(self.ordinal)
+        self.device = self._device_factory(self.ordinal)
         try:
             with self.device.current():
                 self.unet = self._runner(self.unet_file, self.unet_spec).__enter__()
@@ -137,15 +176,14 @@ class DevicePipeline(FramePipeline):
             device.close()
 
     def _runner(self, path: Path, spec):
+        from runtime.backends import make_runner
         if self.backend == "trt":
-            from runtime.backends import make_runner
             return make_runner("trt", path, precision=self.precision, cache_dir=self.cache_dir,
                                device=self.ordinal)
-        from runtime.backends.ort import OrtRunner
         # Batch 1 for the session's life: shape arithmetic folds away, so every node can sit on the CUDA EP (which
         # CUDA graphs need) and no shape is computed per frame.
         dims = {d: 1 for d in spec.info.get("input", {}).get("shape", []) if isinstance(d, str)}
-        return OrtRunner(path, cuda_graphs=self.cuda_graphs, dims=dims, **self.device.ort_options())
+        return make_runner("ort", path, cuda_graphs=self.cuda_graphs, dims=dims, **self.device.ort_options())
 
     # -- the graph -------------------------------------------------------------------------------------------------
     def _run(self, frame: Frame, rec: FrameRecord, lap: Laps) -> None:
@@ -174,7 +212,10 @@ class DevicePipeline(FramePipeline):
                 lat[stage] = dev.elapsed_ms(ev[i], ev[i + 1])
             self.timing = {"host_prep_ms": dev.elapsed_ms(ev[0], ev[1]),
                            "upload_preprocess_ms": dev.elapsed_ms(ev[1], ev[2])}
-            rec.region = region
+            # as the CPU pipeline sets them: the source frame's size and the region cut from it (--mask-size
+            # original, DICOM results), and the region inside what sinks are shown (`shown_part`)
+            rec.frame_shape, rec.frame_region = tuple(frame.pixels.shape[:2]), region
+            rec.region = shown_region(region, frame.meta)
             # an accepted frame that can be calibrated brings its mask back for the kidney's size (runtime/measure.py)
             sized = g.accepts(rec.mask_fraction) and calibration_note(frame.meta) is None
             mask = k.download_mask() if self.keep_mask or sized else None
@@ -233,6 +274,14 @@ class DevicePipeline(FramePipeline):
                                     f"staging buffer ({self.max_frame[1]}x{self.max_frame[0]})")
             return px, order, pp.Region(0, 0, px.shape[1], px.shape[0]), gray, region
         return px, order, region, gray, region
+
+
+def shown_region(region: pp.Region, meta: dict) -> pp.Region:
+    """The region `shown_part` gives for a frame, without its pixels: the region itself, or, for a frame that may
+    carry burned-in text (shown cut to its region), the whole of the cut."""
+    if meta.get("burned_in_annotation", False) is False:
+        return region
+    return pp.Region(0, 0, region.x1 - region.x0, region.y1 - region.y0)
 
 
 def host_view(ptr: int, shape, dtype) -> np.ndarray:
