@@ -11,7 +11,7 @@ The report's fields:
   exit_code, records, frames_asked    the run's exit status; its records against the frames asked for
   rss_mb                              [[seconds since start, MB], ...], one sample a period
   rss_plateau_mb                      median RSS over the second half of the warm-up (the first minute, or the
-                                      first third of a shorter run): the size after start-up
+                                      first half of a run under two minutes): the size after start-up
   rss_end_mb, rss_growth_pct          median RSS over the last 30 s (a sixth of a shorter run); growth against the
                                       plateau in %
   rss_max_mb
@@ -21,7 +21,8 @@ The report's fields:
                                       by capture time
   latency_windows                     [[seconds, p50_ms, p99_ms, frames], ...] of the records read at each sample
   summary_latency_total_ms            the study summary's latency percentiles (capture to result)
-  viewer_fetches_ok / _failed         viewer page fetches answered / not answered
+  viewer_fetches_ok / _failed         viewer page fetches answered / not answered (one not answered while the run
+                                      is ending is not counted)
 
 Linux only (the RSS comes from /proc). The run's outputs go to a temporary folder removed at the end, unless a
 folder is given to keep them in (an hour's video at 30 frames/s is several GB).
@@ -49,13 +50,13 @@ BLUE, RED = (181, 113, 33), (40, 39, 214)   # BGR
 
 
 def rss_mb(pid: int) -> float | None:
-    """The process's resident memory in MB (VmRSS), None when it is gone."""
+    """The process's resident memory in MB (VmRSS), None when it is gone or not yet started (0 while it execs)."""
     try:
         text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
     m = re.search(r"^VmRSS:\s+(\d+)\s+kB", text, re.MULTILINE)
-    return int(m.group(1)) / 1024.0 if m else None
+    return int(m.group(1)) / 1024.0 if m and int(m.group(1)) > 0 else None
 
 
 class Tail:
@@ -157,7 +158,7 @@ def _soak(bundle, minutes: float, out: Path, *, json_path, plot, backend, precis
                     rss.append([round(t, 2), round(m, 2)])
                 new = tail.read(partial if partial.exists() else None)
                 totals = [r["latency_ms"]["total"] for r in new
-                          if r.get("error") is None and (r.get("latency_ms") or {}).get("total")]
+                          if r.get("error") is None and (r.get("latency_ms") or {}).get("total") is not None]
                 if totals:
                     windows.append([round(t, 2), _pct(totals, 50), _pct(totals, 99), len(totals)])
                 if viewer_url is None:
@@ -169,7 +170,10 @@ def _soak(bundle, minutes: float, out: Path, *, json_path, plot, backend, precis
                             r.read(65536)
                         viewer_ok += 1
                     except OSError:
-                        viewer_failed += 1
+                        try:              # the run closing its viewer as it ends is not a failure
+                            proc.wait(timeout=2.0)
+                        except subprocess.TimeoutExpired:
+                            viewer_failed += 1
                 if not quiet and t >= next_report and rss:
                     print(f"soak: {t / 60:.0f} min, RSS {rss[-1][1]:.1f} MB", file=sys.stderr, flush=True)
                     next_report += 60.0
@@ -207,7 +211,7 @@ def summarize(rss: list[list[float]], records: list[dict], summary: dict, window
         vals = [m for t, m in rss if lo <= t <= hi]
         return round(float(np.median(vals)), 2) if vals else None
     end_t = rss[-1][0] if rss else 0.0
-    warm = min(60.0, end_t / 3)
+    warm = min(60.0, end_t / 2)
     tail_s = min(30.0, end_t / 6)
     plateau = median_rss(warm / 2, warm)
     end = median_rss(end_t - tail_s, end_t)
@@ -216,7 +220,7 @@ def summarize(rss: list[list[float]], records: list[dict], summary: dict, window
     per_minute: dict[int, list[float]] = {}
     for r in records:
         total = (r.get("latency_ms") or {}).get("total")
-        if r.get("error") is None and total:
+        if r.get("error") is None and total is not None:
             per_minute.setdefault(int((r["t_capture"] - start) // 60), []).append(total)
     dropped = sum(1 for r in records if r.get("error") == DROPPED)
     return {"records": len(records), "rss_mb": rss, "rss_plateau_mb": plateau, "rss_end_mb": end,

@@ -6,7 +6,6 @@ Test data comes from pydicom's own test files and the `pydicom-data` package (of
 """
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import re
@@ -38,7 +37,7 @@ US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
 
 # Every ultrasound file among pydicom 3.0.2's test files and pydicom-data 1.0.0 (Modality US or a US SOP class):
 # name -> (frames, photometric, bits allocated, transfer syntax). `test_the_list_is_every_ultrasound_file_pydicom_
-# knows_of` holds this table to everything pydicom knows of, as scripts/dicom_sweep.py enumerates it: its own
+# knows_of` holds this table to everything pydicom knows of, as `doctor --dicom` (runtime/doctor_dicom.py) enumerates it: its own
 # files, pydicom-data's, and the download-only ones (classified there by sha256).
 US_FILES = {
     "ExplVR_BigEnd.dcm": (1, "RGB", 8, "Explicit VR Big Endian"),
@@ -139,17 +138,10 @@ def one_sentence(message: str, path: Path) -> None:
 
 # -- every ultrasound test file ---------------------------------------------------------------------------------
 
-def _sweep_module():
-    spec = importlib.util.spec_from_file_location("dicom_sweep", ROOT / "scripts" / "dicom_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module        # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def sweep():
-    return _sweep_module()
+    import runtime.doctor_dicom
+    return runtime.doctor_dicom
 
 
 def test_the_list_is_every_ultrasound_file_pydicom_knows_of(sweep):
@@ -162,7 +154,7 @@ def test_the_list_is_every_ultrasound_file_pydicom_knows_of(sweep):
     names = {f.name for f in files}
     assert set(get_url_map()) <= names                              # every downloadable file is accounted for
     unknown = [f"{f.name}: {f.note}" for f in files if f.ultrasound is None]
-    assert not unknown, ("pydicom lists files that are not here offline and not classified in scripts/dicom_sweep.py "
+    assert not unknown, ("pydicom lists files that are not here offline and not classified in runtime/doctor_dicom.py "
                          f"DOWNLOAD_ONLY (read their headers and record them): {unknown}")
     us = {f.name: (f.frames, f.photometric, f.bits_allocated, f.transfer_syntax) for f in files if f.ultrasound}
     assert us == US_FILES
@@ -190,40 +182,49 @@ def test_a_download_only_file_in_a_new_version_or_unrecorded_is_unclassified(swe
 NO_SECTOR_FILES = {"ExplVR_BigEnd.dcm"}
 
 
-def test_every_ultrasound_test_file_runs_end_to_end_one_record_per_frame_no_error(sweep, tiny_bundle):
-    """The acceptance of issue 5: each file through `sonoscore run` (runtime.app.run_bundle, policy all, results
-    JSONL): as many records as NumberOfFrames, none with an error. (`scripts/dicom_sweep.py` does the same through
-    the command line, one subprocess per file.)"""
-    files = sweep.ultrasound_files()
-    assert sorted(f.name for f in files) == sorted(US_FILES)
-    rows = sweep.sweep(tiny_bundle, files, in_process=True)
+def test_doctor_dicom_runs_every_ultrasound_file_end_to_end_one_record_per_frame(tiny_bundle, tmp_path):
+    """The acceptance of issue 5, as `sonoscore doctor --dicom` checks it: each file through `run` (policy all,
+    results JSONL): as many records as NumberOfFrames, none with an error, and the per-file counts in its table and
+    its JSON."""
+    from tests.conftest import sonoscore
+    r = sonoscore("doctor", "--dicom", "--bundle", tiny_bundle, "--json", tmp_path / "d.json", timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert re.search(r"^DICOM: pydicom: \d+ files, 5 ultrasound; pydicom-data: \d+ files, 16 ultrasound; "
+                     r"download-only: \d+ files, 0 ultrasound$", r.stdout, re.MULTILINE), r.stdout[-3000:]
+    out = json.loads((tmp_path / "d.json").read_text())
+    rows = {row["file"]: row for row in out["rows"]}
+    assert sorted(rows) == sorted(US_FILES) and out["ok"] is True
+    assert not out["unclassified"] and not out["unavailable_ultrasound"]
+    assert {name: row["frames"] for name, row in rows.items()} == {k: v[0] for k, v in US_FILES.items()}
+    assert all(row["records"] == row["frames"] for row in rows.values())
     # ExplVR_BigEnd.dcm is a 60x80 flat grey picture, no Sequence of Ultrasound Regions, Burned In Annotation not
     # stated: it has no scan sector, so its one frame is an error record, neither scored nor shown (issue 12 item 1).
-    no_sector = [r for r in rows if r.file in NO_SECTOR_FILES]
-    assert [(r.records, r.errors) for r in no_sector] == [(1, 1)] * len(NO_SECTOR_FILES)
-    assert all(r.first_error == f"frame 0: {pp.NO_SECTOR}" for r in no_sector), sweep.table(no_sector)
-    assert all(r.withheld == 1 and r.ok for r in no_sector)            # the sweep counts the refusal as expected
-    bad = [r for r in rows if not r.ok or (r.errors and r.file not in NO_SECTOR_FILES)]
-    assert not bad, sweep.table(bad)
-    assert [r.records for r in rows] == [US_FILES[f.name][0] for f in files]
-    assert sum(r.records for r in rows) == sum(v[0] for v in US_FILES.values()) == 172
+    for name in NO_SECTOR_FILES:
+        assert (rows[name]["errors"], rows[name]["withheld"], rows[name]["ok"]) == (1, 1, True)
+        assert rows[name]["first_error"] == f"frame 0: {pp.NO_SECTOR}"
+    assert all(row["errors"] == 0 for name, row in rows.items() if name not in NO_SECTOR_FILES)
+    assert sum(row["records"] for row in rows.values()) == 172
+    assert "21 files, 172 frames, 172 records, 1 errors (1 frames withheld" in r.stdout
+    for name in US_FILES:
+        assert re.search(rf"^{re.escape(name)}\s.*\s{US_FILES[name][0]}\s+{US_FILES[name][0]}\s", r.stdout,
+                         re.MULTILINE), name
 
 
-
-def test_the_sweep_script_lists_every_file_and_runs_one_through_the_command_line(sweep, tiny_bundle, tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "dicom_sweep.py"), "--list", "--json",
-                        str(tmp_path / "list.json")], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert re.fullmatch(r"pydicom: \d+ files, 5 ultrasound; pydicom-data: \d+ files, 16 ultrasound; "
-                        r"download-only: \d+ files, 0 ultrasound", r.stdout.splitlines()[-1]), r.stdout[-500:]
-    listed = json.loads((tmp_path / "list.json").read_text())
-    assert sorted(f["name"] for f in listed if f["ultrasound"]) == sorted(US_FILES)
-    # The subprocess path of the sweep: the real `sonoscore run` on a two-frame file.
-    (f,) = [f for f in sweep.ultrasound_files() if f.name == "OBXXXX1A_rle_2frame.dcm"]
-    row = sweep.run_one(tiny_bundle, f, tmp_path)
-    assert (row.frames, row.records, row.errors, row.exit_status, row.ok) == (2, 2, 0, 0, True)
-    assert "OBXXXX1A_rle_2frame.dcm" in sweep.table([row]) and "1 files, 2 frames, 2 records, 0 errors" in \
-        sweep.table([row])
+def test_doctor_dicom_counts_a_file_whose_frames_fail_as_not_ok(sweep, tiny_bundle, tmp_path):
+    """A file that gives an error record other than the burned-in-text refusal is not ok, and the table says so: a
+    copy of a two-frame file whose second frame's pixel data is cut short."""
+    src = Path(data_file("OBXXXX1A_rle_2frame.dcm"))
+    (f,) = [f for f in sweep.ultrasound_files() if f.name == src.name]
+    good = sweep.run_file(tiny_bundle, f, tmp_path)
+    assert (good.frames, good.records, good.errors, good.ok) == (2, 2, 0, True)
+    ds = pydicom.dcmread(src)
+    frames = list(generate_frames(ds.PixelData, number_of_frames=2))
+    ds.PixelData = encapsulate([frames[0], frames[1][: len(frames[1]) // 4]])
+    broken = tmp_path / "broken.dcm"
+    ds.save_as(broken)
+    row = sweep.run_file(tiny_bundle, sweep.KnownFile("broken.dcm", "test", str(broken), True, frames=2), tmp_path)
+    assert row.records == 2 and row.errors >= 1 and row.withheld == 0 and not row.ok, row
+    assert "1 files not ok" in sweep.table([row]) and "NO" in sweep.table([row])
 
 @pytest.mark.parametrize("name", sorted(US_FILES))
 def test_every_ultrasound_test_file_decodes_every_frame(name):
