@@ -15,8 +15,8 @@ A file is ultrasound when its Modality is US or its SOP Class is an ultrasound o
 header only. Each ultrasound file here runs through `sonoscore run` (runtime.app.run_bundle, what the command
 calls: policy all, --results to a temporary file) and its row says: photometric interpretation, bits, transfer
 syntax, frames (NumberOfFrames), records written, records with an error, and of those the frames withheld because
-they may carry burned-in text and show no scan sector (docs/design.md, "Safety"). A file is ok when it gave one
-record per frame and no error other than that refusal.
+they may carry burned-in text (no scan sector, or text over much of it; docs/design.md, "Safety"). A file is ok
+when it gave one record per frame and no error other than those refusals.
 """
 from __future__ import annotations
 
@@ -29,8 +29,12 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from runtime import preprocess as pp
 from runtime.errors import UserError
-from runtime.preprocess import NO_SECTOR     # the burned-in-text refusal's sentence
+
+# The refusals of a frame that may carry burned-in text (runtime/preprocess.py): no scan sector, or text over too
+# much of it. A frame withheld for either is the runtime protecting the patient, not a decoding failure.
+WITHHELD = tuple(s for s in (pp.NO_SECTOR, getattr(pp, "TEXT_IN_SECTOR", None)) if s)
 
 US_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.6.1": "Ultrasound Image Storage",
@@ -167,13 +171,13 @@ class Row:
     frames: int
     records: int
     errors: int
-    withheld: int          # frames refused because they may carry burned-in text and show no scan sector
+    withheld: int          # frames refused because they may carry burned-in text (WITHHELD)
     seconds: float
     first_error: str | None = None
 
     @property
     def ok(self) -> bool:
-        """One record per frame, and no error other than the burned-in-text refusal."""
+        """One record per frame, and no error other than the burned-in-text refusals."""
         return self.records == self.frames and self.errors == self.withheld
 
 
@@ -195,7 +199,7 @@ def run_file(bundle, f: KnownFile, workdir: Path, **run_options) -> Row:
     seconds = time.perf_counter() - t0
     records = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     errors = [r for r in records if r.get("error")]
-    withheld = sum(NO_SECTOR in r["error"] for r in errors)
+    withheld = sum(any(w in r["error"] for w in WITHHELD) for r in errors)
     first = failed or (errors[0]["error"] if errors else None)
     return Row(f.name, f.photometric, f.bits_allocated, f.transfer_syntax, int(f.frames or 1), len(records),
                len(errors) + (failed is not None), withheld, round(seconds, 2), first)
@@ -259,6 +263,6 @@ def table(rows: list[Row]) -> str:
         return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     lines = [fmt(head), fmt(tuple("-" * w for w in widths))] + [fmt(b) for b in body]
     lines.append(f"{len(rows)} files, {sum(r.frames for r in rows)} frames, {sum(r.records for r in rows)} records, "
-                 f"{sum(r.errors for r in rows)} errors ({sum(r.withheld for r in rows)} frames withheld: possible "
-                 f"burned-in text, no scan sector); {sum(not r.ok for r in rows)} files not ok")
+                 f"{sum(r.errors for r in rows)} errors ({sum(r.withheld for r in rows)} frames withheld for possible "
+                 f"burned-in text); {sum(not r.ok for r in rows)} files not ok")
     return "\n".join(lines)
