@@ -203,7 +203,6 @@ def format_diagnosis(out: dict, top: int = 10) -> str:
 def run_diagnose(args) -> int:
     """`sonoscore calibrate --diagnose`: the options calibrate shares with it, the ranking on the terminal, the
     report as JSON with --report (nothing is written otherwise)."""
-    from runtime.cli.common import EXIT_OK
     not_here = [o for o, v in (("--qat", args.qat), ("--timing-only", args.timing_only),
                                ("--full-range-weights", args.full_range_weights),
                                ("--conv-transpose", args.conv_transpose),
@@ -216,4 +215,4 @@ def run_diagnose(args) -> int:
     print(format_diagnosis(out), flush=True)
     if args.report:
         print(f"diagnosis report: {args.report}")
-    return EXIT_OK
+    return 0
