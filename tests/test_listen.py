@@ -9,6 +9,7 @@ summary. Tests that need Orthanc skip, saying why, where it cannot be started.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -83,13 +84,16 @@ def orthanc(tmp_path):
 
 
 def write_config(path: Path, *, port: int, destinations: list[dict], quiet: float = 2.0,
-                 calling_aes=("SCU",), retry=None, **results) -> Path:
+                 calling_aes=("SCU",), retry=None, listen: bool = True, spool: str = "spool", **results) -> Path:
+    """A listen configuration; `listen=False`: a send-only one (no listen section), as `run --send` takes."""
     import yaml
     doc = {"listen": {"ae_title": "SONOSCORE", "port": port, "bind": "127.0.0.1", "calling_aes": list(calling_aes),
-                      "spool": "spool", "quiet_time_s": quiet},
+                      "spool": spool, "quiet_time_s": quiet},
            "results": {"dir": "results", "uid_root": "1.2.826.0.1.3680043.10.1234", **results},
            "outbox": {"dir": "outbox", "retry": retry or {"first_s": 0.5, "max_s": 2}},
            "destinations": destinations}
+    if not listen:
+        del doc["listen"]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -351,6 +355,18 @@ def test_listen_killed_mid_study_loses_nothing(tmp_path, open_bundle, orthanc, l
     for ds in [d for kind in results.values() for d in kind]:
         assert received[(str(ds.SOPInstanceUID), "DicomProtocol")] == 1
 
+    # the first study sent again after it was scored: said once, with how to score it again; not scored twice
+    scored = lp.text().count("scoring ")
+    assert send(port, a)[0] == [0, 0]
+    lp.wait_for("was sent again")
+    time.sleep(4.0 + 1.0)                                  # its quiet time passes: no new round
+    log = lp.text()
+    assert log.count("was sent again") == 1 and log.count("scoring ") == scored
+    (again,) = [line for line in log.splitlines() if "was sent again" in line]
+    assert uid_key(str(a[0].StudyInstanceUID)) in again and "already scored" in again
+    assert f"`sonoscore run --bundle BUNDLE --source <a folder with the study's files> --send {cfg}`" in again
+    assert not list((tmp_path / "w" / "spool" / "studies").glob("*/*.dcm"))       # dropped, not kept
+
 
 def test_unsupported_sop_class_wrong_data_and_unknown_calling_ae_are_refused(tmp_path, open_bundle, listens):
     port = free_port()
@@ -431,8 +447,46 @@ def test_bad_configuration_is_one_sentence_per_error_and_exit_2(tmp_path, open_b
     assert not (tmp_path / "r.jsonl").exists()
 
 
+def test_check_config_echoes_each_destination_and_names_each_folder_then_exits(tmp_path, orthanc):
+    """`listen --check-config`: no bundle, no listening; a C-ECHO to each C-STORE destination (the right PACS, one
+    whose AE title is wrong, a port where nothing listens), a QIDO-RS query to the DICOMweb one; a folder that
+    cannot be made named by its key. Exit 0 only when all is ready."""
+    port = free_port()
+    good = [cstore_dest(orthanc)] + ([stow_dest(orthanc)] if orthanc.dicomweb_url else [])
+    cfg = write_config(tmp_path / "w" / "listen.yaml", port=port, destinations=good)
+    r = sonoscore("listen", "--config", cfg, "--check-config", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "C-ECHO answered with success" in r.stdout and "every folder and destination is ready" in r.stdout
+    assert ("the DICOMweb service answered" in r.stdout) == bool(orthanc.dicomweb_url)
+    assert all((tmp_path / "w" / f).is_dir() for f in ("spool", "outbox", "results"))
+    assert not echo(port)                                   # it did not listen
+
+    nowhere = free_port()
+    bad = good + [dict(cstore_dest(orthanc), name="wrong-ae", called_ae="NOTORTHANC"),
+                  {"name": "down", "type": "cstore", "host": "127.0.0.1", "port": nowhere, "called_ae": "PACS"}]
+    cfg = write_config(tmp_path / "w" / "listen.yaml", port=port, destinations=bad)
+    r = sonoscore("listen", "--config", cfg, "--check-config", timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    problems = [line for line in r.stderr.splitlines() if line.startswith("sonoscore: destination")]
+    assert len(problems) == 2, r.stderr
+    (wrong,) = [p for p in problems if "wrong-ae" in p]
+    assert "rejected the association" in wrong and "called_ae" in wrong
+    (down,) = [p for p in problems if "down (C-STORE)" in p]
+    assert f"127.0.0.1:{nowhere} refused the connection (is the PACS running" in down
+    assert "2 problem(s) found" in r.stderr and r.stdout.count("C-ECHO answered with success") == 1
+
+    # a spool that cannot be made (under /proc) is named by its key, whoever runs the check
+    cfg = write_config(tmp_path / "x" / "listen.yaml", port=port, destinations=good,
+                       spool="/proc/sonoscore-check/spool")
+    r = sonoscore("listen", "--config", cfg, "--check-config", timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    (line,) = [line for line in r.stderr.splitlines() if "'listen.spool'" in line]
+    assert "/proc/sonoscore-check/spool" in line and "cannot be made" in line
+
+
 def test_run_send_delivers_the_results_of_a_file_given_by_hand(tmp_path, open_bundle, orthanc):
-    cfg = write_config(tmp_path / "w" / "send.yaml", port=free_port(), destinations=[cstore_dest(orthanc)])
+    cfg = write_config(tmp_path / "w" / "send.yaml", port=free_port(), destinations=[cstore_dest(orthanc)],
+                       listen=False)                       # a send-only file: no listen section
     src = data_file("OBXXXX1A_rle_2frame.dcm")
     r = sonoscore("run", "--bundle", open_bundle, "--source", src, "--send", cfg, "--quiet",
                   "--study-summary", tmp_path / "s.json", timeout=600)
@@ -451,8 +505,22 @@ def test_run_send_delivers_the_results_of_a_file_given_by_hand(tmp_path, open_bu
     r = sonoscore("run", "--bundle", open_bundle, "--source", src, "--send", cfg, "--quiet", timeout=600)
     assert r.returncode == 5, r.stderr
     assert "wait in the outbox" in r.stderr
-    waiting = list((tmp_path / "w" / "outbox" / "batches").glob("*/*.dcm"))
+    waiting = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+               for p in (tmp_path / "w" / "outbox" / "batches").glob("*/*.dcm")]
     assert len(waiting) == 5
+    # the advice names a command that works with this send-only file: while the PACS is down it says so (exit 5),
+    # once it is back it delivers the five results and empties the outbox (exit 0)
+    (advice,) = [line for line in r.stderr.splitlines() if "--send:" in line and "wait in the outbox" in line]
+    command = advice.split("`")[1].split()
+    assert command[:2] == ["sonoscore", "listen"] and str(cfg) in command, advice
+    r = sonoscore(*command[1:], timeout=300)
+    assert r.returncode == 5 and "5 of 5 DICOM result(s)" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    orthanc.start()
+    r = sonoscore(*command[1:], timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not list((tmp_path / "w" / "outbox" / "batches").iterdir())
+    got = orthanc.received()
+    assert [got[(uid, "DicomProtocol")] for uid in waiting] == [1] * 5
 
 
 def test_deidentify_keeps_planted_identifiers_out_of_every_output(tmp_path, open_bundle, orthanc, listens):
@@ -475,6 +543,12 @@ def test_deidentify_keeps_planted_identifiers_out_of_every_output(tmp_path, open
                                                          str(ds.SOPInstanceUID).encode()]
     leaks = [(p, s) for p in work.rglob("*") if p.is_file() for s in secrets if s in p.read_bytes()]
     assert leaks == []
+    # folder names and log hashes are keyed (HMAC under the installation's salt): hashing the study's or the
+    # instance's UID, which the scanner and the PACS know, finds neither a folder nor a log line
+    bare = [hashlib.sha256(str(uid).encode()).hexdigest()[:12] for uid in (ds.StudyInstanceUID, ds.SOPInstanceUID)]
+    names = " ".join(str(p.relative_to(work)) for p in work.rglob("*"))
+    assert uid_key(str(ds.StudyInstanceUID)) in names and uid_key(str(ds.StudyInstanceUID)) in lp.text()
+    assert [h for h in bare if h in names or h in lp.text()] == []
     made = [orthanc.file(i["ID"]) for i in orthanc.get("/instances?expand")]
     kinds = sorted(str(pydicom.dcmread(io.BytesIO(b)).Modality) for b in made)
     assert kinds == ["SEG", "SR"]                      # no Secondary Capture when de-identified

@@ -8,6 +8,12 @@ from runtime.cli.common import EXIT_SIGNAL_BASE, stop_signals
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
+    if args.check_config:                 # the first-contact check: folders and destinations, then exit
+        from runtime.dicomnet.check import check_config
+        return check_config(args.config)
+    if args.deliver:                      # what waits in the outbox, then exit
+        from runtime.dicomnet.send import deliver_command
+        return deliver_command(args.config, quiet=args.quiet)
     from runtime.dicomnet.listen import listen_command
     from runtime.stream import StopRequest
     stop = StopRequest()
@@ -35,4 +41,10 @@ def add_parsers(sub) -> None:
     ls.add_argument("--deidentify", action="store_true", help="de-identified DICOM results (PS3.15 basic profile "
                     "pseudonyms, no Secondary Capture), for research; the same as results.deidentify: true")
     ls.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+    once = ls.add_mutually_exclusive_group()
+    once.add_argument("--check-config", action="store_true", help="check the configuration, make its folders and "
+                      "C-ECHO each PACS (a DICOMweb one: a QIDO-RS query), then exit without listening: 0 when all "
+                      "is ready, 2 when not (docs/hospital.md, 'First connection')")
+    once.add_argument("--deliver", action="store_true", help="deliver what waits in the outbox, then exit without "
+                      "listening (0: all delivered, 5: some still wait); the file needs no listen section")
     ls.set_defaults(func=cmd_listen)

@@ -104,6 +104,7 @@ class Listener:
         self.outbox = Outbox(cfg.outbox)
         self.activity: dict[str, float] = {}          # study key -> time.time() of its newest pending instance
         self.retry_at: dict[str, tuple[float, int]] = {}   # study key -> (time it may be tried again, failures)
+        self._again: dict[str, float] = {}            # study key -> time.time() of its last instance sent again
         self._lock = threading.Lock()
         self.server = None
         self.deliverer: Deliverer | None = None
@@ -154,10 +155,33 @@ class Listener:
             log.error("the spool %s cannot be written (%s); instance refused with 0xA700 (the sender keeps it)",
                       self.spool.root, e.strerror or e)
             return _status(0xA700, "the spool cannot be written")
+        done = self.spool.covering_round(study, sop)
+        if done is not None:           # sent again after its round: not scored twice
+            self._sent_again(study, done)
+            return 0x0000
         with self._lock:
             self.activity[study] = time.time()
         log.info("received instance %s of study %s from AE '%s'", sop[:12], study, _calling(event))
         return 0x0000
+
+    def _sent_again(self, study: str, done: dict) -> None:
+        """An instance that a finished round already scored arrived again: it is dropped (unless instances are
+        kept) and not scored again; said once per study while its instances keep coming (within the quiet time),
+        with how to score the study again."""
+        if not self.lc.keep_instances:
+            self.spool.drop_covered(study)
+        now = time.time()
+        with self._lock:
+            last = self._again.get(study)
+            self._again[study] = now
+        if last is not None and now - last <= self.lc.quiet_time_s:
+            return
+        files = (f"{self.spool.studies_dir / study}" if self.lc.keep_instances
+                 else "<a folder with the study's files>")
+        log.info("study %s was sent again: its instances were already scored (round %s, results in batch %s), so "
+                 "they are not scored again; to score the study again, run `sonoscore run --bundle BUNDLE --source "
+                 "%s --send %s` (docs/hospital.md, \"Scoring a study again\")", study, done.get("round", "?"),
+                 done.get("batch") or "?", files, self.cfg.path)
 
     def _on_rejected(self, event):
         log.warning("association from %s (calling AE '%s') rejected: calling AE title not accepted",

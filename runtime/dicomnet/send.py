@@ -6,8 +6,9 @@ and that the source is DICOM. During the run, `tag` notes each record's file and
 results file never writes) and `sink` keeps the records. `finish(bundle)` groups the records by study (a folder
 may hold several), gives each study its own summary, makes its DICOM results (runtime/dicom_out/), puts them in
 the outbox as one batch and delivers: a first attempt, and two more after the configured back-off. What is still
-not delivered then waits in the outbox (`sonoscore listen`, or the next `run --send`, with the same outbox
-delivers it) and `finish` returns one sentence saying so (`run` exits 5).
+not delivered then waits in the outbox (`sonoscore listen --config FILE --deliver`, which needs no listen section,
+`sonoscore listen`, or the next `run --send` with the same outbox delivers it) and `finish` returns one sentence
+saying so (`run` exits 5). `deliver_command` is `listen --deliver`: one delivery of the outbox, then exit.
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ class SendRun:
     def finish(self, bundle, *, stopped: bool = False) -> list[str]:
         """Make, queue and deliver the results; the sentences of what could not be done (empty: all delivered)."""
         import pydicom
-        from runtime.dicomnet.outbox import Deliverer, Outbox
+        from runtime.dicomnet.outbox import Outbox
         from runtime.dicomnet.results import make_results
         from runtime.dicomnet.study import StudyRound
         from runtime.sinks.summary import StudySummary
@@ -128,15 +129,53 @@ class SendRun:
         if not studies:
             problems.append("--send: no frame came from a DICOM file with a Study Instance UID, so no DICOM "
                             "results were made")
-        deliverer = Deliverer(outbox, self.cfg.destinations, self.cfg.retry)
-        for attempt in range(SEND_ATTEMPTS):
-            if deliverer.deliver_once():
-                break
-            if attempt + 1 < SEND_ATTEMPTS:
-                time.sleep(min(deliverer.next_due() or 0.0, self.cfg.retry.max_s))
-        waiting = outbox.count()
+        waiting = deliver(outbox, self.cfg)
         if waiting:
             problems.append(f"--send: {waiting} DICOM result(s) could not be delivered yet and wait in the outbox "
-                            f"{self.cfg.outbox}; `sonoscore listen --config {self.cfg.path}` (or the next run with "
-                            f"--send) delivers them")
+                            f"{self.cfg.outbox}; `{deliver_advice(self.cfg)}` sends them once the destinations "
+                            f"answer (so does the next run with --send)")
         return problems
+
+
+def deliver(outbox, cfg: NetConfig, attempts: int = SEND_ATTEMPTS) -> int:
+    """Deliver what waits in the outbox: a first attempt and `attempts` - 1 more after the back-off; the number of
+    results still waiting."""
+    from runtime.dicomnet.outbox import Deliverer
+    deliverer = Deliverer(outbox, cfg.destinations, cfg.retry)
+    for attempt in range(attempts):
+        if deliverer.deliver_once():
+            break
+        if attempt + 1 < attempts:
+            time.sleep(min(deliverer.next_due() or 0.0, cfg.retry.max_s))
+    return outbox.count()
+
+
+def deliver_advice(cfg: NetConfig) -> str:
+    """The command that delivers an outbox's waiting results with this configuration (with or without a listen
+    section)."""
+    return f"sonoscore listen --config {cfg.path} --deliver"
+
+
+def deliver_command(config_path: str | Path, quiet: bool = False) -> int:
+    """`sonoscore listen --config FILE --deliver`: deliver what waits in the configuration's outbox (the same
+    attempts and back-off as `run --send`) and exit, without listening: 0 when the outbox is empty, 5 when results
+    still wait (one sentence says how many). The file needs no listen section (a `run --send` file will do)."""
+    from runtime.dicomnet.check import has_listen_section
+    from runtime.dicomnet.outbox import Outbox
+    cfg = load_config(config_path, listen=has_listen_section(config_path))
+    setup_logging("sonoscore listen", quiet=quiet)
+    outbox = Outbox(cfg.outbox)
+    try:
+        outbox.open()
+    except OSError as e:
+        raise UserError(f"the outbox {cfg.outbox} cannot be made ({e.strerror or e}); check outbox.dir in "
+                        f"{cfg.path}") from None
+    before = outbox.count()
+    waiting = deliver(outbox, cfg)
+    if waiting:
+        print(f"sonoscore: {waiting} of {before} DICOM result(s) in the outbox {cfg.outbox} could not be delivered "
+              f"yet; run `{deliver_advice(cfg)}` again once the destinations answer (or `sonoscore listen` "
+              f"delivers them)", file=sys.stderr)
+        return 5
+    log.info("the outbox %s is empty: %d result(s) delivered", cfg.outbox, before)
+    return 0

@@ -156,20 +156,10 @@ class StowSender:
         self._client = None
 
     def _make_client(self):
-        import requests
         from dicomweb_client.api import DICOMwebClient
         quiet_library_logs()
         d = self.dest
-        session = requests.Session()
-        if d.username is not None:
-            session.auth = (d.username, d.password or "")
-        if d.token:
-            session.headers["Authorization"] = f"Bearer {d.token}"
-        if d.tls:
-            session.verify = str(d.tls.ca_certificates) if d.tls.ca_certificates else True
-            if d.tls.certificate:
-                session.cert = (str(d.tls.certificate), str(d.tls.private_key))
-        client = DICOMwebClient(url=d.url, session=session, timeout=d.timeout_s)
+        client = DICOMwebClient(url=d.url, session=http_session(d), timeout=d.timeout_s)
         client.set_http_retry_params(retry=False)
         return client
 
@@ -196,6 +186,21 @@ class StowSender:
                 on_result(p, Outcome(False, "STOW-RS failure" + (f" 0x{int(reason):04X}" if reason else "")))
             else:
                 on_result(p, Outcome(True))
+
+
+def http_session(d: Destination):
+    """A requests session for a STOW-RS destination: its basic or bearer authentication and TLS settings."""
+    import requests
+    session = requests.Session()
+    if d.username is not None:
+        session.auth = (d.username, d.password or "")
+    if d.token:
+        session.headers["Authorization"] = f"Bearer {d.token}"
+    if d.tls:
+        session.verify = str(d.tls.ca_certificates) if d.tls.ca_certificates else True
+        if d.tls.certificate:
+            session.cert = (str(d.tls.certificate), str(d.tls.private_key))
+    return session
 
 
 def _http_reason(e) -> str:

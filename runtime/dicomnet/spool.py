@@ -114,6 +114,18 @@ class Spool:
                 continue  # a damaged marker covers nothing: its instances are scored again
         return out
 
+    def covering_round(self, study: str, key: str) -> dict | None:
+        """The finished round of the study that covered the instance `key` ({"round", "instances", "batch",
+        "finished"}), or None."""
+        for done in (self.studies_dir / study).glob("done-*.json"):
+            try:
+                record = json.loads(done.read_text())
+                if key in record["instances"]:
+                    return record
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return None
+
     def pending(self, study: str) -> list[Path]:
         """The study's instances that no finished round covers, by name."""
         folder = self.studies_dir / study
