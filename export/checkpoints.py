@@ -19,8 +19,10 @@ A VGG without its last layer is cut at Fc2 (the runtime reads only Fc2). A Batch
 (checkpoints from before PyTorch 0.4.1) gets 0, as torch itself fills it. When no family fits, the message names
 the one closest (by shared key names) and its first missing and unexpected keys, in full.
 
-ONNX files (`inspect_onnx`): one float32 input [N, C, S, S] with a free batch dimension, the output the runtime
-reads, run once at batch 1 and 2 to prove it.
+ONNX files (`onnx_problems`, `inspect_onnx`): one float32 input [N, C, S, S] with a free batch dimension or a
+static batch of 1, the output the runtime reads (its only one, the one named `mask` / `features`, or the one
+`--unet-output` / `--vgg-output` names), run at batch 1 and 2 (1 alone for a static batch) to prove it. Every
+problem of a file is reported at once, one sentence each.
 
 The booster (`check_booster`): loads with XGBoost, multi:softprob or multi:softmax, one class per grade, and as many
 features as the VGG gives. Every refusal is a UserError, one sentence.
@@ -392,6 +394,7 @@ class OnnxNetwork:
     opset: int | None
     external_data: bool
     outputs: dict[str, list]
+    static_batch: bool = False      # its input's batch dimension is a fixed 1 (run one frame at a time)
 
 
 def _dims(value_info) -> list:
@@ -402,107 +405,155 @@ def _dims(value_info) -> list:
 
 
 def inspect_onnx(path: Path | str, kind: str, option: str, size: int, normalization: dict | None = None,
-                 channels_hint: int | None = None) -> OnnxNetwork:
-    """Check a user's ONNX network against what the runtime feeds and reads, and run it at batch 1 and 2."""
+                 channels_hint: int | None = None, output: str | None = None) -> OnnxNetwork:
+    """Check a user's ONNX network against what the runtime feeds and reads, and run it (batch 1 and 2, or 1 for a
+    static batch of 1). Every problem found is reported: one UserError, one sentence per problem."""
+    net, problems = onnx_problems(path, kind, option, size, normalization, channels_hint, output)
+    if problems:
+        raise UserError(join_problems(problems))
+    return net
+
+
+def join_problems(problems: list[str]) -> str:
+    """Several refusals as one message: the first sentence, then one indented line per further problem."""
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems)
+
+
+def onnx_problems(path: Path | str, kind: str, option: str, size: int, normalization: dict | None = None,
+                  channels_hint: int | None = None, output: str | None = None) -> tuple[OnnxNetwork | None, list[str]]:
+    """(the network, []) when the file fits, else (None or the network, every problem found: one sentence each).
+    The input may have a free batch dimension or a static batch of 1 (the pipelines feed one frame); `output`
+    (`--unet-output` / `--vgg-output`) names the output to read when the file has several. The file is run only
+    when nothing about its input or output is wrong."""
     import onnx
     from onnx import TensorProto
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{option} '{path}' does not exist; give the ONNX file of the {kind}")
+        return None, [f"{option} '{path}' does not exist; give the ONNX file of the {kind}"]
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 (protobuf DecodeError and friends)
-        raise UserError(f"{option} '{path}' is not an ONNX model onnx can read ({type(e).__name__}); give the "
-                        f".onnx file torch.onnx.export wrote") from None
+        return None, [f"{option} '{path}' is not an ONNX model onnx can read ({type(e).__name__}); give the "
+                      f".onnx file torch.onnx.export wrote"]
     external = any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
     inits = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     outputs = {o.name: _dims(o) for o in model.graph.output}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    del model
     what = f"{option} '{path}'"
-    if len(inputs) != 1:
-        raise UserError(f"{what} takes {len(inputs)} inputs ({', '.join(i.name for i in inputs) or 'none'}); the "
-                        f"runtime feeds the {kind} one image tensor")
-    inp = inputs[0]
-    if inp.type.tensor_type.elem_type != TensorProto.FLOAT:
-        raise UserError(f"{what}'s input '{inp.name}' is not float32; the runtime feeds float32 (FP16 files keep "
-                        f"float32 inputs and outputs)")
-    shape = _dims(inp)
+    problems: list[str] = []
     want_c = (1,) if kind == "unet" else (1, 3)
-    if len(shape) != 4:
-        raise UserError(f"{what}'s input '{inp.name}' has shape {shape}; the runtime feeds [N, C, {size}, {size}]")
-    if isinstance(shape[0], int):
-        raise UserError(f"{what}'s input '{inp.name}' has a fixed batch of {shape[0]}; export it with a dynamic "
-                        f"batch dimension (torch.onnx.export dynamic_shapes or dynamic_axes on dimension 0)")
-    channels = shape[1] if isinstance(shape[1], int) else channels_hint
-    if channels is None:
-        raise UserError(f"{what}'s input '{inp.name}' leaves its channel count open ({shape[1]!r}); export it with "
-                        f"a fixed channel dimension ({' or '.join(map(str, want_c))})")
-    if channels not in want_c:
-        raise UserError(f"{what}'s input '{inp.name}' has {shape[1]} channels; the runtime feeds the {kind} "
-                        f"{' or '.join(map(str, want_c))}")
-    for d in shape[2:]:
-        if isinstance(d, int) and d != size:
-            raise UserError(f"{what}'s input '{inp.name}' is {shape[2]}x{shape[3]}; the runtime feeds {size}x{size}")
+    channels, static = None, False
+    inp = inputs[0] if len(inputs) == 1 else None
+    if inp is None:
+        problems.append(f"{what} takes {len(inputs)} inputs ({', '.join(i.name for i in inputs) or 'none'}); the "
+                        f"runtime feeds the {kind} one image tensor")
+    else:
+        if inp.type.tensor_type.elem_type != TensorProto.FLOAT:
+            problems.append(f"{what}'s input '{inp.name}' is not float32; the runtime feeds float32 (FP16 files keep "
+                            f"float32 inputs and outputs)")
+        shape = _dims(inp)
+        if len(shape) != 4:
+            problems.append(f"{what}'s input '{inp.name}' has shape {shape}; the runtime feeds [N, C, {size}, {size}]")
+        else:
+            if isinstance(shape[0], int):
+                if shape[0] == 1:
+                    static = True
+                else:
+                    problems.append(f"{what}'s input '{inp.name}' has a fixed batch of {shape[0]}; the runtime feeds "
+                                    f"one frame at a time: export it with a batch of 1 or a dynamic batch dimension "
+                                    f"(torch.onnx.export dynamic_shapes or dynamic_axes on dimension 0)")
+            channels = shape[1] if isinstance(shape[1], int) else channels_hint
+            if channels is None:
+                problems.append(f"{what}'s input '{inp.name}' leaves its channel count open ({shape[1]!r}); export "
+                                f"it with a fixed channel dimension ({' or '.join(map(str, want_c))})")
+            elif channels not in want_c:
+                problems.append(f"{what}'s input '{inp.name}' has {shape[1]} channels; the runtime feeds the {kind} "
+                                f"{' or '.join(map(str, want_c))}")
+            if any(isinstance(d, int) and d != size for d in shape[2:]):
+                problems.append(f"{what}'s input '{inp.name}' is {shape[2]}x{shape[3]}; the runtime feeds "
+                                f"{size}x{size}")
     default = "mask" if kind == "unet" else "features"
-    if len(outputs) == 1:
+    flag = f"--{kind}-output"
+    out_name = None
+    if output is not None:
+        if output in outputs:
+            out_name = output
+        else:
+            problems.append(f"{what} has no output '{output}' ({flag}); its outputs are {', '.join(outputs)}")
+    elif len(outputs) == 1:
         out_name = next(iter(outputs))
     elif default in outputs:
         out_name = default
     else:
-        raise UserError(f"{what} has outputs {', '.join(outputs)}; the runtime reads one: give a file with one "
-                        f"output, or name the {'mask' if kind == 'unet' else 'Fc2 features'} output '{default}'")
-    out_shape = outputs[out_name]
-    if kind == "unet":
-        ok = len(out_shape) == 4 and all(not isinstance(d, int) or d == w
-                                         for d, w in zip(out_shape[1:], (1, size, size)))
-        if not ok and out_shape:
-            raise UserError(f"{what}'s output '{out_name}' has shape {out_shape}; the runtime reads the kidney "
-                            f"probability as [N, 1, {size}, {size}]")
-    elif out_shape and len(out_shape) != 2:
-        raise UserError(f"{what}'s output '{out_name}' has shape {out_shape}; the runtime reads the features as "
-                        f"[N, F]")
-    net = OnnxNetwork(path, kind, inp.name, out_name, int(channels), None, opset, external, outputs)
-    del model
-    from runtime.normalize import check
-    normalization = check(normalization, int(channels), f"--{kind}-input for the {channels}-channel {kind} of {what}: ")
-    _probe(net, what, size, normalization)
-    return net
+        problems.append(f"{what} has outputs {', '.join(outputs)}; the runtime reads one: name the "
+                        f"{'kidney probability' if kind == 'unet' else 'Fc2 features'} output with {flag}")
+    if out_name is not None:
+        out_shape = outputs[out_name]
+        if kind == "unet":
+            ok = len(out_shape) == 4 and all(not isinstance(d, int) or d == w
+                                             for d, w in zip(out_shape[1:], (1, size, size)))
+            if not ok and out_shape:
+                problems.append(f"{what}'s output '{out_name}' has shape {out_shape}; the runtime reads the kidney "
+                                f"probability as [N, 1, {size}, {size}]")
+        elif out_shape and len(out_shape) != 2:
+            problems.append(f"{what}'s output '{out_name}' has shape {out_shape}; the runtime reads the features as "
+                            f"[N, F]")
+    if channels is not None and channels in want_c:
+        from runtime.normalize import check
+        try:
+            normalization = check(normalization, int(channels),
+                                  f"--{kind}-input for the {channels}-channel {kind} of {what}: ")
+        except UserError as e:
+            problems.append(str(e))
+    if problems:
+        return None, problems
+    net = OnnxNetwork(path, kind, inp.name, out_name, int(channels), None, opset, external, outputs, static)
+    return net, _probe(net, what, size, normalization)
 
 
-def _probe(net: OnnxNetwork, what: str, size: int, normalization: dict | None) -> None:
-    """Run the file at batch 1 and 2 on the parity inputs: it loads, takes a free batch, gives what it declares."""
+def _probe(net: OnnxNetwork, what: str, size: int, normalization: dict | None) -> list[str]:
+    """Run the file on the parity inputs at batch 1 and 2 (batch 1 alone for a static batch): it loads, takes
+    the batch, gives what it declares. Returns the problems found (one sentence each)."""
     from export.onnx_export import ort_session, parity_inputs
     try:
         session = ort_session(net.path)
     except Exception as e:  # noqa: BLE001 (onnxruntime's Fail / InvalidGraph / NotImplemented)
         first = " ".join(str(e).split())[:200]
-        raise UserError(f"{what} does not load in onnxruntime ({first}); export it again with an opset "
-                        f"onnxruntime supports") from None
+        return [f"{what} does not load in onnxruntime ({first}); export it again with an opset onnxruntime supports"]
     batches = parity_inputs(net.channels, size=size, normalization=normalization)
-    for x in (batches[1], batches[0][:2]):    # batch 1, then batch 2
+    problems: list[str] = []
+    for x in (batches[1],) + (() if net.static_batch else (batches[0][:2],)):    # batch 1, then batch 2
         try:
             y = session.run([net.output_name], {net.input_name: x})[0]
         except Exception as e:  # noqa: BLE001
             first = " ".join(str(e).split())[:200]
-            raise UserError(f"{what} fails on a batch of {len(x)} images of [{net.channels}, {size}, {size}] "
-                            f"({first}); export it with a dynamic batch and this input size") from None
+            problems.append(f"{what} fails on a batch of {len(x)} images of [{net.channels}, {size}, {size}] "
+                            f"({first}); export it with a dynamic batch (or a batch of 1) and this input size")
+            break
         n = len(x)
         if net.kind == "unet":
             if y.shape != (n, 1, size, size):
-                raise UserError(f"{what} returns '{net.output_name}' of shape {list(y.shape)} for {n} image(s); "
+                problems.append(f"{what} returns '{net.output_name}' of shape {list(y.shape)} for {n} image(s); "
                                 f"the runtime reads [N, 1, {size}, {size}]")
-            if not np.all(np.isfinite(y)) or y.min() < 0 or y.max() > 1:
-                raise UserError(f"{what} returns values from {float(np.nanmin(y)):.3g} to {float(np.nanmax(y)):.3g}, "
+            elif not np.all(np.isfinite(y)) or y.min() < 0 or y.max() > 1:
+                problems.append(f"{what} returns values from {float(np.nanmin(y)):.3g} to {float(np.nanmax(y)):.3g}, "
                                 f"not probabilities in [0, 1]; the runtime thresholds the UNet's output at the "
                                 f"manifest's mask threshold: export the network with its sigmoid")
         else:
             if y.ndim != 2 or y.shape[0] != n:
-                raise UserError(f"{what} returns '{net.output_name}' of shape {list(y.shape)} for {n} image(s); the "
+                problems.append(f"{what} returns '{net.output_name}' of shape {list(y.shape)} for {n} image(s); the "
                                 f"runtime reads the features as [N, F]")
-            if not np.all(np.isfinite(y)):
-                raise UserError(f"{what} returns non-finite features on plain test images; check the file")
-            net.features = int(y.shape[1])
+            elif not np.all(np.isfinite(y)):
+                problems.append(f"{what} returns non-finite features on plain test images; check the file")
+            else:
+                net.features = int(y.shape[1])
+        if problems:
+            break
+    return problems
 
 
 def copy_onnx(net: OnnxNetwork, dst: Path) -> None:
@@ -547,7 +598,8 @@ def check_booster(path: Path | str, num_class: int, option: str = "--booster"):
                         f"from multi:softprob (or multi:softmax), so train the booster with one of those")
     if classes != num_class:
         raise UserError(f"{option} '{path}' predicts {classes} classes but the bundle grades {num_class} "
-                        f"(IFTA grades 1-{num_class}); train the booster with num_class={num_class}")
+                        f"(--num-class, or --classes' names); give --num-class {classes} (or {classes} --classes "
+                        f"names), or train the booster with num_class={num_class}")
     return booster, {"objective": objective, "num_class": classes, "num_features": features,
                      "trees": int(booster.num_boosted_rounds()) * classes}
 

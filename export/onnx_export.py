@@ -79,9 +79,13 @@ def ort_session(path: Path | str):
 
 
 def _run_ort(session, batches: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Each batch through the session; a network with a static batch of 1 takes the batch's images one by one."""
     names = [o.name for o in session.get_outputs()]
-    feed = session.get_inputs()[0].name
-    return [dict(zip(names, session.run(names, {feed: x}))) for x in batches]
+    feed = session.get_inputs()[0]
+    if feed.shape and feed.shape[0] == 1:
+        return [{n: np.concatenate(parts) for n, parts in zip(names, zip(*(
+            session.run(names, {feed.name: x[i:i + 1]}) for i in range(len(x)))))} for x in batches]
+    return [dict(zip(names, session.run(names, {feed.name: x}))) for x in batches]
 
 
 def _max_abs(a: list[dict], b: list[dict]) -> dict[str, float]:

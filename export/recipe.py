@@ -19,7 +19,7 @@ import numpy as np
 
 from runtime import preprocess as pp
 from runtime.bundle import CLASS_NAMES, DEMO_DISCLAIMER, Bundle, write_manifest
-from runtime.graph import Graph, masked
+from runtime.graph import MASK_THRESHOLD, MIN_MASK_FRACTION, Graph, masked
 
 
 @dataclass
@@ -51,6 +51,56 @@ class TrainConfig:
     # probability map (booster_features; the gate's own threshold is always used, and validated on). () = the
     # paper's recipe: the gate's masks only.
     booster_mask_thresholds: tuple[float, ...] = ()
+    # What the bundle grades and how its gate decides (`train --num-class / --classes`, `--mask-threshold`,
+    # `--min-mask-fraction`): the manifest's `classes`, `booster.num_class` and `gate`.
+    classes: tuple[str, ...] = tuple(CLASS_NAMES)
+    mask_threshold: float = MASK_THRESHOLD
+    min_mask_fraction: float = MIN_MASK_FRACTION
+
+
+def class_names(num_class: int | None = None, names=None) -> list[str]:
+    """The bundle's class names from `--num-class N` and/or `--classes NAME,NAME,...` (a list or one comma-separated
+    text): the paper's four IFTA names by default, "grade 1".."grade N" for another count without names. One
+    sentence (UserError) for names that are empty, repeated, fewer than 2 or more than 64, or a count they contradict."""
+    from runtime.errors import UserError
+    if isinstance(names, str):
+        names = names.split(",")
+    if names is not None:
+        names = [str(n).strip() for n in names]
+        if any(not n for n in names):
+            raise UserError(f"--classes '{','.join(names)}' has an empty name; give one name per grade, in grade "
+                            f"order, joined by commas")
+        dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if dup is not None:
+            raise UserError(f"--classes names '{dup}' twice; give each grade its own name")
+        if num_class is not None and int(num_class) != len(names):
+            raise UserError(f"--num-class {num_class} but --classes names {len(names)}; give one name per class "
+                            f"(or leave one of them out)")
+        num_class = len(names)
+    if num_class is None:
+        return list(CLASS_NAMES)
+    num_class = int(num_class)
+    if not 2 <= num_class <= 64:
+        raise UserError(f"--num-class {num_class} is outside 2..64; a grader has at least 2 classes")
+    if names is not None:
+        return names
+    return list(CLASS_NAMES) if num_class == len(CLASS_NAMES) else [f"grade {g}" for g in range(1, num_class + 1)]
+
+
+def check_gate(mask_threshold: float | None, min_mask_fraction: float | None) -> tuple[float, float]:
+    """(`--mask-threshold`, `--min-mask-fraction`) with the defaults for those not given; one sentence for a value
+    outside [0, 1) / [0, 1]."""
+    import math
+    from runtime.errors import UserError
+    t = MASK_THRESHOLD if mask_threshold is None else float(mask_threshold)
+    f = MIN_MASK_FRACTION if min_mask_fraction is None else float(min_mask_fraction)
+    if not (math.isfinite(t) and 0.0 <= t < 1.0):
+        raise UserError(f"--mask-threshold {t:g} is outside [0, 1); give the UNet's kidney probability above which a "
+                        f"pixel is kidney (default {MASK_THRESHOLD})")
+    if not (math.isfinite(f) and 0.0 <= f <= 1.0):
+        raise UserError(f"--min-mask-fraction {f:g} is outside [0, 1]; give the share of the image the kidney mask "
+                        f"must cover for a frame to be scored (default {MIN_MASK_FRACTION})")
+    return t, f
 
 
 def _say(msg: str) -> None:
@@ -92,10 +142,13 @@ def load_preprocessed(data_dir: Path, graph: Graph, progress: bool = True, kidne
 
 def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = True, *,
                  unet_input: dict | None = None, vgg_input: dict | None = None, check: list[str] | None = None,
-                 report: Path | None = None, thresholds=None) -> Path:
+                 report: Path | None = None, thresholds=None, card: dict | None = None) -> Path:
     """The paper's recipes end to end: UNet (MSE), VGG-19-BN (cross-entropy), XGBoost on VGG Fc2 features.
     `unet_input` / `vgg_input`: each network's input normalization (runtime.normalize; None = unit), used in
-    training and recorded in the manifest (`sonoscore train --unet-input / --vgg-input`).
+    training and recorded in the manifest (`sonoscore train --unet-input / --vgg-input`). `cfg.classes` names the
+    grades (their count is the VGG head's and the booster's `num_class`; a dataset grade above it is refused, and
+    each grade without a training example gets a warning line); `cfg.mask_threshold` / `cfg.min_mask_fraction`
+    are the gate, used in training and recorded. `card`: the model card (export.recipe.read_card; None: the default).
 
     With `cfg.qat`: after FP32 training, quantization-aware fine-tuning of each network (export.qat.qat_networks);
     the FP32/FP16 files are exported from the networks it returns (the FP32 UNet and the FP32 VGG whose probability
@@ -107,8 +160,12 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
     `thresholds`: calibration.report.Thresholds (None: calibrate's defaults)."""
     from export.train import split_by_patient, train_booster, train_unet, train_vgg
     t_start = time.time()
+    classes = class_names(names=list(cfg.classes))
+    n_classes = len(classes)
+    mask_threshold, min_mask_fraction = check_gate(cfg.mask_threshold, cfg.min_mask_fraction)
     graph = Graph(crimmins_iterations=cfg.crimmins_iterations, vgg_channels=cfg.vgg_channels,
-                  unet_normalization=unet_input, vgg_normalization=vgg_input)
+                  unet_normalization=unet_input, vgg_normalization=vgg_input, mask_threshold=mask_threshold,
+                  min_mask_fraction=min_mask_fraction)
     _say(f"train: reading and preprocessing {data_dir}")
     try:
         extra = booster_thresholds(graph, cfg.booster_mask_thresholds)
@@ -119,9 +176,16 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
     if not (grades > 0).any():
         from runtime.errors import UserError
         raise UserError(f"dataset {data_dir} has no grades (labels.csv with image,patient,grade is needed to train)")
+    if grades.max() > n_classes:
+        from runtime.errors import UserError
+        raise UserError(f"dataset {data_dir} has grade {int(grades.max())} but the bundle grades {n_classes} "
+                        f"classes; give --num-class (or --classes) for every grade the data holds")
     # Whole patients, spread over grades: the same split the booster validates on.
-    is_val = split_by_patient(np.maximum(grades - 1, 0), patients, cfg.val_fraction, cfg.seed)
+    is_val = split_by_patient(np.maximum(grades - 1, 0), patients, cfg.val_fraction, cfg.seed, n_classes)
     tr, va = ~is_val, is_val
+    for g in sorted(set(range(1, n_classes + 1)) - set(grades[tr].tolist())):
+        _say(f"train: warning: grade {g} ({classes[g - 1]}) has no examples in the training data; the bundle "
+             f"will never learn to give it")
     _say(f"train: {len(images)} images of {len(set(patients))} patients; "
          f"{len(set(patients[va]))} patients held for validation")
 
@@ -136,7 +200,7 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
          f"{int((kidney & tr).sum())} masked kidney images")
     vgg, vgg_hist = train_vgg(masked_images[kidney & tr], grades[kidney & tr] - 1, width=cfg.vgg_width,
                               in_channels=cfg.vgg_channels, epochs=cfg.vgg_epochs, seed=cfg.seed,
-                              lr=cfg.vgg_lr, shift=cfg.vgg_shift,
+                              lr=cfg.vgg_lr, shift=cfg.vgg_shift, num_classes=n_classes,
                               val=(masked_images[kidney & va], grades[kidney & va] - 1) if (kidney & va).any() else None,
                               progress=progress, normalization=graph.vgg_normalization)
     out = Path(out)
@@ -182,7 +246,8 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
                                                f"(training patients' copies only are fitted)" if copies.any() else ""))
     val_patients = sorted(set(patients[va].tolist())) or None
     booster, booster_info = train_booster(feats, labels, pats, seed=cfg.seed, val_patients=val_patients,
-                                          grid_search=cfg.grid_search, progress=progress, copies=copies)
+                                          grid_search=cfg.grid_search, progress=progress, copies=copies,
+                                          num_classes=n_classes)
     booster.save_model(str(tmp / "booster.ubj"))
     booster_info["mask_thresholds"] = ([graph.mask_threshold, *extra] if booster_masks == "predicted"
                                        else [graph.mask_threshold])
@@ -197,7 +262,8 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
         provenance["qat"] = {"settings": _jsonable(qat["qat"]["settings"]), "seconds": qat["seconds"]}
     from runtime.dataset import is_synthetic
     demo = is_synthetic(data_dir) if cfg.demo is None else cfg.demo
-    write_bundle_manifest(tmp, nets, provenance, graph, demo=demo, booster=_booster_section(booster))
+    write_bundle_manifest(tmp, nets, provenance, graph, demo=demo, booster=_booster_section(booster), card=card,
+                          classes=classes)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -293,7 +359,80 @@ def export_networks(unet, vgg, out: Path, unet_width: float | None, vgg_width: f
             nets[name] = _import_onnx(name, model, out, graph)
         else:
             nets[name] = _export_torch(name, model, out, width, graph)
+    check_fp16(out, nets, graph)
     return nets
+
+
+# FP16 files are checked against FP32 on frames (check_fp16): the largest difference allowed, per network. The
+# UNet's is of its kidney probability; the VGG's of its Fc2 features, relative to the largest FP32 feature on the
+# same frames (features have no fixed scale). FP16 rounding gives about 1e-3 on both; a network whose activations
+# leave FP16's range or lose its precision gives far more.
+FP16_TOLERANCE = {"unet": 0.02, "vgg": 0.02}
+FP16_FRAMES = 6
+
+
+def _phantom_images(graph: Graph, count: int = FP16_FRAMES) -> list[np.ndarray]:
+    """`count` synthetic kidney frames (one per grade in turn), prepared as the runtime prepares a frame."""
+    from runtime.phantom import KidneyPhantom
+    from runtime.sources import Frame
+    images = []
+    for i in range(count):
+        pixels = KidneyPhantom(grade=1 + i % 4, seed=100 + i).frame(i * 5).image
+        images.append(graph.prepare_source(Frame(i, "fp16-check", 0.0, pixels))[1])
+    return images
+
+
+def _unet_fp16_difference(graph: Graph, images, fp32, fp16) -> tuple[float, list[np.ndarray]]:
+    """(max |p16 - p32| of the UNet's probability over the images, the FP32 masks)."""
+    worst, masks = 0.0, []
+    for image in images:
+        a = graph.run(image, fp32, until="gate")
+        b = graph.run(image, fp16, until="gate")
+        worst = max(worst, float(np.max(np.abs(a.prob.astype(np.float64) - b.prob))))
+        masks.append(a.gate.mask)
+    return worst, masks
+
+
+def _vgg_fp16_difference(graph: Graph, images, masks, fp32, fp16) -> tuple[float, float]:
+    """(max |f16 - f32| of the VGG's features, that relative to the largest |f32|) on the images under the masks
+    (the whole image where a mask is empty: the gate is opened, this measures the network alone)."""
+    from dataclasses import replace
+    open_gate = replace(graph, min_mask_fraction=0.0)
+    worst, scale = 0.0, 0.0
+    for image, mask in zip(images, masks):
+        mask = mask if mask.any() else np.ones_like(mask)
+        a = open_gate.run(image, vgg=fp32, mask=mask, until="vgg").features.astype(np.float64)
+        b = open_gate.run(image, vgg=fp16, mask=mask, until="vgg").features
+        worst, scale = max(worst, float(np.max(np.abs(a - b)))), max(scale, float(np.max(np.abs(a))))
+    return worst, worst / scale if scale > 0 else worst
+
+
+def check_fp16(out: Path, nets: dict, graph: Graph) -> None:
+    """Each network's FP16 file against its FP32 file on FP16_FRAMES synthetic kidney frames, prepared and run
+    through the graph as the runtime runs them. The difference is recorded in its manifest entry
+    (`parity.fp16_vs_fp32_frames`); a network whose difference exceeds FP16_TOLERANCE loses its FP16 file (the
+    bundle then has no FP16 precision) with one warning line naming the network and the figures."""
+    from runtime.backends.ort import OrtRunner
+    images = _phantom_images(graph)
+    with OrtRunner(out / nets["unet"]["files"]["fp32"]) as u32, OrtRunner(out / nets["unet"]["files"]["fp16"]) as u16:
+        unet_diff, masks = _unet_fp16_difference(graph, images, u32, u16)
+    with OrtRunner(out / nets["vgg"]["files"]["fp32"]) as v32, OrtRunner(out / nets["vgg"]["files"]["fp16"]) as v16:
+        vgg_abs, vgg_rel = _vgg_fp16_difference(graph, images, masks, v32, v16)
+    measured = {"unet": ("max_abs_probability", unet_diff, {"max_abs_probability": unet_diff}),
+                "vgg": ("max_abs_relative", vgg_rel, {"max_abs": vgg_abs, "max_abs_relative": vgg_rel})}
+    for name, (measure, value, figures) in measured.items():
+        tol = FP16_TOLERANCE[name]
+        passed = bool(value <= tol)
+        nets[name].setdefault("parity", {})["fp16_vs_fp32_frames"] = _jsonable({
+            "frames": len(images), "source": "synthetic kidney phantom", **figures, "measure": measure,
+            "tolerance": tol, "passed": passed})
+        if not passed:
+            fp16 = nets[name]["files"].pop("fp16")
+            (out / fp16).unlink(missing_ok=True)
+            what = "probability" if name == "unet" else "Fc2 features, relative to their largest value"
+            _say(f"export: warning: the {name}'s FP16 file differs from its FP32 file by {value:.3g} ({what}) on "
+                 f"{len(images)} frames, beyond the tolerance {tol:g}; it is left out, so the bundle has no FP16 "
+                 f"precision (FP32 and INT8 are unaffected)")
 
 
 def _normalization(graph: Graph, name: str) -> dict | None:
@@ -342,8 +481,10 @@ def _import_onnx(name: str, net, out: Path, graph: Graph) -> dict:
     half = to_fp16(out / f"{name}.onnx", out / f"{name}.fp16.onnx", _normalization(graph, name), net.channels)
     _say(f"export: {name} <- {net.path.name} (ONNX as given), {name}.fp16.onnx made in {time.time() - t:.1f} s")
     entry = _network_entry(name, graph, net.channels, net.features)
+    if net.static_batch:   # the file's batch is a fixed 1: the pipelines feed one frame at a time
+        entry["input"]["shape"][0] = entry["output"]["shape"][0] = 1
     entry.update({"architecture": "onnx", "source_file": net.path.name, "opset": net.opset,
-                  "parity": {"fp16_vs_fp32": _jsonable(half)}})
+                  "static_batch": net.static_batch, "parity": {"fp16_vs_fp32": _jsonable(half)}})
     return entry
 
 
@@ -377,10 +518,11 @@ def _sonoscore_version() -> str:
 
 
 def write_bundle_manifest(directory: Path, networks: dict, provenance: dict, graph: Graph, *, demo: bool,
-                          card: dict | None = None, booster: dict | None = None) -> Path:
+                          card: dict | None = None, booster: dict | None = None, classes=None) -> Path:
     """manifest.json for the files in `directory`. `demo`: trained on the synthetic phantom (or random weights):
     the synthetic-data disclaimer. Otherwise the card's own `disclaimer`, if any. `card`: the model card (a
-    default one from the name when None); `booster`: the booster section (the paper's when None)."""
+    default one from the name when None); `booster`: the booster section (the paper's when None); `classes`: the
+    class names (the paper's four when None); the gate is the graph's."""
     import onnx
     import onnxruntime
     import torch
@@ -390,16 +532,17 @@ def write_bundle_manifest(directory: Path, networks: dict, provenance: dict, gra
                                "onnxruntime": onnxruntime.__version__, "xgboost": xgboost.__version__,
                                "numpy": np.__version__, "python": platform.python_version()}
     card = dict(card) if card else default_card("sonoscore-ifta" + ("-synthetic-demo" if demo else ""), demo=demo)
+    classes = list(classes) if classes is not None else list(CLASS_NAMES)
     own_disclaimer = card.pop("disclaimer", None)
     manifest = {
         "name": card["name"],
         "disclaimer": DEMO_DISCLAIMER if demo else own_disclaimer,
         "card": card,
-        "classes": CLASS_NAMES,
+        "classes": classes,
         **graph.manifest_sections(),   # preprocess, gate
         "networks": networks,
-        "booster": booster or {"file": "booster.ubj", "format": "xgboost-ubj", "num_class": 4, "num_features": 1024,
-                               "objective": "multi:softprob"},
+        "booster": booster or {"file": "booster.ubj", "format": "xgboost-ubj", "num_class": len(classes),
+                               "num_features": 1024, "objective": "multi:softprob"},
         "provenance": provenance,
     }
     return write_manifest(directory, manifest)
@@ -523,12 +666,17 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 
 def export_from_checkpoints(unet_ckpt, vgg_ckpt, booster_path, out: Path, *, random_weights=False,
                             unet_width=None, vgg_width=None, unet_onnx=None, vgg_onnx=None, unet_input=None,
-                            vgg_input=None, name=None, version=None, card=None) -> Path:
+                            vgg_input=None, name=None, version=None, card=None, num_class=None, classes=None,
+                            mask_threshold=None, min_mask_fraction=None, unet_output=None, vgg_output=None) -> Path:
     """`sonoscore export`: checkpoints or ONNX files (or random weights, for timing) + an XGBoost model -> bundle.
 
     Everything is checked before anything is written: the options, the booster (loads, objective, class count),
     the VGG (its Fc2 width is the booster's feature count), the UNet. The bundle is then made in a folder beside
-    `out` and moved into place only when complete; on any failure that folder is removed."""
+    `out` and moved into place only when complete; on any failure that folder is removed.
+
+    `num_class` / `classes` (`--num-class`, `--classes`): the class names (export.recipe.class_names; the booster
+    must predict that many); `mask_threshold` / `min_mask_fraction`: the gate; `unet_output` / `vgg_output`: the
+    output of a user's ONNX file to read. The problems of both ONNX files are reported together."""
     import tempfile
     from export import checkpoints as ck
     from runtime import normalize
@@ -539,6 +687,11 @@ def export_from_checkpoints(unet_ckpt, vgg_ckpt, booster_path, out: Path, *, ran
     unet_norm = normalize.parse(unet_input, "--unet-input") if unet_input else dict(normalize.UNIT)
     vgg_norm = normalize.parse(vgg_input, "--vgg-input") if vgg_input else dict(normalize.UNIT)
     unet_norm = normalize.check(unet_norm, 1, "--unet-input for the 1-channel UNet: ")
+    names_of_classes = class_names(num_class, classes)
+    gate = dict(zip(("mask_threshold", "min_mask_fraction"), check_gate(mask_threshold, min_mask_fraction)))
+    for net, onnx_file, output in (("unet", unet_onnx, unet_output), ("vgg", vgg_onnx, vgg_output)):
+        if output is not None and not onnx_file:
+            raise UserError(f"--{net}-output names an output of --{net}-onnx; give --{net}-onnx FILE or leave it out")
     if random_weights:
         if unet_ckpt or vgg_ckpt or unet_onnx or vgg_onnx:
             raise UserError("give either checkpoints (or ONNX files) or --random-weights, not both")
@@ -553,9 +706,19 @@ def export_from_checkpoints(unet_ckpt, vgg_ckpt, booster_path, out: Path, *, ran
         card = read_card(card, name, version, out.name)
     if booster_path is None:
         raise UserError("export needs --booster, an XGBoost model (.json or .ubj)")
-    booster, binfo = ck.check_booster(booster_path, len(CLASS_NAMES))
+    booster, binfo = ck.check_booster(booster_path, len(names_of_classes))
     size = Graph().size
     sources: dict = {}
+    onnx_nets: dict = {}
+    if unet_onnx or vgg_onnx:   # every problem of both files in one pass
+        problems: list[str] = []
+        for net, onnx_file, option, norm, output in (("vgg", vgg_onnx, "--vgg-onnx", vgg_norm, vgg_output),
+                                                     ("unet", unet_onnx, "--unet-onnx", unet_norm, unet_output)):
+            if onnx_file:
+                onnx_nets[net], found = ck.onnx_problems(onnx_file, net, option, size, norm, output=output)
+                problems += found
+        if problems:
+            raise UserError(ck.join_problems(problems))
 
     # The VGG first: its Fc2 width is what the booster must take.
     if random_weights:
@@ -565,7 +728,7 @@ def export_from_checkpoints(unet_ckpt, vgg_ckpt, booster_path, out: Path, *, ran
         vgg = VGG19BN(width=vgg_width or 1.0, in_channels=3).eval()
         vw, vch, features, vgg_what = vgg_width or 1.0, 3, vgg.features_dim, "the random-weights VGG"
     elif vgg_onnx:
-        vgg = ck.inspect_onnx(vgg_onnx, "vgg", "--vgg-onnx", size, vgg_norm)
+        vgg = onnx_nets["vgg"]
         vw, vch, features, vgg_what = None, vgg.channels, vgg.features, f"--vgg-onnx '{vgg_onnx}'"
         sources["vgg"] = {"onnx": Path(vgg_onnx).name}
     else:   # recognised and sized from the tensors; the network is built once everything is checked
@@ -577,7 +740,7 @@ def export_from_checkpoints(unet_ckpt, vgg_ckpt, booster_path, out: Path, *, ran
     if random_weights:
         unet, uw = UNet(width=unet_width or 1.0).eval(), unet_width or 1.0
     elif unet_onnx:
-        unet, uw = ck.inspect_onnx(unet_onnx, "unet", "--unet-onnx", size, unet_norm), None
+        unet, uw = onnx_nets["unet"], None
         sources["unet"] = {"onnx": Path(unet_onnx).name}
     else:
         unet = ck.recognise_checkpoint(unet_ckpt, "unet", "--unet")
@@ -588,7 +751,7 @@ def export_from_checkpoints(unet_ckpt, vgg_ckpt, booster_path, out: Path, *, ran
         names.update(unet_input=unet.input_name, unet_output=unet.output_name)
     if isinstance(vgg, ck.OnnxNetwork):
         names.update(vgg_input=vgg.input_name, vgg_output=vgg.output_name)
-    graph = Graph(vgg_channels=vch, unet_normalization=unet_norm, vgg_normalization=vgg_norm, **names)
+    graph = Graph(vgg_channels=vch, unet_normalization=unet_norm, vgg_normalization=vgg_norm, **names, **gate)
     _say(f"export: booster {Path(booster_path).name} ({binfo['objective']}, {binfo['num_class']} classes, "
          f"{binfo['num_features']} features) fits; VGG {vgg_what} gives {features} features")
 
@@ -609,7 +772,7 @@ def export_from_checkpoints(unet_ckpt, vgg_ckpt, booster_path, out: Path, *, ran
         if random_weights:
             prov["note"] = "random network weights: for timing only, its grades mean nothing"
         write_bundle_manifest(tmp, nets, prov, graph, demo=bool(random_weights), card=card,
-                              booster=_booster_section(booster))
+                              booster=_booster_section(booster), classes=names_of_classes)
         Bundle.load(tmp)   # verify what was written
         _move_into_place(tmp, out)
     except BaseException:

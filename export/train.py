@@ -6,7 +6,7 @@ applied with `runtime.normalize.torch_transform`, which is `runtime.normalize.to
 records it in the manifest, so the runtime feeds the exported networks exactly what they were trained on.
 
 - UNet: MSE on the sigmoid output against the 0/1 mask, Adam, random horizontal flips; validation IoU at 0.5.
-- VGG-19-BN: cross-entropy over the 4 grades on masked kidney images, Adam, random horizontal flips.
+- VGG-19-BN: cross-entropy over the grades (`num_classes`, the paper's 4 by default) on masked kidney images, Adam, random horizontal flips.
 - XGBoost on the VGG's Fc2 features: multi:softprob, eta 0.01, max_depth 16, subsample 0.5, lambda 10, mlogloss,
   early stopping on a validation split made BY PATIENT (frames of one patient are near-duplicates: splitting by
   image would leak them across and flatter every validation number). Optional augmented copies of frames (the
@@ -211,8 +211,8 @@ def train_unet(images: np.ndarray, masks: np.ndarray, *, width: float = 0.25, ep
 def train_vgg(images: np.ndarray, labels: np.ndarray, *, width: float = 0.0625, in_channels: int = 3,
               epochs: int = 8, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
               val: tuple[np.ndarray, np.ndarray] | None = None, progress: bool = True, shift: int = 0,
-              normalization: dict | None = None):
-    """VGG-19-BN on masked uint8 images [N,224,224] (gray, repeated to `in_channels`) and grades 0..3.
+              normalization: dict | None = None, num_classes: int = NUM_CLASSES):
+    """VGG-19-BN on masked uint8 images [N,224,224] (gray, repeated to `in_channels`) and grades 0..num_classes-1.
     `normalization`: the VGG's input normalization (runtime.normalize; None = unit), of the masked image.
 
     Returns (model in eval mode, history: train_loss, epoch_seconds and, with `val`, val_accuracy per epoch).
@@ -222,11 +222,11 @@ def train_vgg(images: np.ndarray, labels: np.ndarray, *, width: float = 0.0625, 
     images = _check_images(images, "VGG training images")
     labels = np.asarray(labels).astype(np.int64)
     normalization = normalize.check(normalization, in_channels, "VGG input: ")
-    if labels.shape != (len(images),) or labels.min() < 0 or labels.max() >= NUM_CLASSES:
-        raise ValueError(f"VGG labels must be {len(images)} integers in 0..{NUM_CLASSES - 1}")
+    if labels.shape != (len(images),) or labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"VGG labels must be {len(images)} integers in 0..{num_classes - 1}")
     _threads()
     torch.manual_seed(seed)
-    model = VGG19BN(width=width, in_channels=in_channels, num_classes=NUM_CLASSES)
+    model = VGG19BN(width=width, in_channels=in_channels, num_classes=num_classes)
     y_all = torch.from_numpy(labels)
 
     def validate(m):
@@ -241,7 +241,8 @@ def train_vgg(images: np.ndarray, labels: np.ndarray, *, width: float = 0.0625, 
                 validate=validate, shift=shift, normalization=normalization)
 
 
-def split_by_patient(labels: np.ndarray, patients: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+def split_by_patient(labels: np.ndarray, patients: np.ndarray, fraction: float, seed: int,
+                     num_classes: int = NUM_CLASSES) -> np.ndarray:
     """Boolean 'is validation' per row. Whole patients only, drawn per grade (a patient's most common label) so
     every grade with two or more patients has one on each side. Empty when there is a single patient."""
     rng = np.random.default_rng(seed)
@@ -249,9 +250,9 @@ def split_by_patient(labels: np.ndarray, patients: np.ndarray, fraction: float, 
     unique = sorted(set(patients.tolist()))
     if len(unique) < 2 or fraction <= 0:
         return np.zeros(len(patients), dtype=bool)
-    grade_of = {p: int(np.bincount(labels[patients == p], minlength=NUM_CLASSES).argmax()) for p in unique}
+    grade_of = {p: int(np.bincount(labels[patients == p], minlength=num_classes).argmax()) for p in unique}
     held = set()
-    for g in range(NUM_CLASSES):
+    for g in range(max(num_classes, int(labels.max(initial=0)) + 1)):
         ps = [p for p in unique if grade_of[p] == g]
         rng.shuffle(ps)
         if len(ps) > 1:
@@ -272,8 +273,8 @@ def _mlogloss(prob: np.ndarray, y: np.ndarray) -> float:
 def train_booster(features: np.ndarray, labels: np.ndarray, patients: np.ndarray, *, seed: int = 0,
                   val_fraction: float = 0.25, num_boost_round: int = PAPER_ROUNDS, early_stopping_rounds: int = 30,
                   grid_search: bool = False, val_patients: Iterable | None = None, progress: bool = True,
-                  copies: np.ndarray | None = None):
-    """The paper's XGBoost on Fc2 features [N,1024] with labels 0..3, validated on held-out patients.
+                  copies: np.ndarray | None = None, num_classes: int = NUM_CLASSES):
+    """The paper's XGBoost on Fc2 features [N,1024] with labels 0..num_classes-1 (`num_class` of the booster), validated on held-out patients.
 
     The held-out patients are drawn here (`split_by_patient`, `val_fraction`, `seed`) unless `val_patients` names
     them, e.g. the patients the networks were validated on, so no validation frame was seen by any training step.
@@ -301,8 +302,8 @@ def train_booster(features: np.ndarray, labels: np.ndarray, patients: np.ndarray
     if x.ndim != 2 or len(x) != len(y) or len(y) != len(patients) or len(y) == 0:
         raise ValueError(f"booster needs features [N,D], labels [N] and patients [N]; got {x.shape}, {y.shape}, "
                          f"{patients.shape}")
-    if y.min() < 0 or y.max() >= NUM_CLASSES:
-        raise ValueError(f"booster labels must be in 0..{NUM_CLASSES - 1}")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise ValueError(f"booster labels must be in 0..{num_classes - 1}")
     copy = np.zeros(len(y), bool) if copies is None else np.asarray(copies, dtype=bool)
     if copy.shape != y.shape:
         raise ValueError(f"copies must be one boolean per row ({len(y)}); got {copy.shape}")
@@ -320,7 +321,7 @@ def train_booster(features: np.ndarray, labels: np.ndarray, patients: np.ndarray
     dtrain = xgb.DMatrix(x[fit_rows], label=y[fit_rows], nthread=nthread)
     dval = xgb.DMatrix(x[val_rows], label=y[val_rows], nthread=nthread) if val_rows.any() else None
 
-    base = dict(BOOSTER_PARAMS, seed=seed, nthread=nthread)
+    base = dict(BOOSTER_PARAMS, seed=seed, nthread=nthread, num_class=num_classes)
     candidates = [base]
     if grid_search and dval is not None:
         candidates = [dict(base, max_depth=d, eta=e, subsample=s) for d in BOOSTER_GRID["max_depth"]
@@ -367,7 +368,7 @@ def _fit_booster(xgb, params, dtrain, dval, y_val, num_boost_round, early_stoppi
     booster = booster[: best_iteration + 1]  # keep only what was validated
     booster.set_attr(best_iteration=str(best_iteration))
     fit = {"booster": booster, "params": {k: v for k, v in params.items() if k != "nthread"},
-           "best_iteration": best_iteration, "num_trees": (best_iteration + 1) * NUM_CLASSES,
+           "best_iteration": best_iteration, "num_trees": (best_iteration + 1) * int(params["num_class"]),
            "val_mlogloss": None, "val_accuracy": None}
     if dval is not None:
         prob = booster.predict(dval)

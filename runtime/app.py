@@ -160,12 +160,13 @@ def run_bundle(config: RunConfig) -> StreamStats:
         if config.view is not None:
             from runtime.sinks.viewer import LiveViewer
             viewer = LiveViewer(config.view.host, config.view.port, config.view.token, disclaimer=bundle.disclaimer,
-                                model=bundle.label)
+                                model=bundle.label, class_names=_shown_classes(bundle))
             ui.append(viewer)
             _say(f"live viewer: {viewer.url}")
         if config.display:
             from runtime.sinks.display import DisplayWindow
-            ui.append(DisplayWindow(disclaimer=bundle.disclaimer, model=bundle.label))
+            ui.append(DisplayWindow(disclaimer=bundle.disclaimer, model=bundle.label,
+                                    class_names=_shown_classes(bundle)))
     except BaseException:
         _close_all(ui)
         source.close()
@@ -195,7 +196,8 @@ def run_bundle(config: RunConfig) -> StreamStats:
         made: list = []
         makers = [("--results", config.results, lambda p: JsonlSink(p)),
                   ("--video", config.video,
-                   lambda p: VideoSink(p, fps=source.fps or 30.0, disclaimer=bundle.disclaimer, model=bundle.label)),
+                   lambda p: VideoSink(p, fps=source.fps or 30.0, disclaimer=bundle.disclaimer, model=bundle.label,
+                                       class_names=_shown_classes(bundle))),
                   ("--save-masks", config.masks, lambda p: MaskSink(p, size=config.mask_size))]
         for option, path, make in makers:
             if not path:
@@ -206,7 +208,7 @@ def run_bundle(config: RunConfig) -> StreamStats:
                 _close_all(made, discard=True)
                 raise UserError(f"{option} {path} could not be created ({reason(e)})") from None
         made.append(StudySummary(Path(config.summary) if config.summary else None, disclaimer=bundle.disclaimer,
-                                 card=bundle.card,
+                                 card=bundle.card, class_names=_shown_classes(bundle),
                                  html_path=Path(config.report) if config.report else None,
                                  smoothing_half_life=config.smoothing))
         return made
@@ -318,3 +320,9 @@ def doctor() -> dict:
     for k, v in report["packages"].items():
         print(f"  {k:12s} {v}")
     return report
+
+
+def _shown_classes(bundle) -> tuple[str, ...]:
+    """The bundle's class names as the overlay, viewer, window and report show them (runtime.sinks.report)."""
+    from runtime.sinks.report import display_class_names
+    return display_class_names(bundle.manifest.get("classes"))

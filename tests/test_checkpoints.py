@@ -351,9 +351,12 @@ def test_a_users_onnx_files_are_checked_and_their_names_kept(tmp_path):
 
 
 def test_a_users_onnx_that_the_runtime_cannot_feed_or_read_is_refused(tmp_path):
-    fixed = torchscript_export(RefNet(False), tmp_path / "fixed.onnx", (1, 1, 224, 224), "image", ["mask"],
+    one = torchscript_export(RefNet(False), tmp_path / "one.onnx", (1, 1, 224, 224), "image", ["mask"],
+                             dynamic=False)
+    assert ck.inspect_onnx(one, "unet", "--unet-onnx", 224).static_batch   # a static batch of 1 is taken
+    fixed = torchscript_export(RefNet(False), tmp_path / "fixed.onnx", (2, 1, 224, 224), "image", ["mask"],
                                dynamic=False)
-    with pytest.raises(UserError, match="has a fixed batch of 1; export it with a dynamic batch"):
+    with pytest.raises(UserError, match="has a fixed batch of 2; the runtime feeds one frame at a time"):
         ck.inspect_onnx(fixed, "unet", "--unet-onnx", 224)
 
     class Logits(nn.Module):   # a UNet exported without its sigmoid

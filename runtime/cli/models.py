@@ -18,11 +18,16 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from export.recipe import TrainConfig, train_bundle
+    from export.recipe import TrainConfig, check_gate, class_names, read_card, train_bundle
+    mask_threshold, min_mask_fraction = check_gate(args.mask_threshold, args.min_mask_fraction)
     cfg = TrainConfig(unet_width=args.unet_width, vgg_width=args.vgg_width, unet_epochs=args.unet_epochs,
                       vgg_epochs=args.vgg_epochs, seed=args.seed, grid_search=args.grid_search,
                       kidney_labels=kidney_labels(args.label).given, qat=args.qat,
-                      qat_unet_epochs=args.qat_unet_epochs, qat_vgg_epochs=args.qat_vgg_epochs, qat_lr=args.qat_lr)
+                      qat_unet_epochs=args.qat_unet_epochs, qat_vgg_epochs=args.qat_vgg_epochs, qat_lr=args.qat_lr,
+                      classes=tuple(class_names(args.num_class, args.classes)), mask_threshold=mask_threshold,
+                      min_mask_fraction=min_mask_fraction)
+    card = (read_card(args.card, args.name, args.version, Path(args.out).name)
+            if (args.card or args.name is not None or args.version is not None) else None)
     given = [o for o, v in (("--check", args.check), ("--report", args.report), ("--min-iou", args.min_iou),
                             ("--min-gate", args.min_gate), ("--min-grade", args.min_grade),
                             ("--min-cosine", args.min_cosine)) if v not in (None, [])]
@@ -36,7 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                  unet_input=parse(args.unet_input, "--unet-input", 1) if args.unet_input else None,
                  vgg_input=parse(args.vgg_input, "--vgg-input", cfg.vgg_channels) if args.vgg_input else None,
                  check=args.check or None, report=Path(args.report) if args.report else None,
-                 thresholds=_thresholds(args) if args.qat else None)
+                 thresholds=_thresholds(args) if args.qat else None, card=card)
     return EXIT_OK
 
 
@@ -45,8 +50,71 @@ def cmd_export(args: argparse.Namespace) -> int:
     export_from_checkpoints(args.unet, args.vgg, args.booster, Path(args.out), random_weights=args.random_weights,
                             unet_width=args.unet_width, vgg_width=args.vgg_width, unet_onnx=args.unet_onnx,
                             vgg_onnx=args.vgg_onnx, unet_input=args.unet_input, vgg_input=args.vgg_input,
-                            name=args.name, version=args.version, card=args.card)
+                            name=args.name, version=args.version, card=args.card, num_class=args.num_class,
+                            classes=args.classes, mask_threshold=args.mask_threshold,
+                            min_mask_fraction=args.min_mask_fraction, unet_output=args.unet_output,
+                            vgg_output=args.vgg_output)
     return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """One image through the bundle's graph, every network's exact feeds and outputs written as .npy."""
+    import json
+
+    import numpy as np
+    from runtime.bundle import Bundle
+    from runtime.pipeline import Pipeline
+    from runtime.sources import open_source
+    bundle = Bundle.load(args.bundle)
+    if args.precision not in bundle.precisions:
+        raise UserError(f"--precision {args.precision}: bundle {args.bundle} has {', '.join(bundle.precisions)}")
+    with open_source(str(args.image), realtime=False) as src:
+        frame = next(iter(src), None)
+    if frame is None or frame.pixels is None:
+        raise UserError(f"--image '{args.image}' gave no frame{f' ({frame.error})' if frame else ''}; give an image "
+                        f"file (PNG, JPEG, DICOM, ...)")
+    out = Path(args.out or "inspect")
+    out.mkdir(parents=True, exist_ok=True)
+    with Pipeline(bundle, precision=args.precision, threads=1) as pipe:
+        graph = pipe.graph
+        gray, image, _ = graph.prepare_source(frame)
+        unet_feeds = graph.unet_feeds(image)
+        result = graph.run(image, pipe.unet, pipe.vgg, pipe.booster)
+    arrays = {"gray": gray, "image": image, f"unet_input.{graph.unet_input}": unet_feeds[graph.unet_input],
+              f"unet_output.{graph.unet_output}": result.prob[None, None], "mask": result.gate.mask}
+    if result.vgg_feeds is not None:
+        arrays[f"vgg_input.{graph.vgg_input}"] = result.vgg_feeds[graph.vgg_input]
+    if result.features is not None:
+        arrays[f"vgg_output.{graph.vgg_output}"] = result.features
+    if result.probabilities is not None:
+        arrays["booster_probabilities"] = np.asarray(result.probabilities, np.float32)[None]
+    files = {}
+    for key, value in arrays.items():
+        np.save(out / f"{key}.npy", value)
+        files[f"{key}.npy"] = {"shape": list(value.shape), "dtype": str(value.dtype)}
+    info = {"bundle": str(args.bundle), "image": str(args.image), "precision": args.precision,
+            "gate": {"mask_fraction": result.gate.fraction, "accepted": result.gate.accepted,
+                     "mask_threshold": graph.mask_threshold, "min_mask_fraction": graph.min_mask_fraction},
+            "grade": result.grade, "classes": bundle.manifest["classes"], "files": files}
+    (out / "inspect.json").write_text(json.dumps(info, indent=2) + "\n")
+    for name, meta in files.items():
+        print(f"{out / name}  {meta['dtype']}{meta['shape']}")
+    verdict = (f"grade {result.grade} ({bundle.manifest['classes'][result.grade - 1]})" if result.grade
+               else "rejected by the gate: no VGG input, features or grade")
+    print(f"inspect: mask fraction {result.gate.fraction:.4f}, {verdict}; {out / 'inspect.json'} lists the files")
+    return EXIT_OK
+
+
+def _model_options(p) -> None:
+    """What the bundle grades and how its gate decides: `train` and `export` alike."""
+    p.add_argument("--num-class", type=int, metavar="N", help="how many grades the bundle gives (default 4, the "
+                   "IFTA grades; the booster's num_class)")
+    p.add_argument("--classes", metavar="NAME,NAME,...", help="the grades' names in order, joined by commas (their "
+                   "count is the class count; default: the IFTA ranges for 4, 'grade 1'.. otherwise)")
+    p.add_argument("--mask-threshold", type=float, metavar="P", help="the gate: a pixel is kidney where the UNet's "
+                   "probability is above P (default 0.5)")
+    p.add_argument("--min-mask-fraction", type=float, metavar="F", help="the gate: a frame is scored when the "
+                   "kidney covers at least this share of the image (default 0.05)")
 
 
 def _networks(text: str) -> tuple[str, ...] | str:
@@ -123,20 +191,23 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def add_parsers(sub) -> None:
     s = sub.add_parser("sim", help="write a synthetic labelled kidney dataset (labelme JSON + labels.csv)")
-    s.add_argument("--out", required=True)
-    s.add_argument("--patients", type=int, required=True)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--frames-per-patient", type=int, default=12)
+    s.add_argument("--out", required=True, help="the dataset folder to write")
+    s.add_argument("--patients", type=int, required=True, help="how many simulated patients (grades spread evenly)")
+    s.add_argument("--seed", type=int, default=0, help="random seed of the phantom (default 0)")
+    s.add_argument("--frames-per-patient", type=int, default=12, help="frames per patient (default 12)")
     s.set_defaults(func=cmd_sim)
 
     t = sub.add_parser("train", help="train UNet, VGG-19-BN and XGBoost with the paper's recipes; writes a bundle")
-    t.add_argument("--data", required=True)
-    t.add_argument("--out", required=True)
-    t.add_argument("--unet-width", type=float, default=0.25)
-    t.add_argument("--vgg-width", type=float, default=0.0625)
-    t.add_argument("--unet-epochs", type=int, default=4)
-    t.add_argument("--vgg-epochs", type=int, default=24)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--data", required=True, help="labelme dataset folder (images, labelme JSON, labels.csv with "
+                   "image,patient,grade or grade flags)")
+    t.add_argument("--out", required=True, help="the bundle folder to write")
+    t.add_argument("--unet-width", type=float, default=0.25, help="UNet channel width relative to the paper's "
+                   "(default 0.25; 1 is the paper's)")
+    t.add_argument("--vgg-width", type=float, default=0.0625, help="VGG-19-BN channel width relative to the paper's "
+                   "(default 0.0625; 1 is the paper's)")
+    t.add_argument("--unet-epochs", type=int, default=4, help="UNet training epochs (default 4)")
+    t.add_argument("--vgg-epochs", type=int, default=24, help="VGG training epochs (default 24)")
+    t.add_argument("--seed", type=int, default=0, help="random seed of every training step and the split (default 0)")
     t.add_argument("--grid-search", action="store_true", help="small XGBoost grid search on the validation split")
     t.add_argument("--label", action="append", metavar="kidney=LABELS", help=LABEL_HELP)
     t.add_argument("--unet-input", metavar="NORM", help="the UNet's input normalization after uint8/255, used in "
@@ -157,6 +228,11 @@ def add_parsers(sub) -> None:
                       ("--min-cosine", "feature cosine similarity")):
         t.add_argument(opt, type=float, default=None, help=f"with --qat: minimum {what} of the INT8 check "
                        f"(default: calibrate's)")
+    _model_options(t)
+    t.add_argument("--name", help="the model's name in the manifest and on reports (default: sonoscore-ifta)")
+    t.add_argument("--version", help="the model's version (default: the card's, else 'unversioned')")
+    t.add_argument("--card", metavar="FILE", help="model card, JSON or YAML: name, version, description, changelog, "
+                   "authors, license, intended_use, data_source, references, disclaimer")
     t.set_defaults(func=cmd_train)
 
     x = sub.add_parser("export", help="checkpoints + booster -> bundle (ONNX fp32/fp16, UBJ booster, manifest)")
@@ -168,8 +244,13 @@ def add_parsers(sub) -> None:
                    "(one float input [N,1,224,224], dynamic batch, sigmoid output [N,1,224,224])")
     x.add_argument("--vgg-onnx", metavar="FILE", help="instead of --vgg: a VGG you exported to ONNX yourself "
                    "(one float input [N,C,224,224], dynamic batch; the Fc2 features as its one output or 'features')")
+    x.add_argument("--unet-output", metavar="NAME", help="with --unet-onnx: the output that is the kidney "
+                   "probability, when the file has several (default: its only one, or 'mask')")
+    x.add_argument("--vgg-output", metavar="NAME", help="with --vgg-onnx: the output that is the Fc2 features, when "
+                   "the file has several (default: its only one, or 'features')")
     x.add_argument("--booster", required=True, help="XGBoost model (.ubj or .json; multi:softprob or multi:softmax, "
-                   "4 classes, as many features as the VGG's Fc2); checked before anything is exported")
+                   "one class per grade (--num-class), as many features as the VGG's Fc2); checked before anything "
+                   "is exported")
     x.add_argument("--out", required=True, help="the bundle folder: a new one, or an existing bundle (replaced "
                    "only once the new one is complete)")
     x.add_argument("--unet-input", metavar="NORM", help="what the UNet was trained on after uint8/255: unit "
@@ -184,18 +265,29 @@ def add_parsers(sub) -> None:
                    help="no checkpoints: random weights at the given widths (for timing only)")
     x.add_argument("--unet-width", type=float, default=None, help="with --random-weights (default 1.0)")
     x.add_argument("--vgg-width", type=float, default=None, help="with --random-weights (default 1.0)")
+    _model_options(x)
     x.set_defaults(func=cmd_export)
+
+    i = sub.add_parser("inspect", help="one image through a bundle: the preprocessed frame and each network's exact "
+                       "feeds and outputs as .npy, to compare with your own code")
+    i.add_argument("--bundle", required=True, help="the bundle folder")
+    i.add_argument("--image", required=True, help="an image file (PNG, JPEG, DICOM, ...); its first frame is used")
+    i.add_argument("--out", help="the folder for the .npy files and inspect.json (default ./inspect)")
+    i.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
+                   help="which of the bundle's network files to run (default fp32)")
+    i.set_defaults(func=cmd_inspect)
 
     c = sub.add_parser("calibrate", help="INT8: calibrate the bundle's networks on frames (Q/DQ ONNX) and check "
                        "INT8 and FP16 against FP32 on frames not used for calibration")
-    c.add_argument("--bundle", required=True)
+    c.add_argument("--bundle", required=True, help="the bundle folder; its INT8 set is written into it")
     c.add_argument("--frames", action="append", default=[],
                    help="calibration source: folder, video, DICOM or sim://kidney?frames=600 (repeatable); "
                         "frames not picked for calibration are held out for the accuracy check (with --qat: "
                         "optional, every frame is checked)")
     c.add_argument("--check", action="append", default=[],
                    help="another source checked in full and never used for calibration (repeatable)")
-    c.add_argument("--method", default="minmax", choices=["minmax", "entropy", "percentile"])
+    c.add_argument("--method", default="minmax", choices=["minmax", "entropy", "percentile"],
+                   help="how activation ranges are calibrated (default minmax)")
     c.add_argument("--count", type=int, default=300, help="calibration frames, spread over the source (default 300)")
     c.add_argument("--holdout", type=int, default=300, help="held-out frames for the check (default 300)")
     c.add_argument("--max-frames", type=int, default=3000, help="frames read per source at most (spread evenly)")
@@ -215,7 +307,7 @@ def add_parsers(sub) -> None:
                    help="which networks to quantize (default unet,vgg); one left out runs in FP32 in the INT8 set "
                         "(mixed precision, as TensorRT builds it), e.g. --networks vgg when the UNet's INT8 masks "
                         "move grades; auto: both if they pass, else the VGG alone if it passes")
-    c.add_argument("--min-iou", type=float, default=0.97)
+    c.add_argument("--min-iou", type=float, default=0.97, help="minimum mask IoU")
     c.add_argument("--min-gate", type=float, default=0.97, help="minimum gate agreement")
     c.add_argument("--min-grade", type=float, default=0.97, help="minimum grade agreement")
     c.add_argument("--min-cosine", type=float, default=0.99, help="minimum feature cosine similarity")

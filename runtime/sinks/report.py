@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from runtime.bundle import DEMO_DISCLAIMER
+from runtime.bundle import CLASS_NAMES, DEMO_DISCLAIMER
 from runtime.sinks.overlay import DEFAULT_CLASS_NAMES
 
 STATUSES = ("accepted", "rejected", "error", "dropped")
@@ -35,10 +35,24 @@ GRADE_HEX = ("#2f9e5a", "#c49b00", "#e07a12", "#d13a3a")
 STATUS_HEX = ("#5fb37c", "#f0a040", "#d9534f", "#b9bcc0")
 
 
-class Timeline:
-    """A study's course in at most `capacity` bins (an even number) of consecutive records."""
+def default_class_names(n: int) -> tuple[str, ...]:
+    """The names shown for `n` classes when none are given: the IFTA ranges for 4, "grade 1".."grade n" otherwise."""
+    return tuple(DEFAULT_CLASS_NAMES) if n == len(DEFAULT_CLASS_NAMES) else tuple(f"grade {g}" for g in range(1, n + 1))
 
-    def __init__(self, n_classes: int = 4, capacity: int = 1024, smoothing: bool = False):
+
+def display_class_names(classes: Sequence[str] | None) -> tuple[str, ...]:
+    """The class names the sinks show for a bundle's `classes`: the paper's four as the overlay writes them
+    ("1: <25%", ...), any other names as the bundle gives them."""
+    if classes is None or list(classes) == list(CLASS_NAMES):
+        return tuple(DEFAULT_CLASS_NAMES)
+    return tuple(str(c) for c in classes)
+
+
+class Timeline:
+    """A study's course in at most `capacity` bins (an even number) of consecutive records. `n_classes` None: set
+    by `set_classes` before the first record with probabilities (the study summary learns it from that record)."""
+
+    def __init__(self, n_classes: int | None = 4, capacity: int = 1024, smoothing: bool = False):
         if capacity < 2 or capacity % 2:
             raise ValueError(f"timeline capacity must be an even number >= 2, got {capacity}")
         self.n_classes = n_classes
@@ -52,8 +66,15 @@ class Timeline:
         self.last = np.zeros(capacity, np.int64)         # ... and of its last
         self.status = np.zeros((capacity, len(STATUSES)), np.int64)   # records per gate state
         self.scored = np.zeros(capacity, np.int64)       # records with probabilities
-        self.raw = np.zeros((capacity, n_classes), np.float64)        # sum of probabilities
-        self.smooth = np.zeros((capacity, n_classes), np.float64) if smoothing else None
+        self.raw = self.smooth = None
+        self.set_classes(n_classes)
+
+    def set_classes(self, n_classes: int | None) -> None:
+        """Size the probability sums for `n_classes` (None: not yet known; no record with probabilities so far)."""
+        self.n_classes = n_classes
+        n = n_classes or 0
+        self.raw = np.zeros((self.capacity, n), np.float64)           # sum of probabilities
+        self.smooth = np.zeros((self.capacity, n), np.float64) if self.smoothing else None
 
     def add(self, frame: int, status: int, probabilities: np.ndarray | None = None,
             smoothed: np.ndarray | None = None) -> None:
@@ -122,6 +143,12 @@ def _e(x: Any) -> str:
 def _grade_label(name: str) -> str:
     """'3: 50-74%' -> '50-74%'."""
     return name.split(":", 1)[1].strip() if ":" in name else name
+
+
+def _grade_text(name: str) -> str:
+    """The study grade's caption: 'IFTA 50-74%' for the overlay's '3: 50-74%', a bundle's own name as it is."""
+    label = _grade_label(name)
+    return label if label.lower().startswith(("ifta", "grade")) or ":" not in name else f"IFTA {label}"
 
 
 def _colour(i: int) -> str:
@@ -222,7 +249,7 @@ def _plot_svg(tl: Timeline, class_names: Sequence[str], width: int = 760, height
     px = x(fx)
     for kind, probs in series:
         faint = kind == "raw" and len(series) > 1
-        for c in range(tl.n_classes):
+        for c in range(tl.n_classes or 0):
             py = y(probs[:, c])
             d = [f"{'M' if k in starts else 'L'}{a:.1f},{b:.1f}" for k, (a, b) in enumerate(zip(px, py))]
             parts.append(f'<path class="line" data-series="{kind}" data-class="{c + 1}" d="{" ".join(d)}" '
@@ -346,8 +373,9 @@ def _size_line(summary: dict[str, Any], accepted: int) -> str:
 def render_html(summary: dict[str, Any], timeline: Timeline, class_names: Sequence[str] = DEFAULT_CLASS_NAMES,
                 title: str = "Kidney ultrasound study \u2014 IFTA grade") -> str:
     """The one-page report of a study: `summary` is StudySummary.summary(), `timeline` its Timeline."""
-    names = list(class_names)[:timeline.n_classes]
-    names += [f"{i + 1}" for i in range(len(names), timeline.n_classes)]
+    n_classes = timeline.n_classes or 0
+    names = list(class_names)[:n_classes]
+    names += [f"{i + 1}" for i in range(len(names), n_classes)]
     disclaimer = summary.get("disclaimer")
     final, conf = summary.get("final_grade"), summary.get("confidence")
     smoothing = summary.get("smoothing")
@@ -359,7 +387,7 @@ def render_html(summary: dict[str, Any], timeline: Timeline, class_names: Sequen
                     f'<div class="conf">no frame passed the quality gate</div></div>')
         return (f'<div class="card"><h2>{_e(heading)}</h2><div class="grade">'
                 f'<div class="digit" style="color:{_colour(grade - 1)}">{grade}</div>'
-                f'<div><div class="what">IFTA {_e(_grade_label(names[grade - 1]))}</div>'
+                f'<div><div class="what">{_e(_grade_text(names[grade - 1]))}</div>'
                 f'<div class="conf">confidence {confidence:.2f}</div><div class="conf">{_e(note)}</div></div>'
                 f'</div></div>')
 
@@ -389,7 +417,7 @@ def render_html(summary: dict[str, Any], timeline: Timeline, class_names: Sequen
         legend += (f'<span class="sep"></span><span>each point: mean of {timeline.width} consecutive frames</span>')
 
     mean_probs = summary.get("mean_probabilities")
-    counts = [summary.get("grade_counts", {}).get(str(i + 1), 0) for i in range(timeline.n_classes)]
+    counts = [summary.get("grade_counts", {}).get(str(i + 1), 0) for i in range(n_classes)]
     mean_rows = "".join(
         f'<tr><td><span class="swatch" style="background:{_colour(i)}"></span>{_e(n)}</td>'
         f'<td>{"-" if mean_probs is None else f"{mean_probs[i]:.3f}"}</td>'

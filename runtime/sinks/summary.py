@@ -15,9 +15,8 @@ from runtime.stats import LatencySketch
 from runtime.measure import SizeStats
 from runtime.record import DROPPED, STAGES, FrameRecord
 from runtime.sinks import Sink
-from runtime.sinks.overlay import DEFAULT_CLASS_NAMES
 from runtime.sinks.report import (STATUS_ACCEPTED, STATUS_DROPPED, STATUS_ERROR, STATUS_REJECTED, Timeline,
-                                  render_html, write_html)
+                                  default_class_names, render_html, write_html)
 
 
 class StudySummary(Sink):
@@ -27,6 +26,11 @@ class StudySummary(Sink):
     Every record is exactly one of: accepted (passed the gate and scored), rejected (processed, below the gate),
     error (could not be processed) or dropped (skipped by the `newest` policy). The study grade is the argmax
     of the probabilities averaged over the accepted frames (+1); its confidence is that mean probability.
+
+    The class count is the bundle's: that of `class_names` (the bundle's `classes`, as shown), else `n_classes`,
+    else that of the first scored record's probabilities (so a 3-grade bundle's summary counts 3 grades whoever
+    made the summary; with none of these, the paper's four are counted zero). A scored record with another count
+    is a ValueError naming both counts.
 
     With `smoothing_half_life` (in accepted frames), the probabilities are also smoothed by an exponential moving
     average over the accepted frames (weight of a frame halves every `smoothing_half_life` accepted frames after
@@ -39,9 +43,9 @@ class StudySummary(Sink):
     0.5 % (relative) of the exact ones; `max` stays exact.
     """
 
-    def __init__(self, path: str | Path | None = None, disclaimer: str | None = None, n_classes: int = 4, *,
-                 html_path: str | Path | None = None, smoothing_half_life: float | None = None,
-                 class_names: Sequence[str] = DEFAULT_CLASS_NAMES, timeline_bins: int = 1024,
+    def __init__(self, path: str | Path | None = None, disclaimer: str | None = None, n_classes: int | None = None,
+                 *, html_path: str | Path | None = None, smoothing_half_life: float | None = None,
+                 class_names: Sequence[str] | None = None, timeline_bins: int = 1024,
                  card: dict | None = None):
         if smoothing_half_life is not None and not (smoothing_half_life > 0 and math.isfinite(smoothing_half_life)):
             raise ValueError(f"the smoothing half-life must be a positive number of frames, got {smoothing_half_life}")
@@ -49,22 +53,44 @@ class StudySummary(Sink):
         self.html_path = Path(html_path) if html_path else None
         self.disclaimer = disclaimer
         self.card = dict(card) if card else None        # the bundle's model card: the summary's `model`
-        self.n_classes = n_classes
-        self.class_names = tuple(class_names)
+        if class_names is not None:
+            if n_classes is not None and n_classes != len(class_names):
+                raise ValueError(f"n_classes={n_classes} but {len(class_names)} class names were given")
+            n_classes = len(class_names)
+        self.class_names = tuple(class_names) if class_names is not None else None
+        self.n_classes: int | None = None
         self.half_life = float(smoothing_half_life) if smoothing_half_life else None
         self.alpha = 1.0 - 0.5 ** (1.0 / self.half_life) if self.half_life else None
         self.frames = self.accepted = self.rejected = self.errors = self.dropped = 0
-        self.grade_counts = [0] * n_classes
+        self.grade_counts: list[int] = []
         self.source_id: str | None = None
         self._frame_range: list[int] | None = None
         self._t_range: list[float] | None = None
-        self._prob_sum = np.zeros(n_classes, np.float64)
+        self._prob_sum = np.zeros(0, np.float64)
         self._prob_n = 0
         self._ema: np.ndarray | None = None
-        self._smooth_counts = [0] * n_classes
-        self.timeline = Timeline(n_classes, timeline_bins, smoothing=self.half_life is not None)
+        self._smooth_counts: list[int] = []
+        self.timeline = Timeline(None, timeline_bins, smoothing=self.half_life is not None)
+        if n_classes is not None:
+            self._set_classes(int(n_classes))
         self._latency: dict[str, LatencySketch] = {}
         self._size = SizeStats()   # kidney length and area of the accepted frames (runtime/measure.py)
+
+    def _set_classes(self, n: int) -> None:
+        if n < 1:
+            raise ValueError(f"a study summary needs at least one class, got {n}")
+        self.n_classes = n
+        self.grade_counts = [0] * n
+        self._prob_sum = np.zeros(n, np.float64)
+        self._smooth_counts = [0] * n
+        self.timeline.set_classes(n)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The class names the report shows: those given, else the IFTA ranges for 4 classes, else "grade N"."""
+        if self.class_names is not None:
+            return self.class_names
+        return default_class_names(self.n_classes or 0)
 
     def write(self, record: FrameRecord) -> None:
         self._check_open()
@@ -87,9 +113,16 @@ class StudySummary(Sink):
         elif record.accepted:
             self.accepted += 1
             status = STATUS_ACCEPTED
-            if record.grade is not None and 1 <= record.grade <= self.n_classes:
+            if record.probabilities is not None:
+                if self.n_classes is None:
+                    self._set_classes(len(record.probabilities))
+                elif len(record.probabilities) != self.n_classes:
+                    raise ValueError(f"frame {record.frame} has {len(record.probabilities)} class probabilities but "
+                                     f"the study summary counts {self.n_classes} classes; make the summary with the "
+                                     f"bundle's classes (StudySummary(class_names=bundle.manifest['classes']))")
+            if record.grade is not None and self.n_classes is not None and 1 <= record.grade <= self.n_classes:
                 self.grade_counts[record.grade - 1] += 1
-            if record.probabilities is not None and len(record.probabilities) == self.n_classes:
+            if record.probabilities is not None:
                 probs = np.asarray(record.probabilities, np.float64)
                 self._prob_sum += probs
                 self._prob_n += 1
@@ -107,9 +140,11 @@ class StudySummary(Sink):
             self._size.add(record)
 
     def summary(self) -> dict:
+        # Nothing scored and no class count given: the paper's four grades, counted zero.
+        counts = self.grade_counts if self.n_classes is not None else [0] * len(default_class_names(4))
         out: dict = {"frames": self.frames, "accepted": self.accepted, "rejected": self.rejected,
                      "errors": self.errors, "dropped": self.dropped,
-                     "grade_counts": {str(g + 1): n for g, n in enumerate(self.grade_counts)}}
+                     "grade_counts": {str(g + 1): n for g, n in enumerate(counts)}}
         if self._prob_n:
             mean = self._prob_sum / self._prob_n
             best = int(np.argmax(mean))
@@ -121,9 +156,9 @@ class StudySummary(Sink):
         order += sorted(s for s in self._latency if s not in STAGES and s != "total")
         order += ["total"] if "total" in self._latency else []
         out["latency_ms"] = {s: self._latency[s].percentiles() for s in order}
-        n_graded = sum(self.grade_counts)
+        n_graded = sum(counts)
         out["grade_fractions"] = {str(g + 1): round(n / n_graded, 6) if n_graded else 0.0
-                                  for g, n in enumerate(self.grade_counts)}
+                                  for g, n in enumerate(counts)}
         out["final_grade_agreement"] = (round(self.grade_counts[out["final_grade"] - 1] / n_graded, 6)
                             if out["final_grade"] is not None and n_graded else None)
         if self.half_life is not None:
@@ -134,7 +169,7 @@ class StudySummary(Sink):
                 "final_grade": None if best is None else best + 1,
                 "confidence": None if best is None else round(float(ema[best]), 6),
                 "probabilities": None if ema is None else [round(float(p), 6) for p in ema],
-                "grade_counts": {str(g + 1): n for g, n in enumerate(self._smooth_counts)}}
+                "grade_counts": {str(g + 1): n for g, n in enumerate(self._smooth_counts or [0] * len(counts))}}
         else:
             out["smoothing"] = None
         out["source_id"] = self.source_id
@@ -149,7 +184,7 @@ class StudySummary(Sink):
 
     def html(self) -> str:
         """The one-page HTML report of the study so far."""
-        return render_html(self.summary(), self.timeline, self.class_names)
+        return render_html(self.summary(), self.timeline, self.names)
 
     def _close(self) -> None:
         if self.path is not None:
