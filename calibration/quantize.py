@@ -7,7 +7,7 @@ What the file must look like (docs/design.md, "The model bundle"; TensorRT's "Wo
 - Per-channel weights on the output-channel axis: axis 0 of a Conv weight [K, C, R, S].
 - ConvTranspose (`conv_transpose`): onnxruntime's CPU provider has no integer ConvTranspose kernel, so a Q/DQ
   ConvTranspose runs in float between a DequantizeLinear and a QuantizeLinear; in the full-width UNet its four
-  upsamplers were 30 of the INT8 file's 80 ms on a 2-core Xeon (scripts/int8_profile.py). "sub-pixel" (default)
+  upsamplers were 30 of the INT8 file's 80 ms on a 2-core Xeon (`bench --profile`). "sub-pixel" (default)
   writes each 4x4 stride-2 pad-1 ConvTranspose (the UNet's upsamplers) as the same computation in operators with
   integer kernels: a 3x3 pad-1 Conv with 4K output channels (output channel (2a + b) * K + k holds the taps of
   output phase (a, b), the other taps zero), the ReLU that follows it when it has one, then DepthToSpace(2, DCR).

@@ -413,7 +413,7 @@ def test_demo_timing_bundle_quantizes_what_the_demo_int8_set_quantizes(calibrate
 
 
 def test_float_layers_puts_one_layer_back_in_float_and_keeps_the_rest_quantized(tmp_path):
-    """float_layers (scripts/int8_sensitivity.py tries one layer at a time with it): the named layer reads the FP32
+    """float_layers (`calibrate --diagnose` tries one layer at a time with it): the named layer reads the FP32
     weight and the float activation, the other layer keeps its Q/DQ and scales, nothing dangles, and with every
     node reading float inputs (the Relu's and the float head's inputs have Q/DQ pairs of their own) the model
     computes what the FP32 model computes."""

@@ -374,8 +374,8 @@ def test_acceptance_phantom_frames_measure_within_5_percent_of_the_truth():
     """Issue 15: on phantom frames with known spacing, kidney length within 5 % of the truth on frames where the gate
     accepts. Trained weights cannot be relied on here, so the phantom's TRUE mask goes through the same path as the
     network's: the real simulated source (its spacing in meta), the pipeline's crop, cut and resized to 224 x 224,
-    the gate's rule, then measured back in the source frame. scripts/measure_check.py does the same with the demo
-    bundle's masks."""
+    the gate's rule, then measured back in the source frame (docs/benchmarks.md has the demo bundle's masks against
+    the truth)."""
     from runtime.sources.sim import SimSource
     errors = []
     for seed in (2, 11, 23):
