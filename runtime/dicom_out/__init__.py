@@ -104,5 +104,5 @@ from runtime.dicom_out.deid import DEIDENTIFICATION_METHOD
 from runtime.dicom_out.sr import COUNT_CODES, grade_code, grade_concept, probability_concept
 
 __all__ = ["study_results", "write_results", "frame_input", "result_kind", "seg_record_indices", "seg_frames",
-           "MAX_SEG_FRAMES", "MANUFACTURER", "CODING_SCHEME", "IFTA_CLASS_NAMES", "DEIDENTIFICATION_METHOD", "COUNT_CODES",
-           "grade_concept", "grade_code", "probability_concept"]
+           "MAX_SEG_FRAMES", "MANUFACTURER", "CODING_SCHEME", "IFTA_CLASS_NAMES", "DEIDENTIFICATION_METHOD",
+           "COUNT_CODES", "grade_concept", "grade_code", "probability_concept"]
