@@ -50,13 +50,14 @@ BLUE, RED = (181, 113, 33), (40, 39, 214)   # BGR
 
 
 def rss_mb(pid: int) -> float | None:
-    """The process's resident memory in MB (VmRSS), None when it is gone or not yet started (0 while it execs)."""
+    """The process's resident memory in MB (VmRSS), None when it is gone or still being started (under 1 MB while
+    the kernel execs it)."""
     try:
         text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
     m = re.search(r"^VmRSS:\s+(\d+)\s+kB", text, re.MULTILINE)
-    return int(m.group(1)) / 1024.0 if m and int(m.group(1)) > 0 else None
+    return int(m.group(1)) / 1024.0 if m and int(m.group(1)) >= 1024 else None
 
 
 class Tail:
