@@ -107,18 +107,18 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def add_parsers(sub) -> None:
     e = sub.add_parser("eval", help="kidney IoU and grade metrics on a labelled (labelme) dataset")
-    e.add_argument("--bundle", required=True)
+    e.add_argument("--bundle", required=True, help="the bundle folder to evaluate")
     e.add_argument("--data", required=True, help="dataset folder (labelme JSON beside images, optional labels.csv)")
     backend_opts(e)
     e.add_argument("--report", help="write the report JSON here (a confusion-matrix PNG goes beside it)")
     e.add_argument("--label", action="append", metavar="kidney=LABELS", help=LABEL_HELP)
-    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--quiet", action="store_true", help="no progress lines")
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="per-stage latency percentiles on simulated frames")
-    b.add_argument("--bundle", required=True)
+    b.add_argument("--bundle", required=True, help="the bundle folder to time")
     backend_opts(b, several=True)
-    b.add_argument("--frames", type=int, default=100)
+    b.add_argument("--frames", type=int, default=100, help="frames timed after the warm-up (default 100)")
     b.add_argument("--warmup", type=int, default=None, help="frames run before timing (default 3; 20 with "
                    "--device cuda: cuDNN's algorithm search and the CUDA graph capture happen there)")
     b.add_argument("--json", help="write the figures here")

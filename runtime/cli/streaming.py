@@ -72,7 +72,7 @@ def add_parsers(sub) -> None:
     d.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("run", help="stream a source through a bundle")
-    r.add_argument("--bundle", required=True)
+    r.add_argument("--bundle", required=True, help="the bundle folder (manifest.json, networks, booster)")
     r.add_argument("--source", required=True, help="image, folder, video, DICOM, sim://kidney?grade=3&fps=30&frames=300, "
                    "igtl://host:18944/Device, v4l2:///dev/video0 or gst://<pipeline>")
     backend_opts(r)
