@@ -463,9 +463,9 @@ def qat_finetune(model, batches: Iterable, *, epochs: int, lr: float, placement:
     Fake-quant sits where `placement` (from `qdq_placement`) says the Q/DQ file quantizes. The activation
     observers follow the data for the first `observe_epochs` epochs and are frozen after, so at least the last
     epoch trains against the scales the file will carry. Default: 0 with distillation (the scales stay the
-    placement's min-max calibration and the weights learn to them: docs/benchmarks.md, "INT8 research behind the defaults",
-    measured steadier and closer to FP32 than scales that follow the data), else all epochs but the last (or the
-    only one). Returns the QAT model in eval mode (observers frozen); `export_qdq` writes its Q/DQ file.
+    placement's min-max calibration and the weights learn to them: docs/benchmarks.md, "INT8 research behind the
+    defaults", measured steadier and closer to FP32 than scales that follow the data), else all epochs but the last
+    (or the only one). Returns the QAT model in eval mode (observers frozen); `export_qdq` writes its Q/DQ file.
 
     `vgg_loss` (VGG only): "ce", cross-entropy of the logits against the grades; "distill", `distillation_loss`
     between the fake-quant Fc2 features and `teacher`'s on the same inputs (what the booster reads, so what INT8
