@@ -45,15 +45,17 @@ def folder_problem(folder: Path) -> str | None:
 
 def echo_problem(d: Destination) -> str | None:
     """C-ECHO the C-STORE destination as sonoscore would associate with it; None when it answered success."""
-    from pynetdicom import AE
+    from pynetdicom import AE, evt
     quiet_library_logs()
     ae = AE(ae_title=d.calling_ae)
     for attr in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
         setattr(ae, attr, min(d.timeout_s, 30.0))
     ae.add_requested_context(VERIFICATION)
     tls_args = (d.tls.client_context(), d.host) if d.tls else None
+    connected = []
     try:
-        assoc = ae.associate(d.host, d.port, ae_title=d.called_ae, tls_args=tls_args)
+        assoc = ae.associate(d.host, d.port, ae_title=d.called_ae, tls_args=tls_args,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(True))])
     except OSError as e:
         return f"no association with {d.host}:{d.port} ({e.strerror or e}); check the host and the TLS settings"
     if not assoc.is_established:
@@ -66,7 +68,7 @@ def echo_problem(d: Destination) -> str | None:
                 return (f"the PACS rejected the association: its AE title is not '{d.called_ae}'; set called_ae "
                         f"to the PACS's AE title")
             return "the PACS rejected the association; check called_ae, calling_ae and the PACS's list of peers"
-        down = connection_problem(d.host, d.port, d.timeout_s)
+        down = None if connected else connection_problem(d.host, d.port, d.timeout_s)
         if down:
             return down
         return (f"{d.host}:{d.port} took the connection but no association was made (it does not accept "

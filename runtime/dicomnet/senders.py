@@ -74,7 +74,7 @@ class CStoreSender:
     def send(self, paths: list[Path], on_result: Callable[[Path, Outcome], None]) -> None:
         from pydicom.filereader import read_file_meta_info
         from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-        from pynetdicom import AE
+        from pynetdicom import AE, evt
         quiet_library_logs()
         d = self.dest
         ae = AE(ae_title=d.calling_ae)
@@ -90,12 +90,14 @@ class CStoreSender:
         for sop_class, ts in list(syntaxes.items())[:128]:
             ae.add_requested_context(sop_class, ts)
         tls_args = (d.tls.client_context(), d.host) if d.tls else None
+        connected = []
         try:
-            assoc = ae.associate(d.host, d.port, ae_title=d.called_ae, tls_args=tls_args)
+            assoc = ae.associate(d.host, d.port, ae_title=d.called_ae, tls_args=tls_args,
+                                 evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(True))])
         except OSError as e:  # a TLS handshake that fails, an address that cannot be resolved
             raise Unreachable(f"no association ({e.strerror or e})") from None
         if not assoc.is_established:
-            raise Unreachable(_association_failure(assoc, d))
+            raise Unreachable(_association_failure(assoc, d, bool(connected)))
         try:
             for p in paths:
                 status = assoc.send_c_store(p)
@@ -115,17 +117,17 @@ class CStoreSender:
                 assoc.release()
 
 
-def _association_failure(assoc, dest: Destination) -> str:
-    """Why no association was made, as a clause. pynetdicom reports a refused or unanswered TCP connection as an
-    aborted association, so the connection itself is tried again to tell a PACS that is down from one that hung
-    up."""
+def _association_failure(assoc, dest: Destination, connected: bool) -> str:
+    """Why no association was made, as a clause. pynetdicom reports a TCP connection that was refused or not
+    answered as an aborted association; when none was opened (`connected` False, from EVT_CONN_OPEN), the
+    connection is tried once more to say which (a PACS that is down, a wrong port, a firewall)."""
     if assoc.is_rejected:
         rsp = getattr(assoc.acceptor, "primitive", None)
         diag = {1: "no reason given", 2: "application context not supported", 3: "calling AE title not recognised",
                 7: "called AE title not recognised"}
         reason = diag.get(getattr(rsp, "diagnostic", None), "rejected")
         return f"the association was rejected ({reason})"
-    down = connection_problem(dest.host, dest.port, dest.timeout_s)
+    down = None if connected else connection_problem(dest.host, dest.port, dest.timeout_s)
     if down:
         return down
     if assoc.is_aborted:
