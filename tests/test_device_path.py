@@ -103,25 +103,31 @@ def same_records(dev: list[dict], cpu: list[dict]):
 
 def test_run_device_cuda_gives_the_cpu_pipelines_records_masks_at_source_size_and_video(known, frames_dir,
                                                                                        tmp_path, stand_ins):
-    kw = lambda d: dict(masks=d / "masks", mask_size="original", video=d / "v.mp4")  # noqa: E731
-    _, cpu = run(known, frames_dir, tmp_path / "cpu", "cpu", **kw(tmp_path / "cpu"))
+    cpu_dir, masks_dir, video_dir = tmp_path / "cpu", tmp_path / "cuda-masks", tmp_path / "cuda-video"
+    _, cpu = run(known, frames_dir, cpu_dir, "cpu", masks=cpu_dir / "masks", mask_size="original",
+                 video=cpu_dir / "v.mp4")
     assert HostDevice.last is None                                    # the CPU pipeline: no device
-    stats, dev = run(known, frames_dir, tmp_path / "cuda", "cuda", **kw(tmp_path / "cuda"))
+    # --save-masks --mask-size original alone: every frame's mask comes back, placed in its source frame
+    stats, dev = run(known, frames_dir, masks_dir, "cuda", masks=masks_dir / "masks", mask_size="original")
     same_records(dev, cpu)
     assert [r["accepted"] for r in dev] == [False, False, True, True, False, True]   # 5 % of the image or more
-    # the device pipeline ran: one host wait per frame; the mask of every frame came back (masks, video)
+    assert stats.frames == len(RADII) and stats.accepted == 3
+    # the device pipeline ran: one host wait per frame, and the mask of every frame came back
     assert HostDevice.last.syncs == len(RADII) and HostKernels.last.mask_downloads == len(RADII)
     assert HostDevice.last.closed
     for i in range(len(RADII)):
-        a = cv2.imread(str(tmp_path / "cuda" / "masks" / f"{i}.png"), cv2.IMREAD_UNCHANGED)
-        b = cv2.imread(str(tmp_path / "cpu" / "masks" / f"{i}.png"), cv2.IMREAD_UNCHANGED)
+        a = cv2.imread(str(masks_dir / "masks" / f"{i}.png"), cv2.IMREAD_UNCHANGED)
+        b = cv2.imread(str(cpu_dir / "masks" / f"{i}.png"), cv2.IMREAD_UNCHANGED)
         assert a.shape == (240, 320) and np.array_equal(a, b)         # the source frame's size, as on the CPU
-    assert cv2.imread(str(tmp_path / "cuda" / "masks" / "3.png"), cv2.IMREAD_UNCHANGED).any()
-    shown, cpu_shown = video_frames(tmp_path / "cuda" / "v.mp4"), video_frames(tmp_path / "cpu" / "v.mp4")
+    assert cv2.imread(str(masks_dir / "masks" / "3.png"), cv2.IMREAD_UNCHANGED).any()
+    # --video alone: the frame and its mask come back to be drawn
+    _, dev = run(known, frames_dir, video_dir, "cuda", video=video_dir / "v.mp4")
+    same_records(dev, cpu)
+    assert HostKernels.last.mask_downloads == len(RADII)
+    shown, cpu_shown = video_frames(video_dir / "v.mp4"), video_frames(cpu_dir / "v.mp4")
     assert len(shown) == len(cpu_shown) == len(RADII)
     for a, b in zip(shown, cpu_shown):      # the same frame and mask drawn (latency text apart)
         assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).mean() < 1.0
-    assert stats.frames == len(RADII) and stats.accepted == 3
 
 
 def test_with_results_only_nothing_but_the_features_and_the_fraction_comes_back(known, frames_dir, tmp_path,
@@ -278,13 +284,12 @@ def test_listen_config_takes_processing_device_and_refuses_a_bad_one(tmp_path):
 
 
 @pytest.mark.skipif(not cuda_missing_here(), reason="this machine has what --device cuda needs")
-def test_listen_on_cuda_without_cuda_exits_2_with_one_sentence_before_the_port_opens(known, tmp_path, capsys):
+def test_listen_on_cuda_without_cuda_exits_2_with_one_sentence_before_the_port_opens(known, tmp_path):
     pytest.importorskip("pynetdicom")
-    from runtime.cli import main
     cfg = listen_config(tmp_path / "l.yaml", device="cuda", bundle=str(known))
-    assert main(["listen", "--config", str(cfg)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("sonoscore: the device pipeline needs ") and "Traceback" not in "\n".join(err)
+    r = sonoscore("listen", "--config", cfg, timeout=60)      # on the CPU pipeline it would listen, and time out
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("sonoscore: the device pipeline needs ")
     cfg = listen_config(tmp_path / "c.yaml", device="cpu", bundle=str(known))   # --device wins over the file
-    assert main(["listen", "--config", str(cfg), "--device", "cuda"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("sonoscore: the device pipeline needs ")
+    r = sonoscore("listen", "--config", cfg, "--device", "cuda", timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("sonoscore: the device pipeline needs ")
