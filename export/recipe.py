@@ -10,16 +10,18 @@ import contextlib
 import json
 import platform
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from runtime import logs
 from runtime import preprocess as pp
 from runtime.bundle import CLASS_NAMES, DEMO_DISCLAIMER, Bundle, write_manifest
 from runtime.graph import MASK_THRESHOLD, MIN_MASK_FRACTION, Graph, masked
+
+log = logs.get("export")
 
 
 @dataclass
@@ -103,9 +105,6 @@ def check_gate(mask_threshold: float | None, min_mask_fraction: float | None) ->
     return t, f
 
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
 
 class NoLabelledImages(ValueError):
     """The dataset has no image whose kidney is annotated (`load_preprocessed`)."""
@@ -122,7 +121,7 @@ def load_preprocessed(data_dir: Path, graph: Graph, progress: bool = True, kidne
     `who`) names them. ValueError for a dataset that cannot be read, NoLabelledImages when no image is left."""
     from runtime.labelme import read_dataset
     from runtime.sources import Frame
-    say = _say if say is None else say
+    say = log.info if say is None else say
     samples = read_dataset(Path(data_dir), labels=kidney_labels)
     say(f"{who}: {samples.summary_line()}")
     samples = [s for s in samples if not s.kidney_missing]
@@ -166,7 +165,7 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
     graph = Graph(crimmins_iterations=cfg.crimmins_iterations, vgg_channels=cfg.vgg_channels,
                   unet_normalization=unet_input, vgg_normalization=vgg_input, mask_threshold=mask_threshold,
                   min_mask_fraction=min_mask_fraction)
-    _say(f"train: reading and preprocessing {data_dir}")
+    log.info(f"train: reading and preprocessing {data_dir}")
     try:
         extra = booster_thresholds(graph, cfg.booster_mask_thresholds)
         images, masks, grades, patients = load_preprocessed(data_dir, graph, progress, cfg.kidney_labels)
@@ -184,19 +183,19 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
     is_val = split_by_patient(np.maximum(grades - 1, 0), patients, cfg.val_fraction, cfg.seed, n_classes)
     tr, va = ~is_val, is_val
     for g in sorted(set(range(1, n_classes + 1)) - set(grades[tr].tolist())):
-        _say(f"train: warning: grade {g} ({classes[g - 1]}) has no examples in the training data; the bundle "
+        log.info(f"train: warning: grade {g} ({classes[g - 1]}) has no examples in the training data; the bundle "
              f"will never learn to give it")
-    _say(f"train: {len(images)} images of {len(set(patients))} patients; "
+    log.info(f"train: {len(images)} images of {len(set(patients))} patients; "
          f"{len(set(patients[va]))} patients held for validation")
 
-    _say(f"train: UNet width {cfg.unet_width}, {cfg.unet_epochs} epochs (MSE loss)")
+    log.info(f"train: UNet width {cfg.unet_width}, {cfg.unet_epochs} epochs (MSE loss)")
     unet, unet_hist = train_unet(images[tr], masks[tr], width=cfg.unet_width, epochs=cfg.unet_epochs,
                                  seed=cfg.seed, val=(images[va], masks[va]) if va.any() else None,
                                  progress=progress, graph=graph, normalization=graph.unet_normalization)
     # The VGG learns from labelled kidneys the gate would pass, under their labelled masks.
     kidney = graph.kidney_frames(masks, grades)
     masked_images = np.stack([masked(i, m) for i, m in zip(images, masks)])
-    _say(f"train: VGG-19-BN width {cfg.vgg_width}, {cfg.vgg_epochs} epochs (cross-entropy) on "
+    log.info(f"train: VGG-19-BN width {cfg.vgg_width}, {cfg.vgg_epochs} epochs (cross-entropy) on "
          f"{int((kidney & tr).sum())} masked kidney images")
     vgg, vgg_hist = train_vgg(masked_images[kidney & tr], grades[kidney & tr] - 1, width=cfg.vgg_width,
                               in_channels=cfg.vgg_channels, epochs=cfg.vgg_epochs, seed=cfg.seed,
@@ -210,11 +209,11 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
     if cfg.qat:
         from export.qat import qat_networks
         shutil.rmtree(qat_work, ignore_errors=True)
-        _say(f"train: quantization-aware fine-tuning (UNet {cfg.qat_unet_epochs}, VGG {cfg.qat_vgg_epochs} epochs)")
+        log.info(f"train: quantization-aware fine-tuning (UNet {cfg.qat_unet_epochs}, VGG {cfg.qat_vgg_epochs} epochs)")
         qat = qat_networks(unet, vgg, unet_images=images[tr], unet_masks=(masks[tr] > 0).astype(np.uint8),
                            vgg_images=masked_images[kidney & tr], vgg_labels=grades[kidney & tr] - 1, graph=graph,
                            out_dir=qat_work, unet_epochs=cfg.qat_unet_epochs, vgg_epochs=cfg.qat_vgg_epochs,
-                           lr=cfg.qat_lr, seed=cfg.seed, vgg_shift=cfg.vgg_shift, log=_say,
+                           lr=cfg.qat_lr, seed=cfg.seed, vgg_shift=cfg.vgg_shift, log=log.info,
                            unet_loss=cfg.qat_unet_loss, activation_scales=cfg.qat_activation_scales)
         unet, vgg = qat["unet"], qat["vgg"]   # the networks the FP32/FP16 files and the booster use
     tmp.mkdir(parents=True)
@@ -222,7 +221,7 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
 
     # Booster features from the exported networks, the deployed way: predicted mask, gate, masked image.
     from runtime.backends.ort import OrtRunner
-    _say("train: VGG features of every gated kidney image through the exported ONNX networks"
+    log.info("train: VGG features of every gated kidney image through the exported ONNX networks"
          + (f", also under the masks of thresholds {', '.join(f'{t:g}' for t in extra)}" if extra else ""))
     booster_masks = "predicted"
     t_feats = time.time()
@@ -233,7 +232,7 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
         if len(set(grades[chosen])) < 2 or len(chosen) < 8:
             # An undertrained UNet (a few epochs on a few images) may pass no frame through the gate. The booster
             # still needs examples: use the labelled masks, and say so in the manifest.
-            _say("train: warning: the UNet passed too few frames through the gate; the booster is trained on "
+            log.info("train: warning: the UNet passed too few frames through the gate; the booster is trained on "
                  "features of the labelled masks instead")
             rows = np.flatnonzero(kidney)
             feats = np.stack([graph.run(images[i], vgg=vg, mask=masks[i], until="vgg").features[0] for i in rows])
@@ -241,7 +240,7 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
             booster_masks = "labelled"
     t_feats = time.time() - t_feats
     labels, pats = grades[rows] - 1, patients[rows]
-    _say(f"train: XGBoost (multi:softprob, eta 0.01, max_depth 16, subsample 0.5, lambda 10) on "
+    log.info(f"train: XGBoost (multi:softprob, eta 0.01, max_depth 16, subsample 0.5, lambda 10) on "
          f"{int((~copies).sum())} frames" + (f" and {int(copies.sum())} copies under other thresholds' masks "
                                                f"(training patients' copies only are fitted)" if copies.any() else ""))
     val_patients = sorted(set(patients[va].tolist())) or None
@@ -268,7 +267,7 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
         shutil.rmtree(out)
     tmp.rename(out)
     Bundle.load(out)  # verify what was written
-    _say(f"train: bundle written to {out} in {time.time() - t_start:.0f} s")
+    log.info(f"train: bundle written to {out} in {time.time() - t_start:.0f} s")
     if qat is not None:
         try:
             _install_qat(out, qat["qat"], {"validation patients": list(images[va])} if va.any() else
@@ -344,7 +343,7 @@ def _install_qat(bundle: Path, qat: dict, frame_sets: dict, check: list[str] | N
         what = f"the VGG alone in INT8, the UNet stays FP32 (both in INT8 missed: {result['int8_both_missed'][0]})"
     else:
         what = "no INT8 set installed, the bundle is FP32/FP16"
-    _say(f"train: QAT INT8 check on {', '.join(result['accuracy']) or 'no frames'}: {what}"
+    log.info(f"train: QAT INT8 check on {', '.join(result['accuracy']) or 'no frames'}: {what}"
          + (f"; {missed}" if missed else "") + f"; report {report} ({time.time() - t:.0f} s)")
 
 
@@ -430,7 +429,7 @@ def check_fp16(out: Path, nets: dict, graph: Graph) -> None:
             fp16 = nets[name]["files"].pop("fp16")
             (out / fp16).unlink(missing_ok=True)
             what = "probability" if name == "unet" else "Fc2 features, relative to their largest value"
-            _say(f"export: warning: the {name}'s FP16 file differs from its FP32 file by {value:.3g} ({what}) on "
+            log.info(f"export: warning: the {name}'s FP16 file differs from its FP32 file by {value:.3g} ({what}) on "
                  f"{len(images)} frames, beyond the tolerance {tol:g}; it is left out, so the bundle has no FP16 "
                  f"precision (FP32 and INT8 are unaffected)")
 
@@ -460,7 +459,7 @@ def _export_torch(name: str, model, out: Path, width: float | None, graph: Graph
     channels = 1 if name == "unet" else int(model.in_channels)
     info = exporter(model, out / f"{name}.onnx", graph)   # the graph's tensor names, size and normalization
     half = to_fp16(out / f"{name}.onnx", out / f"{name}.fp16.onnx", _normalization(graph, name), channels)
-    _say(f"export: {name} -> {name}.onnx, {name}.fp16.onnx in {time.time() - t:.1f} s "
+    log.info(f"export: {name} -> {name}.onnx, {name}.fp16.onnx in {time.time() - t:.1f} s "
          f"(parity vs torch {info.get('parity_max_abs', float('nan')):.2e})")
     entry = _network_entry(name, graph, channels, None if name == "unet" else model.features_dim)
     entry.update({
@@ -479,7 +478,7 @@ def _import_onnx(name: str, net, out: Path, graph: Graph) -> dict:
     t = time.time()
     copy_onnx(net, out / f"{name}.onnx")
     half = to_fp16(out / f"{name}.onnx", out / f"{name}.fp16.onnx", _normalization(graph, name), net.channels)
-    _say(f"export: {name} <- {net.path.name} (ONNX as given), {name}.fp16.onnx made in {time.time() - t:.1f} s")
+    log.info(f"export: {name} <- {net.path.name} (ONNX as given), {name}.fp16.onnx made in {time.time() - t:.1f} s")
     entry = _network_entry(name, graph, net.channels, net.features)
     if net.static_batch:   # the file's batch is a fixed 1: the pipelines feed one frame at a time
         entry["input"]["shape"][0] = entry["output"]["shape"][0] = 1
@@ -752,7 +751,7 @@ def export_from_checkpoints(unet_ckpt, vgg_ckpt, booster_path, out: Path, *, ran
     if isinstance(vgg, ck.OnnxNetwork):
         names.update(vgg_input=vgg.input_name, vgg_output=vgg.output_name)
     graph = Graph(vgg_channels=vch, unet_normalization=unet_norm, vgg_normalization=vgg_norm, **names, **gate)
-    _say(f"export: booster {Path(booster_path).name} ({binfo['objective']}, {binfo['num_class']} classes, "
+    log.info(f"export: booster {Path(booster_path).name} ({binfo['objective']}, {binfo['num_class']} classes, "
          f"{binfo['num_features']} features) fits; VGG {vgg_what} gives {features} features")
 
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
@@ -781,7 +780,7 @@ def export_from_checkpoints(unet_ckpt, vgg_ckpt, booster_path, out: Path, *, ran
             with contextlib.suppress(OSError):
                 p.rmdir()
         raise
-    _say(f"export: bundle written to {out} in {time.time() - t0:.0f} s")
+    log.info(f"export: bundle written to {out} in {time.time() - t0:.0f} s")
     return out
 
 

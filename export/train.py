@@ -18,14 +18,16 @@ Everything is seeded; CPU threads are capped at two (the machines this runs on a
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Iterable
 
 import numpy as np
 
-from runtime import normalize
+from runtime import logs, normalize
 from runtime.graph import Graph
+from runtime.progress import Progress
+
+log = logs.get("train")
 
 NUM_CLASSES = 4
 BOOSTER_PARAMS = {  # the paper's XGBoost
@@ -49,12 +51,9 @@ def _threads() -> int:
     return n
 
 
-def _bar(total: int, desc: str, progress: bool):
-    from tqdm import tqdm
-    # A bar only on a terminal; logs (CI, systemd) get the one summary line per epoch instead.
-    return tqdm(total=total, desc=desc, file=sys.stderr, disable=not progress or not sys.stderr.isatty(),
-                leave=False, dynamic_ncols=True,
-                mininterval=1.0)
+def _bar(total: int, desc: str, progress: bool) -> Progress:
+    """A bar on a terminal only: logs (CI, systemd) get the one summary line per epoch instead."""
+    return Progress(desc, total, enabled=progress, lines=False)
 
 
 def _rows(arr: np.ndarray, idx: np.ndarray, flip: np.ndarray | None = None):
@@ -153,8 +152,8 @@ def _fit(model, images, targets, loss_fn, *, channels, epochs, batch_size, lr, s
                 sched.step()
                 total += loss.item() * len(idx)
                 seen += len(idx)
-                bar.update(len(idx))
-                bar.set_postfix(loss=f"{total / seen:.4f}")
+                bar.advance(len(idx))
+                bar.note(loss=f"{total / seen:.4f}")
         history["train_loss"].append(total / seen)
         scores = validate(model)
         for k, v in scores.items():
@@ -166,8 +165,8 @@ def _fit(model, images, targets, loss_fn, *, channels, epochs, batch_size, lr, s
         history["epoch_seconds"].append(round(time.perf_counter() - t0, 2))
         if progress:
             extra = "".join(f", {k} {v[-1]:.4f}" for k, v in history.items() if k.startswith("val_"))
-            print(f"  {desc} epoch {epoch + 1}/{epochs}: loss {total / seen:.4f}{extra} "
-                  f"({history['epoch_seconds'][-1]:.1f} s)", file=sys.stderr, flush=True)
+            log.info(f"  {desc} epoch {epoch + 1}/{epochs}: loss {total / seen:.4f}{extra} "
+                     f"({history['epoch_seconds'][-1]:.1f} s)")
     if best_state is not None:
         model.load_state_dict(best_state)
     return model.eval(), history
@@ -348,8 +347,8 @@ def train_booster(features: np.ndarray, labels: np.ndarray, patients: np.ndarray
         scores = (f"val mlogloss {info['val_mlogloss']:.4f}, val accuracy {info['val_accuracy']:.3f} on "
                   f"{len(info['val_patients'])} held-out patients" if info["val_mlogloss"] is not None
                   else "no held-out patients")
-        print(f"  xgboost: best iteration {info['best_iteration']} ({info['num_trees']} trees), {scores} "
-              f"({info['seconds']:.1f} s)", file=sys.stderr, flush=True)
+        log.info(f"  xgboost: best iteration {info['best_iteration']} ({info['num_trees']} trees), {scores} "
+                 f"({info['seconds']:.1f} s)")
     return best["booster"], info
 
 
@@ -358,7 +357,7 @@ def _fit_booster(xgb, params, dtrain, dval, y_val, num_boost_round, early_stoppi
     with _bar(rounds, desc, progress) as bar:
         class _Tick(xgb.callback.TrainingCallback):
             def after_iteration(self, model, epoch, evals_log):
-                bar.update(1)
+                bar.advance()
                 return False
 
         booster = xgb.train(params, dtrain, num_boost_round=rounds, evals=[(dval, "val")] if dval is not None else (),

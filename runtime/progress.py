@@ -22,10 +22,13 @@ log = logs.get("progress")
 
 
 class Progress:
-    """Progress of `total` units of work called `desc`. `enabled=False` says nothing at all."""
+    """Progress of `total` units of work called `desc`. `enabled=False` says nothing at all; `lines=False` shows the
+    bar on a terminal but writes no lines elsewhere (work that logs its own line when it ends, e.g. an epoch)."""
 
-    def __init__(self, desc: str, total: int, *, unit: str = "item", enabled: bool = True, indent: str = ""):
+    def __init__(self, desc: str, total: int, *, unit: str = "item", enabled: bool = True, indent: str = "",
+                 lines: bool = True):
         self.desc, self.total, self.unit, self.enabled = desc, max(1, int(total)), unit, enabled
+        self.lines = lines
         self.indent, self.done, self.t0 = indent, 0, time.perf_counter()
         self._every = max(1, self.total // 10)
         self._said = 0
@@ -47,10 +50,15 @@ class Progress:
         if self._bar is not None:
             self._bar.n = self.done
             self._bar.refresh()
-        elif self.done // self._every > self._said // self._every or (self.done == self.total > self._said):
+        elif self.lines and self.done // self._every > self._said // self._every or (self.done == self.total > self._said):
             self._said = self.done
             log.info("%s%s: %d/%d %ss (%.0f s)", self.indent, self.desc, self.done, self.total, self.unit,
                      time.perf_counter() - self.t0)
+
+    def note(self, **values) -> None:
+        """Figures shown beside the bar on a terminal (e.g. the running loss); nothing elsewhere."""
+        if self._bar is not None:
+            self._bar.set_postfix(**values)
 
     def advance(self, n: int = 1) -> None:
         self.update(self.done + n)
