@@ -143,8 +143,9 @@ def _soak(bundle, minutes: float, out: Path, *, json_path, plot, backend, precis
     t0 = time.monotonic()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        # the results sink writes r.partial-<pid>.jsonl beside r.jsonl until the run ends (runtime.sinks.partial_path)
-        partial = results.with_name(f"{results.stem}.partial-{proc.pid}{results.suffix}")
+        # the results sink writes r.partial-<time>-<random>.jsonl beside r.jsonl until the run ends
+        # (runtime.sinks.partial_path); found once it exists
+        partial = None
         tail = Tail()
         rss: list[list[float]] = []
         windows: list[list] = []
@@ -157,7 +158,8 @@ def _soak(bundle, minutes: float, out: Path, *, json_path, plot, backend, precis
                 m = None if done else rss_mb(proc.pid)
                 if m is not None:
                     rss.append([round(t, 2), round(m, 2)])
-                new = tail.read(partial if partial.exists() else None)
+                partial = partial or next(results.parent.glob(f"{results.stem}.partial-*{results.suffix}"), None)
+                new = tail.read(partial if partial is not None and partial.exists() else None)
                 totals = [r["latency_ms"]["total"] for r in new
                           if r.get("error") is None and (r.get("latency_ms") or {}).get("total") is not None]
                 if totals:

@@ -109,14 +109,14 @@ def test_sigkill_leaves_every_completed_record_parseable_the_video_readable_and_
     finally:
         proc.kill()
     assert (tmp_path / "r.jsonl").read_bytes() == previous
-    [partial] = tmp_path.glob(f"r.partial-{proc.pid}.jsonl")
+    [partial] = tmp_path.glob("r.partial-*.jsonl")
     data = partial.read_bytes()
     complete = data[:data.rfind(b"\n") + 1].decode().splitlines()
     assert len(complete) >= 75
     assert [json.loads(x)["frame"] for x in complete] == list(range(len(complete)))
     # The video is a fragmented MP4 (a key frame and a fragment each second at 30 fps): the killed run's partial
     # file reads up to its last whole fragment, and the file at --video was never created.
-    [video] = tmp_path.glob(f"o.partial-{proc.pid}.mp4")
+    [video] = tmp_path.glob("o.partial-*.mp4")
     cap = cv2.VideoCapture(str(video))
     decoded = 0
     while cap.read()[0]:
@@ -124,6 +124,94 @@ def test_sigkill_leaves_every_completed_record_parseable_the_video_readable_and_
     cap.release()
     assert decoded >= 30
     assert not (tmp_path / "o.mp4").exists()
+
+
+def kill_mid_run(tiny_bundle, folder: Path, n: int = 40) -> subprocess.Popen:
+    """A real `run` with --results and --video, SIGKILLed once it has written `n` records."""
+    proc = start("run", "--bundle", tiny_bundle, "--source", LIVE, "--quiet", "--results", folder / "r.jsonl",
+                 "--video", folder / "o.mp4")
+    try:
+        wait_for_records(proc, folder, n)
+        time.sleep(1.2)                                   # a whole second of video: one fragment at least
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+    return proc
+
+
+def test_a_killed_runs_results_survive_the_next_run_to_the_same_path(tiny_bundle, tmp_path):
+    """Issue 27 item 4: a container restart gives the next run the same process id (PID 1); it must never reopen
+    the killed run's partial file. Partial names are new each run, and at start the earlier partial results beside
+    --results and --video are kept as `r.recovered-*.jsonl` / `o.recovered-*.mp4`, one line saying so."""
+    kill_mid_run(tiny_bundle, tmp_path)
+    [partial] = tmp_path.glob("r.partial-*.jsonl")
+    killed = partial.read_bytes()
+    killed = killed[:killed.rfind(b"\n") + 1]
+    assert killed.count(b"\n") >= 40
+    [vpartial] = tmp_path.glob("o.partial-*.mp4")
+    r = sonoscore("run", "--bundle", tiny_bundle, "--source", "sim://kidney?fps=0&frames=5", "--quiet",
+                  "--results", tmp_path / "r.jsonl", "--video", tmp_path / "o.mp4", timeout=300)
+    assert r.returncode == 0, r.stderr
+    [recovered] = tmp_path.glob("r.recovered-*.jsonl")
+    assert recovered.read_bytes()[:len(killed)] == killed                     # every record of the killed run
+    [vrecovered] = tmp_path.glob("o.recovered-*.mp4")
+    assert video_frames_decoded(vrecovered) >= 30
+    assert len(records(tmp_path / "r.jsonl")) == 5 and video_frames(tmp_path / "o.mp4") == 5
+    assert not list(tmp_path.glob("*partial*"))
+    said = one_sentence_errors(r.stderr)
+    assert len(said) == 2, said
+    assert any(f"results {tmp_path / 'r.jsonl'}" in x and recovered.name in x for x in said)
+    assert any(f"video {tmp_path / 'o.mp4'}" in x and vrecovered.name in x for x in said)
+    # a third run leaves the recovered files alone and says nothing
+    r = sonoscore("run", "--bundle", tiny_bundle, "--source", "sim://kidney?fps=0&frames=2", "--quiet",
+                  "--results", tmp_path / "r.jsonl", timeout=300)
+    assert r.returncode == 0 and not one_sentence_errors(r.stderr)
+    assert list(tmp_path.glob("r.recovered-*.jsonl")) == [recovered]
+
+
+def test_a_partial_file_still_being_written_is_not_taken(tiny_bundle, tmp_path):
+    """Two runs to the same --results at once: the second does not rename the first's partial file (it holds a
+    lock on it), and the first still finishes into place."""
+    proc = start("run", "--bundle", tiny_bundle, "--source", "sim://kidney?fps=30&frames=150", "--quiet",
+                 "--results", tmp_path / "r.jsonl")
+    try:
+        wait_for_records(proc, tmp_path, 5)
+        r = sonoscore("run", "--bundle", tiny_bundle, "--source", "sim://kidney?fps=0&frames=2", "--quiet",
+                      "--results", tmp_path / "r.jsonl", timeout=300)
+        assert r.returncode == 0 and not one_sentence_errors(r.stderr), r.stderr
+        assert not list(tmp_path.glob("r.recovered-*"))
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert len(records(tmp_path / "r.jsonl")) == 150
+
+
+def video_frames_decoded(path: Path) -> int:
+    cap = cv2.VideoCapture(str(path))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    cap.release()
+    return n
+
+
+@pytest.mark.parametrize("name", ["v.avi", "v.mkv", "v", "v.MP4.txt"])
+def test_a_video_name_the_writer_cannot_write_is_refused_at_start(tiny_bundle, tmp_path, name):
+    """Issue 27 item 15: `--video v.avi` was refused only after the whole run (exit 5)."""
+    (tmp_path / "r.jsonl").write_bytes(b"previous\n")
+    t0 = time.monotonic()
+    r = sonoscore("run", "--bundle", tiny_bundle, "--source", "sim://kidney?fps=0&frames=3000",
+                  "--results", tmp_path / "r.jsonl", "--video", tmp_path / name, timeout=300)
+    assert r.returncode == 2 and time.monotonic() - t0 < 60
+    said = one_sentence_errors(r.stderr)
+    assert len(said) == 1 and f"--video {tmp_path / name}" in said[0] and ".mp4" in said[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.jsonl"]
+    assert (tmp_path / "r.jsonl").read_bytes() == b"previous\n"
+    os.symlink(tmp_path / "elsewhere.avi", tmp_path / "link.mp4")    # a link to a name it cannot write: the same
+    r = sonoscore("run", "--bundle", tiny_bundle, "--source", "sim://kidney?fps=0&frames=2",
+                  "--video", tmp_path / "link.mp4", timeout=120)
+    assert r.returncode == 2 and "--video" in r.stderr and not (tmp_path / "elsewhere.avi").exists()
 
 
 # -- a run that fails to start -------------------------------------------------------------------------------------

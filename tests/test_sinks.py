@@ -452,3 +452,45 @@ def test_every_sink_gets_one_record_per_input_frame_through_the_stream(tmp_path)
     assert read_video(tmp_path / "o.mp4")[:2] == (10, 10)
     s = json.loads((tmp_path / "s.json").read_text())
     assert (s["frames"], s["accepted"], s["rejected"], s["errors"]) == (10, 5, 4, 1)
+
+
+def test_a_video_name_the_sink_cannot_write_is_refused_by_the_start_up_check(tmp_path):
+    """Issue 27 item 15: the video sink's own rule (runtime.sinks.video.SUFFIXES), in check_outputs."""
+    from runtime.errors import UserError
+    from runtime.sinks import check_outputs
+    from runtime.sinks.video import SUFFIXES
+    assert SUFFIXES == (".mp4", ".m4v")
+    for name in ("o.avi", "o.mkv", "o", "o.mp4.part"):
+        with pytest.raises(UserError, match=r"must end in \.mp4 or \.m4v"):
+            check_outputs([("--video", tmp_path / name)])
+    check_outputs([("--video", tmp_path / "o.MP4"), ("--results", tmp_path / "r.avi")])   # results: any name
+    assert not list(tmp_path.iterdir())
+
+
+def test_partial_names_are_new_each_time_and_never_reopened(tmp_path):
+    """Issue 27 item 4: the partial name is not the process id (a restarted container's PID 1 again) but the time
+    and 8 random hex digits; `claim_partial` creates it exclusively."""
+    import os
+    import re
+    from runtime.sinks import claim_partial, partial_path
+    names = {partial_path(tmp_path / "r.jsonl").name for _ in range(50)}
+    assert len(names) == 50 and all(re.fullmatch(r"r\.partial-\d{8}T\d{6}Z-[0-9a-f]{8}\.jsonl", n) for n in names)
+    p = partial_path(tmp_path / "r.jsonl")
+    os.close(claim_partial(p))
+    with pytest.raises(FileExistsError):
+        claim_partial(p)
+
+
+def test_an_earlier_partial_beside_the_results_is_kept_as_recovered(tmp_path, capsys):
+    from runtime.sinks.jsonl import JsonlSink
+    old = tmp_path / "r.partial-1.jsonl"              # what a run of an earlier version (PID 1) left
+    old.write_bytes(b'{"frame": 0}\n{"frame": 1}\n')
+    (tmp_path / "r.partial-20240101T000000Z-00000000.jsonl").write_bytes(b"")   # empty: nothing to keep
+    (tmp_path / "q.partial-1.jsonl").write_bytes(b"another output's\n")         # not this output's
+    sink = JsonlSink(tmp_path / "r.jsonl")
+    err = capsys.readouterr().err.strip().splitlines()
+    [rec] = tmp_path.glob("r.recovered-*.jsonl")
+    assert rec.read_bytes() == b'{"frame": 0}\n{"frame": 1}\n' and not old.exists()
+    assert len(err) == 1 and rec.name in err[0] and str(tmp_path / "r.jsonl") in err[0]
+    sink.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["q.partial-1.jsonl", rec.name, "r.jsonl"])

@@ -179,8 +179,9 @@ def test_a_short_token_is_refused_on_a_network_address_and_the_command_says_so(t
     from tests.conftest import sonoscore
     with pytest.raises(UserError, match="at least 16 characters"):
         LiveViewer(host="0.0.0.0", token="x")
-    with LiveViewer(host="0.0.0.0", token="y" * 16) as v:                # long enough: used as given
-        assert v.token == "y" * 16
+    good = "Qx7-vRk2_Lm9Tz4a"
+    with LiveViewer(host="0.0.0.0", token=good) as v:                     # long and random enough: used as given
+        assert v.token == good
     with LiveViewer(token="x") as v:                                     # loopback: any token narrows access further
         assert v.token == "x"
     r = sonoscore("run", "--bundle", tiny_bundle, "--source", "sim://kidney?fps=0&frames=2", "--view",
@@ -421,3 +422,37 @@ def test_the_page_shows_the_live_frame_grade_and_numbers_in_chromium(frames, bro
     panel = shot[:, x1 + 20:]
     assert not is_contour(shot[y0:y1, :x0]).any() if x0 > 0 else True
     assert panel.std() > 5                                                # the HTML panel has content
+
+
+# -- issue 27 item 13: a long token that is easy to guess --------------------------------------------------------
+
+@pytest.mark.parametrize("token", ["aaaaaaaaaaaaaaaa", "abababababababab", "passwordpassword", "Password12345678",
+                                   "abcdefghijklmnopqrstuvwxyz", "0123456789abcdef"])
+def test_a_weak_token_is_refused_on_a_network_address_saying_how_to_make_one(token):
+    from runtime.errors import UserError
+    with pytest.raises(UserError) as e:
+        LiveViewer(host="0.0.0.0", token=token)
+    msg = str(e.value)
+    assert "too easy to guess" in msg and "secrets.token_urlsafe(18)" in msg and "leave --view-token out" in msg
+    assert msg.count(". ") == 0 and token not in msg
+    with LiveViewer(token=token) as v:                                   # loopback: any token narrows access
+        assert v.token == token
+
+
+def test_random_tokens_of_16_characters_and_the_generated_ones_pass():
+    import secrets
+    from runtime.sinks.viewer import MIN_TOKEN_BITS, token_bits
+    assert all(token_bits(secrets.token_urlsafe(12)) >= MIN_TOKEN_BITS for _ in range(500))   # 16 characters
+    assert all(token_bits(secrets.token_urlsafe(18)) >= MIN_TOKEN_BITS + 30 for _ in range(500))
+    assert token_bits("a" * 16) == 0
+
+
+def test_the_command_refuses_a_weak_token_with_exit_2_before_writing(tiny_bundle, tmp_path):
+    from tests.conftest import sonoscore
+    r = sonoscore("run", "--bundle", tiny_bundle, "--source", "sim://kidney?fps=0&frames=2", "--view",
+                  "--view-host", "0.0.0.0", "--view-port", 0, "--view-token", "aaaaaaaaaaaaaaaa",
+                  "--results", tmp_path / "r.jsonl")
+    assert r.returncode == 2 and "too easy to guess" in r.stderr and "Traceback" not in r.stderr
+    [said] = [x for x in r.stderr.splitlines() if "--view-token" in x]
+    assert "secrets.token_urlsafe(18)" in said and "aaaaaaaaaaaaaaaa" not in said
+    assert not list(tmp_path.iterdir())

@@ -22,8 +22,12 @@ never started wrote.
 """
 from __future__ import annotations
 
+import glob
 import os
+import secrets
 import stat
+import sys
+import time
 from pathlib import Path
 
 from runtime.errors import UserError
@@ -97,11 +101,78 @@ def reason(error: BaseException) -> str:
 
 
 def partial_path(path: str | Path) -> Path:
-    """Where an output is written until it is finished: beside it, `r.jsonl` -> `r.partial-<pid>.jsonl` (the
-    suffix kept, so OpenCV still picks the container by it; the process id, so a killed run's partial file is
-    never overwritten by the next run)."""
+    """Where an output is written until it is finished: beside it, `r.jsonl` -> `r.partial-<time>-<random>.jsonl`
+    (the suffix kept, so the video writer still picks the container by it). The name is new for every run (UTC
+    start time and 8 random hex digits; not the process id, which a container restart gives again: PID 1), and
+    `claim_partial` creates it exclusively, so a partial file is never reopened for writing and a killed run's
+    records are never overwritten by the next run (`recover_partials` keeps them)."""
     path = Path(path)
-    return path.with_name(f"{path.stem}.partial-{os.getpid()}{path.suffix}")
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return path.with_name(f"{path.stem}.partial-{stamp}-{secrets.token_hex(4)}{path.suffix}")
+
+
+def claim_partial(partial: Path) -> int:
+    """Create `partial` (it must not exist: O_EXCL) and hold an exclusive advisory lock on it for as long as the
+    returned descriptor is open (the run's life; the OS drops it when the process dies, SIGKILL included), so
+    `recover_partials` of another run never takes a file still being written."""
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        import fcntl
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        pass
+    return fd
+
+
+def recover_partials(target: Path, label: str) -> list[Path]:
+    """Keep what earlier runs left beside `target` (`<stem>.partial-*<suffix>`: a run killed by SIGKILL, a power
+    cut, a container restart): each non-empty one no process holds (`claim_partial`'s lock) is renamed
+    `<stem>.recovered-<its last write, UTC>-<random><suffix>` (never over another file) and one line on stderr says
+    so; an empty one is removed. Returns the recovered files."""
+    target = Path(target)
+    kept: list[Path] = []
+    for old in sorted(target.parent.glob(f"{glob.escape(target.stem)}.partial-*{glob.escape(target.suffix)}")):
+        try:
+            fd = os.open(old, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            try:
+                import fcntl
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue                      # another run is writing it now
+            except ImportError:
+                pass
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            if st.st_size == 0:
+                old.unlink(missing_ok=True)
+                continue
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(st.st_mtime))
+            new = old.with_name(f"{target.stem}.recovered-{stamp}-{secrets.token_hex(3)}{target.suffix}")
+            try:
+                os.link(old, new)             # fails rather than replace a file of that name
+                os.unlink(old)
+            except FileExistsError:
+                continue
+            except OSError:                   # a file system without hard links: a rename, checked first
+                if new.exists():
+                    continue
+                try:
+                    os.rename(old, new)
+                except OSError:
+                    continue
+            kept.append(new)
+        finally:
+            os.close(fd)
+    if kept:
+        fsync_path(target.parent)
+        names = ", ".join(p.name for p in kept)
+        print(f"sonoscore: {label}: an earlier run stopped before finishing it; its partial output is kept as "
+              f"{names} beside it", file=sys.stderr, flush=True)
+    return kept
 
 
 def target_path(path: str | Path) -> Path:
@@ -148,7 +219,7 @@ def check_outputs(files: list[tuple[str, str | Path]], folders: list[tuple[str, 
     """Refuse, before anything is written, output paths that cannot work; raises UserError (one sentence).
 
     `files` and `folders` are (label, path) pairs: the same path twice (after links), an input given as an output,
-    a folder given as a file, a file given as a folder, a path whose folder cannot be written or created, or an
+    a folder given as a file, a `--video` whose name the video sink cannot write (not .mp4 / .m4v), a file given as a folder, a path whose folder cannot be written or created, or an
     existing file that is read-only. Labels in `stream_ok` may name a pipe or device (written in place); others
     must be regular files. Nothing is created or changed."""
     seen: dict[str, str] = {}
@@ -174,6 +245,9 @@ def check_outputs(files: list[tuple[str, str | Path]], folders: list[tuple[str, 
                 continue
             if not os.access(target, os.W_OK):
                 raise UserError(f"{label} {p} is read-only")
+        if label == "--video":                   # the sink's own rule: MP4 names only (runtime/sinks/video.py)
+            from runtime.sinks.video import check_path
+            check_path(p, label)
         _creatable(label, target.parent, p)
     for label, p in folders:
         target = target_path(p)

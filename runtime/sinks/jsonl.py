@@ -6,15 +6,17 @@ import os
 from pathlib import Path
 
 from runtime.record import FrameRecord
-from runtime.sinks import Sink, fsync_path, is_stream_file, partial_path, reason, target_path
+from runtime.sinks import (Sink, claim_partial, fsync_path, is_stream_file, partial_path, reason, recover_partials,
+                           target_path)
 
 
 class JsonlSink(Sink):
     """Writes `record.to_json()` as one line per record, each line with one write() to the operating system, so a
     process killed at any moment (SIGKILL) leaves every completed record as a whole line.
 
-    The lines go to `partial` (`r.partial-<pid>.jsonl` beside `r.jsonl`, parent folders made), created when the
-    sink is made; `close()` renames it into place, so the file at the path is the previous run's until this run
+    The lines go to `partial` (`r.partial-<time>-<random>.jsonl` beside `r.jsonl`, parent folders made), created
+    (never reopened: a new name each run) and locked when the sink is made, after an earlier run's partial files
+    left beside the path are kept as `r.recovered-<time>-<random>.jsonl` (`recover_partials`, one line says so); `close()` renames it into place, so the file at the path is the previous run's until this run
     has finished. A path that is a pipe or a device (/dev/stdout) is written in place. When a write fails (a full
     disk), the file is cut back to the last complete record, the sink takes no more records, and `close()` still
     renames what it holds into place."""
@@ -29,8 +31,9 @@ class JsonlSink(Sink):
             self._file = open(target, "wb", buffering=0)
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
+            recover_partials(target, self.label)
             self.target, self.partial = target, partial_path(target)
-            self._file = open(self.partial, "wb", buffering=0)
+            self._file = open(claim_partial(self.partial), "wb", buffering=0)
 
     @property
     def label(self) -> str:
@@ -57,12 +60,17 @@ class JsonlSink(Sink):
                 f"it keeps those {self.lines} records and takes no more")
 
     def _close(self) -> None:
-        self._file.close()
-        if self.partial is not None:
-            fsync_path(self.partial)
+        if self.partial is None:
+            self._file.close()
+            return
+        try:                              # renamed while still open: the lock holds until it is in place
+            os.fsync(self._file.fileno())
             os.replace(self.partial, self.target)
+        finally:
+            self._file.close()
+        fsync_path(self.target.parent)
 
     def _discard(self) -> None:
-        self._file.close()
         if self.partial is not None:
             self.partial.unlink(missing_ok=True)
+        self._file.close()

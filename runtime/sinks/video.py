@@ -11,12 +11,23 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from runtime.errors import UserError
 from runtime.record import DROPPED, FrameRecord
-from runtime.sinks import Sink, fsync_path, partial_path, reason, target_path
+from runtime.sinks import Sink, claim_partial, fsync_path, partial_path, reason, recover_partials, target_path
 from runtime.sinks.overlay import DEFAULT_CLASS_NAMES, PANEL_BG, fill, render_overlay
 
 
 MIN_FREE_BYTES = 256 * 1024        # less than this is a full disk for the video
+SUFFIXES = (".mp4", ".m4v")        # the file names the writer takes: it writes MP4 only
+
+
+def check_path(path: str | Path, label: str = "--video") -> None:
+    """Refuse, before anything runs, a video path this sink cannot write (its name, and the file a link at it
+    leads to, must end in one of SUFFIXES): UserError, one sentence."""
+    for name in (Path(path), target_path(path)):
+        if name.suffix.lower() not in SUFFIXES:
+            raise UserError(f"{label} {path} cannot be written: the video is MP4 only, so its file name must end in "
+                            f"{' or '.join(SUFFIXES)} (e.g. {Path(path).with_suffix('.mp4').name})")
 
 
 class VideoSink(Sink):
@@ -33,7 +44,8 @@ class VideoSink(Sink):
     `newest` policy repeats the last picture rather than flashing a placeholder. The rate printed on the
     pictures is the measured processing rate (records that went through the pipeline, last 30).
 
-    The video is written to `partial` (`o.partial-<pid>.mp4` beside `o.mp4`) and `close()` flushes the encoder
+    The video is written to `partial` (`o.partial-<time>-<random>.mp4` beside `o.mp4`, `runtime.sinks.partial_path`; an earlier run's left there is
+    kept first as `o.recovered-<time>-<random>.mp4`, `recover_partials`) and `close()` flushes the encoder
     (the last fragment is written then), reads the file back and renames it into place: the file at the path is
     the previous run's until this one has finished, and never an unreadable one. A write that fails (a full disk)
     raises; a disk with almost no space left is taken as full before the write (`_check_space`), and a file that
@@ -46,7 +58,9 @@ class VideoSink(Sink):
         self.path = Path(path)
         self.target = target_path(self.path)
         self.target.parent.mkdir(parents=True, exist_ok=True)
+        recover_partials(self.target, self.label)
         self.partial = partial_path(self.target)
+        self._lock: int | None = None        # claim_partial's descriptor, from the first picture to the end
         self.fps = float(fps) if fps and fps > 0 else 30.0
         self.disclaimer = disclaimer
         self.class_names = class_names
@@ -102,6 +116,7 @@ class VideoSink(Sink):
     def _open(self, width: int, height: int) -> None:
         width, height = width + width % 2, height + height % 2     # 4:2:0 chroma needs even sides; _fit pads
         try:
+            self._lock = claim_partial(self.partial)
             writer = _Writer(self.partial, self.fps, width, height)
         except (OSError, ValueError, ImportError) as e:
             self.partial.unlink(missing_ok=True)
@@ -133,7 +148,20 @@ class VideoSink(Sink):
                 f"no more, and is kept only if what was written reads back")
 
     def _close(self) -> None:
+        try:
+            self._finish()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def _finish(self) -> None:
         if self._writer is None:
+            if self._lock is not None:
+                self.partial.unlink(missing_ok=True)
             return                      # nothing was written: the file at the path stays as it was
         writer, self._writer = self._writer, None
         try:
@@ -159,7 +187,9 @@ class VideoSink(Sink):
         if self._writer is not None:
             self._writer.abandon()
             self._writer = None
-        self.partial.unlink(missing_ok=True)
+        if self._lock is not None:
+            self.partial.unlink(missing_ok=True)
+        self._release()
 
 
 class _Writer:
@@ -170,7 +200,7 @@ class _Writer:
     def __init__(self, path: Path, fps: float, width: int, height: int):
         import av
         from fractions import Fraction
-        if path.suffix.lower() not in (".mp4", ".m4v"):
+        if path.suffix.lower() not in SUFFIXES:
             raise ValueError("it writes MP4 only, and the name does not end in .mp4")
         self._av = av
         rate = Fraction(fps).limit_denominator(1001)

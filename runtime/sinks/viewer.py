@@ -61,10 +61,41 @@ from runtime.sinks.overlay import (CONTOUR, DEFAULT_CLASS_NAMES, GRADE_COLOURS, 
 PAGE_ASSET = "viewer_page.html"   # beside this module; pyproject.toml's package-data ships it
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-MIN_TOKEN_CHARS = 16       # a token given for a network address (the generated ones have 24)
+MIN_TOKEN_CHARS = 16       # a token given for a network address (the generated ones have 24) ...
+MIN_TOKEN_BITS = 40        # ... and at least this many bits by `token_bits` (a generated one: about 100)
+MAKE_TOKEN = "python3 -c 'import secrets; print(secrets.token_urlsafe(18))'"
 POLL_WAIT_S = 1.0          # how long /state.json?after=N waits for a newer state
 CLIENT_IDLE_S = 3.0        # no request for this long: stop drawing pictures
 KEEP_PICTURES = 4          # pictures kept by state number, so a page gets the one that matches its numbers
+
+
+def token_bits(token: str) -> float:
+    """A conservative estimate of the bits of randomness in a token typed by a person: a token that repeats a
+    shorter unit ("abcabcabc...") counts that unit once; a character that continues a run of equal steps ("aaaa",
+    "1234", "abcd", "9753") counts nothing; what is left counts its empirical Shannon entropy per character times
+    its length (16 characters of one symbol: 0 bits; 16 random base64 characters: about 60)."""
+    n = len(token)
+    unit = next((token[:p] for p in range(1, n) if n % p == 0 and token[:p] * (n // p) == token), token)
+    codes = [ord(c) for c in unit]
+    kept = [c for i, c in enumerate(codes) if i < 2 or c - codes[i - 1] != codes[i - 1] - codes[i - 2]]
+    counts = {c: kept.count(c) for c in set(kept)}
+    m = len(kept)
+    return max(0.0, -sum(k * math.log2(k / m) for k in counts.values())) if m else 0.0
+
+
+def check_token(token: str, host: str) -> None:
+    """Refuse a token too short or too easy to guess for a viewer on a network address: UserError, one sentence
+    saying how to make a good one."""
+    if len(token) < MIN_TOKEN_CHARS:
+        raise UserError(f"--view-token must have at least {MIN_TOKEN_CHARS} characters when the viewer listens on "
+                        f"{host} (a network address); make one with `{MAKE_TOKEN}`, or leave --view-token out and "
+                        f"one is generated")
+    bits = token_bits(token)
+    if bits < MIN_TOKEN_BITS:
+        raise UserError(f"--view-token is too easy to guess for a viewer that listens on {host} (a network "
+                        f"address): about {bits:.0f} bits of randomness where {MIN_TOKEN_BITS} are needed (repeated "
+                        f"or sequential characters count for little); make one with `{MAKE_TOKEN}`, or leave "
+                        f"--view-token out and one is generated")
 
 
 def _is_loopback(host: str) -> bool:
@@ -135,9 +166,8 @@ class LiveViewer(Sink):
                  model: str | None = None):
         self.host = host
         self.loopback = _is_loopback(host)
-        if token is not None and not self.loopback and len(token) < MIN_TOKEN_CHARS:
-            raise UserError(f"--view-token must have at least {MIN_TOKEN_CHARS} characters when the viewer listens "
-                            f"on {host} (a network address); leave it out and one is generated")
+        if token is not None and not self.loopback:
+            check_token(token, host)
         self.token: str | None = token or (None if self.loopback else secrets.token_urlsafe(18))
         self.disclaimer = disclaimer or None
         self.model = model or None
