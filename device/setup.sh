@@ -262,7 +262,8 @@ if [[ $SERVICE -eq 1 ]]; then
   fi
   as_root install -m 644 "$REPO/device/99-sonoscore-video.rules" /etc/udev/rules.d/99-sonoscore-video.rules
   unit="$(mktemp)"
-  sed -e "s#/opt/sonoscore/venv#$VENV#g" -e "s#/opt/sonoscore/src#$REPO#g" "$REPO/device/sonoscore.service" > "$unit"
+  sed -e "s#/opt/sonoscore/venv#$VENV#g" -e "s#/opt/sonoscore/src#$REPO#g" -e "s#/usr/local/cuda/bin#$CUDA_ROOT/bin#g" \
+    "$REPO/device/sonoscore.service" > "$unit"
   as_root install -m 644 "$unit" /etc/systemd/system/sonoscore.service
   rm -f "$unit"
   as_root udevadm control --reload

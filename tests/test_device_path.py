@@ -76,6 +76,14 @@ def run(known, source, out: Path, device: str, **kw):
     return stats, [json.loads(line) for line in (out / "r.jsonl").read_text().splitlines()]
 
 
+def compare_runs():
+    import importlib.util as iu
+    spec = iu.spec_from_file_location("compare_runs", Path(__file__).parents[1] / "device" / "compare_runs.py")
+    module = iu.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def video_frames(path: Path) -> list[np.ndarray]:
     video, out = cv2.VideoCapture(str(path)), []
     while True:
@@ -120,6 +128,11 @@ def test_run_device_cuda_gives_the_cpu_pipelines_records_masks_at_source_size_an
         b = cv2.imread(str(cpu_dir / "masks" / f"{i}.png"), cv2.IMREAD_UNCHANGED)
         assert a.shape == (240, 320) and np.array_equal(a, b)         # the source frame's size, as on the CPU
     assert cv2.imread(str(masks_dir / "masks" / "3.png"), cv2.IMREAD_UNCHANGED).any()
+    # device/compare_runs.py, which the GPU session runs on the two runs' outputs, says the same
+    figures = compare_runs().compare(*(compare_runs().records(d / "r.jsonl") for d in (cpu_dir, masks_dir)),
+                                     masks=(cpu_dir / "masks", masks_dir / "masks"))
+    assert (figures["gate_agreement"], figures["grade_agreement"], figures["accepted"]) == (1.0, 1.0, [3, 3])
+    assert figures["masks"] == {"compared": len(RADII), "missing_in_second": 0, "mean_iou": 1.0, "min_iou": 1.0}
     # --video alone: the frame and its mask come back to be drawn
     _, dev = run(known, frames_dir, video_dir, "cuda", video=video_dir / "v.mp4")
     same_records(dev, cpu)
@@ -293,3 +306,21 @@ def test_listen_on_cuda_without_cuda_exits_2_with_one_sentence_before_the_port_o
     cfg = listen_config(tmp_path / "c.yaml", device="cpu", bundle=str(known))   # --device wins over the file
     r = sonoscore("listen", "--config", cfg, "--device", "cuda", timeout=60)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("sonoscore: the device pipeline needs ")
+
+
+# -- the service ---------------------------------------------------------------------------------------------------
+
+def test_the_service_env_file_sets_the_device_run_reads(monkeypatch):
+    """device/sonoscore.env (the unit's EnvironmentFile) sets SONOSCORE_DEVICE, which `run` takes as --device; the
+    unit puts the CUDA toolkit's bin folder (nvcc, for the GPU kernels) on PATH, and setup.sh writes its CUDA_ROOT."""
+    from runtime.cli.streaming import run_device
+    root = Path(__file__).parents[1] / "device"
+    settings = dict(ln.split("=", 1) for ln in (root / "sonoscore.env").read_text().splitlines()
+                    if ln and not ln.startswith("#"))
+    monkeypatch.setenv("SONOSCORE_DEVICE", settings["SONOSCORE_DEVICE"])
+    assert run_device(None) == settings["SONOSCORE_DEVICE"] in ("cpu", "cuda")
+    assert run_device("cuda") == "cuda"
+    unit = (root / "sonoscore.service").read_text()
+    assert "\nEnvironment=PATH=/usr/local/cuda/bin:" in unit
+    assert unit.index("Environment=PATH=") < unit.index("EnvironmentFile=")   # the env file may still override it
+    assert 's#/usr/local/cuda/bin#$CUDA_ROOT/bin#g' in (root / "setup.sh").read_text()
