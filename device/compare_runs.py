@@ -26,6 +26,10 @@ def p50(values: list[float]) -> float | None:
     return round(values[len(values) // 2], 3) if values else None
 
 
+def share(hits: list[bool]) -> float | None:
+    return round(sum(hits) / len(hits), 6) if hits else None
+
+
 def compare(a: list[dict], b: list[dict], masks: tuple[Path, Path] | None = None) -> dict:
     import numpy as np
     if [r["frame"] for r in a] != [r["frame"] for r in b]:
@@ -36,8 +40,8 @@ def compare(a: list[dict], b: list[dict], masks: tuple[Path, Path] | None = None
     out = {"frames": len(a), "compared": len(ok),
            "errors": [sum(bool(r["error"]) for r in run) for run in (a, b)],
            "accepted": [sum(r["accepted"] for r in run) for run in (a, b)],
-           "gate_agreement": round(sum(x["accepted"] == y["accepted"] for x, y in ok) / max(len(ok), 1), 6),
-           "grade_agreement": round(sum(x["grade"] == y["grade"] for x, y in both) / max(len(both), 1), 6),
+           "gate_agreement": share([x["accepted"] == y["accepted"] for x, y in ok]),
+           "grade_agreement": share([x["grade"] == y["grade"] for x, y in both]),   # frames both accepted
            "max_abs_mask_fraction_diff": round(max((abs(x["mask_fraction"] - y["mask_fraction"]) for x, y in ok),
                                                    default=0.0), 6),
            "max_abs_probability_diff": round(max((float(np.max(np.abs(np.subtract(x["probabilities"],
