@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.bundle import Bundle
-from runtime.pipeline import open_pipeline
+from runtime.pipelines import open_pipeline
 from runtime.record import DROPPED, FrameRecord
 from runtime.sources import open_source
 from runtime.stream import StopRequest, StreamStats, run_stream

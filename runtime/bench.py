@@ -431,9 +431,9 @@ def bench_device(bundle_path, *, device: str = "cuda", backend: str = "ort", pre
 
 
 def _make_pipeline(bundle, device, backend, precision, graphs, threads, cache_dir):
-    """The pipeline `run --device` runs (runtime.pipeline.open_pipeline), the gate open; on cuda with the kernels
+    """The pipeline `run --device` runs (runtime.pipelines.open_pipeline), the gate open; on cuda with the kernels
     made to be timed."""
-    from runtime.pipeline import open_pipeline
+    from runtime.pipelines import open_pipeline
     return open_pipeline(bundle, device=device, backend=backend, precision=precision, cuda_graphs=graphs,
                          threads=threads, min_mask_fraction=0.0, cache_dir=cache_dir,
                          _kernels=profiled_kernels() if device == "cuda" else None)

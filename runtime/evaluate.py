@@ -326,7 +326,7 @@ def evaluate_bundle(bundle_path, data_dir, *, precision="fp32", backend="ort", r
     from runtime.bundle import Bundle
     from runtime.labelme import MISSING, read_dataset
     from runtime.errors import UserError
-    from runtime.pipeline import open_pipeline
+    from runtime.pipelines import open_pipeline
     from runtime.sources import Frame
 
     def say(msg: str) -> None:

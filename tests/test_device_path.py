@@ -1,4 +1,4 @@
-"""`run`, `listen`, `bench` and `eval` get their pipeline from one factory (runtime.pipeline.open_pipeline):
+"""`run`, `listen`, `bench` and `eval` get their pipeline from one factory (runtime.pipelines.open_pipeline):
 `--device cuda` is the device-resident pipeline (runtime.gpu.pipeline.DevicePipeline) that `bench --device cuda`
 measures, with only what the sinks need brought back from the GPU.
 
@@ -21,7 +21,8 @@ from runtime.app import RunConfig, run_bundle
 from runtime.backends import BackendUnavailable
 from runtime.bundle import Bundle
 from runtime.errors import UserError
-from runtime.pipeline import Pipeline, open_pipeline
+from runtime.pipeline import Pipeline
+from runtime.pipelines import open_pipeline
 from runtime.sources import Frame
 
 from tests.conftest import sonoscore

@@ -297,7 +297,7 @@ class Listener:
     # -- the whole command -------------------------------------------------------------------------------------
 
     def run(self) -> int:
-        from runtime.pipeline import open_pipeline
+        from runtime.pipelines import open_pipeline
         try:
             self.spool.open()
             self.outbox.open()
