@@ -29,6 +29,7 @@ import os
 import platform
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -48,6 +49,39 @@ _F32 = np.dtype(np.float32)
 # counts (on the bench machine -Os cut the library's code by a quarter and the in-pipeline call with it).
 _CFLAGS = ["-Os"]
 _FORMAT = 2  # bump when the layout of a cache entry or the build recipe changes
+
+
+def not_private(path: Path, *, contents: bool = False) -> str | None:
+    """Why `path` (with `contents`, also what its folder holds, its lock file aside) could hold code this process
+    did not build, or None: each must be this process's user's own (not a symbolic link, owned by the effective
+    user, writable by neither its group nor everyone else); a path that does not exist passes. Only this user (or
+    root) can then have written the libraries and the meta.json that holds their hashes."""
+    path = Path(path)
+    try:
+        inside = ([path / c for c in os.listdir(path) if c != ".lock"]
+                  if contents and stat.S_ISDIR(os.lstat(path).st_mode) else [])
+    except FileNotFoundError:
+        return None
+    for p in [path, *inside]:
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:      # a build of another process finishing
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            return f"{p} is a symbolic link"
+        if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+            return f"{p} belongs to another user (uid {st.st_uid})"
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return f"{p} is writable by {'everyone' if st.st_mode & stat.S_IWOTH else 'its group'}"
+    return None
+
+
+def private_folder(path: Path) -> None:
+    """Make `path` (and missing parents) a folder only this user may enter and write (mode 0700 for those made)."""
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
 
 
 class BoosterError(RuntimeError):
@@ -164,17 +198,38 @@ class Booster:
                                  f"'{model_path}'", "install gcc (or set CC) to get the compiled booster")
         key = _cache_key(model_path, compiler)
         entry = root / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        try:
+            private_folder(root)
+        except OSError as e:
+            raise _CannotCompile(f"the booster cache '{root}' is not writable ({e})",
+                                 "set SONOSCORE_CACHE to a writable folder") from None
+        unsafe = not_private(root)
+        if unsafe is not None:   # someone else could have planted a library and its hash: never load from it
+            print(f"booster: not using the cache {root} ({unsafe}), so a library there may not be this user's; "
+                  f"compiling afresh into a private folder for this run only (make {root} this user's own, mode "
+                  f"0700, to cache again)", file=sys.stderr, flush=True)
+            return cls._load_fresh(model_path, num_class, key, compiler, root, progress)
+        foreign = not_private(entry, contents=True)
+        if foreign is not None:  # made or changed by someone else (the cache is ours): rebuilt, never loaded
+            print(f"booster: rebuilding the cache entry {entry}: {foreign}", file=sys.stderr, flush=True)
+            try:
+                stale = root / f".stale-{os.getpid()}-{time.monotonic_ns()}"
+                os.rename(entry, stale)               # out of the way at once, then removed
+                shutil.rmtree(stale)
+            except OSError as e:
+                raise _CannotCompile(f"the booster cache entry '{entry}' cannot be replaced ({e})",
+                                     "remove it, or set SONOSCORE_CACHE to a folder of this user's own") from None
         hit = _open_entry(entry, key, num_class)
         built = False
         if hit is None:
             try:
-                entry.mkdir(parents=True, exist_ok=True)
+                entry.mkdir(mode=0o700, exist_ok=True)
                 with file_lock(entry / ".lock"):
                     hit = _open_entry(entry, key, num_class)  # another process may have built it while we waited
                     if hit is None:
-                        _build(model_path, num_class, entry, key, compiler, progress)
+                        digest = _build(model_path, num_class, entry, key, compiler, progress)
                         built = True
-                        hit = _open_entry(entry, key, num_class)
+                        hit = _open_entry(entry, key, num_class, expect_sha256=digest)
             except OSError as e:
                 raise _CannotCompile(f"the booster cache '{entry}' is not writable ({e})",
                                      "set SONOSCORE_CACHE to a writable folder") from None
@@ -182,6 +237,10 @@ class Booster:
                 raise _CannotCompile(f"the library compiled from booster '{model_path}' with {compiler.command} "
                                      f"does not load or does not match the model",
                                      f"check that the compiler targets this machine ({platform.machine()})")
+        return cls._bound(model_path, num_class, hit, root, compiler, built)
+
+    @classmethod
+    def _bound(cls, model_path: Path, num_class: int, hit, root: Path, compiler, built: bool) -> "Booster":
         library, compiled = hit
         if compiled.row is not None:
             from runtime import rowcall
@@ -189,6 +248,23 @@ class Booster:
             compiled.fast = rowcall.bind(address, compiled.num_features, compiled.num_class, compiled.warm, root.parent,
                                          compiler)
         return cls(model_path, "tl2cgen", compiled.num_features, num_class, compiled, library=library, built=built)
+
+    @classmethod
+    def _load_fresh(cls, model_path: Path, num_class: int, key: dict, compiler, root: Path,
+                    progress: bool) -> "Booster":
+        """Compile into a new private temporary folder (mkdtemp: 0700, this user's), load the library from there
+        and remove the folder (the loaded library stays mapped): nothing is read from, or left in, the cache."""
+        tmp = Path(tempfile.mkdtemp(prefix="sonoscore-booster-"))
+        try:
+            digest = _build(model_path, num_class, tmp, key, compiler, progress)
+            hit = _open_entry(tmp, key, num_class, expect_sha256=digest)
+            if hit is None:
+                raise _CannotCompile(f"the library compiled from booster '{model_path}' with {compiler.command} "
+                                     f"does not load or does not match the model",
+                                     f"check that the compiler targets this machine ({platform.machine()})")
+            return cls._bound(model_path, num_class, hit, root, compiler, True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _check_softmax(self) -> None:
         p = self._predict_rows(np.zeros((1, self.num_features), np.float32))
@@ -339,15 +415,19 @@ def _cache_key(model_path: Path, compiler: Compiler) -> dict:
             "compiler": compiler.identity}
 
 
-def _open_entry(entry: Path, key: dict, num_class: int) -> tuple[Path, _Compiled] | None:
-    """The entry's library, loaded, if its metadata matches the key and its bytes the recorded hash; else None."""
+def _open_entry(entry: Path, key: dict, num_class: int,
+                expect_sha256: str | None = None) -> tuple[Path, _Compiled] | None:
+    """The entry's library, loaded, if its metadata matches the key and its bytes the recorded hash (and, right
+    after this process built it, the hash this process computed then); else None. The caller has checked that
+    the entry is private to this user (`not_private`): only this user can have written the hash in meta.json."""
     try:
         meta = json.loads((entry / "meta.json").read_text())
         name = meta["library"]
         if meta.get("key") != key or not isinstance(name, str) or Path(name).name != name:
             return None
         library = entry / name
-        if sha256_file(library) != meta["library_sha256"]:
+        digest = sha256_file(library)
+        if digest != meta["library_sha256"] or (expect_sha256 is not None and digest != expect_sha256):
             return None
         compiled = _Compiled(ctypes.CDLL(str(library)))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -357,8 +437,9 @@ def _open_entry(entry: Path, key: dict, num_class: int) -> tuple[Path, _Compiled
     return library, compiled
 
 
-def _build(model_path: Path, num_class: int, entry: Path, key: dict, compiler: Compiler, progress: bool) -> None:
-    """Compile the model into `entry`: library under a content-addressed name, then meta.json, both by rename."""
+def _build(model_path: Path, num_class: int, entry: Path, key: dict, compiler: Compiler, progress: bool) -> str:
+    """Compile the model into `entry`: library under a content-addressed name, then meta.json, both by rename.
+    Returns the library's sha256 as this process computed it."""
     try:
         import tl2cgen
     except ImportError as e:
@@ -382,12 +463,14 @@ def _build(model_path: Path, num_class: int, entry: Path, key: dict, compiler: C
             detail = " ".join(str(e).split())[-300:]
             raise _CannotCompile(f"compiling booster '{model_path}' with {compiler.command} failed ({detail})",
                                  "check that it can build shared libraries, or set CC to another compiler") from None
+        os.chmod(tmp / "predictor.so", 0o755)   # whatever the umask: writable by this user only (not_private)
         digest = sha256_file(tmp / "predictor.so")
         name = f"predictor-{digest[:16]}.so"
         os.replace(tmp / "predictor.so", entry / name)
         meta = {"key": key, "library": name, "library_sha256": digest, "model": model_path.name,
                 "num_tree": model.num_tree, "compile_s": round(time.perf_counter() - t0, 2), "built_at": time.time()}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        os.chmod(tmp / "meta.json", 0o644)
         os.replace(tmp / "meta.json", entry / "meta.json")
         for old in entry.glob("predictor-*.so"):  # superseded builds (we hold the lock)
             if old.name != name:
@@ -397,6 +480,7 @@ def _build(model_path: Path, num_class: int, entry: Path, key: dict, compiler: C
     if progress:
         print(f"booster: compiled in {time.perf_counter() - t0:.1f} s -> {entry / name}", file=sys.stderr,
               flush=True)
+    return digest
 
 
 # The per-frame entry point compiled into every library beside TL2cgen's generated code (see the module docstring).

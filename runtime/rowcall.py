@@ -155,17 +155,38 @@ def _load(cache_root: Path, compiler):
             _why_not = (f"the Python headers (Python.h under '{include}') are not installed; install the python3-dev "
                         f"package for a faster booster call")
             return None
+        from runtime.booster import not_private, private_folder
         key = _key(compiler)
-        entry = Path(cache_root) / "rowcall" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        root = Path(cache_root) / "rowcall"
+        entry = root / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
         try:
-            module = _open(entry, key)
-            if module is None:
-                entry.mkdir(parents=True, exist_ok=True)
-                with file_lock(entry / ".lock"):
-                    module = _open(entry, key)
-                    if module is None:
-                        _build(entry, key, compiler, include)
+            private_folder(root)
+            unsafe = not_private(root)
+            if unsafe is not None:   # someone else could have planted an extension and its hash: never load it
+                print(f"booster: not using the cache {root} ({unsafe}); compiling the call extension afresh into a "
+                      f"private folder for this run only (make {root} this user's own, mode 0700, to cache again)",
+                      file=sys.stderr, flush=True)
+                tmp = Path(tempfile.mkdtemp(prefix="sonoscore-rowcall-"))
+                try:
+                    module = _open(tmp, key, _build(tmp, key, compiler, include))
+                finally:
+                    import shutil
+                    shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                foreign = not_private(entry, contents=True)
+                if foreign is not None:   # made or changed by someone else: rebuilt, never loaded
+                    print(f"booster: rebuilding the cache entry {entry}: {foreign}", file=sys.stderr, flush=True)
+                    import shutil
+                    stale = root / f".stale-{os.getpid()}-{id(entry)}"
+                    os.rename(entry, stale)
+                    shutil.rmtree(stale)
+                module = _open(entry, key)
+                if module is None:
+                    entry.mkdir(mode=0o700, exist_ok=True)
+                    with file_lock(entry / ".lock"):
                         module = _open(entry, key)
+                        if module is None:
+                            module = _open(entry, key, _build(entry, key, compiler, include))
         except (OSError, subprocess.SubprocessError) as e:
             _why_not = f"the booster's call extension could not be built in '{entry}' ({' '.join(str(e).split())[:200]})"
             return None
@@ -176,14 +197,18 @@ def _load(cache_root: Path, compiler):
         return module
 
 
-def _open(entry: Path, key: dict):
+def _open(entry: Path, key: dict, expect_sha256: str | None = None):
+    """The entry's extension, loaded, if its meta.json holds the key and its bytes the recorded hash (and, right
+    after this process built it, the hash computed then); else None. The caller has checked that the entry is
+    this user's own (`runtime.booster.not_private`)."""
     try:
         meta = json.loads((entry / "meta.json").read_text())
         name = meta["library"]
         if meta.get("key") != key or Path(name).name != name:
             return None
         path = entry / name
-        if sha256_file(path) != meta["library_sha256"]:
+        digest = sha256_file(path)
+        if digest != meta["library_sha256"] or (expect_sha256 is not None and digest != expect_sha256):
             return None
         loader = importlib.machinery.ExtensionFileLoader(_NAME, str(path))
         spec = importlib.util.spec_from_file_location(_NAME, str(path), loader=loader)
@@ -194,7 +219,8 @@ def _open(entry: Path, key: dict):
         return None
 
 
-def _build(entry: Path, key: dict, compiler, include: str) -> None:
+def _build(entry: Path, key: dict, compiler, include: str) -> str:
+    """Compile the extension into `entry` (library, then meta.json, by rename); returns its sha256."""
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=entry))
     try:
         (tmp / "rowcall.c").write_text(_SOURCE)
@@ -204,11 +230,14 @@ def _build(entry: Path, key: dict, compiler, include: str) -> None:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise OSError(f"{compiler.command} failed: {(done.stderr or done.stdout).strip()[-300:]}")
+        os.chmod(out, 0o755)       # whatever the umask: writable by this user only (runtime.booster.not_private)
         digest = sha256_file(out)
         name = f"{_NAME}-{digest[:16]}{key['ext_suffix'] or '.so'}"
         os.replace(out, entry / name)
         (tmp / "meta.json").write_text(json.dumps({"key": key, "library": name, "library_sha256": digest}) + "\n")
+        os.chmod(tmp / "meta.json", 0o644)
         os.replace(tmp / "meta.json", entry / "meta.json")
+        return digest
     finally:
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
