@@ -301,7 +301,9 @@ class Reference:
             return math.inf
         norm = float(np.sqrt(np.dot(f, f)))
         z = f / norm if norm > 0 else f
-        sims = self.prototypes @ z
+        # numpy's own loop, one thread: a BLAS matrix-vector product of this size may start threads, which on a
+        # busy CPU (the networks' own threads) costs more than the product
+        sims = np.einsum("ij,j->i", self.prototypes, z)
         k = min(self.k, sims.shape[0])
         s_k = float(np.partition(sims, sims.shape[0] - k)[sims.shape[0] - k])   # k-th largest similarity
         return math.sqrt(max(0.0, float(np.dot(z, z)) + 1.0 - 2.0 * s_k))
