@@ -325,3 +325,16 @@ def test_the_service_env_file_sets_the_device_run_reads(monkeypatch):
     assert "\nEnvironment=PATH=/usr/local/cuda/bin:" in unit
     assert unit.index("Environment=PATH=") < unit.index("EnvironmentFile=")   # the env file may still override it
     assert 's#/usr/local/cuda/bin#$CUDA_ROOT/bin#g' in (root / "setup.sh").read_text()
+
+
+def test_run_device_options_become_the_run_config(monkeypatch):
+    import runtime.app
+    from runtime.app import RunConfig
+    from runtime.cli import EXIT_OK, main
+    from runtime.stream import StreamStats
+    seen = []
+    monkeypatch.setattr(runtime.app, "run_bundle", lambda config: seen.append(config) or StreamStats())
+    monkeypatch.delenv("SONOSCORE_DEVICE", raising=False)
+    assert main(["run", "--bundle", "b", "--source", "s", "--device", "cuda", "--cuda-graphs"]) == EXIT_OK
+    assert main(["run", "--bundle", "b", "--source", "s"]) == EXIT_OK
+    assert seen == [RunConfig("b", "s", device="cuda", cuda_graphs=True), RunConfig("b", "s", device="cpu")]
