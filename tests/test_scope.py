@@ -23,10 +23,8 @@ GRAPH = Graph()
 
 
 def prepare(frame):
-    """What runtime.pipeline.Pipeline.prepare_source does to a frame: (preprocessed image, crop region)."""
-    gray = pp.to_gray(frame.pixels, frame.channel_order, frame.window)
-    gray, region = pp.sector_frame(gray, frame.region, frame.meta)
-    image, region = GRAPH.preprocess(gray, region)
+    """The pipelines' source preparation (Graph.prepare_source): (preprocessed image, crop region)."""
+    _, image, region = GRAPH.prepare_source(frame)
     return image, region
 
 
