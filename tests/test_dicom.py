@@ -7,6 +7,7 @@ Test data comes from pydicom's own test files and the `pydicom-data` package (of
 from __future__ import annotations
 
 import itertools
+import shutil
 import json
 import re
 import subprocess
@@ -675,3 +676,59 @@ def test_frames_that_may_carry_burned_in_text_are_shown_and_saved_as_their_regio
     # a source that is not DICOM (no such key) keeps the whole frame
     display, _, _ = pipe.prepare(Frame(0, "files-x", 0.0, pixels, region=region))
     assert display.shape == (300, 400)
+
+
+# -- issue 27 item 14: DICOM files in subfolders ----------------------------------------------------------------
+
+def nested_study(root: Path, *, with_image: bool = False) -> Path:
+    """A study export as scanners and PACS write it: real ultrasound files of pydicom's, in subfolders."""
+    (root / "SERIES1").mkdir(parents=True)
+    (root / "SERIES2" / "DEEPER").mkdir(parents=True)
+    shutil.copy(data_file("US1_J2KR.dcm"), root / "SERIES1" / "IM0001")            # no suffix, as exported
+    shutil.copy(data_file("OBXXXX1A_2frame.dcm"), root / "SERIES2" / "DEEPER" / "IM0002.dcm")
+    shutil.copy(data_file("gdcm-US-ALOKA-16.dcm"), root / "SERIES2" / "IM0003.dcm")
+    whole = data_file("US1_UNCR.dcm").read_bytes()
+    (root / "SERIES2" / "DEEPER" / "IM0004.dcm").write_bytes(whole[:4000])          # truncated
+    (root / ".hidden").mkdir()
+    shutil.copy(data_file("US1_UNCR.dcm"), root / ".hidden" / "IM9.dcm")            # hidden: skipped
+    if with_image:
+        cv2.imwrite(str(root / "a.png"), speckle((64, 80), np.uint8, seed=3))
+    return root
+
+
+@pytest.mark.parametrize("with_image", [False, True], ids=["dicom-only", "with-an-image"])
+def test_a_folder_reads_dicom_files_at_any_depth(tmp_path, with_image):
+    from runtime.sources import open_source
+    from runtime.sources.dicom import DicomFolderSource
+    from runtime.sources.files import FolderSource
+    root = nested_study(tmp_path / "study", with_image=with_image)
+    src = open_source(str(root))
+    assert isinstance(src, FolderSource if with_image else DicomFolderSource)
+    frames = list(src)
+    names = [f.source_file for f in frames]
+    expected = ["SERIES1/IM0001", "SERIES2/DEEPER/IM0002.dcm", "SERIES2/DEEPER/IM0002.dcm",
+                "SERIES2/DEEPER/IM0004.dcm", "SERIES2/IM0003.dcm"] + (["a.png"] if with_image else [])
+    assert names == expected and src.total == len(frames)
+    assert [f.index for f in frames] == list(range(len(frames)))
+    assert [f.frame_in_file for f in frames] == [0, 0, 1, 0, 0] + ([0] if with_image else [])
+    errors = [f.error for f in frames if f.error]
+    assert len(errors) == 1 and "could not be opened" in errors[0] and "IM0004" not in errors[0]
+    assert all("does not read" not in (f.error or "") for f in frames)
+    ok = [f for f in frames if f.error is None and f.source_file != "a.png"]
+    assert all("burned_in_annotation" in f.meta for f in ok)          # read as DICOM: its header, its rules
+    assert [p.relative_to(root).as_posix() for p in dicom_files_in(root)] == [
+        "SERIES1/IM0001", "SERIES2/DEEPER/IM0002.dcm", "SERIES2/DEEPER/IM0004.dcm", "SERIES2/IM0003.dcm"]
+
+
+def test_run_grades_a_nested_dicom_folder_through_the_command_line(tiny_bundle, tmp_path):
+    root = nested_study(tmp_path / "study")
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "run", "--bundle", str(tiny_bundle), "--source",
+                        str(root), "--quiet", "--record-paths", "--results", str(tmp_path / "r.jsonl")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 3, r.stderr                                   # the truncated file's one error record
+    records = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [x["source_file"] for x in records] == ["SERIES1/IM0001", "SERIES2/DEEPER/IM0002.dcm",
+                                                   "SERIES2/DEEPER/IM0002.dcm", "SERIES2/DEEPER/IM0004.dcm",
+                                                   "SERIES2/IM0003.dcm"]
+    assert [x["error"] is None for x in records] == [True, True, True, False, True]
+    assert records[3]["error"].startswith("DICOM file 3 of 4 (in name order) in the folder could not be opened")

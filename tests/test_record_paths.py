@@ -63,7 +63,7 @@ def test_record_paths_name_each_file_relative_to_the_folder_and_are_absent_by_de
     assert not any(name in off.read_text() for name in ("a.png", "deeper", "copy"))
 
 
-def test_a_dicom_file_among_images_is_said_to_be_one_and_the_frames_know_their_files(nested):
+def test_a_dicom_file_among_images_is_read_as_dicom_and_the_frames_know_their_files(nested):
     pytest.importorskip("pydicom")
     from pydicom.data import get_testdata_file
 
@@ -73,8 +73,8 @@ def test_a_dicom_file_among_images_is_said_to_be_one_and_the_frames_know_their_f
     assert [f.source_file for f in frames] == ["a.png", "sub/IM0001", "sub/b.png", "sub/b2 (copy).png",
                                                "sub/deeper/c.jpg", "z.png"]
     assert [f.frame_in_file for f in frames] == [0] * 6 and [f.index for f in frames] == list(range(6))
-    assert frames[1].error.startswith("image 2 of 6 (in name order) in the folder is a DICOM file")
-    assert "IM0001" not in frames[1].error and all(f.error is None for f in frames if f.index != 1)
+    # read as DICOM, as a folder reads images (issue 27 item 14; it was an error record before)
+    assert all(f.error is None for f in frames) and "burned_in_annotation" in frames[1].meta
 
 
 def test_a_single_image_is_named_by_its_file_name(bundle, nested, tmp_path):

@@ -215,10 +215,11 @@ def open_source(spec: str, *, realtime: bool | None = None) -> Source:
                           f"of images, a video or DICOM file, or a live feed as v4l2://, gst:// or igtl://")
     from runtime.sources import dicom, files
     if path.is_dir():
-        names = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+        # every file at any depth, as a folder source reads them: a study export's DICOM files sit in subfolders
+        names = files.folder_files(path)[0]
         if names and not any(p.suffix.lower() in files.IMAGE_SUFFIXES for p in names) and dicom.dicom_files_in(path):
             return dicom.DicomFolderSource(path)   # a folder of DICOM files (a study export)
-        return files.FolderSource(path)
+        return files.FolderSource(path)            # images, and any DICOM files among them
     if path.suffix.lower() in (".dcm", ".dicom") or dicom.is_dicom(path):
         return dicom.DicomSource(path, realtime=realtime)
     if path.suffix.lower() in files.VIDEO_SUFFIXES:

@@ -89,10 +89,21 @@ def is_dicom(path: str | os.PathLike) -> bool:
 
 
 def dicom_files_in(folder: str | os.PathLike) -> list[Path]:
-    """The DICOM files of a folder (not recursive), sorted by name; hidden files and DICOMDIR are left out."""
-    folder = Path(folder)
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR" and is_dicom(p))
+    """The DICOM files of a folder and of its subfolders at any depth, in a folder source's order (by path: a
+    folder's files and subfolders in name order; `runtime.sources.files.folder_files`); hidden files and folders,
+    links to folders and DICOMDIR are left out."""
+    from runtime.sources.files import folder_files
+    return [p for p in folder_files(Path(folder))[0] if p.name.upper() != "DICOMDIR" and is_dicom(p)]
+
+
+def open_in_folder(path: Path, n: int, count: int) -> "DicomSource | str":
+    """File `n` (from 0) of the `count` DICOM files of a folder, opened as a DicomSource (lossless), or the
+    sentence its record carries when it cannot be opened: the refusal names the file, the record must not."""
+    try:
+        return DicomSource(path, realtime=False, warn_modality=False)
+    except SourceError:
+        return (f"DICOM file {n + 1} of {count} (in name order) in the folder could not be opened (not an image, "
+                f"truncated, or no decoder); open it alone to see why")
 
 
 def from_path(path: str | os.PathLike, *, realtime: bool | None = None) -> Source:
@@ -201,7 +212,7 @@ class DicomSource(Source):
 
 
 class DicomFolderSource(Source):
-    """The DICOM files of a folder (sorted by name), frame after frame, numbered continuously; lossless. Each frame
+    """The DICOM files of a folder and its subfolders (`dicom_files_in`: by path), frame after frame, numbered continuously; lossless. Each frame
     knows its file (relative to the folder) and its number inside that file (`Frame.source_file`, `frame_in_file`),
     which only `run --record-paths` writes.
 
@@ -215,15 +226,8 @@ class DicomFolderSource(Source):
             raise SourceError(f"folder '{folder}' has no DICOM files (none with the DICM preamble); "
                               f"give a folder of DICOM images or a single file")
         self.source_id = opaque_id(str(self.folder.resolve()), "dicom")
-        self._sources: list[DicomSource | str] = []
-        for n, p in enumerate(self.files):
-            try:
-                self._sources.append(DicomSource(p, realtime=False, warn_modality=False))
-            except SourceError:
-                # The sentence names the file; the record must not, so it gets a neutral one.
-                self._sources.append(f"DICOM file {n + 1} of {len(self.files)} (in name order) in the folder could "
-                                     f"not be opened (not an image, truncated, or no decoder); open it alone to "
-                                     f"see why")
+        self._sources: list[DicomSource | str] = [open_in_folder(p, n, len(self.files))
+                                                  for n, p in enumerate(self.files)]
         self.total = sum(s.total if isinstance(s, DicomSource) else 1 for s in self._sources)
         other = [s.not_ultrasound for s in self._sources if isinstance(s, DicomSource) and s.not_ultrasound]
         if other:  # once for the folder, naming no file (a file's name may be a patient's)

@@ -185,14 +185,16 @@ def _pnm_size(b) -> tuple[int, int] | None:
 
 class FolderSource(Source):
     """Every file of a folder and of its subfolders (sorted by path, folder by folder: a folder's files and
-    subfolders in name order), or one file; lossless, one frame per file.
+    subfolders in name order), or one file; lossless, one frame per image file. A DICOM file at any depth (the DICM
+    preamble; DICOMDIR left out) is read as a DICOM source (`runtime.sources.dicom.DicomSource`, its region,
+    window and burned-in-text rule): each of its frames in turn, numbered on with the others.
 
-    Files that are not images still get a frame (with an error), so the results keep one record per input.
+    Files that are neither still get a frame (with an error), so the results keep one record per input.
     Hidden files and hidden folders are skipped, links to folders are not followed, and so are annotations beside
     their images: `X.json` when an image `X.png` (any image suffix) is in the same folder, the labelme layout of
     `sonoscore sim` datasets (`annotations` counts them). A folder holding nothing but such annotations is refused
-    in one sentence. Each frame knows its file relative to the folder (`Frame.source_file`, frame_in_file 0), which
-    only `run --record-paths` writes.
+    in one sentence. Each frame knows its file relative to the folder (`Frame.source_file`, and its number inside
+    it, `frame_in_file`: 0 for an image), which only `run --record-paths` writes.
     """
 
     def __init__(self, path: Path):
@@ -201,6 +203,7 @@ class FolderSource(Source):
         self._folder = self.path.is_dir()
         if self._folder:
             self.files, self.annotations = folder_files(self.path)
+            self.files = [f for f in self.files if not (f.name.upper() == "DICOMDIR" and _is_dicom(f))]
             if not self.files:
                 raise SourceError(f"folder '{path}' has no files; put images in it or give another source")
             self.names = [p.relative_to(self.path).as_posix() for p in self.files]
@@ -208,20 +211,38 @@ class FolderSource(Source):
             self.files = [self.path]
             self.names = [self.path.name]
         self.source_id = opaque_id(str(self.path.resolve()), "files")
-        self.total = len(self.files)
+        # DICOM files of the folder: opened now (headers only), so `total` counts their frames
+        self._dicom: dict[int, object] = {}
+        if self._folder:
+            found = [i for i, f in enumerate(self.files) if f.suffix.lower() not in IMAGE_SUFFIXES and _is_dicom(f)]
+            if found:
+                from runtime.sources.dicom import open_in_folder
+                self._dicom = {i: open_in_folder(self.files[i], k, len(found)) for k, i in enumerate(found)}
+        self.total = sum(getattr(self._dicom.get(i), "total", 1) for i in range(len(self.files)))
 
     def __iter__(self) -> Iterator[Frame]:
         n = len(self.files)
+        index = 0
         for i, f in enumerate(self.files):
+            dicom = self._dicom.get(i)
+            if isinstance(dicom, str):                # could not be opened: one record, named by its place
+                yield Frame(index, self.source_id, now(), None, error=dicom, source_file=self.names[i],
+                            frame_in_file=0)
+                index += 1
+                continue
+            if dicom is not None:
+                for frame in dicom:
+                    frame.index, frame.source_id, frame.source_file = index, self.source_id, self.names[i]
+                    yield frame
+                    index += 1
+                continue
             # Named by its place, never by its file name (which may be a patient's): "image 17 of 40 in the folder"
             label = f"image {i + 1} of {n} (in name order) in the folder" if self._folder else "the image"
             pixels, error = read_image(f, label)
-            if error is not None and _is_dicom(f):   # say so, rather than "not an image"
-                error = (f"{label} is a DICOM file, which a folder of images does not read; give the folder that "
-                         f"holds it, or the file itself, as the source")
             # captured = decoded: the record's `wait` then is the time the frame waited for the pipeline only
-            yield Frame(i, self.source_id, now(), pixels, channel_order="BGR", error=error,
+            yield Frame(index, self.source_id, now(), pixels, channel_order="BGR", error=error,
                         source_file=self.names[i], frame_in_file=0)
+            index += 1
 
 
 def _is_dicom(path: Path) -> bool:
