@@ -27,7 +27,8 @@ def test_progress_update_jumps_and_disabled_says_nothing(capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_log_lines_go_to_the_stderr_of_the_moment(capsys):
-    logs.get("bench").info("one line")
+def test_log_lines_go_to_the_stderr_of_the_moment_and_to_the_root_logger(capsys, caplog):
+    with caplog.at_level(logging.INFO):
+        logs.get("bench").info("one line")
     assert capsys.readouterr().err == "one line\n"
-    assert logging.getLogger("sonoscore").propagate is False
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [("sonoscore.bench", "one line")]
