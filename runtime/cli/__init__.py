@@ -6,6 +6,7 @@
     models.py     sim, train, export, calibrate
     hospital.py   listen
     bundles.py    keygen, sign, verify, info
+    data.py       deid
     common.py     exit codes, signals, the options several commands share
 
 Exit codes (docs/design.md "Exit codes"): 0 success; 2 could not start (a bad option, bundle, source, dataset,
@@ -21,11 +22,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from runtime.cli import bundles, checks, hospital, models, streaming
+from runtime.cli import bundles, checks, data, hospital, models, streaming
 from runtime.cli.common import (EXIT_ACCURACY, EXIT_FRAME_ERRORS, EXIT_INTERNAL, EXIT_OK, EXIT_OUTPUT,  # noqa: F401
                                 EXIT_SIGNAL_BASE, EXIT_USER, user_error_types)
 
-GROUPS = (streaming, checks, models, hospital, bundles)
+GROUPS = (streaming, checks, models, hospital, bundles, data)
 
 
 def build_parser() -> argparse.ArgumentParser:
