@@ -12,7 +12,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from runtime.sinks.overlay import draw_text, fill, fit_size, text_width
+from runtime.drawing import draw_text, fill, fit_size, text_width
 
 
 # -- metrics ---------------------------------------------------------------------------------------------------

@@ -254,7 +254,7 @@ def soak_png(report: dict, path) -> Path:
     """Two panels over run time: RSS (MB), and total latency p50/p99 per sampling window (ms)."""
     import cv2
 
-    from runtime.sinks.overlay import draw_text, fill
+    from runtime.drawing import draw_text, fill
 
     W, left, right, plot_h = 1000, 90, 30, 260
     tops = [100, 100 + plot_h + 90]

@@ -424,8 +424,8 @@ def test_study_summary_memory_is_bounded_and_its_percentiles_within_the_stated_e
 
 
 def test_overlay_falls_back_to_hershey_fonts_where_opencv_has_no_truetype(monkeypatch):
-    import runtime.sinks.overlay as overlay
-    monkeypatch.setattr(overlay, "_FACE", [None])               # as on OpenCV 4.x
+    import runtime.drawing as drawing
+    monkeypatch.setattr(drawing, "_FACE", [None])               # as on OpenCV 4.x
     img = render_overlay(scored(), disclaimer="synthetic demo model \u2014 not for clinical use")
     assert img.shape == render_overlay(scored(), disclaimer="synthetic demo model - not for clinical use").shape
     assert is_green(img[int((58 + 0.5) * 2 - 0.5), 2 * 150])
