@@ -752,20 +752,41 @@ def _blank_outside_regions(ds, said: str) -> int:
         raise Refused(f"Burned In Annotation is {said} and there is no Sequence of Ultrasound Regions to keep, so "
                       f"the pixels cannot be blanked safely; check the images and set Burned In Annotation to NO")
     pi = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-    if pi == "PALETTE COLOR":
-        raise Refused(f"Burned In Annotation is {said} and the image is PALETTE COLOR, which this tool does not "
-                      f"blank; convert it to RGB first")
-    arr = np.array(ds.pixel_array)     # colour comes back as RGB
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    native = ts is None or not ts.is_compressed
+    bits = int(ds.get("BitsAllocated") or 0)
+    if bits not in (8, 16, 32) or (native and pi == "YBR_FULL_422"):
+        raise Refused(f"Burned In Annotation is {said} and the pixels ({bits}-bit {pi or 'unknown'}) are of a kind "
+                      f"this tool does not blank; check the images and set Burned In Annotation to NO")
+    if not native and pi == "PALETTE COLOR":
+        raise Refused(f"Burned In Annotation is {said} and the image is compressed PALETTE COLOR, which this tool "
+                      f"does not blank; convert it to RGB first")
     rows, cols = int(ds.Rows), int(ds.Columns)
     keep = np.zeros((rows, cols), bool)
     for x0, y0, x1, y1 in regions:
         keep[max(y0, 0):min(y1, rows - 1) + 1, max(x0, 0):min(x1, cols - 1) + 1] = True
-    black = (1 << int(ds.BitsStored)) - 1 if pi == "MONOCHROME1" else 0
     frames = int(ds.get("NumberOfFrames") or 1)
-    view = arr if frames > 1 else arr[None]
-    view[:, ~keep] = black
-    ds.set_pixel_data(arr, "RGB" if int(ds.get("SamplesPerPixel") or 1) == 3 else pi, int(ds.BitsStored),
-                      generate_instance_uid=False)
+    if native:
+        # The stored values as they are (no colour conversion), written back in the file's own transfer syntax.
+        ds.pixel_array_options(raw=True)
+        arr = np.array(ds.pixel_array)
+        black = {"MONOCHROME1": (1 << int(ds.BitsStored)) - 1, "YBR_FULL": (0, 128, 128)}.get(pi, 0)
+        view = arr if frames > 1 else arr[None]
+        view[:, ~keep] = black
+        if ts is not None and not ts.is_little_endian:
+            arr = arr.byteswap()
+        if int(ds.get("SamplesPerPixel") or 1) == 3:
+            ds.PlanarConfiguration = 0                 # pydicom hands colour back interleaved
+        data = arr.tobytes()
+        ds.PixelData = data + b"\0" * (len(data) % 2)
+    else:
+        # Compressed: decoded (colour as RGB) and written back uncompressed.
+        arr = np.array(ds.pixel_array)
+        black = (1 << int(ds.BitsStored)) - 1 if pi == "MONOCHROME1" else 0
+        view = arr if frames > 1 else arr[None]
+        view[:, ~keep] = black
+        ds.set_pixel_data(arr, "RGB" if int(ds.get("SamplesPerPixel") or 1) == 3 else pi, int(ds.BitsStored),
+                          generate_instance_uid=False)
     return len(regions)
 
 
