@@ -42,11 +42,14 @@ from typing import Callable
 
 import numpy as np
 
+from runtime import logs
 from runtime.bundle import Bundle
 from runtime.backends.base import BackendUnavailable, short
 from runtime.errors import UserError
 from runtime.sources import Frame
 from runtime.stats import percentiles
+
+log = logs.get("bench")
 
 STAGES = ("preprocess", "unet", "gate", "vgg", "booster", "total")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -70,9 +73,6 @@ STAGE_NOTES = {
                       "upload), launches back to back",
 }
 
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # -- the shared parts ------------------------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ class Configurations:
                     if not self.keep_going:
                         raise
                     self.errors[name] = f"{type(e).__name__}: {short(e, 300)}"
-                    _say(f"  {name} could not start: {self.errors[name]}")
+                    log.info(f"  {name} could not start: {self.errors[name]}")
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -196,11 +196,11 @@ class Configurations:
             if not self.pipes:
                 raise UserError(f"every configuration failed: {grouped(self.errors)}")
             if (k + 1) % max(1, len(data) // 10) == 0:
-                _say(f"  {k + 1}/{len(data)} frames")
+                log.info(f"  {k + 1}/{len(data)} frames")
 
     def _drop(self, name: str, why: str) -> None:
         self.errors[name] = why
-        _say(f"  {name} failed: {why}")
+        log.info(f"  {name} failed: {why}")
         _close(self.pipes.pop(name))
         for d in (self.samples, self.walls, self.outputs):
             d.pop(name, None)
@@ -250,10 +250,10 @@ def _print(per: dict[str, dict], ref: str | None, speedup: dict, *, baseline: st
         if "kernels_p50_ms" in s:
             parts.append(f"kernels p50 {s['kernels_p50_ms']:.3f} ms (kernel timer, {s['kernel_timer']['frames']} "
                          f"frames)")
-        _say(f"  -- {name}{' (baseline)' if name == baseline else ''}: " + "; ".join(parts))
+        log.info(f"  -- {name}{' (baseline)' if name == baseline else ''}: " + "; ".join(parts))
         for st in STAGES:
             v = s["stages"][st]
-            _say(f"     {st:10s} p50 {v['p50_ms']:9.3f}  p95 {v['p95_ms']:9.3f}  p99 {v['p99_ms']:9.3f}  "
+            log.info(f"     {st:10s} p50 {v['p50_ms']:9.3f}  p95 {v['p95_ms']:9.3f}  p99 {v['p99_ms']:9.3f}  "
                  f"max {v['max_ms']:9.3f} ms")
     for name, sp in speedup.items():
         line = (f"  {name} vs {ref}: frame to grade {sp['total_p50']:.2f}x, the two networks "
@@ -264,7 +264,7 @@ def _print(per: dict[str, dict], ref: str | None, speedup: dict, *, baseline: st
             dp = ag["max_abs_probability"]
             line += (f"; same grade on {ag['grade']:.0%} of frames, max |dp| "
                      f"{dp if dp is not None else float('nan'):.2e}")
-        _say(line)
+        log.info(line)
 
 
 def _write(out: dict, json_path, plot, samples: dict[str, list[float]], title: str) -> None:
@@ -303,7 +303,7 @@ def bench_bundle(bundle_path, *, backend="ort", precision="fp32", frames=100, wa
     data = bench_frames(frames + warmup)
     with Configurations(makers, keep_going=False) as confs:
         booster = confs.pipes[first].booster
-        _say(f"bench: {frames} frames (+{warmup} warm-up), {', '.join(precisions)} on {backend}, booster "
+        log.info(f"bench: {frames} frames (+{warmup} warm-up), {', '.join(precisions)} on {backend}, booster "
              f"{booster.backend}" + (" (precisions take turns frame by frame)" if len(precisions) > 1 else ""))
         confs.take_turns(data, warmup)
         booster_warm = _booster_isolated(confs.pipes[first], data[warmup:warmup + 5])
@@ -318,7 +318,7 @@ def bench_bundle(bundle_path, *, backend="ort", precision="fp32", frames=100, wa
         out["precisions"] = per
         out["speedup"] = speedups(per, first)
     _print(per, first, out.get("speedup", {}))
-    _say(f"  booster alone, warm caches (same frames' features, back to back): p50 {booster_warm['p50_us']:.1f} us, "
+    log.info(f"  booster alone, warm caches (same frames' features, back to back): p50 {booster_warm['p50_us']:.1f} us, "
          f"p99 {booster_warm['p99_us']:.1f} us; in the pipeline it runs right after the VGG, with cold caches")
     _write(out, json_path, plot, confs.samples[first], f"sonoscore bench: {first}, {backend}, {frames} frames")
     return out
@@ -382,7 +382,7 @@ def bench_device(bundle_path, *, device: str = "cuda", backend: str = "ort", pre
         if not confs.pipes:
             raise UserError(f"no configuration could start on {device}: {grouped(confs.errors)}")
         data = bench_frames(frames + warmup)
-        _say(f"bench: {frames} frames (+{warmup} warm-up) on {device}, {', '.join(confs.pipes)} taking turns frame "
+        log.info(f"bench: {frames} frames (+{warmup} warm-up) on {device}, {', '.join(confs.pipes)} taking turns frame "
              f"by frame" + (f"; could not start: {', '.join(confs.errors)}" if confs.errors else ""))
         confs.take_turns(data, warmup)
         for name, pipe in confs.pipes.items():
@@ -391,7 +391,7 @@ def bench_device(bundle_path, *, device: str = "cuda", backend: str = "ort", pre
                     kernels[name] = kernel_times(pipe, data[warmup:])
                 except Exception as e:  # the stage figures stand; the kernel figure is missing, and says why
                     confs.errors[f"{name} kernel timer"] = f"{type(e).__name__}: {short(e, 300)}"
-                    _say(f"  {name}: the kernel timer failed: {short(e, 300)}")
+                    log.info(f"  {name}: the kernel timer failed: {short(e, 300)}")
         device_info = _device_info(device, confs.pipes)
         booster = next((b for b in (getattr(p, "booster", None) for p in confs.pipes.values()) if b is not None),
                        None)
@@ -414,17 +414,17 @@ def bench_device(bundle_path, *, device: str = "cuda", backend: str = "ort", pre
         out["speedup_vs_fp32"] = speedups(own, "fp32")
     if device == "cuda":
         out["acceptance"] = _acceptance(per, out.get("speedup", {}))
-    _say(f"  device: {out['device_name']} ({device}); head configuration {head}")
+    log.info(f"  device: {out['device_name']} ({device}); head configuration {head}")
     _print(per, base_name, out.get("speedup", {}), baseline=base_name, agreement=out.get("agreement"))
     for name, sp in out.get("speedup_vs_fp32", {}).items():
-        _say(f"  {name} vs fp32: frame to grade {sp['total_p50']:.2f}x, the two networks {sp['networks_p50']:.2f}x "
+        log.info(f"  {name} vs fp32: frame to grade {sp['total_p50']:.2f}x, the two networks {sp['networks_p50']:.2f}x "
              f"(p50 {per[name]['networks_p50_ms']:.1f} vs {per['fp32']['networks_p50_ms']:.1f} ms)")
     acc = out.get("acceptance")
     if acc:
-        _say(f"  acceptance ({acc['target']}: p50 <= {TARGET_P50_MS} ms and >= {TARGET_SPEEDUP}x the baseline): "
+        log.info(f"  acceptance ({acc['target']}: p50 <= {TARGET_P50_MS} ms and >= {TARGET_SPEEDUP}x the baseline): "
              f"{'met' if acc['met'] else 'NOT met'}" + (f" ({acc['reason']})" if acc.get("reason") else ""))
     for name, err in confs.errors.items():
-        _say(f"  {name}: {err}")
+        log.info(f"  {name}: {err}")
     _write(out, json_path, plot, confs.samples[head],
            f"sonoscore bench: {head} on {out['device_name']}, {frames} frames")
     return out
@@ -486,7 +486,7 @@ def _close(pipe) -> None:
     try:
         pipe.__exit__(None, None, None)
     except Exception as e:  # closing must not hide the figures of the others
-        _say(f"  warning: closing a pipeline failed ({short(e, 300)})")
+        log.info(f"  warning: closing a pipeline failed ({short(e, 300)})")
 
 
 def _agreement(mine: list, base: list) -> dict:

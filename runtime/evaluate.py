@@ -311,17 +311,17 @@ def evaluate_bundle(bundle_path, data_dir, *, precision="fp32", backend="ort", r
     graph's kidney rule (`Graph.is_kidney`: the labelled mask passes the gate) says whether it shows a kidney; a frame is graded when both the label and the
     pipeline say it does and it has a labelled grade.
 
-    `labels`: which labelme labels are the kidney (runtime.dataset.LabelMap.of; None: the default variants). An
-    image whose kidney annotation is missing (runtime.dataset: no labelme file, or no kidney shape with an area)
+    `labels`: which labelme labels are the kidney (runtime.labelme.LabelMap.of; None: the default variants). An
+    image whose kidney annotation is missing (runtime.labelme: no labelme file, or no kidney shape with an area)
     has no known mask: it is left out of the IoU and the gate agreement, named in the report
     (`kidney_missing_images`) and counted on the terminal; it is graded when the pipeline's gate passes it and it
-    has a grade (`graded_without_outline` counts those). The dataset's annotation report (runtime.dataset,
+    has a grade (`graded_without_outline` counts those). The dataset's annotation report (runtime.labelme,
     `LabelledDataset.report`: labels not mapped, shapes ignored, where grades came from) is printed as one line
     and merged into the report JSON."""
     import json
-    import sys
     import time
 
+    from runtime import logs
     from runtime import preprocess as pp
     from runtime.bundle import Bundle
     from runtime.labelme import MISSING, read_dataset
@@ -329,8 +329,7 @@ def evaluate_bundle(bundle_path, data_dir, *, precision="fp32", backend="ort", r
     from runtime.pipelines import open_pipeline
     from runtime.sources import Frame
 
-    def say(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
+    say = logs.get("eval").info
 
     bundle = Bundle.load(bundle_path)
     try:

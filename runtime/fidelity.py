@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -166,7 +165,7 @@ def check_here(bundle, unet, vgg, booster, *, cache_dir: Path | None = None, say
         return None
     _VERDICTS[key] = verdict
     if verdict["missed"]:
-        (say or _say)(warning(verdict))
+        (say or log.warning)(warning(verdict))
     return verdict
 
 
@@ -228,6 +227,3 @@ def _write_cache(path: Path, verdict: dict) -> None:
     except OSError as e:
         log.debug("int8 fidelity: verdict not cached (%s)", e)
 
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
