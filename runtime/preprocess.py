@@ -92,6 +92,19 @@ SECTOR_MIN_AREA = 0.02       # the sector covers at least 2% of the frame ...
 SECTOR_MIN_SIDE = 24         # ... and at least 24 pixels each way
 NO_SECTOR = ("no scan sector found in a frame that may carry burned-in text (DICOM Burned In Annotation YES or "
              "not stated, and no ultrasound region); not scored or shown")
+# Text inside the sector (docs/design.md, "Pinned definitions", crop): strokes brighter than their surroundings.
+TEXT_BACKGROUND = 31         # side of the median filter that gives each pixel's background (text is a minority)
+TEXT_MIN_LEVEL = 96          # a stroke pixel is at least this bright ...
+TEXT_MIN_CONTRAST = 64       # ... and at least this much above its background
+TEXT_MIN_HEIGHT, TEXT_MAX_HEIGHT = 5, 64    # a glyph (or a run of touching glyphs) is this tall, pixels
+TEXT_MIN_PIXELS = 6
+TEXT_MIN_FILL = 0.1          # and fills at least this share of its box (a frame's outline of thin lines does not)
+TEXT_MAX_CORE = 0.6          # thin: at most this share of its pixels survives a 3x3 erosion
+TEXT_MIN_FLAT = 0.15         # drawn in one colour: at least this share (and 4 pixels) within 8 of its brightest
+TEXT_LINE_HEIGHTS = 1.6      # glyphs of one line: heights within this ratio
+TEXT_MAX_SHARE = 0.5         # text blanked over more than this share of the sector: the frame is refused
+TEXT_IN_SECTOR = ("text covers more than half of the scan sector of a frame that may carry burned-in text "
+                  "(DICOM Burned In Annotation YES or not stated, and no ultrasound region); not scored or shown")
 
 
 @dataclass(frozen=True)
@@ -148,12 +161,73 @@ def may_carry_text(region: Region | None, meta: dict | None) -> bool:
     return region is None and (meta or {}).get("burned_in_annotation", False) is not False
 
 
+def text_mask(gray: np.ndarray) -> np.ndarray:
+    """Where burned-in text (and other drawn marks: calipers, labels) lies in one uint8 gray frame: a uint8 0/1
+    mask covering each text line with a margin.
+
+    A stroke pixel is at least TEXT_MIN_LEVEL bright and TEXT_MIN_CONTRAST above its background (the median of its
+    TEXT_BACKGROUND-square window, which a thin stroke does not move). An 8-connected group of stroke pixels is a
+    glyph when it is TEXT_MIN_HEIGHT..TEXT_MAX_HEIGHT pixels tall, has TEXT_MIN_PIXELS pixels, fills
+    TEXT_MIN_FILL of its box (the outline of a box of thin lines does not), is thin (at most
+    TEXT_MAX_CORE of it survives a 3x3 erosion; speckle grains and flow blobs are compact) and is drawn in one
+    colour (at least TEXT_MIN_FLAT of it, and 4 pixels, within 8 grey levels of its brightest; speckle is not
+    flat). A glyph counts when it is part of a line (`_text_lines`: beside another glyph of its height). Each
+    such glyph's box is widened by its height on both sides and by a quarter of it (at least 2 pixels)
+    above and below: neighbouring glyphs of a line join, the anti-aliased fringe and any small glyph missed
+    between two found ones are covered. Deterministic (a median filter, an erosion, connected components)."""
+    out = np.zeros(gray.shape, np.uint8)
+    bg = cv2.medianBlur(gray, TEXT_BACKGROUND)
+    stroke = ((gray >= TEXT_MIN_LEVEL) & (gray.astype(np.int16) - bg >= TEXT_MIN_CONTRAST)).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(stroke, connectivity=8)
+    core = cv2.erode(stroke, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    hs, areas = stats[:, cv2.CC_STAT_HEIGHT], stats[:, cv2.CC_STAT_AREA]
+    glyphs = []
+    for i in np.flatnonzero((hs >= TEXT_MIN_HEIGHT) & (hs <= TEXT_MAX_HEIGHT) & (areas >= TEXT_MIN_PIXELS)):
+        if i == 0:
+            continue
+        x, y, w, h, a = (int(v) for v in stats[i])
+        if a < TEXT_MIN_FILL * w * h:
+            continue
+        sel = labels[y:y + h, x:x + w] == i
+        if np.count_nonzero(core[y:y + h, x:x + w][sel]) > TEXT_MAX_CORE * a:
+            continue
+        vals = gray[y:y + h, x:x + w][sel]
+        flat = np.count_nonzero(vals >= int(vals.max()) - 8)
+        if flat < 4 or flat < TEXT_MIN_FLAT * a:
+            continue
+        glyphs.append((x, y, w, h))
+    h_img, w_img = gray.shape
+    for x, y, w, h in _text_lines(glyphs):
+        my = max(2, h // 4)
+        out[max(0, y - my):min(h_img, y + h + my), max(0, x - h):min(w_img, x + w + h)] = 1
+    return out
+
+
+def _text_lines(glyphs: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """The glyph boxes (x, y, w, h) that are part of a line of text: beside another glyph of about its height
+    (heights within TEXT_LINE_HEIGHTS of each other, overlapping over most of the smaller one, at most the larger
+    height apart). A lone mark (a caliper's cross, one letter, a flow blob) is not text."""
+    kept = []
+    for i, (x, y, w, h) in enumerate(glyphs):
+        for j, (x2, y2, w2, h2) in enumerate(glyphs):
+            if i == j or max(h, h2) > TEXT_LINE_HEIGHTS * min(h, h2):
+                continue
+            overlap = min(y + h, y2 + h2) - max(y, y2)
+            gap = max(x2 - (x + w), x - (x2 + w2))
+            if overlap >= 0.6 * min(h, h2) and gap <= max(h, h2):
+                kept.append((x, y, w, h))
+                break
+    return kept
+
+
 def sector_frame(gray: np.ndarray, region: Region | None, meta: dict | None) -> tuple[np.ndarray, Region | None]:
     """(gray frame, region to crop) under the burned-in-text rule (docs/design.md, "Pinned definitions", crop).
 
     A frame that may carry text and has no source region is cut to its scan sector (`scan_sector`): the region is
     the sector's bounding box and every pixel of that box outside the sector is set to 0, so no text beside a fan
-    reaches the network, the video or the viewer. No sector: FrameError(NO_SECTOR), the frame is neither scored
+    reaches the network, the video or the viewer; text inside the sector (`text_mask`, searched over the whole
+    frame so that a line the sector's edge cuts is found from its whole glyphs) is set to 0 too. No sector, or
+    text over more than TEXT_MAX_SHARE of it: FrameError(NO_SECTOR / TEXT_IN_SECTOR), the frame is neither scored
     nor shown. Any other frame is returned as it is (the crop is then `region`, or `auto_region`)."""
     if not may_carry_text(region, meta):
         return gray, region
@@ -161,8 +235,11 @@ def sector_frame(gray: np.ndarray, region: Region | None, meta: dict | None) -> 
     if sector is None:
         raise FrameError(NO_SECTOR)
     r = sector.region
+    keep = sector.mask & (text_mask(gray)[r.y0:r.y1, r.x0:r.x1] == 0)
+    if np.count_nonzero(keep) < (1 - TEXT_MAX_SHARE) * np.count_nonzero(sector.mask):
+        raise FrameError(TEXT_IN_SECTOR)
     out = np.zeros_like(gray)
-    out[r.y0:r.y1, r.x0:r.x1] = np.where(sector.mask, gray[r.y0:r.y1, r.x0:r.x1], 0)
+    out[r.y0:r.y1, r.x0:r.x1] = np.where(keep, gray[r.y0:r.y1, r.x0:r.x1], 0)
     return out, r
 
 

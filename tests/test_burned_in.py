@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import cv2
 import numpy as np
@@ -251,3 +252,134 @@ def test_the_device_pipeline_applies_the_same_rule(tiny_bundle, tmp_path):
         assert a.error is None and a.region == b.region and np.array_equal(a.display, b.display)
         assert a.display.max() < TEXT and np.array_equal(a.image, b.image)
         assert c.display is None and d.display is None and c.error == d.error == f"frame 0: {pp.NO_SECTOR}"
+
+
+# -- issue 27 item 1: text inside the scan sector ----------------------------------------------------------------
+
+def burn(img, s, org, scale, thickness, value=TEXT, aa=False):
+    """Burn `s` into `img` (anti-aliased with `aa`, as some scanners draw); the bool mask of its pixels."""
+    glyphs = np.zeros(img.shape[:2], np.uint8)
+    cv2.putText(glyphs, s, org, cv2.FONT_HERSHEY_SIMPLEX, scale, 255, thickness, cv2.LINE_AA if aa else cv2.LINE_8)
+    on = glyphs > 0
+    if aa:   # blended over what is there, like a scanner's anti-aliased font
+        a = glyphs.astype(np.float32) / 255
+        img[...] = np.round(img * (1 - a[..., None] if img.ndim == 3 else 1 - a) +
+                            value * (a[..., None] if img.ndim == 3 else a)).astype(np.uint8)
+    else:
+        img[on] = value
+    return on
+
+
+INSIDE = (("MRN 12345 DOE^JANE", (120, 150), 0.5, 1, False), ("1961-04-12", (140, 200), 0.7, 2, False),
+          ("ID 778899", (150, 240), 0.5, 1, True))
+
+
+@pytest.mark.parametrize("rect", [False, True])
+def test_text_inside_the_sector_is_blanked_too(rect):
+    """Before: only what lay outside the sector's hull was blacked out; text drawn over the speckle went through."""
+    img, inside, _ = scan_frame(rect=rect, text=False, seed=6)
+    clean = img.copy()
+    text = np.zeros(img.shape, bool)
+    for s, org, scale, thick, aa in INSIDE:
+        text |= burn(img, s, org, scale, thick, value=255 if not aa else 230, aa=aa)
+    if rect:   # the bottom of a date line that the top edge of the image cuts
+        text |= burn(img, "2024-01-02 14:31 DOE^JANE", (104, 66), 0.6, 2)
+    assert (text & inside).sum() > 500                                  # the text is in the scan
+    out, region = pp.sector_frame(img, None, {"burned_in_annotation": True})
+    near = cv2.dilate(text.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0      # glyphs and their fringe
+    assert not out[near].any()                                          # not one text pixel is left
+    assert out.max() < 255
+    far = cv2.dilate(text.astype(np.uint8), np.ones((45, 45), np.uint8)) == 0
+    sector = pp.scan_sector(clean)
+    in_sector = np.zeros(img.shape, bool)
+    in_sector[sector.region.y0:sector.region.y1, sector.region.x0:sector.region.x1] = sector.mask
+    assert np.array_equal(out[far & in_sector], clean[far & in_sector])  # away from the text all is kept
+    assert np.count_nonzero(out) / np.count_nonzero(clean) > 0.65
+    out_clean, r_clean = pp.sector_frame(clean, None, {"burned_in_annotation": True})
+    assert np.array_equal(out_clean, np.where(in_sector, clean, 0))    # no text: no blanking, as before
+
+
+def test_a_frame_of_text_over_most_of_the_sector_is_refused():
+    img, _, _ = scan_frame(rect=True, text=False, seed=7)
+    for i in range(9):
+        burn(img, "DOE^JANE 1961-04-12", (104, 80 + 20 * i), 0.5, 1)
+    with pytest.raises(pp.FrameError) as e:
+        pp.sector_frame(img, None, {"burned_in_annotation": None})
+    assert str(e.value) == pp.TEXT_IN_SECTOR
+
+
+def real_frame_with_text():
+    """A real ultrasound frame (pydicom's US1_UNCR.dcm, RGB: a lymph node with power Doppler) and the same frame
+    with a patient's text burned in over the tissue; the text's pixels."""
+    from pydicom.data import get_testdata_file
+    import pydicom
+    rgb = pydicom.dcmread(get_testdata_file("US1_UNCR.dcm", download=False)).pixel_array.copy()
+    clean = rgb.copy()
+    text = burn(rgb, "MRN 12345 DOE^JANE", (330, 320), 0.5, 1, value=255)
+    text |= burn(rgb, "1961-04-12", (40, 310), 0.6, 1, value=255)
+    return rgb, clean, text
+
+
+def video_pictures(path):
+    cap = cv2.VideoCapture(str(path))
+    out = []
+    while True:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        out.append(bgr)
+    cap.release()
+    return out
+
+
+def at_text(picture, text, region, scale):
+    """The picture's gray values where the text's pixels land (the display is the region, scaled, top left)."""
+    gray = cv2.cvtColor(picture, cv2.COLOR_BGR2GRAY) if picture.ndim == 3 else picture
+    ys, xs = np.nonzero(text)
+    keep = (ys >= region.y0) & (ys < region.y1) & (xs >= region.x0) & (xs < region.x1)
+    ys = np.minimum(((ys[keep] - region.y0 + 0.5) * scale).astype(int), gray.shape[0] - 1)
+    xs = np.minimum(((xs[keep] - region.x0 + 0.5) * scale).astype(int), gray.shape[1] - 1)
+    return gray[ys, xs]
+
+
+def test_text_inside_a_real_frames_sector_reaches_neither_the_video_nor_the_viewer(tiny_bundle, tmp_path):
+    """A real US frame written as DICOM with Burned In Annotation YES and no ultrasound regions, text over the
+    tissue: `sonoscore run --video` (decoded back) and the live viewer's picture show black where the text was."""
+    from runtime.bundle import Bundle
+    from runtime.pipeline import Pipeline
+    from runtime.sinks.overlay import frame_scale
+    from runtime.sinks.viewer import LiveViewer
+    from tests.test_viewer import base_url, get
+    rgb, clean, text = real_frame_with_text()
+    sector = pp.scan_sector(pp.to_gray(clean, "RGB")).region
+    inside = text[sector.y0:sector.y1, sector.x0:sector.x1]
+    assert inside.sum() == text.sum() > 300                             # all the text is inside the sector
+    path = write_us(tmp_path / "t.dcm", rgb, photometric="RGB", BurnedInAnnotation="YES")
+    r = sonoscore("run", "--bundle", tiny_bundle, "--source", path, "--quiet", "--threads", 2,
+                  "--video", tmp_path / "t.mp4", "--results", tmp_path / "t.jsonl", timeout=300)
+    assert r.returncode == 0, r.stderr
+    (picture,) = video_pictures(tmp_path / "t.mp4")
+    (frame,) = list(DicomSource(path, realtime=False))
+    with Pipeline(Bundle.load(tiny_bundle), threads=2) as pipe:
+        rec = pipe.process(frame)
+    assert rec.error is None and rec.display is not None
+    region = pp.Region(sector.x0, sector.y0, sector.x0 + rec.display.shape[1], sector.y0 + rec.display.shape[0])
+    scale = frame_scale(rec.display.shape)
+    assert np.median(at_text(picture, text, region, scale)) < 30        # the video: black where the text was
+    assert at_text(rec.display[None][0], text, region, 1.0).max() == 0  # the frame the sinks get: all of it
+    with LiveViewer() as v:
+        get(base_url(v) + "/state.json")                                # a page is open: pictures are drawn
+        v.write(rec)
+        for _ in range(50):
+            status, jpeg, _ = get(base_url(v) + "/frame.jpg?n=1")
+            if status == 200:
+                break
+            time.sleep(0.1)
+    pic = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert status == 200 and np.median(at_text(pic, text, region, scale)) < 30
+    # the same frame without text shows tissue there: the check would see the text
+    path = write_us(tmp_path / "c.dcm", clean, photometric="RGB", BurnedInAnnotation="YES")
+    (frame,) = list(DicomSource(path, realtime=False))
+    with Pipeline(Bundle.load(tiny_bundle), threads=2) as pipe:
+        ref = pipe.process(frame)
+    assert np.median(at_text(ref.display, text, region, 1.0)) > 20
