@@ -1,4 +1,4 @@
-"""`sonoscore deid` (runtime/deid.py): studies made from pydicom's and pydicom-data's real US, CT and MR files with
+"""`sonoscore deid` (runtime/deid/): studies made from pydicom's and pydicom-data's real US, CT and MR files with
 identifiers planted in every basic-profile attribute set here (and in the file names), de-identified by the real
 command in a subprocess; every byte written (files, manifest, stdout, stderr) and every output name is searched
 for them. dciodvfy (dicom3tools) checks that no IOD error appears that the input did not already have."""

@@ -1,4 +1,4 @@
-"""`deid`: DICOM de-identification for research (runtime/deid.py, docs/deid.md)."""
+"""`deid`: DICOM de-identification for research (runtime/deid/, docs/deid.md)."""
 from __future__ import annotations
 
 import argparse

@@ -6,6 +6,9 @@ implementation behind `sonoscore deid` (docs/deid.md says what it does and does 
     report = d.folder(src, out_dir)   # a folder (any depth), a file or a DICOMDIR -> OUT/<new SOP UID>.dcm + report
     report.write_manifest(path)
 
+The package: this module (options, reports, the Deidentifier, files and folders), profile.py (Table E.1-1, the
+options' attribute lists, the walk over a dataset), pixels.py (blanking outside the ultrasound regions).
+
 What decides each attribute's fate:
 
 - Table E.1-1 of PS3.15, as dicom-anonymizer ships it (`dicomfields_2026c`, the 2026c standard): D (a dummy),
@@ -33,7 +36,6 @@ while a file is handled.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import json
 import logging
@@ -44,65 +46,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from runtime.deid.pixels import blank_outside_regions
+from runtime.deid.profile import (CODES, DESCRIPTOR_KEYWORDS, DEVICE_KEYWORDS, INSTALL_HINT,  # noqa: F401
+                                  PIXEL_KEYWORDS, SHIFT_MAX_DAYS, SHIFT_MIN_DAYS, TABLE_VERSION, WELL_KNOWN_UID,
+                                  Refused, Walk, dcm_code, identifiers_pattern, load_table, patient_key,
+                                  table_action)
 from runtime.errors import UserError
 
-INSTALL_HINT = "pip install 'sonoscore[dicom]'"
-TABLE_VERSION = "dicomfields_2026c"
+__all__ = ["CODES", "DESCRIPTOR_KEYWORDS", "DEVICE_KEYWORDS", "MANIFEST_NAME", "TABLE_VERSION", "Deidentifier",
+           "FileReport", "Options", "Refused", "Report", "SafePrivate", "inputs", "summary_lines", "table_action"]
+
 MANIFEST_NAME = "deid-manifest.json"
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"   # Media Storage Directory Storage
 
-# DCM codes of CID 7050 (De-identification Method), for (0012,0064).
-CODES = {
-    "113100": "Basic Application Confidentiality Profile",
-    "113101": "Clean Pixel Data Option",
-    "113105": "Clean Descriptors Option",
-    "113107": "Retain Longitudinal Temporal Information Modified Dates Option",
-    "113109": "Retain Device Identity Option",
-    "113111": "Retain Safe Private Option",
-}
-
-# Retain Device Identity Option: the attributes the option keeps (PS3.15 Table E.1-1, its column).
-DEVICE_KEYWORDS = frozenset({
-    "CassetteID", "DetectorID", "DeviceSerialNumber", "DeviceUID", "DeviceLabel", "DeviceDescription",
-    "DeviceAlternateIdentifier", "ManufacturerDeviceIdentifier", "ManufacturerDeviceClassUID", "GantryID",
-    "GeneratorID", "PlateID", "PerformedStationAETitle", "PerformedStationGeographicLocationCodeSequence",
-    "PerformedStationName", "PerformedStationNameCodeSequence", "ScheduledStationAETitle",
-    "ScheduledStationGeographicLocationCodeSequence", "ScheduledStationName", "ScheduledStationNameCodeSequence",
-    "ScheduledStudyLocation", "ScheduledStudyLocationAETitle", "SourceSerialNumber", "StationName",
-    "XRayDetectorID", "XRayDetectorLabel", "TreatmentMachineName",
-})
-
-# Clean Descriptors Option: the free-text descriptions the option keeps, cleaned (PS3.15 Table E.1-1, its column).
-DESCRIPTOR_KEYWORDS = frozenset({
-    "AcquisitionComments", "AcquisitionDeviceProcessingDescription", "AcquisitionProtocolDescription",
-    "AdditionalPatientHistory", "AdmittingDiagnosesDescription", "CommentsOnThePerformedProcedureStep",
-    "ContrastBolusAgent", "DerivationDescription", "DischargeDiagnosisDescription", "FrameComments",
-    "IdentifyingComments", "ImageComments", "ImagingServiceRequestComments", "InterpretationText", "MedicalAlerts",
-    "PatientComments", "PatientState", "PerformedProcedureStepDescription", "ProtocolName", "ReasonForStudy",
-    "ReasonForTheRequestedProcedure", "RequestedContrastAgent", "RequestedProcedureDescription", "ResultsComments",
-    "ScheduledProcedureStepDescription", "SeriesDescription", "ServiceEpisodeDescription", "StudyComments",
-    "StudyDescription", "VisitComments", "LabelText", "TextComments", "TextString",
-})
-
-# Attributes this module sets itself after the walk.
-_OWN = frozenset({"PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
-                  "LongitudinalTemporalInformationModified"})
-_PSEUDONYM = frozenset({"PatientName", "PatientID"})
-_TEXT_VRS = frozenset({"AE", "LO", "LT", "PN", "SH", "ST", "UC", "UT"})
-_NUMBER_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "SV", "UV"})
-_DUMMY_TEXT = "ANONYMIZED"
-_DUMMY = {"DA": "19000101", "TM": "000000", "DT": "19000101000000", "AS": "000Y", "DS": "0", "IS": "0",
-          "CS": _DUMMY_TEXT, "UR": None}
-_SHIFT_MIN_DAYS, _SHIFT_MAX_DAYS = 62, 730   # dicognito's own range for its date offset
-_WELL_KNOWN_UID = "1.2.840.10008."           # the standard's root: classes, transfer syntaxes, coding schemes
-_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-
-
-class Refused(Exception):
-    """A file this module will not write, with one sentence why (no file name, no value)."""
-
-
-# -- options -----------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class SafePrivate:
@@ -253,48 +209,6 @@ class Report:
         return path
 
 
-# -- the table ---------------------------------------------------------------------------------------------------
-
-_TABLE: tuple[dict[int, str], list[tuple[int, int, int, int, str]]] | None = None
-
-
-def _table():
-    """Table E.1-1 as {tag: action} plus masked (repeating-group) rows, from dicom-anonymizer."""
-    global _TABLE
-    if _TABLE is None:
-        try:
-            from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
-        except ImportError:
-            raise UserError(f"de-identification needs dicom-anonymizer (its PS3.15 table); install it with "
-                            f"{INSTALL_HINT}") from None
-        db = dicom_anonymization_database_selector(TABLE_VERSION)
-        exact: dict[int, str] = {}
-        masked: list[tuple[int, int, int, int, str]] = []
-        for category, action in (("D_TAGS", "D"), ("Z_TAGS", "Z"), ("X_TAGS", "X"), ("U_TAGS", "U"),
-                                 ("Z_D_TAGS", "Z/D"), ("X_Z_TAGS", "X/Z"), ("X_D_TAGS", "X/D"),
-                                 ("X_Z_D_TAGS", "X/Z/D"), ("X_Z_U_STAR_TAGS", "X/Z/U*")):
-            for row in db[category]:
-                if len(row) == 2:
-                    exact[(row[0] << 16) | row[1]] = action
-                else:
-                    masked.append((row[0], row[1], row[2], row[3], action))
-        _TABLE = (exact, masked)
-    return _TABLE
-
-
-def table_action(tag: int) -> str | None:
-    """Table E.1-1's action for a tag (e.g. 'X', 'Z/D'), None when the table does not list it."""
-    exact, masked = _table()
-    action = exact.get(int(tag))
-    if action is not None:
-        return action
-    g, e = int(tag) >> 16, int(tag) & 0xFFFF
-    for mg, me, gm, em, a in masked:
-        if (g & gm) == mg and (e & em) == (me & em):
-            return a
-    return None
-
-
 # -- the de-identifier -------------------------------------------------------------------------------------------
 
 class Deidentifier:
@@ -315,7 +229,7 @@ class Deidentifier:
         self._randomizer = Randomizer(key)
         self._ui = UIAnonymizer(self._randomizer)
         self.key_id = hashlib.sha256(b"sonoscore deid key id\0" + key.encode()).hexdigest()[:16]
-        _table()
+        load_table()
 
     # keyed values -----------------------------------------------------------------------------------------------
 
@@ -324,7 +238,7 @@ class Deidentifier:
         (a class, a transfer syntax, a coding scheme) is returned as it is."""
         from pydicom.dataelem import DataElement
         uid = str(uid).strip().rstrip("\0")
-        if not uid or uid.startswith(_WELL_KNOWN_UID):
+        if not uid or uid.startswith(WELL_KNOWN_UID):
             return uid
         elem = DataElement(0x00080018, "UI", uid)
         self._ui(None, elem)
@@ -338,8 +252,8 @@ class Deidentifier:
 
     def shift_days(self, patient: str) -> int:
         """The patient's date shift in days (negative: back in time), from the key and the patient."""
-        span = _SHIFT_MAX_DAYS - _SHIFT_MIN_DAYS + 1
-        return -(self._randomizer.to_int("date shift\0" + patient) % span + _SHIFT_MIN_DAYS)
+        span = SHIFT_MAX_DAYS - SHIFT_MIN_DAYS + 1
+        return -(self._randomizer.to_int("date shift\0" + patient) % span + SHIFT_MIN_DAYS)
 
     # a dataset --------------------------------------------------------------------------------------------------
 
@@ -348,7 +262,7 @@ class Deidentifier:
         (`Refused`), or, with burned_in="blank", blanked outside its ultrasound regions (refused without any)."""
         report = report if report is not None else FileReport(input=0)
         codes = self.options.codes()
-        if any(kw in ds for kw in _PIXEL_KEYWORDS):
+        if any(kw in ds for kw in PIXEL_KEYWORDS):
             burned = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
             if burned != "NO":
                 said = "YES" if burned == "YES" else "absent"
@@ -356,21 +270,21 @@ class Deidentifier:
                     raise Refused(f"Burned In Annotation is {said}, so text burned into the pixels cannot be ruled "
                                   f"out; check the images and set it to NO, or use --burned-in blank for "
                                   f"ultrasound with a Sequence of Ultrasound Regions")
-                n = _blank_outside_regions(ds, said)
+                n = blank_outside_regions(ds, said)
                 ds.BurnedInAnnotation = "NO"
                 report.burned_in = f"was {said}: blanked outside {n} ultrasound region(s)"
                 codes = sorted(codes + ["113101"])
             else:
                 report.burned_in = "NO"
-        patient = _patient_key(ds)
-        ctx = _Context(self, patient, self.shift_days(patient), report)
+        patient = patient_key(ds)
+        ctx = Walk(self, patient, self.shift_days(patient), report)
         if self.options.keep_descriptors:
-            ctx.identifiers = _identifiers(ds, ctx)
+            ctx.identifiers = identifiers_pattern(ds, ctx)
         ctx.walk(ds, top=True)
         ds.PatientIdentityRemoved = "YES"
         ds.DeidentificationMethod = ["PS3.15 E.1-1 Basic Profile (" + TABLE_VERSION + ")"] + \
             [CODES[c][:64] for c in codes if c != "113100"] + ["sonoscore deid, dicognito keyed pseudonyms"]
-        ds.DeidentificationMethodCodeSequence = [_dcm_code(c) for c in codes]
+        ds.DeidentificationMethodCodeSequence = [dcm_code(c) for c in codes]
         ds.LongitudinalTemporalInformationModified = "MODIFIED" if self.options.keep_dates_shifted else "REMOVED"
         report.method_codes = codes
         return ds
@@ -494,300 +408,6 @@ def inputs(src: Path, exclude: Path | None = None) -> tuple[str, list[Path | Non
                 paths.append(p if p.is_file() else None)
         return "DICOMDIR", paths
     return "file", [src]
-
-
-# -- the walk ----------------------------------------------------------------------------------------------------
-
-class _Context:
-    def __init__(self, d: Deidentifier, patient: str, shift: int, report: FileReport):
-        self.d, self.opt, self.patient, self.shift, self.report = d, d.options, patient, shift, report
-        self.identifiers: re.Pattern | None = None
-
-    def decide(self, elem) -> str:
-        """The action for one public element: X Z D U U* K C S P (P: the patient pseudonym)."""
-        kw, vr, tag = elem.keyword, elem.VR, elem.tag
-        if kw in _PSEUDONYM:
-            return "P"
-        if not kw:
-            return "X"                                    # a public attribute pydicom does not know
-        if self.opt.keep_device and kw in DEVICE_KEYWORDS:
-            return "K"
-        if self.opt.keep_descriptors and kw in DESCRIPTOR_KEYWORDS and vr in _TEXT_VRS:
-            return "C"
-        if vr in ("DA", "DT", "TM"):
-            if self.opt.keep_dates_shifted and tag.group != 0x0010:
-                return "S" if vr != "TM" else "K"
-        action = table_action(tag)
-        if action is None:
-            if vr == "UI":
-                return "K" if kw.endswith("ClassUID") or kw == "TransferSyntaxUID" else "U"
-            if vr in ("DA", "DT", "TM"):
-                return "D"
-            return "K"
-        if action in ("X/Z",):
-            return "Z"
-        if action in ("Z/D", "X/D", "X/Z/D"):
-            if vr == "SQ":
-                return "X" if action == "X/D" else "Z"
-            return "D"
-        if action == "X/Z/U*":
-            return "U" if vr == "UI" else "U*"
-        return action
-
-    def walk(self, ds, top: bool = False) -> None:
-        creators_used: set[tuple[int, int]] = set()
-        for tag in list(ds.keys()):
-            if tag not in ds:
-                continue
-            if tag.element == 0 and tag.group != 0x0000:             # group lengths (retired)
-                del ds[tag]
-                continue
-            g = tag.group
-            if (0x5000 <= g <= 0x50FF or 0x6000 <= g <= 0x60FF) and g % 2 == 0:
-                del ds[tag]                                           # curves and overlays, whole groups
-                self.report.record(f"{'Overlay' if g >= 0x6000 else 'Curve'} group ({g:04X},xxxx)", "X")
-                continue
-            if tag.is_private:
-                if tag.is_private_creator:
-                    continue
-                if any(s.matches(ds, tag) for s in self.opt.safe_private):
-                    creators_used.add((g, tag.element >> 8))
-                    self.report.record(f"private ({g:04X},{tag.element:04X})", "K")
-                else:
-                    del ds[tag]
-                    self.report.record("private", "X")
-                continue
-            elem = ds[tag]
-            if top and elem.keyword in _OWN:
-                del ds[tag]
-                continue
-            action = self.decide(elem)
-            self.apply(ds, elem, action)
-        for tag in list(ds.keys()):                                   # private creators of removed blocks
-            if tag.is_private and tag.is_private_creator and (tag.group, tag.element) not in creators_used:
-                del ds[tag]
-
-    def apply(self, ds, elem, action: str) -> None:
-        name = elem.keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})"
-        vr = elem.VR
-        if action == "K":
-            if vr == "SQ":
-                for item in elem.value or ():
-                    self.walk(item)
-                if elem.keyword in DEVICE_KEYWORDS and self.opt.keep_device:
-                    self.report.record(name, "K")
-                return
-            if (elem.keyword in DEVICE_KEYWORDS and self.opt.keep_device) or \
-                    (vr in ("DA", "DT", "TM") and self.opt.keep_dates_shifted):
-                self.report.record(name, "K")
-            return
-        if action == "X":
-            del ds[elem.tag]
-        elif action == "Z":
-            elem.value = [] if vr == "SQ" else None
-        elif action == "P":
-            elem.value = self.d.pseudonym(self.patient)
-            action = "D"
-        elif action == "D":
-            if vr == "SQ":
-                for item in elem.value or ():
-                    self.dummy_tree(item)
-            else:
-                elem.value = _dummy(vr, elem.value, self.d)
-        elif action in ("U", "U*"):
-            if vr == "UI":
-                vals = elem.value if _multi(elem.value) else [elem.value]
-                new = [self.d.uid(v) for v in vals if v]
-                elem.value = new if _multi(elem.value) else (new[0] if new else elem.value)
-                action = "U"
-            elif vr == "SQ":
-                for item in elem.value or ():
-                    self.walk(item)
-                action = "U"
-            else:
-                elem.value = None
-                action = "Z"
-        elif action == "C":
-            elem.value = self.clean(elem.value)
-        elif action == "S":
-            try:
-                vals = elem.value if _multi(elem.value) else [elem.value]
-                new = [_shift(str(v), self.shift, vr) for v in vals if str(v or "").strip()]
-                elem.value = new if _multi(elem.value) else (new[0] if new else None)
-            except ValueError:
-                elem.value = None      # not a date this can shift: emptied, never kept as it was
-                action = "Z"
-        self.report.record(name, action)
-
-    def dummy_tree(self, ds) -> None:
-        """A D sequence's item: the table where it applies, dummies for every other text, date or UID."""
-        for tag in list(ds.keys()):
-            if tag.is_private or not ds[tag].keyword:
-                del ds[tag]
-                self.report.record("private" if tag.is_private else "unknown attribute", "X")
-                continue
-            elem = ds[tag]
-            if elem.VR == "SQ":
-                for item in elem.value or ():
-                    self.dummy_tree(item)
-            elif elem.VR == "UI":
-                self.apply(ds, elem, "K" if elem.keyword.endswith("ClassUID") else "U")
-            elif elem.VR in _TEXT_VRS or elem.VR in ("DA", "DT", "TM", "AS", "UR"):
-                self.apply(ds, elem, "D")
-
-    def clean(self, value):
-        if self.identifiers is None or value is None:
-            return value
-        if _multi(value):
-            return [self.clean(v) for v in value]
-        text = str(value)
-        return self.identifiers.sub("***", text)
-
-
-def _identifiers(ds, ctx: _Context) -> re.Pattern | None:
-    """Every identifier the header holds in an attribute the profile removes or replaces (whole values, the
-    words of names and addresses, dates in common spellings), as one case-insensitive pattern."""
-    found: set[str] = set()
-
-    def visit(d) -> None:
-        for elem in d:
-            if elem.VR == "SQ":
-                for item in elem.value or ():
-                    visit(item)
-                continue
-            if elem.tag.is_private:
-                action = "X"
-            elif elem.keyword in DESCRIPTOR_KEYWORDS:
-                continue
-            else:
-                action = ctx.decide(elem)
-            if action == "K" or elem.value in (None, "", b""):
-                continue
-            vals = elem.value if _multi(elem.value) else [elem.value]
-            for v in vals:
-                if isinstance(v, bytes):
-                    continue
-                s = str(v).strip()
-                if elem.VR == "DA" and re.fullmatch(r"\d{8}", s):
-                    y, m, dd = s[:4], s[4:6], s[6:]
-                    found.update({s, f"{y}-{m}-{dd}", f"{y}/{m}/{dd}", f"{dd}.{m}.{y}", f"{dd}/{m}/{y}",
-                                  f"{m}/{dd}/{y}", f"{y}.{m}.{dd}"})
-                    continue
-                if len(s) >= 2:
-                    found.add(s)
-                for word in re.split(r"[\s^=,;:/\\]+", s):
-                    word = word.strip(".'\"()")
-                    if len(word) >= 3 or (len(word) == 2 and elem.VR == "PN"):
-                        found.add(word)
-    visit(ds)
-    found = {f for f in found if not re.fullmatch(r"\d{1,3}", f)}
-    if not found:
-        return None
-    alts = sorted(found, key=len, reverse=True)
-    return re.compile(r"(?<![A-Za-z0-9])(?:" + "|".join(re.escape(a) for a in alts) + r")(?![A-Za-z0-9])",
-                      re.IGNORECASE)
-
-
-# -- helpers -----------------------------------------------------------------------------------------------------
-
-def _multi(value) -> bool:
-    from pydicom.multival import MultiValue
-    return isinstance(value, (MultiValue, list, tuple))
-
-
-def _dummy(vr: str, value, d: Deidentifier):
-    if vr == "UI":
-        return d.uid(str(value)) if value else value
-    if vr in _TEXT_VRS:
-        return _DUMMY_TEXT
-    if vr in _NUMBER_VRS:
-        return 0
-    if vr in _DUMMY:
-        return _DUMMY[vr]
-    return None                        # binary and anything else: emptied
-
-
-def _shift(value: str, days: int, vr: str) -> str:
-    v = value.strip()
-    if vr == "DA":
-        v = v.replace(".", "")
-    m = re.fullmatch(r"(\d{4})(\d{2})(\d{2})(.*)", v)
-    if not m or (vr == "DA" and m.group(4)):
-        raise ValueError("not a full date")
-    d = datetime.date(int(m.group(1)), int(m.group(2)), int(m.group(3))) + datetime.timedelta(days=days)
-    return d.strftime("%Y%m%d") + m.group(4)
-
-
-def _patient_key(ds) -> str:
-    for kw in ("PatientID", "PatientName"):
-        v = str(ds.get(kw, "") or "").strip()
-        if v:
-            return f"{kw}\0{v}\0{str(ds.get('IssuerOfPatientID', '') or '').strip()}"
-    return ""
-
-
-def _dcm_code(value: str):
-    from pydicom.dataset import Dataset
-    item = Dataset()
-    item.CodeValue = value
-    item.CodingSchemeDesignator = "DCM"
-    item.CodeMeaning = CODES[value]
-    return item
-
-
-def _blank_outside_regions(ds, said: str) -> int:
-    """Every pixel outside the union of the Sequence of Ultrasound Regions set to black; returns the region count.
-    Compressed pixel data is written back uncompressed (Explicit VR Little Endian)."""
-    import numpy as np
-    regions = []
-    for r in ds.get("SequenceOfUltrasoundRegions") or ():
-        try:
-            x0, y0 = int(r.RegionLocationMinX0), int(r.RegionLocationMinY0)
-            x1, y1 = int(r.RegionLocationMaxX1), int(r.RegionLocationMaxY1)
-        except (AttributeError, TypeError, ValueError):
-            continue
-        if x1 >= x0 and y1 >= y0:
-            regions.append((x0, y0, x1, y1))
-    if not regions:
-        raise Refused(f"Burned In Annotation is {said} and there is no Sequence of Ultrasound Regions to keep, so "
-                      f"the pixels cannot be blanked safely; check the images and set Burned In Annotation to NO")
-    pi = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    native = ts is None or not ts.is_compressed
-    bits = int(ds.get("BitsAllocated") or 0)
-    if bits not in (8, 16, 32) or (native and pi == "YBR_FULL_422"):
-        raise Refused(f"Burned In Annotation is {said} and the pixels ({bits}-bit {pi or 'unknown'}) are of a kind "
-                      f"this tool does not blank; check the images and set Burned In Annotation to NO")
-    if not native and pi == "PALETTE COLOR":
-        raise Refused(f"Burned In Annotation is {said} and the image is compressed PALETTE COLOR, which this tool "
-                      f"does not blank; convert it to RGB first")
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    keep = np.zeros((rows, cols), bool)
-    for x0, y0, x1, y1 in regions:
-        keep[max(y0, 0):min(y1, rows - 1) + 1, max(x0, 0):min(x1, cols - 1) + 1] = True
-    frames = int(ds.get("NumberOfFrames") or 1)
-    if native:
-        # The stored values as they are (no colour conversion), written back in the file's own transfer syntax.
-        ds.pixel_array_options(raw=True)
-        arr = np.array(ds.pixel_array)
-        black = {"MONOCHROME1": (1 << int(ds.BitsStored)) - 1, "YBR_FULL": (0, 128, 128)}.get(pi, 0)
-        view = arr if frames > 1 else arr[None]
-        view[:, ~keep] = black
-        if ts is not None and not ts.is_little_endian:
-            arr = arr.byteswap()
-        if int(ds.get("SamplesPerPixel") or 1) == 3:
-            ds.PlanarConfiguration = 0                 # pydicom hands colour back interleaved
-        data = arr.tobytes()
-        ds.PixelData = data + b"\0" * (len(data) % 2)
-    else:
-        # Compressed: decoded (colour as RGB) and written back uncompressed.
-        arr = np.array(ds.pixel_array)
-        black = (1 << int(ds.BitsStored)) - 1 if pi == "MONOCHROME1" else 0
-        view = arr if frames > 1 else arr[None]
-        view[:, ~keep] = black
-        ds.set_pixel_data(arr, "RGB" if int(ds.get("SamplesPerPixel") or 1) == 3 else pi, int(ds.BitsStored),
-                          generate_instance_uid=False)
-    return len(regions)
 
 
 def _is_dicomdir(path: Path) -> bool:
