@@ -11,15 +11,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runtime import logs
 from runtime.bundle import Bundle
 from runtime.pipelines import open_pipeline
 from runtime.record import DROPPED, FrameRecord
 from runtime.sources import open_source
 from runtime.stream import StopRequest, StreamStats, run_stream
 
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+log = logs.get("run")
 
 
 def format_record(rec: FrameRecord) -> str:
@@ -151,7 +150,7 @@ def run_bundle(config: RunConfig) -> StreamStats:
                              threads=config.threads, cache_dir=config.cache_dir, cuda_graphs=config.cuda_graphs,
                              keep_display=shown, keep_mask=shown or bool(config.masks))
     if not config.trust and not is_signed(bundle.root):
-        _say(unsigned_warning(bundle.root))
+        log.info(unsigned_warning(bundle.root))
     source = open_source(config.source)
     policy = config.policy or ("newest" if source.live else "all")
     ui = []                              # the viewer and the display: they show, they write no file
@@ -162,7 +161,7 @@ def run_bundle(config: RunConfig) -> StreamStats:
             viewer = LiveViewer(config.view.host, config.view.port, config.view.token, disclaimer=bundle.disclaimer,
                                 model=bundle.label, class_names=_shown_classes(bundle))
             ui.append(viewer)
-            _say(f"live viewer: {viewer.url}")
+            log.info(f"live viewer: {viewer.url}")
         if config.display:
             from runtime.sinks.display import DisplayWindow
             ui.append(DisplayWindow(disclaimer=bundle.disclaimer, model=bundle.label,
@@ -172,9 +171,9 @@ def run_bundle(config: RunConfig) -> StreamStats:
         source.close()
         raise
     if bundle.disclaimer:
-        _say(f"NOTE: {bundle.disclaimer}")
+        log.info(f"NOTE: {bundle.disclaimer}")
     on = ", frames on the GPU" + (", CUDA graphs" if config.cuda_graphs else "") if config.device == "cuda" else ""
-    _say(f"running {bundle.root} ({config.precision}, {config.backend}{on}) on {source.source_id}, policy {policy}"
+    log.info(f"running {bundle.root} ({config.precision}, {config.backend}{on}) on {source.source_id}, policy {policy}"
          + (f" ({source.annotations} annotation files beside their images are not frames)"
             if getattr(source, "annotations", 0) else ""))
 
@@ -188,7 +187,7 @@ def run_bundle(config: RunConfig) -> StreamStats:
         if not config.quiet:
             print(format_record(rec), flush=True)
         elif rec.error:  # errors are shown even when quiet: they name an input the user must fix
-            _say(format_record(rec))
+            log.info(format_record(rec))
 
     def open_outputs() -> list:
         """The output files' sinks, made once the pipeline is ready; a file that cannot be created is a run that
@@ -229,9 +228,9 @@ def run_bundle(config: RunConfig) -> StreamStats:
             stop.phase = "streaming"
             process = sender.tag(pipe.process) if sender else pipe.process   # --send: each record's file
             stats = run_stream(source, process, outputs + ui, policy=policy, on_record=show, stop=stop,
-                               on_sink_error=lambda msg: _say(f"sonoscore: {msg}"), record_paths=config.record_paths)
+                               on_sink_error=lambda msg: log.info(f"sonoscore: {msg}"), record_paths=config.record_paths)
         if viewer is not None and config.view.keep and not stop.is_set():
-            _say(f"stream ended; the viewer keeps the last frame at {viewer.url}; Ctrl-C to quit")
+            log.info(f"stream ended; the viewer keeps the last frame at {viewer.url}; Ctrl-C to quit")
             while not stop.is_set():
                 time.sleep(0.2)
     finally:
@@ -240,16 +239,16 @@ def run_bundle(config: RunConfig) -> StreamStats:
         failures = _close_all(outputs, discard=not started) + _close_all(ui)
         source.close()
         for msg in failures:
-            _say(f"sonoscore: {msg}")
+            log.info(f"sonoscore: {msg}")
         stop.phase = "done"
     if sender is not None:               # DICOM results to the outbox and on to the destinations
         sent = sender.finish(bundle, stopped=stop.is_set())
         for msg in sent:
-            _say(f"sonoscore: {msg}")
+            log.info(f"sonoscore: {msg}")
         failures += sent
     stats.sink_errors.extend(failures)
     if stop.is_set():
-        _say(f"sonoscore: stopped by {_signal_name(stop.signum)} after {stats.frames} frames; the outputs hold "
+        log.info(f"sonoscore: stopped by {_signal_name(stop.signum)} after {stats.frames} frames; the outputs hold "
              f"every record up to then")
     s = study.summary()
     final = (f"final grade {s['final_grade']} (confidence {s['confidence']:.2f})" if s.get("final_grade")
@@ -258,12 +257,12 @@ def run_bundle(config: RunConfig) -> StreamStats:
         final += f" (the simulated patient's true grade: {', '.join(map(str, sorted(truth)))})"
     lat = s.get("latency_ms", {}).get("total", {})
     wait = s.get("latency_ms", {}).get("wait", {})
-    _say(f"{stats.frames} frames: {stats.accepted} accepted, {stats.frames - stats.accepted - stats.errors - stats.dropped}"
+    log.info(f"{stats.frames} frames: {stats.accepted} accepted, {stats.frames - stats.accepted - stats.errors - stats.dropped}"
          f" rejected by the gate, {stats.errors} errors, {stats.dropped} dropped; {stats.fps:.1f} fps processed; "
          f"latency p50 {lat.get('p50', float('nan')):.1f} ms, p95 {lat.get('p95', float('nan')):.1f} ms"
          f" (processing; before it, frames waited p50 {wait.get('p50', float('nan')):.1f} ms); {final}")
     if bundle.disclaimer:
-        _say(f"NOTE: {bundle.disclaimer}")
+        log.info(f"NOTE: {bundle.disclaimer}")
     return stats
 
 
