@@ -84,11 +84,13 @@ def orthanc(tmp_path):
 
 
 def write_config(path: Path, *, port: int, destinations: list[dict], quiet: float = 2.0,
-                 calling_aes=("SCU",), retry=None, listen: bool = True, spool: str = "spool", **results) -> Path:
-    """A listen configuration; `listen=False`: a send-only one (no listen section), as `run --send` takes."""
+                 calling_aes=("SCU",), retry=None, listen: bool = True, spool: str = "spool",
+                 listen_extra: dict | None = None, **results) -> Path:
+    """A listen configuration; `listen=False`: a send-only one (no listen section), as `run --send` takes;
+    `listen_extra`: more keys of the listen section."""
     import yaml
     doc = {"listen": {"ae_title": "SONOSCORE", "port": port, "bind": "127.0.0.1", "calling_aes": list(calling_aes),
-                      "spool": spool, "quiet_time_s": quiet},
+                      "spool": spool, "quiet_time_s": quiet, **(listen_extra or {})},
            "results": {"dir": "results", "uid_root": "1.2.826.0.1.3680043.10.1234", **results},
            "outbox": {"dir": "outbox", "retry": retry or {"first_s": 0.5, "max_s": 2}},
            "destinations": destinations}

@@ -14,6 +14,13 @@ Every problem found is one sentence naming the file and the key; all of them are
       spool: /var/lib/sonoscore/spool
       quiet_time_s: 30               # a study is complete after this long without a new instance
       keep_instances: false          # keep the received instances after their study is done
+      max_associations: 10           # associations at once, all senders together
+      max_per_peer: 4                # ... from one address
+      reserved_per_calling_ae: 1     # of max_associations, kept for each AE title of calling_aes
+      request_timeout_s: 10          # a connection's time to ask for an association; dimse_timeout_s: 30,
+      idle_timeout_s: 60             # an association silent this long is aborted
+      max_instance_mb: 1024          # a larger instance is refused (0xA700)
+      study_attempts: 5              # scoring tries before a study goes to <spool>/failed/ (study_retry_s: 30)
       tls: {certificate: .., private_key: .., ca_certificates: ..}   # with ca_certificates: client certs required
     processing:                      # optional; the command line's --bundle/--device/--backend/--precision win
       bundle: /opt/sonoscore/bundle
@@ -77,6 +84,23 @@ SCHEMA: dict[str, Any] = {
                                   "keep_instances": {"type": "boolean", "why": "must be true or false"},
                                   "max_associations": {"type": "integer", "minimum": 1, "maximum": 100,
                                                        "why": "must be a whole number from 1 to 100"},
+                                  "max_per_peer": {"type": "integer", "minimum": 1, "maximum": 100,
+                                                   "why": "must be a whole number from 1 to 100"},
+                                  "reserved_per_calling_ae": {"type": "integer", "minimum": 0, "maximum": 100,
+                                                              "why": "must be a whole number from 0 to 100"},
+                                  "request_timeout_s": {**_SECONDS, "exclusiveMinimum": 0, "maximum": 3600,
+                                                        "why": "must be a number of seconds above 0, at most 3600"},
+                                  "dimse_timeout_s": {**_SECONDS, "exclusiveMinimum": 0, "maximum": 3600,
+                                                      "why": "must be a number of seconds above 0, at most 3600"},
+                                  "idle_timeout_s": {**_SECONDS, "exclusiveMinimum": 0, "maximum": 3600,
+                                                     "why": "must be a number of seconds above 0, at most 3600"},
+                                  "max_instance_mb": {"type": "number", "exclusiveMinimum": 0, "maximum": 4096,
+                                                      "why": "must be a number of megabytes above 0, at most "
+                                                             "4096"},
+                                  "study_attempts": {"type": "integer", "minimum": 1, "maximum": 100,
+                                                     "why": "must be a whole number from 1 to 100"},
+                                  "study_retry_s": {**_SECONDS, "exclusiveMinimum": 0,
+                                                    "why": "must be a number of seconds above 0, at most 86400"},
                                   "tls": _TLS}},
         "processing": {"type": "object", "additionalProperties": False,
                        "properties": {"bundle": _PATH, "device": {"enum": ["cpu", "cuda"]},
@@ -169,6 +193,18 @@ class ListenConfig:
     keep_instances: bool = False
     max_associations: int = 10
     tls: TlsConfig | None = None
+    max_per_peer: int = 4               # associations at once from one address
+    reserved_per_calling_ae: int = 1    # of max_associations, kept for each AE title of calling_aes
+    request_timeout_s: float = 10.0     # a connection's time to ask for an association (and to release one)
+    dimse_timeout_s: float = 30.0       # the wait for the rest of a DIMSE message
+    idle_timeout_s: float = 60.0        # an association with no traffic for this long is aborted
+    max_instance_mb: float = 1024.0     # a received instance larger than this is refused (0xA700)
+    study_attempts: int = 5             # a study whose scoring fails this often goes to <spool>/failed/
+    study_retry_s: float = 30.0         # the wait after its first failure; doubling, at most an hour
+
+    @property
+    def max_instance_bytes(self) -> int:
+        return int(self.max_instance_mb * 1024 * 1024)
 
 
 @dataclass(frozen=True)
@@ -379,7 +415,21 @@ def _build(doc: dict, name: str, base: Path, listen: bool) -> tuple[NetConfig | 
                           quiet_time_s=float(ls.get("quiet_time_s", 30.0)),
                           keep_instances=bool(ls.get("keep_instances", False)),
                           max_associations=int(ls.get("max_associations", 10)),
-                          tls=tls_of(ls.get("tls"), "listen.tls", server=True))
+                          tls=tls_of(ls.get("tls"), "listen.tls", server=True),
+                          max_per_peer=int(ls.get("max_per_peer", 4)),
+                          reserved_per_calling_ae=int(ls.get("reserved_per_calling_ae", 1)),
+                          request_timeout_s=float(ls.get("request_timeout_s", 10.0)),
+                          dimse_timeout_s=float(ls.get("dimse_timeout_s", 30.0)),
+                          idle_timeout_s=float(ls.get("idle_timeout_s", 60.0)),
+                          max_instance_mb=float(ls.get("max_instance_mb", 1024.0)),
+                          study_attempts=int(ls.get("study_attempts", 5)),
+                          study_retry_s=float(ls.get("study_retry_s", 30.0)))
+        reserved = lc.reserved_per_calling_ae * len(set(lc.calling_aes))
+        if reserved >= lc.max_associations:
+            errors.append(f"{name}: 'listen.reserved_per_calling_ae' ({lc.reserved_per_calling_ae}) for each of "
+                          f"the {len(set(lc.calling_aes))} calling AE title(s) keeps {reserved} of "
+                          f"'listen.max_associations' ({lc.max_associations}), leaving none to share; raise "
+                          f"max_associations or lower reserved_per_calling_ae")
     outbox_doc = doc.get("outbox") or {}
     if "dir" in outbox_doc:
         outbox = folder("outbox.dir", outbox_doc["dir"])

@@ -18,11 +18,24 @@ calibration the pipeline needs, and what sonoscore itself sends out). A C-STORE 
             than the command says)
     0xC000  not an image the DICOM source can read (no pixel data, an unsupported photometric interpretation,
             truncated); the sender keeps it
-    0xA700  the spool cannot be written (a full disk); the sender may try again
+    0xA700  the spool cannot be written (a full disk), or the instance is larger than `max_instance_mb` (received
+            into a file in the spool's tmp/, never into memory; past the limit nothing more is written, and nothing
+            of it is kept); the sender may try again
     0x0122  SOP class not supported (the command names a SOP class the SCP does not take)
 
-A calling AE title not in `calling_aes` (when given) gets the association rejected (permanent, calling AE title not
-recognised). On start, the spool is processed first: every study with pending instances is scored once it has been
+Who may associate (runtime/dicomnet/door.py): the called AE title must be ours, the calling one in `calling_aes`
+(when given); then a shared slot within `max_per_peer` for the address, else a slot reserved for the calling AE
+title; bare connections take no slot and are closed after `request_timeout_s`; an association silent for
+`idle_timeout_s` is aborted. Each rejection is logged with its true reason, once per reason and address, then as a
+count at most once a minute.
+
+An instance that is not ultrasound (runtime.sources.dicom's check: Modality, or the SOP class without one) is
+stored but not graded: its record in the round's results says why, and it has no part in the grade or the DICOM
+results. Header values that do not parse (a date, a time, a number) are left empty in the DICOM results; they never
+stop scoring. A round that fails `study_attempts` times (after study_retry_s, doubling, at most an hour) moves to
+<spool>/failed/ with one log line and results/<study>/failed-<round>.json saying why; `listen --status` lists it.
+
+On start, the spool is processed first: every study with pending instances is scored once it has been
 quiet for `quiet_time_s` (from its newest instance's time on disk, or from the start when later: the sender of a
 study cut off by the crash may send the rest), so a crash or a restart loses nothing; a round whose results already
 reached the outbox (a crash between the two) is only marked done. SIGINT, SIGTERM and SIGHUP stop the SCP, end a
@@ -39,6 +52,7 @@ from pathlib import Path
 
 from runtime.dicomnet import uid_key
 from runtime.dicomnet.config import NetConfig
+from runtime.dicomnet.door import PENDING_CONNECTIONS, Door, RejectLog, SizeGuard
 from runtime.dicomnet.outbox import Deliverer, Outbox
 from runtime.dicomnet.spool import Spool
 from runtime.errors import UserError
@@ -54,7 +68,7 @@ VERIFICATION = "1.2.840.10008.1.1"
 
 RESCAN_S = 30.0        # the spool is looked at again this often (beside what the SCP reports)
 TICK_S = 0.2
-STUDY_RETRY_S = (30.0, 3600.0)   # a study whose round failed is tried again after 30 s, doubling up to an hour
+STUDY_RETRY_MAX_S = 3600.0   # a study whose round failed is tried again after study_retry_s, doubling up to this
 
 
 def decodable_transfer_syntaxes() -> list[str]:
@@ -110,16 +124,38 @@ class Listener:
         self.deliverer: Deliverer | None = None
         self.rounds_done = 0
         self.started = time.time()
+        self.door = Door(self.lc.ae_title, self.lc.calling_aes, self.lc.max_associations, self.lc.max_per_peer,
+                         self.lc.reserved_per_calling_ae)
+        self.rejects = RejectLog()
+        self.size_guard = SizeGuard(self.lc.max_instance_bytes)
 
     # -- the Storage SCP ---------------------------------------------------------------------------------------
 
     def _on_store(self, event):
-        """EVT_C_STORE: the instance is on disk (fsynced, renamed into its study) before success is returned."""
+        """EVT_C_STORE: the instance is on disk (fsynced, renamed into its study) before success is returned. The
+        data set arrives in a file (pynetdicom's chunked receive, in the spool's tmp/), never whole in memory; one
+        over listen.max_instance_mb is refused with 0xA700 and nothing of it is kept."""
+        received = _received_path(event)
+        size = self.size_guard.over(event.assoc)
+        if size is None and received is not None:
+            try:
+                size = received.stat().st_size
+                size = size if size > self.lc.max_instance_bytes else None
+            except OSError:
+                size = None
+        if size is not None:
+            self.size_guard.forget(event.assoc)
+            if received is not None:
+                received.unlink(missing_ok=True)
+            log.warning("an instance from AE '%s' at %s is larger than listen.max_instance_mb (%g MB; more than %d "
+                        "bytes arrived); refused with 0xA700 and nothing of it kept", _calling(event),
+                        _peer(event.assoc), self.lc.max_instance_mb, size)
+            return _status(0xA700, f"instance larger than {self.lc.max_instance_mb:g} MB")
         try:
             sop_class = str(event.request.AffectedSOPClassUID)
             if sop_class not in ACCEPTED_SOP_CLASSES:
                 return _status(0x0122, "SOP class not supported: ultrasound images only")
-            ds = event.dataset
+            ds = _header_of(received) if received is not None else event.dataset
             study_uid = str(ds.get("StudyInstanceUID", "") or "").strip()
             sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
             if not study_uid or not sop_uid:
@@ -128,13 +164,14 @@ class Listener:
                 return _status(0xA900, "SOP Class UID differs from the C-STORE's")
             if sop_uid != str(event.request.AffectedSOPInstanceUID).strip():
                 return _status(0xA900, "SOP Instance UID differs from the C-STORE's")
-            data = event.encoded_dataset()
+            data = event.encoded_dataset() if received is None else None
         except Exception as e:  # noqa: BLE001 - a data set pydicom cannot parse
             log.warning("an instance from AE '%s' could not be parsed (%s); refused with 0xC000",
                         _calling(event), type(e).__name__)
             return _status(0xC000, "the data set cannot be parsed")
         try:
-            part = self.spool.write_part(data, sop_uid)
+            part = (self.spool.adopt_part(received, sop_uid) if received is not None
+                    else self.spool.write_part(data, sop_uid))
         except OSError as e:
             log.error("the spool %s cannot be written (%s); instance refused with 0xA700 (the sender keeps it)",
                       self.spool.root, e.strerror or e)
@@ -183,29 +220,66 @@ class Listener:
                  "%s --send %s` (docs/hospital.md, \"Scoring a study again\")", study, done.get("round", "?"),
                  done.get("batch") or "?", files, self.cfg.path)
 
+    def _on_requested(self, event):
+        """EVT_REQUESTED (the A-ASSOCIATE-RQ has arrived): runtime.dicomnet.door's rules; a rejection is sent here,
+        with its true reason in the (rate-limited) log."""
+        assoc = event.assoc
+        rq = assoc.requestor.primitive
+        calling, called = str(rq.calling_ae_title).strip(), str(rq.called_ae_title).strip()
+        peer = _peer(assoc)
+        verdict = self.door.admit(id(assoc), peer, calling, called)
+        if verdict.admitted:
+            return
+        assoc.acse.send_reject(*verdict.rj)
+        assoc.kill()          # as pynetdicom after its own rejections: the A-ASSOCIATE-RJ is sent, then closed
+        self.rejects.rejected(verdict.key, peer, f"association from {peer} (calling AE '{_printable(calling)}') "
+                                                 f"rejected: {verdict.reason}")
+
     def _on_rejected(self, event):
-        log.warning("association from %s (calling AE '%s') rejected: calling AE title not accepted",
-                    event.assoc.requestor.address, _calling(event))
+        """pynetdicom's own rejection (after ours): too many connections at once, counting those that have not yet
+        asked for an association."""
+        peer = _peer(event.assoc)
+        self.rejects.rejected("too many connections", peer,
+                              f"association from {peer} (calling AE '{_calling(event)}') rejected: too many "
+                              f"connections at once ({self.lc.max_associations} associations and "
+                              f"{PENDING_CONNECTIONS} connections not yet associated)")
+
+    def _on_closed(self, event):
+        self.door.leave(id(event.assoc))
+        self.size_guard.forget(event.assoc)
 
     def start_server(self):
-        from pynetdicom import AE, evt
+        from pynetdicom import AE, _config, evt
         from runtime.dicomnet.senders import quiet_library_logs
         quiet_library_logs()
+        _receive_into(self.spool.tmp)
         ae = AE(ae_title=self.lc.ae_title)
-        ae.maximum_associations = self.lc.max_associations
+        # the door (EVT_REQUESTED) keeps max_associations; pynetdicom's own limit counts every open connection,
+        # also those that have not asked for an association yet: room for them, each for request_timeout_s
+        ae.maximum_associations = self.lc.max_associations + PENDING_CONNECTIONS
         ae.require_calling_aet = list(self.lc.calling_aes)
+        ae.require_called_aet = True
+        ae.acse_timeout = self.lc.request_timeout_s       # the association request (and release) must come by then
+        ae.dimse_timeout = self.lc.dimse_timeout_s
+        ae.network_timeout = self.lc.idle_timeout_s       # an association silent this long is aborted
         syntaxes = decodable_transfer_syntaxes()
         for sop in ACCEPTED_SOP_CLASSES:
             ae.add_supported_context(sop, syntaxes)
         ae.add_supported_context(VERIFICATION)
         ssl_context = self.lc.tls.server_context() if self.lc.tls else None
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected)]
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected),
+                    (evt.EVT_REQUESTED, self._on_requested), (evt.EVT_CONN_CLOSE, self._on_closed),
+                    (evt.EVT_RELEASED, self._on_closed), (evt.EVT_ABORTED, self._on_closed),
+                    (evt.EVT_DATA_RECV, self.size_guard.on_data)]
+        _config.STORE_RECV_CHUNKED_DATASET = True         # a received data set goes to a file, not to memory
         try:
             self.server = ae.start_server((self.lc.bind, self.lc.port), block=False, evt_handlers=handlers,
                                           ssl_context=ssl_context)
         except OSError as e:
             raise UserError(f"{self.cfg.path}: listen.port {self.lc.port} on {self.lc.bind} cannot be opened "
                             f"({e.strerror or e}); choose another port or stop what uses it") from None
+        if ssl_context is not None:
+            _bounded_handshake(self.server, ssl_context, self.lc.request_timeout_s)
         return self.server
 
     # -- the worker --------------------------------------------------------------------------------------------
@@ -225,6 +299,10 @@ class Listener:
                     self.activity.pop(study, None)
                 elif study not in self.activity or self.activity[study] < last:
                     self.activity[study] = last
+            if last is not None and study not in self.retry_at:
+                before = self.spool.failures(study)     # failed attempts before a restart still count
+                if before and isinstance(before.get("failures"), int):
+                    self.retry_at[study] = (float(before.get("next") or 0.0), before["failures"])
 
     def due_studies(self) -> list[str]:
         now = time.time()
@@ -254,17 +332,30 @@ class Listener:
         log.info("study %s quiet for %gs: scoring %d instance(s) (round %s)", study, self.lc.quiet_time_s,
                  len(instances), rnd.round_id)
         out_dir = self.cfg.results_dir / study / rnd.round_id
-        score_study(pipe, bundle, rnd, out_dir, stop=self.stop)
-        if self.stop.is_set():   # cut short: redone on the next start, nothing marked
-            log.info("study %s: round %s stopped before its end; it is redone on the next start", study,
-                     rnd.round_id)
-            return False
-        items = make_results(rnd, bundle, self.cfg)
-        self.outbox.put(rnd.batch_id, study, items, dests)
-        self.spool.mark_done(study, rnd.round_id, instances, rnd.batch_id)
+        self.spool.write_state(study)
+        try:
+            score_study(pipe, bundle, rnd, out_dir, stop=self.stop)
+            if self.stop.is_set():   # cut short: redone on the next start, nothing marked
+                log.info("study %s: round %s stopped before its end; it is redone on the next start", study,
+                         rnd.round_id)
+                return False
+            items = make_results(rnd, bundle, self.cfg)
+        finally:
+            self.spool.write_state(None)
+        if rnd.lenient:
+            log.info("study %s: header value(s) that do not parse were left empty in its DICOM results: %s", study,
+                     ", ".join(rnd.lenient))
+        if items:
+            self.outbox.put(rnd.batch_id, study, items, dests)
+        else:
+            log.warning("study %s: no instance of round %s is ultrasound, so it has no DICOM results (the reasons "
+                        "are in %s)", study, rnd.round_id, out_dir / "results.jsonl")
+        self.spool.mark_done(study, rnd.round_id, instances, rnd.batch_id if items else None)
+        self.spool.clear_failures(study)
         self.rounds_done += 1
         s = rnd.summary
-        grade = f"grade {s['final_grade']}" if s.get("final_grade") else "no grade (no frame passed the gate)"
+        grade = (f"grade {s['final_grade']}" if s.get("final_grade") else "no grade (no frame passed the gate)"
+                 if s.get("accepted", 0) + s.get("rejected", 0) else "no grade (no frame could be graded)")
         log.info("study %s done: %d frame(s), %d accepted, %d rejected, %d error(s); %s; %d DICOM result(s) in the "
                  "outbox as batch %s; records, summary and report in %s", study, s.get("frames", 0),
                  s.get("accepted", 0), s.get("rejected", 0), s.get("errors", 0), grade, len(items), rnd.batch_id,
@@ -285,14 +376,53 @@ class Listener:
                 self.activity.setdefault(study, time.time())
 
     def _study_failed(self, study: str, error: BaseException) -> None:
-        _, failures = self.retry_at.get(study, (0.0, 0))
-        failures += 1
-        wait = min(STUDY_RETRY_S[1], STUDY_RETRY_S[0] * 2 ** (failures - 1))
-        self.retry_at[study] = (time.time() + wait, failures)
+        """A round failed: tried again after study_retry_s, doubling (at most an hour), study_attempts times in
+        all (counted on disk, over restarts); then its instances go to <spool>/failed/ with the reason, in the log
+        (one line), in results/<study>/<round>/failed.json and in `listen --status`. The reason names the error's
+        type and place, never its message (which may quote a header value)."""
+        from runtime.dicomnet.study import StudyRound, scoring_order
+        instances = scoring_order(self.spool.pending(study))
+        rnd_id = StudyRound(study, instances).round_id if instances else "none"
+        before = self.spool.failures(study) or {}
+        failures = (int(before.get("failures", 0)) if before.get("round") == rnd_id else 0) + 1
         tb = traceback.extract_tb(error.__traceback__)
         where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
-        log.error("study %s could not be completed (%s%s); its instances stay in the spool and it is tried again "
-                  "in %gs", study, type(error).__name__, where, wait)
+        error_text = f"{type(error).__name__}{where}"
+        if failures >= self.lc.study_attempts and instances:
+            reason = (f"scoring failed {failures} time(s) ({error_text}); the instances are kept in the spool's "
+                      f"failed/ folder")
+            record = {"study": study, "round": rnd_id, "instances": len(instances), "attempts": failures,
+                      "error": error_text, "reason": reason, "failed_at": time.time()}
+            where_to = self.spool.move_failed(study, rnd_id, instances, record)
+            self._write_failed_result(study, rnd_id, record)
+            self.retry_at.pop(study, None)
+            with self._lock:
+                self.activity.pop(study, None)
+            log.error("study %s failed: %s; it is not tried again (instances in %s; `sonoscore listen --config %s "
+                      "--status` lists it)", study, reason, where_to, self.cfg.path)
+            return
+        wait = min(STUDY_RETRY_MAX_S, self.lc.study_retry_s * 2 ** (failures - 1))
+        self.retry_at[study] = (time.time() + wait, failures)
+        try:
+            self.spool.note_failure(study, {"round": rnd_id, "failures": failures, "next": time.time() + wait,
+                                            "error": error_text})
+        except OSError:
+            pass
+        log.error("study %s could not be completed (%s); its instances stay in the spool and it is tried again "
+                  "in %gs (attempt %d of %d)", study, error_text, wait, failures + 1, self.lc.study_attempts)
+
+    def _write_failed_result(self, study: str, rnd_id: str, record: dict) -> None:
+        from runtime.dicomnet.spool import write_durably
+        import json
+        if self.cfg.results_dir is None:
+            return
+        folder = self.cfg.results_dir / study
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_durably(folder / f"failed-{rnd_id}.json", json.dumps(record, indent=1).encode())
+        except OSError as e:
+            log.error("study %s: its failed-%s.json cannot be written in %s (%s)", study, rnd_id, folder,
+                      e.strerror or e)
 
     # -- the whole command -------------------------------------------------------------------------------------
 
@@ -314,6 +444,7 @@ class Listener:
                            threads=self.threads, keep_mask=True, keep_display=True) as pipe:   # SEG, SC
             try:
                 self.start_server()
+                self.spool.write_state(None)   # `listen --status` sees this listener running
                 self.started = time.time()   # a study in the spool from before gets its quiet time from now on
                 self.stop.phase = "streaming"
                 deliver.start()
@@ -358,6 +489,7 @@ class Listener:
                     self.process_study(pipe, bundle, study)
                 except Exception as e:  # noqa: BLE001 - one study must not stop the service
                     self._study_failed(study, e)
+            self.rejects.flush()
             if time.monotonic() - last_scan >= RESCAN_S:
                 self.scan_spool()
                 last_scan = time.monotonic()
@@ -379,9 +511,65 @@ def _load_bundle(path: Path, trust):
 
 def _calling(event) -> str:
     try:
-        return str(event.assoc.requestor.ae_title).strip()
+        return _printable(str(event.assoc.requestor.ae_title).strip())
     except AttributeError:
         return "?"
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text)[:16]
+
+
+def _peer(assoc) -> str:
+    try:
+        return str(assoc.requestor.address)
+    except AttributeError:
+        return "?"
+
+
+def _received_path(event) -> Path | None:
+    """The file pynetdicom received the data set into (chunked receive), or None (received into memory)."""
+    try:
+        return Path(event.dataset_path)
+    except (AttributeError, ValueError, TypeError):
+        return None
+
+
+def _header_of(path: Path):
+    """The received data set's header (not its pixels), read leniently: odd values do not stop it here."""
+    import warnings
+    import pydicom
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pydicom.dcmread(path, stop_before_pixels=True, force=True)
+
+
+def _receive_into(folder: Path) -> None:
+    """pynetdicom writes a data set being received (STORE_RECV_CHUNKED_DATASET) to a NamedTemporaryFile: put it in
+    the spool's tmp/ (named recv-*, cleared on start), so the instance is renamed into the spool, not copied, and
+    a received file never lands in a shared /tmp."""
+    import functools
+    import tempfile
+    from pynetdicom import dimse_messages
+    from runtime.dicomnet.spool import RECEIVING
+    dimse_messages.NamedTemporaryFile = functools.partial(tempfile.NamedTemporaryFile, dir=str(folder),
+                                                          prefix=RECEIVING)
+
+
+def _bounded_handshake(server, ssl_context, timeout_s: float) -> None:
+    """pynetdicom does the TLS handshake in the server's accept loop, without a timeout: one connection that never
+    starts it would hold every other. Here it has timeout_s."""
+    def get_request():
+        sock, address = server.socket.accept()
+        sock.settimeout(timeout_s)
+        try:
+            sock = ssl_context.wrap_socket(sock, server_side=True)
+        except Exception:
+            sock.close()
+            raise OSError("TLS handshake failed or timed out") from None
+        sock.settimeout(None)
+        return sock, address
+    server.get_request = get_request
 
 
 def _signal_name(signum) -> str:
@@ -401,6 +589,8 @@ def listen_command(args, stop) -> int:
     cfg = load_config(args.config, listen=True)
     if getattr(args, "deidentify", False):
         cfg = dataclasses.replace(cfg, deidentify=True)
+    if getattr(args, "device", None):
+        cfg = dataclasses.replace(cfg, device=args.device)
     bundle = args.bundle or cfg.bundle
     if not bundle:
         raise UserError(f"no bundle: give --bundle, or processing.bundle in {args.config}")
@@ -409,5 +599,66 @@ def listen_command(args, stop) -> int:
                         precision=args.precision or cfg.precision, threads=args.threads or cfg.threads, stop=stop,
                         trust=args.trust)
     return listener.run()
-    if getattr(args, "device", None):
-        cfg = dataclasses.replace(cfg, device=args.device)
+
+
+# -- `sonoscore listen --status` ---------------------------------------------------------------------------------
+
+DONE_LISTED = 20
+
+
+def status_command(config_path: str | Path) -> int:
+    """`sonoscore listen --config FILE --status`: the spool's studies (waiting, scoring, done, failed with why), their
+    counts, and the outbox's waiting batches per destination; read only (nothing made or changed), whether the
+    listener runs or not; exit 0."""
+    import json
+    from runtime.dicomnet.config import load_config
+    cfg = load_config(config_path, listen=True)
+    spool = Spool(cfg.listen.spool)
+    now = time.time()
+    state = spool.state()
+    scoring = state.get("scoring") if state else None
+    waiting, done = [], []
+    for study in spool.study_keys():
+        pending = spool.pending(study)
+        if pending and study != scoring:
+            failures = spool.failures(study) or {}
+            note = ""
+            if failures.get("failures"):
+                nxt = max(0.0, float(failures.get("next") or now) - now)
+                note = (f"; {failures['failures']} failed attempt(s) of {cfg.listen.study_attempts} "
+                        f"({failures.get('error', '?')}), next try in {nxt:.0f} s")
+            waiting.append(f"  waiting  {study}  {len(pending)} instance(s){note}")
+        rounds = []
+        for f in (spool.studies_dir / study).glob("done-*.json"):
+            try:
+                rounds.append(json.loads(f.read_text()))
+            except (OSError, ValueError):
+                continue
+        if rounds:
+            last = max(rounds, key=lambda r: r.get("finished") or 0)
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.get("finished") or 0))
+            done.append((last.get("finished") or 0,
+                         f"  done     {study}  {len(rounds)} round(s), last {when}, results batch "
+                         f"{last.get('batch') or 'none (nothing to send)'}"))
+    failed = spool.failed_rounds()
+    print(f"listener: {'running (pid %d)' % state['pid'] if state else 'not running'}; spool {spool.root}")
+    print(f"studies: {len(waiting)} waiting, {1 if scoring else 0} scoring, {len(done)} done, {len(failed)} failed")
+    if scoring:
+        print(f"  scoring  {scoring}  since {now - float(state.get('since') or now):.0f} s")
+    for line in waiting:
+        print(line)
+    for _, line in sorted(done, reverse=True)[:DONE_LISTED]:
+        print(line)
+    if len(done) > DONE_LISTED:
+        print(f"  ... and {len(done) - DONE_LISTED} more done (oldest not listed)")
+    for rec in failed:
+        print(f"  failed   {rec.get('study', '?')}  round {rec.get('round', '?')}: {rec.get('reason', '?')}")
+    outbox = Outbox(cfg.outbox)
+    batches = outbox.pending()
+    print(f"outbox {outbox.root}: {len(batches)} batch(es) waiting")
+    for dest in cfg.destinations:
+        mine = [(b, b.unsent(dest.name)) for b in batches if dest.name in b.destinations]
+        mine = [(b, files) for b, files in mine if files]
+        print(f"  {dest.label}: {len(mine)} batch(es), {sum(len(f) for _, f in mine)} result(s) not yet "
+              f"delivered")
+    return 0

@@ -4,6 +4,11 @@
     <spool>/studies/<study key>/<sop key>.dcm       a received instance, as the sender encoded it (Part 10)
     <spool>/studies/<study key>/done-<round>.json   a finished round of that study: the instances it covered and
                                                     the outbox batch that holds its results
+    <spool>/studies/<study key>/failures.json       its pending round's failed scoring attempts so far (kept over
+                                                    a restart, so the attempts are counted to their end)
+    <spool>/failed/<study key>/<round>/             a round that could not be scored in `study_attempts` tries: its
+                                                    instances and failed.json (why, in words; no identifier)
+    <spool>/state.json                              the running listener: its pid and the study it scores now
 
 Keys are `uid_key` keyed hashes (HMAC under the installation's salt) of the Study and SOP Instance UIDs: no
 patient data in a name, and no name found by hashing a known UID. An instance is written to tmp/, fsynced, renamed
@@ -26,6 +31,7 @@ from runtime.dicomnet import uid_key
 from runtime.sinks import fsync_path
 
 SUFFIX = ".dcm"
+RECEIVING = "recv-"     # pynetdicom's file of a data set being received, in tmp/ (listen.py)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -55,15 +61,16 @@ class Spool:
         self.root = Path(root)
         self.tmp = self.root / "tmp"
         self.studies_dir = self.root / "studies"
+        self.failed_dir = self.root / "failed"
         self.keep_instances = keep_instances
         self._lock = threading.Lock()
 
     def open(self) -> "Spool":
         """Make the folders and clear receives that a crash cut short (never acknowledged, so the sender still
         holds them and sends them again)."""
-        for d in (self.root, self.tmp, self.studies_dir):
+        for d in (self.root, self.tmp, self.studies_dir, self.failed_dir):
             d.mkdir(parents=True, exist_ok=True)
-        for part in self.tmp.glob("*.part"):
+        for part in [*self.tmp.glob("*.part"), *self.tmp.glob(f"{RECEIVING}*")]:
             part.unlink(missing_ok=True)
         return self
 
@@ -80,6 +87,26 @@ class Spool:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        return part
+
+    def adopt_part(self, received: Path, sop_uid: str) -> Path:
+        """A data set pynetdicom received into a file (in tmp/, so a rename; elsewhere, a copy), fsynced, as a part
+        that `commit` moves into its study."""
+        part = self.part_path(sop_uid)
+        try:
+            try:
+                os.replace(received, part)
+            except OSError:             # another file system: copied
+                import shutil
+                shutil.copyfile(received, part)
+            fd = os.open(part, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         except BaseException:
             part.unlink(missing_ok=True)
             raise
@@ -166,3 +193,69 @@ class Spool:
             for p in again:
                 p.unlink(missing_ok=True)
         return again
+
+    # -- failures ----------------------------------------------------------------------------------------------
+
+    def failures(self, study: str) -> dict | None:
+        """The pending round's failed attempts ({"round", "failures", "next", "error"}), or None."""
+        try:
+            record = json.loads((self.studies_dir / study / "failures.json").read_text())
+            return record if isinstance(record, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def note_failure(self, study: str, record: dict) -> None:
+        write_durably(self.studies_dir / study / "failures.json", json.dumps(record).encode(), self.tmp)
+
+    def clear_failures(self, study: str) -> None:
+        (self.studies_dir / study / "failures.json").unlink(missing_ok=True)
+
+    def move_failed(self, study: str, round_id: str, instances: list[Path], record: dict) -> Path:
+        """Give up on a round: its instances move to failed/<study>/<round>/ with failed.json (`record`); the study
+        has nothing pending after this (an instance sent again later is a new round)."""
+        dest = self.failed_dir / study / round_id
+        dest.mkdir(parents=True, exist_ok=True)
+        write_durably(dest / "failed.json", json.dumps(record, indent=1).encode(), self.tmp)
+        for p in instances:
+            try:
+                os.replace(p, dest / p.name)
+            except FileNotFoundError:
+                continue
+        fsync_dir(dest)
+        self.clear_failures(study)
+        fsync_dir(self.studies_dir / study)
+        return dest
+
+    def failed_rounds(self) -> list[dict]:
+        out = []
+        for f in sorted(self.failed_dir.glob("*/*/failed.json")) if self.failed_dir.is_dir() else []:
+            try:
+                out.append(json.loads(f.read_text()))
+            except (OSError, ValueError):
+                out.append({"study": f.parent.parent.name, "round": f.parent.name, "reason": "(failed.json unreadable)"})
+        return out
+
+    # -- the running listener ----------------------------------------------------------------------------------
+
+    def write_state(self, scoring: str | None) -> None:
+        record = {"pid": os.getpid(), "scoring": scoring, "since": time.time()}
+        try:
+            write_durably(self.root / "state.json", json.dumps(record).encode(), self.tmp)
+        except OSError:
+            pass                         # only the status view reads it
+
+    def state(self) -> dict | None:
+        try:
+            record = json.loads((self.root / "state.json").read_text())
+        except (OSError, ValueError):
+            return None
+        pid = record.get("pid") if isinstance(record, dict) else None
+        if not isinstance(pid, int):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None                   # that listener is gone
+        except PermissionError:
+            pass
+        return record

@@ -31,10 +31,17 @@ class StudySource(Source):
         self._sources: list = []
         for n, p in enumerate(self.paths):
             try:
-                self._sources.append(DicomSource(p, realtime=False, warn_modality=False))
+                src = DicomSource(p, realtime=False, warn_modality=False)
             except SourceError:
                 self._sources.append(f"instance {n + 1} of {len(self.paths)} of the study could not be opened (not "
                                      f"an image this runtime reads, truncated, or no decoder)")
+                continue
+            if src.not_ultrasound:      # the DICOM source's own check (runtime/sources/dicom.py)
+                self._sources.append(f"instance {n + 1} of {len(self.paths)} of the study is not ultrasound "
+                                     f"({src.not_ultrasound}); it is not graded and has no part in the study's "
+                                     f"grade or DICOM results")
+                continue
+            self._sources.append(src)
         self.total = sum(s.total if not isinstance(s, str) else 1 for s in self._sources)
 
     def __iter__(self) -> Iterator[Frame]:
@@ -89,6 +96,7 @@ class StudyRound:
     records: list[FrameRecord] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     out_dir: Path | None = None
+    lenient: list[str] = field(default_factory=list)   # header keywords left empty in the results (did not parse)
 
     def __post_init__(self) -> None:
         if not self.round_id:
@@ -97,6 +105,16 @@ class StudyRound:
     @property
     def batch_id(self) -> str:
         return f"{self.study}-{self.round_id}"
+
+
+def not_ultrasound(path: Path) -> str | None:
+    """What the instance is, in words, when it is not ultrasound (runtime.sources.dicom's check: its Modality, or
+    without one its SOP class); None when it is, or when it cannot be opened (its error frame says so)."""
+    from runtime.sources.dicom import DicomSource
+    try:
+        return DicomSource(path, realtime=False, warn_modality=False).not_ultrasound
+    except SourceError:
+        return None
 
 
 def round_id(study: str, instances: list[Path]) -> str:
