@@ -84,9 +84,9 @@ def _output_paths(config: RunConfig) -> tuple[list[tuple[str, Path]], list[tuple
 
 
 def check_run_outputs(config: RunConfig) -> None:
-    """Refuse, before anything starts or is written, output paths that cannot work (runtime.sinks.check_outputs):
+    """Refuse, before anything starts or is written, output paths that cannot work (runtime.sinks.outputs.check_outputs):
     UserError, one sentence."""
-    from runtime.sinks import check_outputs
+    from runtime.sinks.outputs import check_outputs
     files, folders = _output_paths(config)
     inputs = [config.source] if os.path.exists(config.source) else []
     check_outputs(files, folders, inputs=inputs, stream_ok=("--results",))

@@ -29,7 +29,6 @@ import os
 import platform
 import shlex
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.bundle import sha256_file
-from runtime.files import file_lock
+from runtime.files import file_lock, not_private, private_folder
 
 BACKENDS = ("auto", "tl2cgen", "gtil")
 _F32 = np.dtype(np.float32)
@@ -49,39 +48,6 @@ _F32 = np.dtype(np.float32)
 # counts (on the bench machine -Os cut the library's code by a quarter and the in-pipeline call with it).
 _CFLAGS = ["-Os"]
 _FORMAT = 2  # bump when the layout of a cache entry or the build recipe changes
-
-
-def not_private(path: Path, *, contents: bool = False) -> str | None:
-    """Why `path` (with `contents`, also what its folder holds, its lock file aside) could hold code this process
-    did not build, or None: each must be this process's user's own (not a symbolic link, owned by the effective
-    user, writable by neither its group nor everyone else); a path that does not exist passes. Only this user (or
-    root) can then have written the libraries and the meta.json that holds their hashes."""
-    path = Path(path)
-    try:
-        inside = ([path / c for c in os.listdir(path) if c != ".lock"]
-                  if contents and stat.S_ISDIR(os.lstat(path).st_mode) else [])
-    except FileNotFoundError:
-        return None
-    for p in [path, *inside]:
-        try:
-            st = os.lstat(p)
-        except FileNotFoundError:      # a build of another process finishing
-            continue
-        if stat.S_ISLNK(st.st_mode):
-            return f"{p} is a symbolic link"
-        if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
-            return f"{p} belongs to another user (uid {st.st_uid})"
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            return f"{p} is writable by {'everyone' if st.st_mode & stat.S_IWOTH else 'its group'}"
-    return None
-
-
-def private_folder(path: Path) -> None:
-    """Make `path` (and missing parents) a folder only this user may enter and write (mode 0700 for those made)."""
-    path = Path(path)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.mkdir(mode=0o700, exist_ok=True)
 
 
 class BoosterError(RuntimeError):
@@ -419,7 +385,7 @@ def _open_entry(entry: Path, key: dict, num_class: int,
                 expect_sha256: str | None = None) -> tuple[Path, _Compiled] | None:
     """The entry's library, loaded, if its metadata matches the key and its bytes the recorded hash (and, right
     after this process built it, the hash this process computed then); else None. The caller has checked that
-    the entry is private to this user (`not_private`): only this user can have written the hash in meta.json."""
+    the entry is private to this user (`runtime.files.not_private`): only this user can have written the hash in meta.json."""
     try:
         meta = json.loads((entry / "meta.json").read_text())
         name = meta["library"]

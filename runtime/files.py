@@ -1,9 +1,11 @@
 """Files written so that a crash never leaves half of one: atomic replacement, fsync of a file or of the folder a
-rename happened in, and an inter-process lock (the on-target build caches: compiled boosters, TensorRT engines;
-the DICOM outbox). Every module that writes a file others read goes through here."""
+rename happened in, an inter-process lock (the on-target build caches: compiled boosters, TensorRT engines; the
+DICOM outbox), and the test that a cached folder holds only what this user wrote (`not_private`: code is loaded from
+the caches only when it passes). Every module that writes a file others read goes through here."""
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,3 +70,36 @@ def atomic_write(path: str | Path, data: bytes | str, *, durable: bool = True) -
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def not_private(path: Path, *, contents: bool = False) -> str | None:
+    """Why `path` (with `contents`, also what its folder holds, its lock file aside) could hold code this process
+    did not build, or None: each must be this process's user's own (not a symbolic link, owned by the effective
+    user, writable by neither its group nor everyone else); a path that does not exist passes. Only this user (or
+    root) can then have written the libraries and the meta.json that holds their hashes."""
+    path = Path(path)
+    try:
+        inside = ([path / c for c in os.listdir(path) if c != ".lock"]
+                  if contents and stat.S_ISDIR(os.lstat(path).st_mode) else [])
+    except FileNotFoundError:
+        return None
+    for p in [path, *inside]:
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:      # a build of another process finishing
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            return f"{p} is a symbolic link"
+        if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+            return f"{p} belongs to another user (uid {st.st_uid})"
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return f"{p} is writable by {'everyone' if st.st_mode & stat.S_IWOTH else 'its group'}"
+    return None
+
+
+def private_folder(path: Path) -> None:
+    """Make `path` (and missing parents) a folder only this user may enter and write (mode 0700 for those made)."""
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)

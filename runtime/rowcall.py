@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 
 from runtime.bundle import sha256_file
-from runtime.files import file_lock
+from runtime.files import file_lock, not_private, private_folder
 
 _NAME = "_sonoscore_rowcall"
 _SOURCE = r"""
@@ -155,7 +155,6 @@ def _load(cache_root: Path, compiler):
             _why_not = (f"the Python headers (Python.h under '{include}') are not installed; install the python3-dev "
                         f"package for a faster booster call")
             return None
-        from runtime.booster import not_private, private_folder
         key = _key(compiler)
         root = Path(cache_root) / "rowcall"
         entry = root / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
@@ -200,7 +199,7 @@ def _load(cache_root: Path, compiler):
 def _open(entry: Path, key: dict, expect_sha256: str | None = None):
     """The entry's extension, loaded, if its meta.json holds the key and its bytes the recorded hash (and, right
     after this process built it, the hash computed then); else None. The caller has checked that the entry is
-    this user's own (`runtime.booster.not_private`)."""
+    this user's own (`runtime.files.not_private`)."""
     try:
         meta = json.loads((entry / "meta.json").read_text())
         name = meta["library"]
@@ -230,7 +229,7 @@ def _build(entry: Path, key: dict, compiler, include: str) -> str:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise OSError(f"{compiler.command} failed: {(done.stderr or done.stdout).strip()[-300:]}")
-        os.chmod(out, 0o755)       # whatever the umask: writable by this user only (runtime.booster.not_private)
+        os.chmod(out, 0o755)       # whatever the umask: writable by this user only (runtime.files.not_private)
         digest = sha256_file(out)
         name = f"{_NAME}-{digest[:16]}{key['ext_suffix'] or '.so'}"
         os.replace(out, entry / name)

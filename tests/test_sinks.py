@@ -323,7 +323,7 @@ def test_masks_on_a_failing_disk_keep_the_whole_pngs_written(tmp_path, monkeypat
 
 def test_output_paths_that_cannot_work_are_refused_before_anything_is_written(tmp_path):
     from runtime.errors import UserError
-    from runtime.sinks import check_outputs
+    from runtime.sinks.outputs import check_outputs
     (tmp_path / "dir").mkdir()
     (tmp_path / "file").write_text("x")
     cases = {
@@ -457,7 +457,7 @@ def test_every_sink_gets_one_record_per_input_frame_through_the_stream(tmp_path)
 def test_a_video_name_the_sink_cannot_write_is_refused_by_the_start_up_check(tmp_path):
     """Issue 27 item 15: the video sink's own rule (runtime.sinks.video.SUFFIXES), in check_outputs."""
     from runtime.errors import UserError
-    from runtime.sinks import check_outputs
+    from runtime.sinks.outputs import check_outputs
     from runtime.sinks.video import SUFFIXES
     assert SUFFIXES == (".mp4", ".m4v")
     for name in ("o.avi", "o.mkv", "o", "o.mp4.part"):

@@ -68,7 +68,7 @@ def test_source_id_is_salted_per_installation_and_stable_on_one(tmp_path):
 
 
 def test_an_unwritable_cache_still_gives_a_salted_id_with_a_warning(tmp_path, monkeypatch, caplog):
-    import runtime.sources as sources
+    import runtime.sources.base as sources
     blocker = tmp_path / "file"
     blocker.write_text("x")
     monkeypatch.setenv("SONOSCORE_CACHE", str(blocker / "cache"))   # under a file: cannot be created

@@ -15,8 +15,8 @@ Each sink is a context manager and `close()` may be called any number of times (
 
 Files: the results and the video are written to a partial file beside their path (`partial_path`) and renamed
 into place by `close()`, so the file at the path is the previous run's until this run has finished, and never a
-torn one. `check_outputs` refuses, before anything is written, paths that cannot work (the same path twice, a
-folder given as a file, a folder that cannot be written). A sink whose write fails (a full disk) is told so by
+torn one. `runtime.sinks.outputs.check_outputs` refuses, before anything is written, paths that cannot work (the
+same path twice, a folder given as a file, a folder that cannot be written, a video name the writer cannot write). A sink whose write fails (a full disk) is told so by
 `fail()`: it takes no more records and says what it kept in one sentence; `discard()` removes what a run that
 never started wrote.
 """
@@ -30,7 +30,6 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.errors import UserError
 from runtime.files import fsync_path  # noqa: F401  (sinks and the spool import it from here)
 from runtime.record import FrameRecord
 
@@ -191,66 +190,3 @@ def is_stream_file(path: str | Path) -> bool:
     return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
 
 
-
-def _creatable(label: str, path: Path, shown: str | Path) -> None:
-    """`path` (not existing, or a folder to write into) can be made: its nearest existing ancestor is a folder
-    this process may write."""
-    anc = path
-    while not anc.exists():
-        if anc.parent == anc:
-            break
-        anc = anc.parent
-    if not anc.is_dir():
-        raise UserError(f"{label} {shown} cannot be written: {anc} is a file, not a folder")
-    if not os.access(anc, os.W_OK | os.X_OK):
-        why = "read-only" if _read_only_fs(anc) else "not writable by this user"
-        raise UserError(f"{label} {shown} cannot be written: the folder {anc} is {why}")
-
-
-def _read_only_fs(path: Path) -> bool:
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
-
-
-def check_outputs(files: list[tuple[str, str | Path]], folders: list[tuple[str, str | Path]] = (),
-                  inputs: list[str | Path] = (), stream_ok: tuple[str, ...] = ()) -> None:
-    """Refuse, before anything is written, output paths that cannot work; raises UserError (one sentence).
-
-    `files` and `folders` are (label, path) pairs: the same path twice (after links), an input given as an output,
-    a folder given as a file, a `--video` whose name the video sink cannot write (not .mp4 / .m4v), a file given as a folder, a path whose folder cannot be written or created, or an
-    existing file that is read-only. Labels in `stream_ok` may name a pipe or device (written in place); others
-    must be regular files. Nothing is created or changed."""
-    seen: dict[str, str] = {}
-    for label, p in [*files, *folders]:
-        real = os.path.realpath(p)
-        if real in seen:
-            raise UserError(f"{seen[real]} and {label} are the same path ({p}): give each output its own")
-        seen[real] = label
-    for src in inputs:
-        real = os.path.realpath(src)
-        if real in seen:
-            raise UserError(f"{seen[real]} {src} is the source being read: give the output another path")
-    for label, p in files:
-        target = target_path(p)
-        if target.is_dir():
-            raise UserError(f"{label} {p} is a folder: give a file name")
-        if target.exists():
-            if is_stream_file(target):
-                if label not in stream_ok:
-                    raise UserError(f"{label} {p} is not a regular file: give a file name")
-                if not os.access(target, os.W_OK):
-                    raise UserError(f"{label} {p} is not writable by this user")
-                continue
-            if not os.access(target, os.W_OK):
-                raise UserError(f"{label} {p} is read-only")
-        if label == "--video":                   # the sink's own rule: MP4 names only (runtime/sinks/video.py)
-            from runtime.sinks.video import check_path
-            check_path(p, label)
-        _creatable(label, target.parent, p)
-    for label, p in folders:
-        target = target_path(p)
-        if target.exists() and not target.is_dir():
-            raise UserError(f"{label} {p} is a file: give a folder")
-        _creatable(label, target, p)

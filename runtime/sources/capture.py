@@ -32,7 +32,7 @@ from urllib.parse import unquote, urlsplit
 
 import cv2
 
-from runtime.sources import Frame, Source, SourceError, now, opaque_id
+from runtime.sources.base import Frame, Source, SourceError, now, opaque_id
 from runtime.sources.reconnect import (Backoff, EndOfRun, LinkCounters, LinkStats, RateEstimate, Reconnects, RunEnd,
                                        describe, parse_options, positive_float, positive_int, retry_open)
 

@@ -41,7 +41,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from runtime.preprocess import Region
-from runtime.sources import MAX_PIXELS, Frame, Source, SourceError, now, opaque_id, spacing_meta
+from runtime.sources.base import (MAX_PIXELS, Frame, Source, SourceError, folder_files, is_dicom, now, opaque_id,
+                                  spacing_meta)
 
 log = logging.getLogger(__name__)
 
@@ -74,25 +75,11 @@ _DECODER_PACKAGES = (
 )
 
 
-def is_dicom(path: str | os.PathLike) -> bool:
-    """True when `path` is a DICOM Part 10 file: a 128-byte preamble followed by "DICM".
-
-    That is also exactly what pydicom accepts without `force=True`; files without the preamble (raw datasets,
-    ACR-NEMA) are not recognised, and DicomSource refuses them with a sentence.
-    """
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
-
 
 def dicom_files_in(folder: str | os.PathLike) -> list[Path]:
     """The DICOM files of a folder and of its subfolders at any depth, in a folder source's order (by path: a
-    folder's files and subfolders in name order; `runtime.sources.files.folder_files`); hidden files and folders,
+    folder's files and subfolders in name order; `runtime.sources.base.folder_files`); hidden files and folders,
     links to folders and DICOMDIR are left out."""
-    from runtime.sources.files import folder_files
     return [p for p in folder_files(Path(folder))[0] if p.name.upper() != "DICOMDIR" and is_dicom(p)]
 
 

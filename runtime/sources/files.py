@@ -9,9 +9,9 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from runtime.sources import MAX_PIXELS, Frame, Source, SourceError, now, opaque_id
+from runtime.sources.base import (IMAGE_SUFFIXES, MAX_PIXELS, Frame, Source, SourceError, folder_files, is_dicom, now,
+                                  opaque_id)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".ppm", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".wmv"}
 FORMATS = "PNG, JPEG, BMP, TIFF, WebP or PGM/PPM"
 # The decoded-pixel budget (runtime.sources.MAX_PIXELS): every image's size is read from its header and checked
@@ -246,32 +246,8 @@ class FolderSource(Source):
 
 
 def _is_dicom(path: Path) -> bool:
-    from runtime.sources.dicom import is_dicom
     return is_dicom(path)
 
-
-def folder_files(root: Path) -> tuple[list[Path], int]:
-    """(the files under `root`, subfolders included, in FolderSource's order; how many annotation JSONs beside
-    their images were left out). Hidden files and folders are skipped and links to folders not followed; a
-    subfolder that cannot be listed is counted in one warning (naming no folder: a name may be a patient's)."""
-    files: list[Path] = []
-    annotations = 0
-    unreadable: list[OSError] = []
-    for folder, subfolders, names in os.walk(root, onerror=unreadable.append):
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-        here = [Path(folder) / n for n in sorted(names) if not n.startswith(".")]
-        here = [p for p in here if p.is_file()]
-        images = {p.stem for p in here if p.suffix.lower() in IMAGE_SUFFIXES}
-        kept = [p for p in here if not (p.suffix.lower() == ".json" and p.stem in images)]
-        annotations += len(here) - len(kept)
-        files += kept
-    if unreadable:
-        import logging
-        logging.getLogger(__name__).warning("%d subfolder(s) of '%s' could not be listed (%s); their files are not "
-                                            "read", len(unreadable), root,
-                                            (unreadable[0].strerror or type(unreadable[0]).__name__).lower())
-    files.sort(key=lambda p: p.relative_to(root).parts)
-    return files, annotations
 
 
 class VideoSource(Source):

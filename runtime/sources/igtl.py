@@ -37,7 +37,7 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
-from runtime.sources import MAX_PIXELS, Frame, Source, SourceError, now, opaque_id, spacing_meta
+from runtime.sources.base import MAX_PIXELS, Frame, Source, SourceError, now, opaque_id, spacing_meta
 from runtime.sources.reconnect import (Backoff, EndOfRun, LinkCounters, LinkStats, RateEstimate, Reconnects, RunEnd,
                                        choice, describe, flag, non_negative_float, parse_options, positive_float,
                                        positive_int, retry_open)

@@ -281,7 +281,7 @@ def parse_options(name: str, query: str, opts: dict, spec: dict[str, Callable]) 
     `spec` (option -> converter raising ValueError("what it must be")). Raises SourceError with one sentence."""
     from urllib.parse import parse_qs
 
-    from runtime.sources import SourceError
+    from runtime.sources.base import SourceError
     given = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
     given.update({k: v for k, v in opts.items() if v is not None})
     unknown = sorted(set(given) - set(spec))

@@ -11,7 +11,7 @@ import time
 from typing import Iterator
 from urllib.parse import parse_qs, urlparse
 
-from runtime.sources import Frame, Source, SourceError, now, spacing_meta
+from runtime.sources.base import Frame, Source, SourceError, now, spacing_meta
 
 
 class SimSource(Source):
