@@ -544,6 +544,14 @@ def test_deidentified_results_hold_nothing_planted_and_reference_consistently(tm
     assert (again[-1].StudyInstanceUID, again[-1].PatientID) == (sr.StudyInstanceUID, sr.PatientID)
     assert other[-1].StudyInstanceUID != sr.StudyInstanceUID and other[-1].PatientID != sr.PatientID
 
+    # one de-identification in the project: the results' pseudonyms are runtime.deid's (what `sonoscore deid`
+    # gives the same source with the same key)
+    from runtime.deid import Deidentifier, Options
+    header = pydicom.dcmread(planted(name, tmp_path), stop_before_pixels=True)   # a header, as the results use
+    direct = Deidentifier("test-key", Options(keep_dates_shifted=True)).dataset(header)
+    assert (direct.PatientID, direct.StudyInstanceUID, direct.StudyDate) == (sr.PatientID, sr.StudyInstanceUID,
+                                                                             sr.StudyDate)
+
 
 def test_no_identifier_reaches_a_log_or_a_warning(tmp_path, caplog, capfd, recwarn):
     """highdicom logs the UIDs it copies from and warns about a patient name it finds odd (a one-part name here):

@@ -1,6 +1,6 @@
 """A study's results as DICOM objects a PACS stores and a viewer shows: a TID 1500 measurement report (Comprehensive
 SR), a Segmentation of the kidney per result frame, and optionally a Secondary Capture of the overlay picture. Built
-with highdicom; `deidentify=True` pseudonymizes them for research (PS3.15 basic profile, with dicognito).
+with highdicom; `deidentify=True` pseudonymizes them for research (PS3.15 basic profile, through runtime.deid).
 
 The interface (what `sonoscore listen` and `run --send` call; docs/design.md, "Results as DICOM"):
 
@@ -79,12 +79,12 @@ the source lacks.
 De-identification (`deidentify=True`): each source header is first cut down to the attributes the results need
 (SOP, study, series and frame-of-reference UIDs, the type 2 patient and study attributes, image size): everything
 else (descriptions, comments, institution, physicians, other IDs, private tags) is removed, the basic profile's
-action X. The rest is pseudonymized by dicognito (one Anonymizer seeded with `pseudonym_key`): names and IDs
-replaced by dummies, UIDs replaced consistently (the same source UID always gets the same replacement, so the SR's
-and SEG's references point at the replaced UIDs), dates shifted back by one fixed offset (the Retain Longitudinal
-Temporal Information with Modified Dates option); Patient's Sex and the Study Time are emptied (dicognito shifts
-whole hours, keeping minutes and seconds). Patient Identity Removed YES and the De-identification Method Code
-Sequence (DCM 113100, 113107) are set. The results' own dates (content, series, instance creation, contribution) are
+action X. The rest goes through runtime.deid, the one de-identification of the project (`sonoscore deid` uses it
+too; docs/deid.md), keyed with `pseudonym_key` and with the Retain Longitudinal Temporal Information with Modified
+Dates option: name and ID replaced by one keyed pseudonym, UIDs replaced consistently (the same source UID always
+gets the same replacement, so the SR's and SEG's references point at the replaced UIDs), dates shifted back by a
+whole number of days derived from the key and the patient; Patient's Sex and the Study Time are emptied. Patient
+Identity Removed YES and the De-identification Method and its Code Sequence (DCM 113100, 113107) are set. The results' own dates (content, series, instance creation, contribution) are
 the shifted study date, their times 000000. No Secondary Capture is made: its pixels are the source frame's, and
 text burned into them cannot be vouched for.
 
@@ -100,9 +100,8 @@ from __future__ import annotations
 from runtime.dicom_out.build import study_results, write_results
 from runtime.dicom_out.common import (CODING_SCHEME, IFTA_CLASS_NAMES, MANUFACTURER, MAX_SEG_FRAMES, frame_input,
                                       result_kind, seg_frames, seg_record_indices)
-from runtime.dicom_out.deid import DEIDENTIFICATION_METHOD
 from runtime.dicom_out.sr import COUNT_CODES, grade_code, grade_concept, probability_concept
 
 __all__ = ["study_results", "write_results", "frame_input", "result_kind", "seg_record_indices", "seg_frames",
-           "MAX_SEG_FRAMES", "MANUFACTURER", "CODING_SCHEME", "IFTA_CLASS_NAMES", "DEIDENTIFICATION_METHOD",
+           "MAX_SEG_FRAMES", "MANUFACTURER", "CODING_SCHEME", "IFTA_CLASS_NAMES",
            "COUNT_CODES", "grade_concept", "grade_code", "probability_concept"]

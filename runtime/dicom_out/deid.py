@@ -7,7 +7,6 @@ import re
 from runtime.dicom_out.common import _TYPE2, _copy_elem
 from runtime.errors import UserError
 
-DEIDENTIFICATION_METHOD = ["PS3.15 Basic Profile", "Modified Dates Option", "sonoscore + dicognito"]
 
 # The source attributes kept for de-identified results (everything else is removed, basic profile action X).
 _KEEP_FOR_DEID = (
@@ -30,49 +29,36 @@ def _when_kwargs(when: tuple[str, str] | None) -> dict[str, str]:
 # -- de-identification -------------------------------------------------------------------------------------------
 
 def _deidentify(headers, key: str | bytes | None):
-    """Source headers cut to `_KEEP_FOR_DEID` and pseudonymized by one dicognito Anonymizer (module docstring)."""
+    """Source headers cut to `_KEEP_FOR_DEID`, then de-identified by runtime.deid (the one implementation, also
+    behind `sonoscore deid`) with Retain Longitudinal Temporal Information, Modified Dates: its keyed UIDs,
+    pseudonyms and per-patient date shift, and its Patient Identity Removed / De-identification Method codes. The
+    key is the installation's salt unless one is given, so pseudonyms stay the same across runs."""
     try:
-        from dicognito.anonymizer import Anonymizer
+        from runtime.deid import Deidentifier, Options
     except ImportError:
         raise UserError("de-identified DICOM results need dicognito; install it with "
                         "pip install 'sonoscore[dicom]'") from None
-    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.dataset import Dataset
 
     if key is None:
         from runtime.sources import installation_salt
         key = installation_salt()
-    seed = key.hex() if isinstance(key, (bytes, bytearray)) else str(key)
-    anonymizer = Anonymizer(seed=seed)
+    deid = Deidentifier(key, Options(keep_dates_shifted=True))
     out = []
     for h in headers:
         d = Dataset()
         for kw in _KEEP_FOR_DEID:
             if kw in h:
                 d.add(_copy_elem(h[kw]))
-        d.file_meta = FileMetaDataset()
-        anonymizer.anonymize(d)
+        deid.dataset(d)            # a header without pixels: never refused for burned-in text
         d.PatientSex = None
-        d.StudyTime = None      # dicognito shifts whole hours and keeps minutes and seconds: no time at all
-        d.PatientIdentityRemoved = "YES"
-        d.DeidentificationMethod = DEIDENTIFICATION_METHOD
-        d.DeidentificationMethodCodeSequence = [_dcm_code("113100", "Basic Application Confidentiality Profile"),
-                                                _dcm_code("113107", "Retain Longitudinal Temporal Information "
-                                                                    "Modified Dates Option")]
+        d.StudyTime = None         # the results carry the shifted date only
         for kw in _TYPE2:
             if kw not in d:
                 setattr(d, kw, None)
-        del d.file_meta
         out.append(d)
     return out
 
-
-def _dcm_code(value: str, meaning: str):
-    from pydicom.dataset import Dataset
-    item = Dataset()
-    item.CodeValue = value
-    item.CodingSchemeDesignator = "DCM"
-    item.CodeMeaning = meaning
-    return item
 
 
 def _study_when(header) -> tuple[str, str]:
