@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runtime import backoff
 from runtime.errors import UserError
 
 DEFAULT_AE_TITLE = "SONOSCORE"
@@ -237,9 +238,7 @@ class Retry:
     def delay(self, failures: int) -> float:
         """The wait after the `failures`-th failure in a row (1, 2, ...): first_s * factor^(failures-1), at most
         max_s."""
-        if failures <= 0:
-            return 0.0
-        return min(self.max_s, self.first_s * self.factor ** min(failures - 1, 64))
+        return backoff.delay(failures, self.first_s, self.max_s, self.factor)
 
 
 @dataclass(frozen=True)

@@ -12,25 +12,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Generic, TypeVar
 
+from runtime.backoff import Backoff
+
 T = TypeVar("T")
 
-
-class Backoff:
-    """Delays initial, initial*factor, ... capped at maximum; `reset()` after a success."""
-
-    def __init__(self, initial: float = 0.5, maximum: float = 5.0, factor: float = 2.0):
-        if initial <= 0 or maximum < initial or factor < 1:
-            raise ValueError("back-off needs 0 < initial <= maximum and factor >= 1")
-        self.initial, self.maximum, self.factor = float(initial), float(maximum), float(factor)
-        self._next = self.initial
-
-    def reset(self) -> None:
-        self._next = self.initial
-
-    def next_delay(self) -> float:
-        delay = self._next
-        self._next = min(self.maximum, self._next * self.factor)
-        return delay
 
 
 @dataclass
