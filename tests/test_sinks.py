@@ -1,5 +1,6 @@
 """Sinks and the overlay picture: what each output holds, checked by reading it back."""
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -302,23 +303,35 @@ def test_results_on_a_failing_disk_keep_every_complete_record_and_say_so_once(tm
     assert [json.loads(x)["frame"] for x in path.read_text().splitlines()] == [0, 1]   # the torn line cut off
 
 
-def test_masks_on_a_failing_disk_keep_the_whole_pngs_written(tmp_path, monkeypatch):
-    sink = MaskSink(tmp_path / "m")
-    sink.write(scored(0))
-    import builtins
-    real_open = builtins.open
-
-    def full_open(p, mode="r", *a, **k):
-        if "w" in mode:
-            raise OSError(28, "No space left on device", str(p))
-        return real_open(p, mode, *a, **k)
-    monkeypatch.setattr(builtins, "open", full_open)
-    with pytest.raises(OSError) as e:
-        sink.write(scored(1))
-    monkeypatch.undo()
-    assert sink.fail(e.value).startswith(f"masks {tmp_path / 'm'} could not be written after 1 masks")
-    sink.close()
+def test_masks_on_a_failing_disk_keep_the_whole_pngs_written(tmp_path):
+    """A real failing write: after the first mask the process may write no file over 16 bytes (RLIMIT_FSIZE), so
+    the second PNG fails part way (EFBIG). The first stays whole, nothing half-written is left, and the sink says
+    what it kept."""
+    import subprocess
+    import sys
+    import textwrap
+    code = textwrap.dedent(f"""
+        import resource, signal, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_sinks import scored
+        from runtime.sinks.masks import MaskSink
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        sink = MaskSink({str(tmp_path / "m")!r})
+        sink.write(scored(0))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16, 16))
+        try:
+            sink.write(scored(1))
+        except OSError as e:
+            print(sink.fail(e))
+            sink.close()
+            sys.exit(0)
+        sys.exit("the second mask was written")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"masks {tmp_path / 'm'} could not be written after 1 masks")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["0.png"]
+    assert cv2.imread(str(tmp_path / "m" / "0.png"), cv2.IMREAD_GRAYSCALE) is not None     # whole
 
 
 def test_output_paths_that_cannot_work_are_refused_before_anything_is_written(tmp_path):

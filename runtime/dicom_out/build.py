@@ -2,9 +2,9 @@
 `write_results`: each written whole or not at all."""
 from __future__ import annotations
 
+import io
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -18,6 +18,7 @@ from runtime.dicom_out.sc import _secondary_capture
 from runtime.dicom_out.seg import _segmentation
 from runtime.dicom_out.sr import _report
 from runtime.errors import UserError
+from runtime.files import atomic_write
 
 # -- building ----------------------------------------------------------------------------------------------------
 
@@ -84,35 +85,15 @@ def write_results(datasets: Sequence[Any], out_dir: str | os.PathLike) -> list[P
     for ds in datasets:
         name = f"{result_kind(ds)}.{ds.SOPInstanceUID}.dcm"
         path = out / name
-        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".part", dir=out)
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds.save_as(buf, enforce_file_format=True)
         try:
-            with os.fdopen(fd, "wb") as f:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    ds.save_as(f, enforce_file_format=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            atomic_write(path, buf.getvalue())
         except OSError as e:
-            Path(tmp).unlink(missing_ok=True)
             raise UserError(f"the DICOM result '{path}' could not be written ({e.strerror or type(e).__name__}); "
                             f"free space or give another folder") from None
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         paths.append(path)
-    _fsync_dir(out)
     return paths
 
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

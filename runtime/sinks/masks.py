@@ -15,7 +15,6 @@ the one mapping, which the overlay's contour, the DICOM SEG and the measurements
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path, PurePosixPath
 
@@ -23,6 +22,7 @@ import cv2
 import numpy as np
 
 from runtime.record import FrameRecord
+from runtime.files import atomic_write
 from runtime.sinks import Sink, reason
 
 MASK_SIZES = ("224", "original")
@@ -72,7 +72,6 @@ class MaskSink(Sink):
         self.folder.mkdir(parents=True, exist_ok=True)
         self.size = size
         self.written = 0
-        self._partial = self.folder / f".partial-{os.getpid()}.png"
         self._taken: dict[str, tuple[str, int]] = {}     # name under DIR -> the (file, frame) it holds
 
     @property
@@ -104,14 +103,7 @@ class MaskSink(Sink):
         ok, png = cv2.imencode(".png", np.where(mask > 0, 255, 0).astype(np.uint8))
         if not ok:
             raise OSError(f"could not encode mask {path}")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self._partial, "wb") as f:
-                f.write(png.tobytes())
-            os.replace(self._partial, path)
-        except OSError:
-            self._partial.unlink(missing_ok=True)
-            raise
+        atomic_write(path, png.tobytes(), durable=False)     # thousands of small files: whole, not fsynced each
         self.written += 1
 
     def _failure(self, error: BaseException) -> str:
@@ -119,4 +111,4 @@ class MaskSink(Sink):
                 f"those stay and no more are written")
 
     def _discard(self) -> None:
-        self._partial.unlink(missing_ok=True)
+        pass            # each mask is renamed into place whole (runtime.files.atomic_write): nothing half-written

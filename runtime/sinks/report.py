@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import html
 import math
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from runtime.bundle import CLASS_NAMES, DEMO_DISCLAIMER
+from runtime.files import atomic_write
 from runtime.sinks.overlay import DEFAULT_CLASS_NAMES
 
 STATUSES = ("accepted", "rejected", "error", "dropped")
@@ -129,11 +129,7 @@ class Timeline:
 # -- the HTML report -------------------------------------------------------------------------------------------
 def write_html(path: str | Path, text: str) -> None:
     """Write atomically: the report appears complete or not at all."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 def _e(x: Any) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -12,6 +11,7 @@ import numpy as np
 
 from runtime import stats
 from runtime.stats import LatencySketch
+from runtime.files import atomic_write
 from runtime.measure import SizeStats
 from runtime.record import DROPPED, STAGES, FrameRecord
 from runtime.sinks import Sink
@@ -188,10 +188,7 @@ class StudySummary(Sink):
 
     def _close(self) -> None:
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps(self.summary(), indent=2) + "\n")
-            os.replace(tmp, self.path)
+            atomic_write(self.path, json.dumps(self.summary(), indent=2) + "\n")
         if self.html_path is not None:
             write_html(self.html_path, self.html())
 
