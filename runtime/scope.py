@@ -64,13 +64,14 @@ COLOUR_CHROMA = 24
 COLOUR_LIMIT = 0.40
 COLOUR_SAMPLES = 64      # the crop is sampled on a grid of at most 64 x 64 pixels (strided: no colours mixed)
 # Tissue in ultrasound is speckle: every lit neighbourhood varies. A lit 5x5 neighbourhood (mean >= FLAT_LIT) whose
-# standard deviation is under FLAT_STD grey levels is flat; a frame in which more than FLAT_LIMIT of the lit
+# 25 pixels lie within FLAT_RANGE grey levels of each other is flat; a frame in which more than FLAT_LIMIT of the lit
 # neighbourhoods are flat (a page, a drawing, a Shepp-Logan phantom, a sky) is not ultrasound. Measured at the
 # source's own resolution (a crop smaller than the network input is not measured on its upscaled copy, which
-# interpolation smooths).
+# interpolation smooths). uint8 OpenCV filters only: a few hundredths of a millisecond.
 FLAT_WINDOW = 5
-FLAT_LIT = 24.0
-FLAT_STD = 2.0
+FLAT_LIT = 24
+FLAT_RANGE = 6
+_FLAT_KERNEL = np.ones((FLAT_WINDOW, FLAT_WINDOW), np.uint8)
 FLAT_LIMIT = 0.30
 FLAT_MIN_LIT = 0.01      # under 1 % of the image lit: too little to judge (flatness 0)
 
@@ -94,12 +95,18 @@ FITTED_TESTS = ("kidney", "view", "outline")
 SCALE_FLOOR = {"area": 0.01, "largest": 0.01, "solidity": 0.01, "axis_ratio": 0.02, "border": 0.01,
                "outline_confidence": 0.01, "uncertain": 0.02}
 UNCERTAIN_LOW, UNCERTAIN_HIGH = 0.2, 0.8
+# The z-score tests' limits are at least this many robust spreads from the reference frames' median, however few
+# held-out patients set them: a frame within 6 spreads on every descriptor of a test is never refused by it (the
+# held-out quantile, set on a few dozen patients, can fall below what new patients show; the frames these tests are
+# for lie tens of spreads away: docs/scope.md).
+Z_FLOOR = {"kidney": 6.0, "outline": 6.0}
 # Share of the rejection budget (1 - keep) each fitted test may spend on in-scope frames.
 DEFAULT_WEIGHTS = {"view": 0.5, "kidney": 0.25, "outline": 0.25}
 DEFAULT_KEEP = 0.98
-DEFAULT_K = 5
+DEFAULT_K = 10
 MAX_PROTOTYPES = 2048
 MIN_HELD_OUT = 20
+MIN_HELD_OUT_GROUPS = 8
 
 
 class ScopeError(ValueError):
@@ -160,7 +167,8 @@ def colour_share(pixels: np.ndarray | None, region=None) -> float:
 
 
 def flat_share(image: np.ndarray, crop_shape: tuple[int, int] | None = None) -> float:
-    """Share of the lit 5x5 neighbourhoods of the preprocessed image that are flat (see FLAT_LIMIT). `crop_shape`
+    """Share of the lit 5x5 neighbourhoods of the preprocessed image that are flat (max - min <= FLAT_RANGE; see
+    FLAT_LIMIT). `crop_shape`
     (rows, columns of the crop the image was resized from): when smaller than the image on a side, the image is
     first brought back to that size (INTER_AREA), so an upscaled crop is judged at its own resolution."""
     img = np.asarray(image)
@@ -172,47 +180,65 @@ def flat_share(image: np.ndarray, crop_shape: tuple[int, int] | None = None) -> 
         th, tw = max(FLAT_WINDOW * 2, min(h, ch)), max(FLAT_WINDOW * 2, min(w, cw))
         if (th, tw) != (h, w):
             img = cv2.resize(img, (tw, th), interpolation=cv2.INTER_AREA)
-    f = img.astype(np.float32)
-    k = (FLAT_WINDOW, FLAT_WINDOW)
-    mean = cv2.blur(f, k)
-    var = cv2.blur(f * f, k) - mean * mean
-    lit = mean >= FLAT_LIT
+    img = np.ascontiguousarray(img, dtype=np.uint8)
+    lit = cv2.blur(img, (FLAT_WINDOW, FLAT_WINDOW)) >= FLAT_LIT            # uint8 box mean (OpenCV rounds)
     n_lit = int(np.count_nonzero(lit))
     if n_lit < FLAT_MIN_LIT * lit.size:
         return 0.0
-    return float(np.count_nonzero(lit & (var < FLAT_STD * FLAT_STD))) / n_lit
+    spread = cv2.morphologyEx(img, cv2.MORPH_GRADIENT, _FLAT_KERNEL)        # max - min over the 5x5 window
+    return float(np.count_nonzero(lit & (spread <= FLAT_RANGE))) / n_lit
 
 
 def mask_shape(mask: np.ndarray) -> dict[str, float]:
     """The mask's shape: area (share of the image), largest (share of the mask in its largest 8-connected
     component), solidity (that component's pixels / its convex hull's pixels), axis_ratio (minor / major axis of
     the component's second-moment ellipse, 0 for a line, 1 for a disc) and border (share of the image's
-    outermost pixels that are mask). An empty mask is all zeros."""
-    m = (np.asarray(mask) > 0).astype(np.uint8)
+    outermost pixels that are mask). An empty mask is all zeros.
+
+    From the mask's contours (OpenCV, 8-connected; holes as their children), which is several times cheaper than
+    labelling its pixels: a component's pixel count is its outline polygon's area plus half its boundary pixels
+    plus 1 (Pick's theorem, for a polygon through pixel centres), less its holes' (their area less half their
+    boundary plus 1); the hull's likewise with its perimeter for the boundary; the ellipse from the outline
+    polygon's moments (holes ignored)."""
+    m = np.asarray(mask)
     if m.ndim != 2:
         raise ValueError(f"mask_shape needs a 2-D mask, got shape {m.shape}")
+    m = (m > 0).view(np.uint8) if m.dtype == np.bool_ else (m > 0).astype(np.uint8)
     area = int(np.count_nonzero(m))
     if area == 0:
         return {"area": 0.0, "largest": 0.0, "solidity": 0.0, "axis_ratio": 0.0, "border": 0.0}
     h, w = m.shape
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
-    best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    comp_area = int(stats[best, cv2.CC_STAT_AREA])
-    comp = m if n == 2 else (labels == best).astype(np.uint8)
-    contours, _ = cv2.findContours(comp, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    hull = cv2.convexHull(np.concatenate(contours))
-    hull_mask = np.zeros_like(comp)
-    cv2.fillConvexPoly(hull_mask, hull, 1)
-    hull_area = max(int(np.count_nonzero(hull_mask)), comp_area)
-    mo = cv2.moments(comp, binaryImage=True)
-    a, b, c = mo["mu20"] / mo["m00"], mo["mu11"] / mo["m00"], mo["mu02"] / mo["m00"]
-    root = math.sqrt(max(0.0, ((a - c) / 2) ** 2 + b * b))
-    major, minor = (a + c) / 2 + root, max(0.0, (a + c) / 2 - root)
-    # a single pixel or line has no spread across: 1/12 is the variance of one pixel's extent
-    ratio = math.sqrt((minor + 1 / 12) / (major + 1 / 12))
-    edge = int(m[0].sum()) + int(m[-1].sum()) + int(m[1:-1, 0].sum()) + int(m[1:-1, -1].sum())
-    return {"area": area / m.size, "largest": comp_area / area, "solidity": comp_area / hull_area,
-            "axis_ratio": ratio, "border": edge / (2 * (h + w) - 4)}
+    contours, hierarchy = cv2.findContours(m, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+    links = hierarchy[0]                      # per contour: next, previous, first child, parent
+    best, best_pixels, total = -1, -1.0, 0.0
+    for i, c in enumerate(contours):
+        if links[i][3] != -1:                 # a hole: counted with its component
+            continue
+        pixels = cv2.contourArea(c) + len(c) / 2 + 1
+        j = links[i][2]
+        while j != -1:
+            hole = contours[j]
+            pixels -= max(0.0, cv2.contourArea(hole) - len(hole) / 2 + 1)
+            j = links[j][0]
+        total += pixels
+        if pixels > best_pixels:
+            best, best_pixels = i, pixels
+    outline = contours[best]
+    hull = cv2.convexHull(outline)
+    hull_pixels = cv2.contourArea(hull) + cv2.arcLength(hull, True) / 2 + 1
+    mo = cv2.moments(outline)
+    if mo["m00"] > 0:
+        a, b, c = mo["mu20"] / mo["m00"], mo["mu11"] / mo["m00"], mo["mu02"] / mo["m00"]
+        root = math.sqrt(max(0.0, ((a - c) / 2) ** 2 + b * b))
+        major, minor = (a + c) / 2 + root, max(0.0, (a + c) / 2 - root)
+        ratio = math.sqrt(minor / major) if major > 0 else 0.0
+    else:                                     # a line or a dot: no area inside its outline
+        ratio = 0.0
+    edge = int(np.count_nonzero(m[0])) + int(np.count_nonzero(m[-1])) + int(np.count_nonzero(m[1:-1, 0])) \
+        + int(np.count_nonzero(m[1:-1, -1]))
+    return {"area": area / m.size, "largest": min(1.0, best_pixels / total),
+            "solidity": min(1.0, best_pixels / hull_pixels), "axis_ratio": ratio,
+            "border": edge / (2 * (h + w) - 4)}
 
 
 _BAND_KERNEL = np.ones((3, 3), np.uint8)
@@ -225,7 +251,9 @@ def outline_confidence(prob: np.ndarray, mask: np.ndarray) -> dict[str, float]:
     pixel (a hazy probability map, or haze beside the kidney). A probability map with a non-finite value gives
     (0, inf), which the check refuses. An empty mask gives (0, the count of uncertain pixels)."""
     p = np.asarray(prob, dtype=np.float32)
-    m = (np.asarray(mask) > 0).astype(np.uint8)
+    m = np.asarray(mask)
+    if m.dtype != np.uint8 or m.max(initial=0) > 1:       # the gate's masks are 0/1 uint8 already
+        m = (m > 0).astype(np.uint8)
     if p.shape != m.shape:
         raise ValueError(f"probability map {p.shape} and mask {m.shape} differ in shape")
     if not np.isfinite(p).all():
@@ -234,8 +262,10 @@ def outline_confidence(prob: np.ndarray, mask: np.ndarray) -> dict[str, float]:
     n_uncertain = int(np.count_nonzero((p > UNCERTAIN_LOW) & (p < UNCERTAIN_HIGH)))
     if area == 0:
         return {"outline_confidence": 0.0, "uncertain": float(n_uncertain)}
-    band = cv2.dilate(m, _BAND_KERNEL) != cv2.erode(m, _BAND_KERNEL, borderType=cv2.BORDER_CONSTANT, borderValue=0)
-    conf = float(np.abs(2.0 * p[band] - 1.0).mean()) if band.any() else 1.0
+    band = cv2.morphologyEx(m, cv2.MORPH_GRADIENT, _BAND_KERNEL, borderType=cv2.BORDER_CONSTANT,
+                            borderValue=0).view(bool)
+    edge = p[band]
+    conf = float(np.abs(2.0 * edge - 1.0).mean()) if edge.size else 1.0
     return {"outline_confidence": conf, "uncertain": n_uncertain / area}
 
 
@@ -271,6 +301,14 @@ class Reference:
     frames: dict[str, int]                   # reference, held_out (frames), prototypes
     kept_by_test: dict[str, float] = field(default_factory=dict)
     limits: dict[str, float] = field(default_factory=lambda: {"colour": COLOUR_LIMIT, "flat": FLAT_LIMIT})
+    dims: np.ndarray | None = None           # the feature dimensions the prototypes keep (the others are 0 in all)
+    num_features: int | None = None          # F, the VGG's feature count
+
+    def __post_init__(self) -> None:
+        if self.dims is None:
+            self.dims = np.arange(self.prototypes.shape[1], dtype=np.int32)
+        if self.num_features is None:
+            self.num_features = int(self.prototypes.shape[1])
 
     # -- the check ---------------------------------------------------------------------------------------------
     def scores(self, desc: Descriptors) -> dict[str, float]:
@@ -294,16 +332,16 @@ class Reference:
         """The k-th smallest Euclidean distance between the L2-normalised features and the prototypes (in [0, 2];
         all-zero features are at distance 1 from every prototype); inf for non-finite features."""
         f = np.asarray(features, dtype=np.float32).reshape(-1)
-        if f.shape[0] != self.prototypes.shape[1]:
+        if f.shape[0] != self.num_features:
             raise ScopeError(f"features have {f.shape[0]} values but the scope reference was fitted on "
-                             f"{self.prototypes.shape[1]}; the bundle's scope.npz does not belong to its VGG")
+                             f"{self.num_features}; the bundle's scope.npz does not belong to its VGG")
         if not np.isfinite(f).all():
             return math.inf
         norm = float(np.sqrt(np.dot(f, f)))
         z = f / norm if norm > 0 else f
-        # numpy's own loop, one thread: a BLAS matrix-vector product of this size may start threads, which on a
-        # busy CPU (the networks' own threads) costs more than the product
-        sims = np.einsum("ij,j->i", self.prototypes, z)
+        # Only the dimensions a prototype uses (the others multiply zeros). numpy's own loop, one thread: a BLAS
+        # matrix-vector product of this size may start threads, which on a busy CPU cost more than the product.
+        sims = np.einsum("ij,j->i", self.prototypes, z[self.dims])
         k = min(self.k, sims.shape[0])
         s_k = float(np.partition(sims, sims.shape[0] - k)[sims.shape[0] - k])   # k-th largest similarity
         return math.sqrt(max(0.0, float(np.dot(z, z)) + 1.0 - 2.0 * s_k))
@@ -324,7 +362,7 @@ class Reference:
 
     # -- files -------------------------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": VERSION, "method": METHOD, "k": self.k,
+        return {"format": FORMAT, "version": VERSION, "method": METHOD, "k": self.k, "num_features": self.num_features,
                 "centers": self.centers, "scales": self.scales, "thresholds": self.thresholds,
                 "limits": self.limits, "keep_share": self.keep_share, "kept_share": self.kept_share,
                 "kept_by_test": self.kept_by_test, "frames": self.frames}
@@ -333,7 +371,7 @@ class Reference:
         """Write the reference to one .npz file: `prototypes` (float16 [N, F]) and `config` (JSON text)."""
         path = Path(path)
         buf = io.BytesIO()
-        np.savez(buf, prototypes=self.prototypes.astype(np.float16),
+        np.savez(buf, prototypes=self.prototypes.astype(np.float16), dims=self.dims.astype(np.int32),
                  config=np.array(json.dumps(self.config(), sort_keys=True)))
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(buf.getvalue())
@@ -348,10 +386,10 @@ class Reference:
         try:
             with np.load(path, allow_pickle=False) as z:
                 names = set(z.files)
-                if names != {"prototypes", "config"}:
-                    raise ScopeError(f"{path} holds {sorted(names)}, not a scope reference (prototypes, config); "
-                                     f"re-export the bundle")
-                protos = z["prototypes"]
+                if names != {"prototypes", "dims", "config"}:
+                    raise ScopeError(f"{path} holds {sorted(names)}, not a scope reference (prototypes, dims, "
+                                     f"config); re-export the bundle")
+                protos, dims = z["prototypes"], z["dims"]
                 cfg = json.loads(str(z["config"][()]))
         except (OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
             if isinstance(e, ScopeError):
@@ -364,6 +402,10 @@ class Reference:
                              f"cannot use it: re-export the bundle")
         if protos.ndim != 2 or protos.shape[0] < 1 or protos.dtype != np.float16 or not np.isfinite(protos).all():
             raise ScopeError(f"{path}: its prototypes are not a finite float16 [N, F] array; re-export the bundle")
+        n_feat = cfg.get("num_features") if isinstance(cfg, dict) else None
+        if (dims.ndim != 1 or dims.dtype.kind not in "iu" or len(dims) != protos.shape[1] or not isinstance(n_feat, int)
+                or (len(dims) and (dims.min() < 0 or dims.max() >= n_feat or (np.diff(dims) <= 0).any()))):
+            raise ScopeError(f"{path}: its feature dimensions do not match its prototypes; re-export the bundle")
         try:
             ref = cls(prototypes=_from_stored(protos), k=int(cfg["k"]),
                       centers={k: float(v) for k, v in cfg["centers"].items()},
@@ -372,7 +414,8 @@ class Reference:
                       keep_share=float(cfg["keep_share"]), kept_share=float(cfg["kept_share"]),
                       frames={k: int(v) for k, v in cfg["frames"].items()},
                       kept_by_test={k: float(v) for k, v in cfg.get("kept_by_test", {}).items()},
-                      limits={k: float(v) for k, v in cfg["limits"].items()})
+                      limits={k: float(v) for k, v in cfg["limits"].items()},
+                      dims=dims.astype(np.int32), num_features=int(n_feat))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ScopeError(f"{path}: its configuration is incomplete ({_short(e)}); re-export the bundle") from None
         ref._validate(path)
@@ -392,7 +435,7 @@ class Reference:
 
     def manifest_section(self, file: str = FILE) -> dict[str, Any]:
         """The manifest's `scope` section: the file, the method and what the limits were set on."""
-        return {"file": file, "method": METHOD, "k": self.k, "features": int(self.prototypes.shape[1]),
+        return {"file": file, "method": METHOD, "k": self.k, "features": int(self.num_features),
                 "thresholds": {t: round(self.thresholds[t], 6) for t in FITTED_TESTS},
                 "limits": dict(self.limits), "keep_share": self.keep_share, "kept_share": round(self.kept_share, 4),
                 "kept_by_test": {t: round(v, 4) for t, v in self.kept_by_test.items()}, "frames": dict(self.frames),
@@ -409,13 +452,20 @@ class Reference:
 # -- fitting -------------------------------------------------------------------------------------------------------
 
 def fit_reference(reference: Sequence[Descriptors], held_out: Sequence[Descriptors], *, keep: float = DEFAULT_KEEP,
-                  k: int = DEFAULT_K, max_prototypes: int = MAX_PROTOTYPES, weights: dict[str, float] | None = None,
-                  seed: int = 0) -> Reference:
+                  held_out_groups: Sequence | None = None, k: int = DEFAULT_K, max_prototypes: int = MAX_PROTOTYPES,
+                  weights: dict[str, float] | None = None, seed: int = 0) -> Reference:
     """Fit the scope reference. `reference`: in-scope training frames (accepted by the gate, with a labelled
     kidney): their features become the prototypes (at most `max_prototypes`, drawn at random with `seed`) and their
     descriptors' medians and spreads the z-scores' units. `held_out`: in-scope frames of other patients, on which
     each fitted test's limit is set at the quantile that keeps 1 - weight * (1 - keep) of them (the weights share
-    the rejection budget; by the union bound at least `keep` is kept), and the share kept is measured."""
+    the rejection budget; by the union bound at least `keep` is kept), and the share kept is measured.
+
+    `held_out_groups`: the patient of each held-out frame. Frames of one patient are alike (one kidney, one sweep),
+    so a few unusual patients make most of the tail, and a quantile over frames, where one patient's frames are
+    the last few per cent, is set by the patients who happened to be held out. With groups, each limit is instead
+    the quantile of the patients' largest scores: a new patient has any frame refused by a test with probability
+    about its budget share, so at least that share of frames is kept, whatever the patients' sizes (more is kept
+    in practice: an unusual patient rarely has every frame refused). Without groups: the quantile over frames."""
     if not 0.5 <= keep < 1.0:
         raise ScopeError(f"keep share {keep} is outside [0.5, 1); give the share of in-scope frames to keep, "
                          f"e.g. 0.98")
@@ -442,7 +492,9 @@ def fit_reference(reference: Sequence[Descriptors], held_out: Sequence[Descripto
     rng = np.random.default_rng(seed)
     rows = np.arange(len(ref_f)) if len(ref_f) <= max_prototypes else np.sort(
         rng.choice(len(ref_f), max_prototypes, replace=False))
-    protos = _from_stored(_unit(ref_f[rows]).astype(np.float16))
+    unit16 = _unit(ref_f[rows]).astype(np.float16)
+    dims = np.flatnonzero((unit16 != 0).any(axis=0)).astype(np.int32)   # a ReLU unit no prototype uses adds 0
+    protos = _from_stored(unit16[:, dims])
     fitted = [n for n, (t, _) in DESCRIPTORS.items() if t in ("kidney", "outline")]
     centers, scales = {}, {}
     for name in fitted:
@@ -451,13 +503,27 @@ def fit_reference(reference: Sequence[Descriptors], held_out: Sequence[Descripto
         q05, q95 = np.quantile(x, [0.05, 0.95])
         scales[name] = float(max((q95 - q05) / 3.29, SCALE_FLOOR[name]))   # 3.29: the 5-95 % span of a normal
     ref = Reference(protos, int(k), centers, scales, {t: 1.0 for t in FITTED_TESTS}, float(keep), 1.0,
-                    {"reference": len(reference), "held_out": len(held_out), "prototypes": int(len(protos))})
+                    {"reference": len(reference), "held_out": len(held_out), "prototypes": int(len(protos))},
+                    dims=dims, num_features=int(ref_f.shape[1]))
     raw = {"kidney": np.array([ref._z("kidney", d.values) for d in held_out]),
            "outline": np.array([ref._z("outline", d.values) for d in held_out]),
            "view": np.array([ref.distance(d.features) for d in held_out])}
+    if held_out_groups is not None:
+        groups = np.asarray(list(held_out_groups), dtype=object)
+        if len(groups) != len(held_out):
+            raise ScopeError(f"{len(groups)} held-out groups for {len(held_out)} held-out frames; give one patient "
+                             f"per frame")
+        names = sorted(set(groups.tolist()), key=str)
+        if len(names) < MIN_HELD_OUT_GROUPS:
+            raise ScopeError(f"{len(names)} held-out patients are too few to set the scope limits on; give frames "
+                             f"of at least {MIN_HELD_OUT_GROUPS} patients not in the reference")
+        ref.frames["held_out_patients"] = len(names)
+        tails = {t: np.array([raw[t][groups == g].max() for g in names]) for t in FITTED_TESTS}
+    else:
+        tails = raw
     budget = 1.0 - keep
     for t in FITTED_TESTS:
-        ref.thresholds[t] = max(_upper_quantile(raw[t], 1.0 - weights[t] * budget), 1e-6)
+        ref.thresholds[t] = max(_upper_quantile(tails[t], 1.0 - weights[t] * budget), Z_FLOOR.get(t, 0.0), 1e-6)
     kept = np.ones(len(held_out), bool)
     for t in FITTED_TESTS:
         ok = raw[t] <= ref.thresholds[t]

@@ -231,8 +231,10 @@ F = 64
 
 
 def _features(rng, n, centre, spread=0.35):
-    """ReLU-like non-negative features around a centre pattern."""
-    return np.maximum(centre[None, :] + spread * rng.normal(size=(n, F)), 0).astype(np.float32)
+    """ReLU-like non-negative features around a centre pattern; the last 8 units are dead in this cluster."""
+    f = np.maximum(centre[None, :] + spread * rng.normal(size=(n, F)), 0).astype(np.float32)
+    f[:, -8:] = 0
+    return f
 
 
 def _kidney_values(rng):
@@ -252,9 +254,14 @@ def _fitted(keep=0.98, seed=0, n_ref=300, n_held=400):
 
 def test_the_distance_is_the_kth_nearest_prototype_after_normalisation():
     ref, centre, rng = _fitted()
+    full = np.zeros((len(ref.prototypes), F), np.float32)
+    full[:, ref.dims] = ref.prototypes                                   # the prototypes in all F dimensions
+    assert ref.num_features == F and len(ref.dims) < F                   # some ReLU units are 0 in every prototype
+    unused = np.setdiff1d(np.arange(F), ref.dims)
     for f in _features(rng, 5, centre) * rng.uniform(0.1, 10):           # any scale: the features are normalised
+        f[unused[:2]] = 3.0                                              # a unit no prototype uses still counts
         z = f / np.linalg.norm(f)
-        d = np.sort(np.linalg.norm(ref.prototypes - z[None, :], axis=1))
+        d = np.sort(np.linalg.norm(full - z[None, :], axis=1))
         assert ref.distance(f) == pytest.approx(d[ref.k - 1], abs=1e-5)
     assert ref.distance(np.zeros(F, np.float32)) == pytest.approx(1.0)  # unit prototypes, all at 1 from 0
     assert np.allclose(np.linalg.norm(ref.prototypes, axis=1), 1, atol=1e-3)
@@ -337,6 +344,7 @@ def test_save_load_round_trip_and_the_manifest_section(tmp_path):
     back = Reference.load(path, ref.manifest_section())
     assert back.prototypes.dtype == np.float32 and back.prototypes.shape == ref.prototypes.shape
     assert np.array_equal(back.prototypes, ref.prototypes)   # fitted on the float16-rounded prototypes
+    assert np.array_equal(back.dims, ref.dims) and back.num_features == F
     assert back.thresholds == ref.thresholds and back.kept_share == ref.kept_share
     for f in _features(rng, 20, centre):
         d = Descriptors(_kidney_values(rng), f)
@@ -364,12 +372,19 @@ def test_load_refuses_what_is_not_a_scope_reference(tmp_path):
     import json
     cfg = ref.config()
     cfg["thresholds"]["view"] = float("nan")
-    np.savez(tmp_path / "nan.npz", prototypes=ref.prototypes.astype(np.float16), config=np.array(json.dumps(cfg)))
+    np.savez(tmp_path / "nan.npz", prototypes=ref.prototypes.astype(np.float16), dims=ref.dims,
+             config=np.array(json.dumps(cfg)))
     with pytest.raises(ScopeError, match="positive and finite"):
         Reference.load(tmp_path / "nan.npz")
     protos = ref.prototypes.astype(np.float16)
     protos[0, 0] = np.inf
-    np.savez(tmp_path / "inf.npz", prototypes=protos, config=np.array(json.dumps(ref.config())))
+    np.savez(tmp_path / "inf.npz", prototypes=protos, dims=ref.dims, config=np.array(json.dumps(ref.config())))
+    with pytest.raises(ScopeError, match="finite float16"):
+        Reference.load(tmp_path / "inf.npz")
+    np.savez(tmp_path / "dims.npz", prototypes=ref.prototypes.astype(np.float16), dims=ref.dims[::-1],
+             config=np.array(json.dumps(ref.config())))
+    with pytest.raises(ScopeError, match="feature dimensions"):
+        Reference.load(tmp_path / "dims.npz")
     with pytest.raises(ScopeError, match="finite float16"):
         Reference.load(tmp_path / "inf.npz")
     with pytest.raises(ScopeError, match="features have 10 values"):
@@ -398,7 +413,7 @@ def test_prototypes_are_bounded():
     centre = rng.uniform(0, 1, F).astype(np.float32)
     rows = [Descriptors(_kidney_values(rng), f) for f in _features(rng, 300, centre)]
     ref = fit_reference(rows, rows[:100], max_prototypes=64)
-    assert ref.prototypes.shape == (64, F) and ref.frames["prototypes"] == 64 and ref.frames["reference"] == 300
+    assert ref.prototypes.shape == (64, F - 8) and ref.frames["prototypes"] == 64 and ref.frames["reference"] == 300
 
 
 def test_describe_on_the_graph_of_a_real_bundle(tiny_bundle, tmp_path):
@@ -435,3 +450,35 @@ def test_describe_on_the_graph_of_a_real_bundle(tiny_bundle, tmp_path):
                                 crop_shape=(region.y1 - region.y0, region.x1 - region.x0),
                                 colour=scope.colour_share(pixels, region)))
         assert v.reason == scope.NOT_ULTRASOUND
+
+
+def test_limits_from_patients_when_the_held_out_frames_say_whose_they_are():
+    """With held_out_groups, a limit is the quantile of the patients' largest scores: one unusual held-out patient
+    (all of their frames far out on the kidney test) moves the limit above them, where the frame quantile, with
+    that patient's frames a few per cent of all, leaves them refused. And the z-score limits never fall under
+    Z_FLOOR spreads."""
+    rng = np.random.default_rng(7)
+    centre = rng.uniform(0, 1, F).astype(np.float32)
+    ref_rows = [Descriptors(_kidney_values(rng), f) for f in _features(rng, 200, centre)]
+    held, groups = [], []
+    for p in range(40):
+        for _ in range(6):
+            v = _kidney_values(rng)
+            if p == 3:
+                v["solidity"] = float(rng.uniform(0.7, 0.8))             # a kidney drawn with a notch
+            held.append(Descriptors(v, _features(rng, 1, centre)[0]))
+            groups.append(f"patient-{p}")
+    by_frame = fit_reference(ref_rows, held, keep=0.98)
+    by_patient = fit_reference(ref_rows, held, keep=0.98, held_out_groups=groups)
+    odd = [d for d, g in zip(held, groups) if g == "patient-3"]
+    z_odd = max(by_frame._z("kidney", d.values) for d in odd)
+    assert min(by_frame._z("kidney", d.values) for d in odd) > scope.Z_FLOOR["kidney"]
+    assert not all(by_frame.check(d).in_scope for d in odd)             # 6 of 240 frames, over the 0.5 % budget
+    assert all(by_patient.check(d).in_scope for d in odd)
+    assert by_patient.thresholds["kidney"] >= z_odd and by_patient.frames["held_out_patients"] == 40
+    assert by_patient.kept_share == 1.0 and by_frame.kept_share >= 0.98
+    assert min(by_frame.thresholds["kidney"], by_frame.thresholds["outline"]) >= scope.Z_FLOOR["kidney"]
+    with pytest.raises(ScopeError, match="one patient per frame"):
+        fit_reference(ref_rows, held, held_out_groups=groups[:-1])
+    with pytest.raises(ScopeError, match="too few"):
+        fit_reference(ref_rows, held, held_out_groups=["a", "b"] * 120)
