@@ -1,7 +1,8 @@
-"""How far a lower precision (INT8, FP16) moves the pipeline from FP32, frame by frame, end to end: each precision
-runs the whole graph on the same preprocessed frames (`run_precision`), compared with FP32 by
-runtime.agreement's metrics (mask IoU, mask-fraction error, gate agreement, feature cosine, grade agreement,
-probability L1; re-exported here) against `Thresholds`; `format_table` is the terminal summary.
+"""How far a lower precision (INT8, FP16) moves what reaches the patient from FP32, end to end: each precision runs
+the whole graph on the same preprocessed frames (`run_precision`), compared with FP32 by runtime.agreement
+(`Reference` and `against`: study grades, per-frame grade agreement beside FP32's own noise floor, gate agreement,
+mask IoU (accepted frames), accuracy against labels; re-exported here) and judged by `Criteria`; `format_table` is
+the terminal summary.
 """
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.agreement import Outputs, Thresholds, compare, graph_outputs
+from runtime.agreement import Criteria, Outputs, Reference, against, compare, describe, graph_outputs, with_noise
 
-__all__ = ["Outputs", "Thresholds", "compare", "format_table", "graph_outputs", "run_precision"]
+__all__ = ["Criteria", "Outputs", "Reference", "against", "compare", "format_table", "graph_outputs",
+           "run_precision", "with_noise"]
 
 
 def run_precision(bundle, files: dict[str, Path], booster, images: list[np.ndarray], *, label: str = "",
@@ -37,11 +39,12 @@ def run_precision(bundle, files: dict[str, Path], booster, images: list[np.ndarr
                              label=None if quiet else label)
 
 
-def format_table(accuracy: dict[str, dict[str, dict]], thresholds: Thresholds,
+def format_table(accuracy: dict[str, dict[str, dict]], criteria: Criteria,
                  this_cpu: dict[str, dict[str, dict]] | None = None, cpu_label: str = "this CPU") -> str:
-    """The terminal summary: one row per (frame set, precision). With `this_cpu` (the INT8 candidates' figures
-    with this CPU's integer kernels, by set and precision), an INT8 row is labelled "(simulated)", the figures that
-    decide, and is followed by its "(<cpu_label>)" row, shown for information."""
+    """The terminal summary: one row per (frame set, precision), each failed check named under its row with its
+    figure, limit and shortfall. With `this_cpu` (the INT8 candidates' figures with this CPU's integer kernels, by
+    set and precision), an INT8 row is labelled "(simulated)", the figures that decide, and is followed by its
+    "(<cpu_label>)" row, shown for information."""
     this_cpu = this_cpu or {}
     rows = []
     for set_name, per in accuracy.items():
@@ -53,18 +56,36 @@ def format_table(accuracy: dict[str, dict[str, dict]], thresholds: Thresholds,
                 rows.append((set_name, f"{p} ({cpu_label})", cpu,
                              "pass (information)" if cpu.get("passed") else "miss (information: not deciding)"))
     w = max([len("precision")] + [len(r[1]) for r in rows])
-    head = (f"{'frames':<34s} {'precision':<{w}s} {'n':>5s} {'IoU':>7s} {'frac err':>9s} {'gate':>7s} "
-            f"{'cosine':>8s} {'grade':>7s} {'prob L1':>8s}  result")
+    head = (f"{'frames':<30s} {'precision':<{w}s} {'n':>5s} {'studies':>8s} {'grade':>7s} {'floor':>7s} "
+            f"{'ties':>6s} {'gate':>7s} {'IoU acc':>7s} {'IoU all':>7s} {'cosine':>7s} {'acc':>7s} {'fp32':>7s}  "
+            f"result")
     lines = [head, "-" * len(head)]
     for set_name, label, m, result in rows:
-        lines.append(f"{set_name[:34]:<34s} {label:<{w}s} {m['frames']:>5d} {_s(m['mask_iou_mean'], 4):>7s} "
-                     f"{_s(m['mask_fraction_error_mean'], 5):>9s} {_s(m['gate_agreement'], 4):>7s} "
-                     f"{_s(m['feature_cosine_mean'], 5):>8s} {_s(m['grade_agreement'], 4):>7s} "
-                     f"{_s(m['probability_l1_mean'], 4):>8s}  {result}")
-    t = thresholds
-    lines.append(f"thresholds: IoU >= {t.min_iou:g}, gate >= {t.min_gate_agreement:g}, grade >= "
-                 f"{t.min_grade_agreement:g}, cosine >= {t.min_cosine:g} (n/a: not measured, no frame qualifies; "
-                 f"that fails its check unless its threshold is 0)")
+        studies = (f"{m['studies'] - m['studies_differing_count']}/{m['studies']}"
+                   if m.get("studies") is not None and "studies_differing_count" in m else "n/a")
+        lines.append(f"{set_name[:30]:<30s} {label:<{w}s} {m['frames']:>5d} {studies:>8s} "
+                     f"{_s(m.get('grade_agreement'), 4):>7s} {_s(m.get('grade_floor'), 4):>7s} "
+                     f"{_s(m.get('near_tie_share'), 3):>6s} {_s(m.get('gate_agreement'), 4):>7s} "
+                     f"{_s(m.get('mask_iou_accepted_mean'), 4):>7s} {_s(m.get('mask_iou_mean'), 4):>7s} "
+                     f"{_s(m.get('feature_cosine_mean'), 4):>7s} {_s(m.get('accuracy'), 4):>7s} "
+                     f"{_s(m.get('accuracy_reference'), 4):>7s}  {result}")
+        for row in m.get("criteria", []):
+            if not row["passed"]:
+                lines.append(f"{'':<30s}   missed: {describe(row, m)}")
+    c = criteria
+    grade = (f"grade >= FP32's own under {c.grade_noise} grey level{'s' if c.grade_noise != 1 else ''} of noise "
+             f"(floor)" if c.min_grade is None and c.grade_noise > 0 else
+             f"grade >= {c.min_grade:g}" if c.min_grade else "grade: off")
+    parts = [f"study grade same in >= {c.min_study:g} of studies" if c.min_study > 0 else "studies: off", grade,
+             f"gate >= {c.min_gate:g}" if c.min_gate > 0 else "gate: off",
+             f"IoU where FP32 accepts >= {c.min_iou:g}" if c.min_iou > 0 else "IoU: off",
+             f"accuracy (acc; fp32: FP32's) at most {c.max_accuracy_drop:g} below FP32's where labels exist"
+             if c.max_accuracy_drop < 1 else "accuracy: off"]
+    if c.min_cosine > 0:
+        parts.append(f"cosine >= {c.min_cosine:g}")
+    lines.append("criteria: " + "; ".join(parts) + ". ties: FP32's near-tie share (top two within "
+                 "0.1); IoU all and cosine: information. n/a: not measured (no frame qualifies), which fails its "
+                 "check unless the check is off")
     if any(this_cpu.values()):
         lines.append("INT8 is judged on the simulated figures (onnxruntime with graph optimisations off: Q/DQ in "
                      "float, the same on every CPU, what TensorRT computes up to accumulation order); the "
@@ -74,5 +95,3 @@ def format_table(accuracy: dict[str, dict[str, dict]], thresholds: Thresholds,
 
 def _s(v, digits: int) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
-
-

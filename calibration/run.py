@@ -1,15 +1,21 @@
 """`sonoscore calibrate`: frames -> INT8 Q/DQ networks in the bundle, accepted only with an accuracy report.
 
-    frames (any source) -> runtime's own preprocessing (Pipeline.prepare) -> 224x224 uint8 images
+    frames (any source: the scanner's DICOM cine or folder, a video, an image folder, sim://) -> runtime's own
+      preprocessing (Pipeline.prepare) -> 224x224 uint8 images, each with its study (the patient where the source
+      says it: a labelled dataset's labels.csv, a sim:// source's simulated patient; else the source is one study)
+      and its label where one is known (labels.csv's grade, the simulated patient's grade)
       -> a spread-out subset calibrates the UNet (the images) and the VGG (images masked the way deployment
          masks them: FP32 UNet, threshold, gate, cv2.multiply; frames the gate rejects are left out), each fed
          as the bundle's graph feeds it (Graph.unet_feeds / vgg_feeds: the manifest's input normalization)
       -> onnxruntime quantize_static, QDQ, symmetric INT8, per-channel weights (calibration/quantize.py)
-      -> the other frames, never used for calibration, run through FP32 and through each lower precision:
-         mask IoU with the FP32 mask, mask-fraction error, gate agreement, feature cosine similarity, grade
-         agreement, probability L1 (calibration/report.py)
-      -> all thresholds met: the INT8 files join the bundle and the manifest records their hashes and provenance;
-         a threshold missed: the files go to <bundle>/calibration-rejected/ and the command says which one failed.
+      -> the other frames, never used for calibration, and every --check source run through FP32, through FP32
+         again with one grey level of seeded noise (the per-frame grade's noise floor), and through each lower
+         precision: judged on what reaches the patient (runtime.agreement.Criteria: study grades, per-frame grade
+         agreement against FP32's noise floor, gate agreement, mask IoU (accepted frames), accuracy against the
+         labels), with the other figures reported beside them (calibration/report.py)
+      -> every check met: the INT8 files join the bundle and the manifest records their hashes and provenance;
+         a check missed: the files go to <bundle>/calibration-rejected/ and the command says which one failed and
+         by how much.
 
 Each INT8 candidate is checked twice on the same frames (docs/design.md "INT8 fidelity: simulated and this CPU"):
 with simulated quantization (onnxruntime with graph optimisations off: Q/DQ as float ops, the same on every CPU,
@@ -19,6 +25,7 @@ reference frames with its simulated outputs (runtime/fidelity.py), which `run --
 """
 from __future__ import annotations
 
+import csv
 import importlib.metadata
 import json
 import platform
@@ -31,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from calibration.quantize import METHODS, QuantizeResult, quantize_int8, spread_indices
-from calibration.report import Outputs, Thresholds, compare, format_table, run_precision
+from calibration.report import (Criteria, Outputs, Reference, against, describe, format_table, run_precision,
+                                with_noise)
 from runtime.bundle import Bundle, write_manifest
 from runtime.errors import UserError
 from runtime.fidelity import REFERENCE_FILE, cpu_flags, cpu_summary, pick_frames, write_reference
@@ -80,11 +88,30 @@ class CalibrationFailed(UserError):
 
 @dataclass
 class FrameSet:
-    """Preprocessed 224x224 uint8 images read from one or more sources."""
+    """Preprocessed 224x224 uint8 images read from one or more sources, each with its study and label."""
     images: list[np.ndarray] = field(default_factory=list)
     origins: list[str] = field(default_factory=list)     # opaque source id of each image
     unreadable: int = 0
     sources: list[dict] = field(default_factory=list)    # per source: opaque id, kind, frames read
+    studies: list[str] = field(default_factory=list)     # each image's study: source id, + patient where known
+    labels: list[int] = field(default_factory=list)      # each image's grade 1..C where known, else 0
+
+    @classmethod
+    def of(cls, images, studies=None, labels=None) -> "FrameSet":
+        """Images already preprocessed (a labelled dataset's, say) as a set: `studies` (a key per image, e.g. the
+        patient; None: one study) and `labels` (grade per image, 0 or None unknown; None: no labels)."""
+        images = list(images)
+        n = len(images)
+        return cls(images=images, origins=[""] * n,
+                   studies=[str(s) for s in studies] if studies is not None else [""] * n,
+                   labels=[int(g or 0) for g in labels] if labels is not None else [0] * n)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, idx) -> "FrameSet":
+        return FrameSet([self.images[i] for i in idx], [self.origins[i] for i in idx], 0, self.sources,
+                        [self.studies[i] for i in idx], [self.labels[i] for i in idx])
 
 
 def _say(msg: str) -> None:
@@ -117,8 +144,39 @@ class _Progress:
             self.bar.close()
 
 
+def labels_table(spec: str) -> dict[Path, tuple[str, int]] | None:
+    """A labelled dataset's table for a folder source: labels.csv (image,patient,grade, as `sonoscore sim` writes it
+    and runtime.labelme reads it) in the folder or the folder above it, as image path -> (patient, grade; 0 when
+    empty); None when there is none (or it has not those columns)."""
+    folder = Path(spec)
+    if "://" in spec or not folder.is_dir():
+        return None
+    for d in (folder, folder.parent):
+        table = d / "labels.csv"
+        if not table.is_file():
+            continue
+        try:
+            with open(table, newline="", encoding="utf-8-sig") as fh:
+                rows = list(csv.DictReader(fh))
+        except (OSError, UnicodeDecodeError, csv.Error):
+            return None
+        if not rows or not {"image", "patient", "grade"} <= set(rows[0]):
+            return None
+        out = {}
+        for row in rows:
+            try:
+                grade = int((row["grade"] or "0").strip())
+            except ValueError:
+                grade = 0
+            out[(d / row["image"]).resolve()] = (row["patient"] or "", grade)
+        return out
+    return None
+
+
 def read_frames(specs: list[str], pipe, *, max_frames: int, quiet: bool = False) -> FrameSet:
-    """Every readable frame of every source, preprocessed exactly as `sonoscore run` preprocesses it."""
+    """Every readable frame of every source, preprocessed exactly as `sonoscore run` preprocesses it, with its study
+    and label: a folder with a labels.csv (in it or above it: a labelled dataset) gives each listed image its
+    patient and grade; a sim:// source is one simulated patient with its grade; any other source is one study."""
     out = FrameSet()
     for spec in specs:
         try:
@@ -126,6 +184,7 @@ def read_frames(specs: list[str], pipe, *, max_frames: int, quiet: bool = False)
         except SourceError as e:
             raise UserError(str(e)) from None
         n0 = len(out.images)
+        table = labels_table(spec)
         total = source.total
         step = -(-total // max_frames) if total else 1   # every step-th frame: at most max_frames, spread out
         if not quiet:
@@ -149,6 +208,12 @@ def read_frames(specs: list[str], pipe, *, max_frames: int, quiet: bool = False)
                     continue
                 out.images.append(image)
                 out.origins.append(source.source_id)
+                study, label = source.source_id, int(frame.meta.get("truth_grade") or 0)
+                if table is not None and frame.source_file is not None:
+                    patient, label = table.get((Path(spec) / frame.source_file).resolve(), (None, 0))
+                    study = source.source_id if patient is None else f"{source.source_id} {patient}"
+                out.studies.append(study)
+                out.labels.append(label)
         out.sources.append({"source_id": source.source_id, "kind": type(source).__name__,
                             "frames": len(out.images) - n0})
     return out
@@ -188,13 +253,14 @@ CONV_TRANSPOSE_WEIGHTS = {
 
 def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[str] | None = None,
                      method: str = "minmax", count: int = 300, holdout: int = 300, max_frames: int = 3000,
-                     conv_transpose: str = "sub-pixel", thresholds: Thresholds | None = None,
+                     conv_transpose: str = "sub-pixel", thresholds: Criteria | None = None,
                      precisions: tuple[str, ...] = ("int8", "fp16"), report: str | Path | None = None,
                      full_range_weights: bool = False, timing_only: bool = False, quiet: bool = False,
                      networks: tuple[str, ...] | str = ("unet", "vgg"), qat: dict | None = None,
-                     frame_sets: dict[str, list[np.ndarray]] | None = None,
+                     frame_sets: dict[str, FrameSet | list[np.ndarray]] | None = None,
                      unet_gains: tuple[float, ...] = (1.0,)) -> dict:
-    """Calibrate, report, and (when every threshold holds) install the INT8 networks into the bundle.
+    """Calibrate, report, and (when every check of `thresholds`, a runtime.agreement.Criteria, holds on every set)
+    install the INT8 networks into the bundle.
 
     `networks` names the ones to quantize; one left out stays FP32 in the INT8 set (its manifest entry for int8 names
     the FP32 file), which is mixed precision as TensorRT builds it from a strongly typed network. "auto" quantizes
@@ -204,7 +270,8 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
     `qat`: the INT8 candidates come from quantization-aware training (export.qat), not from calibrating here:
     {"files": {net: Q/DQ file}, "info": {net: export_qdq's info}, "settings": {...}} (export.qat.qat_networks). No
     frame is used for calibration then: every frame of `frames` is held out for the check (up to `holdout`).
-    `frame_sets`: more check sets, name -> images already preprocessed as the runtime preprocesses them.
+    `frame_sets`: more check sets, name -> images already preprocessed as the runtime preprocesses them, as a
+    `FrameSet` (with its studies and labels: `FrameSet.of`) or a list (one study, no labels).
     `unet_gains`: the UNet calibrates on each calibration frame at each of these gains (`with_gain`: the prepared
     pixels times the gain, saturating at 255), so its activation ranges also cover a scanner set brighter (or
     darker) than the calibration frames; the VGG, whose input is min-max normalized, calibrates on the frames as
@@ -221,7 +288,7 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
     networks = ("unet", "vgg") if auto else tuple(n for n in ("unet", "vgg") if n in networks)
     if not networks:
         raise UserError("--networks must name unet, vgg or both")
-    thresholds = thresholds or Thresholds()
+    thresholds = thresholds or Criteria()
     if qat is not None and not set(networks) <= set(qat["files"]):
         raise UserError("quantization-aware training gave no INT8 file for "
                         + " and ".join(n for n in networks if n not in qat["files"]))
@@ -266,12 +333,15 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
         _say(f"calibrate: INT8 from quantization-aware training, checked against FP32 on "
              f"{', '.join(held) or 'the --check frames'}")
     elif not quiet:
-        _say(f"calibrate: {n} frames read ({data.unreadable} inputs were not readable images); {len(calib_idx)} "
+        _say(f"calibrate: {n} frames read ({data.unreadable} could not be read, or would not be scored: "
+             f"docs/calibration.md); {len(calib_idx)} "
              f"calibrate the UNet"
              + (f" (each at gains {', '.join(f'{g:g}' for g in gains)}: {len(unet_inputs)} inputs)"
                 if gains != (1.0,) else "") + ", "
-             f"{len(vgg_inputs)} of them pass the gate and calibrate the VGG ({rejected} rejected); "
-             f"{len(hold_idx)} held out for the accuracy check; method {method}")
+             + (f"{len(vgg_inputs)} of them pass the gate and calibrate the VGG ({rejected} rejected); "
+                if not timing_only else f"{len(vgg_inputs)} calibrate the VGG (timing only: a frame the gate "
+                                         f"rejects as the whole image); ")
+             + f"{len(hold_idx)} held out for the accuracy check; method {method}")
 
     work = root / ".calibration-work"
     if work.exists():
@@ -303,13 +373,13 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
                  f"{_counts(r.quantized_ops)}; float weights: {_counts(r.float_ops) or 'none'})")
 
     # -- accuracy against FP32 on frames that did not calibrate ------------------------------------------------
-    sets: dict[str, list[np.ndarray]] = {"held-out": [data.images[i] for i in hold_idx]} if frames else {}
-    sets.update(frame_sets or {})
+    sets: dict[str, FrameSet] = {"held-out": data.subset(hold_idx)} if frames else {}
+    sets.update({k: v if isinstance(v, FrameSet) else FrameSet.of(v) for k, v in (frame_sets or {}).items()})
     check_sets = []
     for spec in check or []:
         extra = read_frames([spec], shape, max_frames=max_frames, quiet=quiet)
         key = f"check {extra.sources[0]['source_id']}"
-        sets[key] = extra.images
+        sets[key] = extra
         check_sets.append({**extra.sources[0], "unreadable": extra.unreadable})
     files = {p: {net: (work / INT8_FILES[net] if p == "int8" and net in networks
                        else bundle.network_file(net, "fp32" if p == "int8" else p))
@@ -324,20 +394,29 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
     cpu = cpu_summary()
     if not timing_only:
         booster = Booster.load(bundle.booster_file, num_class=bundle.num_classes)
-        for set_name, images in sets.items():
+        for set_name, fs in sets.items():
+            images = fs.images
             if not images:
                 failures.append(f"{set_name}: no readable frames to check against")
                 continue
             fp32_files = {n: bundle.network_file(n, "fp32") for n in ("unet", "vgg")}
             reference = run_precision(bundle, fp32_files, booster, images, label=f"{set_name} fp32", quiet=quiet)
+            levels = thresholds.grade_noise
+            noisy = (run_precision(bundle, fp32_files, booster, with_noise(images, levels), quiet=quiet,
+                                   label=f"{set_name} fp32 with {levels} grey level(s) of noise")
+                     if levels > 0 else None)
+            labels = np.array([g if 1 <= g <= bundle.num_classes else 0 for g in fs.labels], int)
+            ref = Reference(reference, bundle.num_classes, studies=fs.studies, noisy=noisy, noise_levels=levels,
+                            labels=labels if labels.any() else None)
             accuracy[set_name], this_cpu[set_name] = {}, {}
             for p, pfiles in files.items():
                 masks = reference if pfiles["unet"] == fp32_files["unet"] else None
                 int8 = p.startswith("int8")
                 other = run_precision(bundle, pfiles, booster, images, quiet=quiet, masks_from=masks,
                                       label=f"{set_name} {p}" + (" simulated" if int8 else ""), simulated=int8)
-                metrics = compare(reference, other)
-                missed = thresholds.missed(metrics)
+                metrics = against(ref, other)
+                metrics["criteria"] = thresholds.judge(metrics)
+                missed = [describe(r, metrics) for r in metrics["criteria"] if not r["passed"]]
                 metrics["passed"] = not missed
                 accuracy[set_name][p] = metrics
                 failures += [f"{p} on {set_name}: {m}" for m in missed]
@@ -346,8 +425,9 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
                 simulated[(set_name, p)] = other
                 kernels = run_precision(bundle, pfiles, booster, images, quiet=quiet, masks_from=masks,
                                         label=f"{set_name} {p} this CPU ({cpu})")
-                m_cpu = compare(reference, kernels)
-                m_cpu["missed"] = thresholds.missed(m_cpu)
+                m_cpu = against(ref, kernels)
+                m_cpu["criteria"] = thresholds.judge(m_cpu)
+                m_cpu["missed"] = [describe(r, m_cpu) for r in m_cpu["criteria"] if not r["passed"]]
                 m_cpu["passed"] = not m_cpu["missed"]
                 this_cpu[set_name][p] = m_cpu
         if not quiet:
@@ -389,7 +469,7 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
         "sources": data.sources, "check_sources": check_sets,
         "networks": {k: {"file": INT8_FILES[k], "int8_weights": r.quantized_ops, "float_weights": r.float_ops,
                          "opset": r.opset} for k, r in results.items()},
-        "thresholds": asdict(thresholds), "accuracy": accuracy, "accuracy_this_cpu": this_cpu,
+        "criteria": asdict(thresholds), "accuracy": accuracy, "accuracy_this_cpu": this_cpu,
         "fidelity": fidelity, "accuracy_checked": not timing_only,
         "passed": int8_ok and not failures, "failures": failures, "versions": _versions(),
         "seconds": round(time.perf_counter() - t_start, 1),
@@ -439,7 +519,7 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
             "accuracy_this_cpu": {s: {p: {k: v for k, v in m.items() if k in _SUMMARY} for p, m in ps.items()}
                                   for s, ps in this_cpu.items()},
             "fidelity": fidelity,
-            "thresholds": asdict(thresholds), "versions": out["versions"],
+            "criteria": asdict(thresholds), "versions": out["versions"],
             **({"qat": qat.get("settings", {})} if qat is not None else {}),
             "made": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -469,7 +549,7 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
                                 + (f" (and {len(failures) - 1} more, see the report)" if len(failures) > 1 else "")
                                 + f"; {where}; calibrate on more varied frames, try --method entropy or "
                                   f"percentile, quantize only the network that keeps its accuracy (--networks "
-                                  f"vgg), or relax the threshold if it is too strict for this model")
+                                  f"vgg), or calibrate on the scanner's own frames (docs/calibration.md)")
     if not quiet:
         _say(f"calibrate: INT8 networks added to {root} in {out['seconds']:.0f} s"
              + ("" if not timing_only else " (timing only: accuracy not checked)"))
@@ -484,15 +564,16 @@ def _reference(bundle, files, booster, sets, simulated, chosen, path: Path) -> d
         return None
     set_name = "held-out" if "held-out" in names else names[0]
     idx = pick_frames(simulated[(set_name, chosen)].accepted)
-    images = [sets[set_name][i] for i in idx]
+    images = [sets[set_name].images[i] for i in idx]
     out = run_precision(bundle, files, booster, images, quiet=True, simulated=True, keep_prob=True)
     write_reference(path, images, out.prob, out.features)
     return {"file": REFERENCE_FILE, "frames": len(images), "set": set_name,
             "outputs": "simulated INT8 (onnxruntime with graph optimisations off)"}
 
 
-_SUMMARY = ("frames", "mask_iou_mean", "gate_agreement", "feature_cosine_mean", "grade_agreement",
-            "probability_l1_mean", "passed")
+_SUMMARY = ("frames", "studies", "study_agreement", "grade_agreement", "grade_floor", "near_tie_share",
+            "gate_agreement", "mask_iou_accepted_mean", "mask_iou_mean", "feature_cosine_mean", "accuracy",
+            "accuracy_reference", "passed")
 
 
 def _counts(d: dict[str, int]) -> str:

@@ -12,15 +12,16 @@ was exported from, on the user's labelled data, judged and installed by calibrat
          --method, --conv-transpose, --full-range-weights), fine-tuning (each network distilled from the bundle's
          FP32 network: the UNet's probability map, the VGG's Fc2 features), the Q/DQ files written in a scratch
          folder outside the bundle
-      -> calibration.run.calibrate_bundle with those files as the INT8 candidates: the held-out patients' frames (and
-         --frames / --check sources) checked against FP32 with simulated quantization, the thresholds and --networks
-         (auto included) as for post-training calibration; only what passes is installed.
+      -> calibration.run.calibrate_bundle with those files as the INT8 candidates: the held-out patients' frames,
+         each with its patient and grade (study grades per patient, accuracy against the grades), and --frames /
+         --check sources checked against FP32 with simulated quantization, the criteria (runtime.agreement.Criteria)
+         and --networks (auto included) as for post-training calibration; only what passes is installed.
 
 What changes in the bundle: only what calibrate installs (the INT8 files, int8_reference.npz, the manifest's int8
 entries and `calibration` section, whose `qat` records per network the epochs, learning rate, frames, placement and
 the checkpoint's file name and sha256). The FP32/FP16 files and the booster stay as they are, and the INT8 files are
-judged against those unchanged FP32 files (the networks they were distilled from), and grade agreement is the
-unchanged booster on the INT8 set's features. (`train --qat` distils in the same way, after its FP32 training: its
+judged against those unchanged FP32 files (the networks they were distilled from), and the grades compared are the
+unchanged booster's on the INT8 set's features. (`train --qat` distils in the same way, after its FP32 training: its
 FP32/FP16 files and booster are the FP32 networks' too.)
 """
 from __future__ import annotations
@@ -202,11 +203,12 @@ def calibrate_qat(bundle_path: str | Path, *, unet: str | None, vgg: str | None,
         raise UserError(f"--data '{data}' has no graded image with a kidney the gate passes among its training "
                         f"patients (grades come from labels.csv's image,patient,grade or the labelme flags); the VGG's "
                         f"QAT trains on those grades (or give --networks unet)")
+    from calibration.run import FrameSet   # each frame with its patient and grade: study grades, accuracy
     if is_val.any():
-        frame_sets = {HELD_OUT: list(images[is_val])}
+        frame_sets = {HELD_OUT: FrameSet.of(images[is_val], patients[is_val], grades[is_val])}
         held_words = f"{len(set(patients[is_val].tolist()))} patients ({int(is_val.sum())} frames) held out"
     else:
-        frame_sets = {"training frames (--data has one patient)": list(images)}
+        frame_sets = {"training frames (--data has one patient)": FrameSet.of(images, patients, grades)}
         held_words = "one patient only: the check runs on the training frames"
     _say(f"calibrate: QAT on {int(tr.sum())} frames of {len(set(patients[tr].tolist()))} patients of --data "
          f"({held_words}); UNet {epochs['unet'] if 'unet' in nets else '-'} / VGG "

@@ -156,7 +156,7 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
     the Q/DQ files with the trained scales become the bundle's INT8 set after calibrate's accuracy check
     (calibration.run.calibrate_bundle, `--networks auto`, thresholds unchanged) on the validation patients' frames
     and on `check` sources (held-out data); the report goes to `report` (default <bundle>/calibration_report.json);
-    `thresholds`: calibration.report.Thresholds (None: calibrate's defaults)."""
+    `thresholds`: runtime.agreement.Criteria (None: calibrate's defaults)."""
     from export.train import split_by_patient, train_booster, train_unet, train_vgg
     t_start = time.time()
     classes = class_names(names=list(cfg.classes))
@@ -270,8 +270,11 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
     log.info(f"train: bundle written to {out} in {time.time() - t_start:.0f} s")
     if qat is not None:
         try:
-            _install_qat(out, qat["qat"], {"validation patients": list(images[va])} if va.any() else
-                         {"training frames (no patient held out)": list(images)}, check, report, thresholds)
+            from calibration.run import FrameSet   # each frame with its patient and grade: study grades, accuracy
+            _install_qat(out, qat["qat"], {"validation patients": FrameSet.of(images[va], patients[va], grades[va])}
+                         if va.any() else {"training frames (no patient held out)": FrameSet.of(images, patients,
+                                                                                                  grades)},
+                         check, report, thresholds)
         finally:
             shutil.rmtree(qat_work, ignore_errors=True)
     return out

@@ -13,9 +13,10 @@ outputs in the bundle (`REFERENCE_FILE`, named in the manifest's `int8_reference
     features  [K, F] float32     the VGG's features of the frames the gate accepted (NaN rows elsewhere)
 
 `check_here` runs those frames through the INT8 runners a pipeline just opened (this CPU's kernels), compares
-with the stored outputs as `calibrate` compares (mask IoU, gate agreement, feature cosine, grade agreement with
-the bundle's booster) against the thresholds the bundle was calibrated with, and prints one warning line when a
-measured figure misses. The verdict is cached under the sonoscore cache (`fidelity/`, keyed by the manifest's
+with the stored outputs as `calibrate` compares (runtime.agreement: the frames' study grade, grade agreement with
+the bundle's booster against this CPU's own agreement under the same grey level(s) of seeded noise, gate agreement,
+mask IoU where the reference accepts) by the criteria the bundle was calibrated with, and prints one warning line
+when a measured figure misses. The verdict is cached under the sonoscore cache (`fidelity/`, keyed by the manifest's
 sha256, onnxruntime's version and the CPU's instruction sets), so a later run reads it instead of computing; a
 cache that cannot be read or written only means the check runs again. The check never stops a run.
 """
@@ -170,16 +171,16 @@ def check_here(bundle, unet, vgg, booster, *, cache_dir: Path | None = None, say
 
 
 def warning(verdict: dict) -> str:
-    """The one warning line for a CPU whose integer kernels miss the bundle's thresholds."""
+    """The one warning line for a CPU whose integer kernels miss the bundle's criteria."""
     return (f"Warning: on this CPU ({verdict['cpu']}, onnxruntime {verdict['onnxruntime']}) the INT8 networks' "
             f"integer kernels move the outputs from the INT8 outputs `calibrate` validated (simulated quantization) "
-            f"beyond the bundle's thresholds: {'; '.join(verdict['missed'])}; the calibrated accuracy holds where "
-            f"the simulated figures are computed (a GPU/TensorRT target), not with these kernels: use --precision "
-            f"fp32 here for it")
+            f"beyond the criteria the bundle was calibrated with: {'; '.join(verdict['missed'])}; the calibrated "
+            f"accuracy holds where the simulated figures are computed (a GPU/TensorRT target), not with these "
+            f"kernels: use --precision fp32 here for it")
 
 
 def _compute(bundle, entry: dict, unet, vgg, booster) -> dict:
-    from runtime.agreement import Thresholds, compare, graph_outputs
+    from runtime.agreement import Criteria, Reference, against, graph_outputs, with_noise
 
     ref = read_reference(bundle.root / entry["file"])
     graph = bundle.graph()          # the manifest's gate, not a pipeline's override (the bench opens the gate)
@@ -191,16 +192,33 @@ def _compute(bundle, entry: dict, unet, vgg, booster) -> dict:
     if not np.isfinite(reference.features[reference.accepted]).all():
         raise ValueError("the reference has no features for a frame its gate accepts")
     here = graph_outputs(graph, unet, vgg, booster, images, num_classes=bundle.num_classes)
-    metrics = compare(reference, here)
-    given = (bundle.manifest.get("calibration") or {}).get("thresholds") or {}
-    th = Thresholds(**{k: float(v) for k, v in given.items() if k in Thresholds.__dataclass_fields__})
-    for key, field in (("mask_iou_mean", "min_iou"), ("gate_agreement", "min_gate_agreement"),
-                       ("grade_agreement", "min_grade_agreement"), ("feature_cosine_mean", "min_cosine")):
-        if metrics.get(key) is None:   # not measurable on these frames (e.g. no kidney anywhere): nothing to say
-            setattr(th, field, 0.0)
-    return {"format": _FORMAT, "missed": th.missed(metrics), "metrics": metrics, "frames": len(images),
-            "cpu": cpu_summary(), "cpu_flags": list(cpu_flags()), "onnxruntime": _onnxruntime_version(),
-            "manifest_sha256": bundle.manifest_sha256}
+    criteria = _criteria(bundle.manifest)
+    criteria.max_accuracy_drop = 1.0        # the reference frames carry no labels
+    # the per-frame grade's floor here: this CPU's own agreement with itself under the same noise
+    noisy = (graph_outputs(graph, unet, vgg, booster, with_noise(images, criteria.grade_noise),
+                           num_classes=bundle.num_classes) if criteria.grade_noise > 0 else None)
+    floor = Reference(here, bundle.num_classes, noisy=noisy, noise_levels=criteria.grade_noise).figures
+    metrics = against(Reference(reference, bundle.num_classes), here)    # the frames are one study
+    metrics.update({k: floor[k] for k in ("grade_floor", "grade_floor_frames", "grade_noise")})
+    # a figure not measurable on these frames (e.g. no kidney anywhere): nothing to say
+    return {"format": _FORMAT, "missed": criteria.missed(metrics, unmeasured_fails=False), "metrics": metrics,
+            "frames": len(images), "cpu": cpu_summary(), "cpu_flags": list(cpu_flags()),
+            "onnxruntime": _onnxruntime_version(), "manifest_sha256": bundle.manifest_sha256}
+
+
+def _criteria(manifest: dict):
+    """The criteria the bundle was calibrated with (the manifest's `calibration.criteria`; a bundle calibrated
+    before them records `thresholds`, whose mask IoU and gate limits carry over; the rest are the defaults)."""
+    from dataclasses import fields
+
+    from runtime.agreement import Criteria
+    cal = manifest.get("calibration") or {}
+    given = cal.get("criteria")
+    if not isinstance(given, dict):
+        old = cal.get("thresholds") or {}
+        given = {"min_iou": old.get("min_iou"), "min_gate": old.get("min_gate_agreement")}
+    names = {f.name for f in fields(Criteria)}
+    return Criteria(**{k: v for k, v in given.items() if k in names and v is not None})
 
 
 def _read_cache(path: Path, key: str) -> dict | None:

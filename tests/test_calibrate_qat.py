@@ -1,6 +1,6 @@
 """`sonoscore calibrate --qat` through the real command line: a bundle exported from real (tiny, untrained)
 checkpoints saved with torch.save, a tiny labelled phantom dataset, quantization-aware training of both networks
-from those checkpoints (export.qat) and calibrate's own accuracy check and installation. Thresholds are opened (0):
+from those checkpoints (export.qat) and calibrate's own accuracy check and installation. Criteria are opened (off):
 no figure here depends on trained weights or on the CPU's INT8 kernels; the assertions are on what is installed,
 recorded and left alone. A checkpoint that is not the bundle's, and other bad input, are refused in one sentence
 (exit 2) with the bundle's bytes unchanged."""
@@ -22,7 +22,7 @@ from runtime.bundle import Bundle  # noqa: E402
 from tests.conftest import sonoscore  # noqa: E402
 from tests.test_checkpoints import RefNet, RefVGG, main_py_save, make_booster, randomize_bn  # noqa: E402
 
-OPEN = ["--min-iou", "0", "--min-gate", "0", "--min-grade", "0", "--min-cosine", "0"]
+OPEN = ["--min-study", "0", "--min-grade", "0", "--min-gate", "0", "--min-iou", "0", "--max-accuracy-drop", "1"]
 # lr 1e-2: one Adam step moves a weight by about 1e-2, more than half a 7-bit quantization step of these weights
 QAT = ["--qat-unet-epochs", "1", "--qat-vgg-epochs", "1", "--qat-lr", "1e-2", "--count", "4"]
 FC2 = 40
@@ -100,6 +100,9 @@ def test_qat_set_is_installed_recorded_and_the_rest_of_the_bundle_is_unchanged(m
     assert rep["method"] == "qat" and rep["qat"] == cal["qat"] and rep["passed"]
     assert rep["frames"]["calibration"] == 0          # no frame calibrates: the scales are QAT's
     assert "held-out patients (--data)" in rep["accuracy"]
+    # the held-out frames are judged patient by patient (each patient one study), against their grades
+    held = rep["accuracy"]["held-out patients (--data)"]["int8"]
+    assert held["studies"] == cal["qat"]["vgg"]["patients"]["held_out"] >= 1
     assert "is the bundle's unet" in r.stderr and "is the bundle's vgg" in r.stderr
 
 

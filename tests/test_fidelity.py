@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from calibration.quantize import quantize_int8
-from calibration.report import Thresholds
+from calibration.report import Criteria
 from runtime.backends.ort import OrtRunner
 from runtime.bundle import Bundle, write_manifest
 from runtime.fidelity import (REFERENCE_FILE, cache_key, cache_path, check_here, cpu_summary, read_reference,
@@ -28,7 +28,7 @@ from tests.conftest import sonoscore
 SIM = "sim://kidney?frames=16&fps=30&seed=4"
 RUN_SOURCE = "sim://kidney?fps=0&frames=3&seed=2"
 WARNING = "Warning: on this CPU"
-RELAXED = Thresholds(0, 0, 0, 0)
+RELAXED = Criteria.off()
 
 
 # -- simulated quantization is Q/DQ in float ---------------------------------------------------------------------
@@ -142,11 +142,11 @@ def _open_gate(b: Path) -> None:
     write_manifest(b, m)
 
 
-def _set_thresholds(b: Path, th: Thresholds) -> None:
+def _set_thresholds(b: Path, th: Criteria) -> None:
     """The thresholds the bundle records as calibrated with (what the run-time check judges by)."""
     from dataclasses import asdict
     m = json.loads((b / "manifest.json").read_text())
-    m["calibration"]["thresholds"] = asdict(th)
+    m["calibration"]["criteria"] = asdict(th)
     write_manifest(b, m)
 
 
@@ -223,7 +223,7 @@ def test_the_printed_table_labels_both_checks(base, tmp_path):
     b = tmp_path / "b"
     shutil.copytree(base, b)
     r = sonoscore("calibrate", "--bundle", b, "--frames", SIM, "--count", 8, "--holdout", 8, "--min-iou", 0,
-                  "--min-gate", 0, "--min-grade", 0, "--min-cosine", 0)
+                  "--min-gate", 0, "--min-grade", 0, "--min-study", 0, "--max-accuracy-drop", 1)
     assert r.returncode == 0, r.stderr
     assert "int8 (simulated)" in r.stderr and f"int8 (this CPU: {cpu_summary()})" in r.stderr
     assert "pass (information)" in r.stderr or "miss (information" in r.stderr
@@ -239,8 +239,8 @@ def test_installation_follows_the_simulated_figures(base, calibrated, tmp_path):
     from calibration.run import CalibrationFailed, calibrate_bundle
     _, first = calibrated
     sim, cpu = first["accuracy"]["held-out"]["int8"], first["accuracy_this_cpu"]["held-out"]["int8"]
-    fields = {"mask_iou_mean": "min_iou", "gate_agreement": "min_gate_agreement",
-              "grade_agreement": "min_grade_agreement", "feature_cosine_mean": "min_cosine"}
+    fields = {"mask_iou_accepted_mean": "min_iou", "gate_agreement": "min_gate", "grade_agreement": "min_grade",
+              "feature_cosine_mean": "min_cosine"}
     measured = [k for k in fields if sim[k] is not None and cpu[k] is not None]
     below = [k for k in measured if cpu[k] < sim[k]]
     above = [k for k in measured if cpu[k] > sim[k]]
@@ -248,7 +248,7 @@ def test_installation_follows_the_simulated_figures(base, calibrated, tmp_path):
     cases += [("above", above[0])] if above else []
     cases = cases or [("equal", "feature_cosine_mean")]
     for side, key in cases:
-        th = Thresholds(0, 0, 0, 0)
+        th = Criteria.off()
         setattr(th, fields[key], max(sim[key], cpu[key]))
         b = tmp_path / side
         shutil.copytree(base, b)
@@ -276,7 +276,7 @@ def test_installation_follows_the_simulated_figures_says_it_in_one_line(base, ca
     """The same rule through the command line, where a miss by this CPU's kernels alone is one line on stderr."""
     _, first = calibrated
     sim, cpu = first["accuracy"]["held-out"]["int8"], first["accuracy_this_cpu"]["held-out"]["int8"]
-    flags = {"mask_iou_mean": "--min-iou", "gate_agreement": "--min-gate", "grade_agreement": "--min-grade",
+    flags = {"mask_iou_accepted_mean": "--min-iou", "gate_agreement": "--min-gate", "grade_agreement": "--min-grade",
              "feature_cosine_mean": "--min-cosine"}
     below = [k for k in flags if sim[k] is not None and cpu[k] is not None and cpu[k] < sim[k]]
     if not below:
@@ -288,7 +288,7 @@ def test_installation_follows_the_simulated_figures_says_it_in_one_line(base, ca
     args = {f: 0 for f in flags.values()}
     args[flags[below[0]]] = sim[below[0]]
     r = sonoscore("calibrate", "--bundle", b, "--frames", SIM, "--count", 8, "--holdout", 8,
-                  *[x for kv in args.items() for x in kv])
+                  *[x for kv in args.items() for x in kv], "--min-study", 0, "--max-accuracy-drop", 1)
     assert r.returncode == 0, r.stderr
     lines = [x for x in r.stderr.splitlines() if "onnxruntime's INT8 kernels miss" in x]
     assert len(lines) == 1 and "installed all the same" in lines[0] and "TensorRT" in lines[0]
@@ -332,7 +332,7 @@ def _reference_from_this_cpu(b: Path, *, opposite: bool = False) -> None:
     write_reference(b / REFERENCE_FILE, list(ref["images"]), prob, feats)
     m = json.loads((b / "manifest.json").read_text())
     from dataclasses import asdict
-    m["calibration"]["thresholds"] = asdict(Thresholds())
+    m["calibration"]["criteria"] = asdict(Criteria())
     write_manifest(b, m)
 
 
@@ -369,7 +369,7 @@ def test_run_warns_once_when_this_cpu_misses_and_not_when_it_matches(matching, o
     assert r.returncode == 0, r.stderr
     lines = [x for x in r.stderr.splitlines() if WARNING in x]
     assert len(lines) == 1, r.stderr
-    assert "mask IoU 0.0000 < 0.97" in lines[0] and "feature cosine" in lines[0] and "--precision fp32" in lines[0]
+    assert "mask IoU (accepted frames) 0.0000 < 0.9800" in lines[0] and "--precision fp32" in lines[0]
     assert cpu_summary() in lines[0]
     assert _entry(opposite, cache).is_file()
     r = _run(matching, cache)

@@ -19,7 +19,7 @@ from tests.conftest import sonoscore
 
 TINY = ["--unet-width", "0.0625", "--vgg-width", "0.03125", "--unet-epochs", "1", "--vgg-epochs", "1",
         "--qat", "--qat-unet-epochs", "1", "--qat-vgg-epochs", "1"]
-OPEN = ["--min-iou", "0", "--min-gate", "0", "--min-grade", "0", "--min-cosine", "0"]
+OPEN = ["--min-study", "0", "--min-grade", "0", "--min-gate", "0", "--min-iou", "0", "--max-accuracy-drop", "1"]
 
 
 def _qat_line(stderr: str) -> str:

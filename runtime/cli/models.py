@@ -28,9 +28,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                       min_mask_fraction=min_mask_fraction)
     card = (read_card(args.card, args.name, args.version, Path(args.out).name)
             if (args.card or args.name is not None or args.version is not None) else None)
-    given = [o for o, v in (("--check", args.check), ("--report", args.report), ("--min-iou", args.min_iou),
-                            ("--min-gate", args.min_gate), ("--min-grade", args.min_grade),
-                            ("--min-cosine", args.min_cosine)) if v not in (None, [])]
+    given = [o for o, v in (("--check", args.check), ("--report", args.report),
+                            *((f"--{k.replace('_', '-')}", getattr(args, k)) for k in CRITERIA_OPTIONS))
+             if v not in (None, [])]
     if not args.qat and given:
         raise UserError(f"{given[0]} belongs to --qat (the INT8 check after quantization-aware training); "
                         "add --qat or leave them out")
@@ -41,7 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                  unet_input=parse(args.unet_input, "--unet-input", 1) if args.unet_input else None,
                  vgg_input=parse(args.vgg_input, "--vgg-input", cfg.vgg_channels) if args.vgg_input else None,
                  check=args.check or None, report=Path(args.report) if args.report else None,
-                 thresholds=_thresholds(args) if args.qat else None, card=card)
+                 thresholds=_criteria(args) if args.qat else None, card=card)
     return EXIT_OK
 
 
@@ -127,22 +127,58 @@ def _networks(text: str) -> tuple[str, ...] | str:
     return names
 
 
-def _thresholds(args: argparse.Namespace):
-    """calibrate's accuracy thresholds from --min-iou/--min-gate/--min-grade/--min-cosine (None: the default)."""
-    from calibration.report import Thresholds
-    given = {k: v for k, v in (("min_iou", args.min_iou), ("min_gate_agreement", args.min_gate),
-                               ("min_grade_agreement", args.min_grade), ("min_cosine", args.min_cosine))
-             if v is not None}
-    return Thresholds(**given)
+# calibrate's criteria (runtime.agreement.Criteria, docs/design.md "Precision policy"): option -> help text. The
+# defaults shown are Criteria's own.
+CRITERIA_OPTIONS = {
+    "min_study": "the share of studies (patients where the frames carry them, else each source) whose study grade "
+                 "must be FP32's (default 1: every one; 0: off)",
+    "min_grade": "the per-frame grade agreement with FP32 must reach: 'noise' (default), FP32's own agreement with "
+                 "itself under --grade-noise grey levels of seeded input noise, measured in the same run; or a "
+                 "fixed share; 0: off",
+    "grade_noise": "grey levels of the seeded input noise (+-L, uniform, clipped) the noise floor of --min-grade "
+                   "is measured under (default 1; 0: no noise run, and then --min-grade noise checks nothing)",
+    "min_gate": "minimum gate agreement with FP32 (default 0.98; 0: off)",
+    "min_iou": "minimum mean mask IoU with FP32 over the frames FP32's gate accepts, the masks that reach the VGG "
+               "(default 0.98; 0: off)",
+    "max_accuracy_drop": "where the frames have labels: accuracy at most this far below FP32's (default 0.01; 1: "
+                         "off)",
+    "min_cosine": "minimum mean VGG feature cosine with FP32 (default 0: reported, not checked)",
+}
+
+
+def _grade_limit(text: str) -> float | str:
+    if text.strip().lower() == "noise":
+        return "noise"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}': give noise or a share such as 0.97") from None
+
+
+def _add_criteria(p, prefix: str = "") -> None:
+    types = {"min_grade": _grade_limit, "grade_noise": int}
+    for key, text in CRITERIA_OPTIONS.items():
+        p.add_argument(f"--{key.replace('_', '-')}", type=types.get(key, float), default=None,
+                       metavar="noise|G" if key == "min_grade" else "L" if key == "grade_noise" else "X",
+                       help=prefix + text)
+
+
+def _criteria(args: argparse.Namespace):
+    """calibrate's criteria from their options (None: the default)."""
+    from runtime.agreement import Criteria
+    given = {k: getattr(args, k) for k in CRITERIA_OPTIONS if getattr(args, k) is not None}
+    if given.get("min_grade") == "noise":
+        given["min_grade"] = None
+    if given.get("grade_noise", 0) < 0:
+        raise UserError("--grade-noise is a number of grey levels, 0 or more")
+    return Criteria(**given)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from runtime.app import ensure_calibration_side
     ensure_calibration_side()
-    from calibration.report import Thresholds
     from calibration.run import CalibrationFailed, calibrate_bundle, check_gains
-    th = Thresholds(min_iou=args.min_iou, min_gate_agreement=args.min_gate, min_grade_agreement=args.min_grade,
-                    min_cosine=args.min_cosine)
+    th = _criteria(args)
     report = args.report or str(Path(args.bundle) / "calibration_report.json")
     qat_given = [o for o, v in (("--unet", args.unet), ("--vgg", args.vgg), ("--data", args.data),
                                 ("--label", args.label), ("--qat-unet-epochs", args.qat_unet_epochs),
@@ -224,10 +260,7 @@ def add_parsers(sub) -> None:
     t.add_argument("--check", action="append", default=[], help="with --qat: held-out frames (folder, video, DICOM "
                    "or sim://) the INT8 set is also checked on (repeatable)")
     t.add_argument("--report", help="with --qat: the INT8 check's report (default <out>/calibration_report.json)")
-    for opt, what in (("--min-iou", "mask IoU"), ("--min-gate", "gate agreement"), ("--min-grade", "grade agreement"),
-                      ("--min-cosine", "feature cosine similarity")):
-        t.add_argument(opt, type=float, default=None, help=f"with --qat: minimum {what} of the INT8 check "
-                       f"(default: calibrate's)")
+    _add_criteria(t, "with --qat, as calibrate's: ")
     _model_options(t)
     t.add_argument("--name", help="the model's name in the manifest and on reports (default: sonoscore-ifta)")
     t.add_argument("--version", help="the model's version (default: the card's, else 'unversioned')")
@@ -281,11 +314,13 @@ def add_parsers(sub) -> None:
                        "INT8 and FP16 against FP32 on frames not used for calibration")
     c.add_argument("--bundle", required=True, help="the bundle folder; its INT8 set is written into it")
     c.add_argument("--frames", action="append", default=[],
-                   help="calibration source: folder, video, DICOM or sim://kidney?frames=600 (repeatable); "
-                        "frames not picked for calibration are held out for the accuracy check (with --qat: "
-                        "optional, every frame is checked)")
+                   help="calibration source: the scanner's own DICOM cine or folder of DICOM files, a video, an "
+                        "image folder (with a labels.csv beside it: patients and grades) or sim://kidney?frames=600 "
+                        "(repeatable); frames not picked for calibration are held out for the accuracy check (with "
+                        "--qat: optional, every frame is checked); docs/calibration.md")
     c.add_argument("--check", action="append", default=[],
-                   help="another source checked in full and never used for calibration (repeatable)")
+                   help="another source checked in full and never used for calibration, such as another day's "
+                        "frames from the same scanner (repeatable)")
     c.add_argument("--method", default="minmax", choices=["minmax", "entropy", "percentile"],
                    help="how activation ranges are calibrated (default minmax)")
     c.add_argument("--count", type=int, default=300, help="calibration frames, spread over the source (default 300)")
@@ -307,10 +342,7 @@ def add_parsers(sub) -> None:
                    help="which networks to quantize (default unet,vgg); one left out runs in FP32 in the INT8 set "
                         "(mixed precision, as TensorRT builds it), e.g. --networks vgg when the UNet's INT8 masks "
                         "move grades; auto: both if they pass, else the VGG alone if it passes")
-    c.add_argument("--min-iou", type=float, default=0.97, help="minimum mask IoU")
-    c.add_argument("--min-gate", type=float, default=0.97, help="minimum gate agreement")
-    c.add_argument("--min-grade", type=float, default=0.97, help="minimum grade agreement")
-    c.add_argument("--min-cosine", type=float, default=0.99, help="minimum feature cosine similarity")
+    _add_criteria(c)
     c.add_argument("--report", help="report JSON (default <bundle>/calibration_report.json)")
     c.add_argument("--diagnose", action="store_true", help="instead of calibrating: each quantized layer of "
                    "--networks put back in float in turn, ranked by how close it brings the INT8 file to FP32 "
