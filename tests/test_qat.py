@@ -12,9 +12,10 @@ from onnx import numpy_helper
 
 from calibration.checks import trt_readiness
 from calibration.quantize import quantize_int8, sub_pixel_weight
+from export.fake_quant import fold_batch_norm, prepare_qat, qat_finetune, qdq_placement
 from export.models import UNet, VGG19BN
 from export.onnx_export import export_unet, export_vgg
-from export.qat import export_qdq, fold_batch_norm, prepare_qat, qat_finetune, qdq_placement
+from export.qat import export_qdq
 from runtime.graph import Graph
 from runtime.phantom import KidneyPhantom
 

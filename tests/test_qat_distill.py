@@ -1,4 +1,4 @@
-"""The VGG's QAT loss (export.qat.qat_finetune's `vgg_loss`): distillation of the FP32 VGG's Fc2 features.
+"""The VGG's QAT loss (export.fake_quant.qat_finetune's `vgg_loss`): distillation of the FP32 VGG's Fc2 features.
 
 Structure and behaviour only, on an untrained tiny VGG and phantom frames: the loss is 0 exactly when the features
 agree, the teacher is the FP32 network as given and stays frozen, the option reaches the fine-tuning (with
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from export.fake_quant import distillation_loss, fold_batch_norm, prepare_qat, qat_finetune, qdq_placement
 from export.models import UNet, VGG19BN, VGGFeaturesAndLogits
-from export.qat import distillation_loss, fold_batch_norm, prepare_qat, qat_finetune, qdq_placement
 from runtime.graph import Graph
 from runtime.phantom import KidneyPhantom
 

@@ -1,4 +1,4 @@
-"""The UNet's QAT loss (export.qat.qat_finetune's `unet_loss`): distillation of the FP32 UNet's probability map.
+"""The UNet's QAT loss (export.fake_quant.qat_finetune's `unet_loss`): distillation of the FP32 UNet's probability map.
 
 Structure and behaviour only, on an untrained tiny UNet and phantom frames: the loss is 0 exactly when the maps
 agree, the teacher is the FP32 network (as given, or `teacher=`) and stays frozen, with distillation the label masks
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from export.fake_quant import fold_batch_norm, mask_distillation_loss, prepare_qat, qat_finetune, qdq_placement
 from export.models import UNet, VGG19BN
-from export.qat import fold_batch_norm, mask_distillation_loss, prepare_qat, qat_finetune, qdq_placement
 from export.recipe import TrainConfig
 from runtime.graph import Graph
 from runtime.phantom import KidneyPhantom
