@@ -101,7 +101,8 @@ US_FILES = ["ExplVR_BigEnd.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm", "OBXXXX1A.dcm
 def test_real_ultrasound_is_not_refused_as_not_ultrasound():
     """Every frame of every ultrasound DICOM pydicom and pydicom-data ship (echocardiography, obstetric, pelvic,
     a lymph node under power Doppler, a 3-D cine), read by the runtime's DICOM source and preprocessed as the
-    pipeline does, stays under both fixed limits, with room: colour <= 0.25 (Doppler boxes) and flat <= 0.2.
+    pipeline does, stays under both fixed limits, with room: colour <= 0.25 (Doppler boxes; 0.15 measured) and flat
+    <= 0.2 (0.10 measured).
     Left out: the second frame of pydicom's `*_2frame` files, which pydicom made by mapping the first frame's fan to
     one flat colour (no echo in it: 'not ultrasound' is the right answer, and it gets it). A frame that has no scan
     sector is not scored at all (runtime.preprocess.sector_frame) and is skipped here."""
