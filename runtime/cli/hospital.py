@@ -12,7 +12,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
         from runtime.dicomnet.check import check_config
         return check_config(args.config)
     if args.status:                       # the spool's studies and the outbox, then exit
-        from runtime.dicomnet.listen import status_command
+        from runtime.dicomnet.listen_status import status_command
         return status_command(args.config)
     if args.deliver:                      # what waits in the outbox, then exit
         from runtime.dicomnet.send import deliver_command

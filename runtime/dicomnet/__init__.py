@@ -6,6 +6,9 @@
                 and which of them a finished study round covered
     listen.py   `sonoscore listen`: the Storage SCP (pynetdicom) and the worker that scores a study once it has
                 been quiet for the configured time, then makes its summary, report and DICOM results
+    scp.py      the Storage SCP's wire side: SOP classes and transfer syntaxes accepted, C-STORE statuses, the
+                peer of an event, pynetdicom's receive folder and TLS handshake
+    listen_status.py  `sonoscore listen --status`: the spool's studies and the outbox, read only
     outbox.py   the persistent outbox: results wait there until every destination has them (PACS outage, restart)
     senders.py  the destinations: C-STORE SCU (pynetdicom) and DICOMweb STOW-RS (dicomweb-client)
     study.py    one study round: the instances as one source through the `run` pipeline and sinks, and its results

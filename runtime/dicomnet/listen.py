@@ -54,50 +54,16 @@ from runtime.dicomnet import uid_key
 from runtime.dicomnet.config import NetConfig
 from runtime.dicomnet.door import PENDING_CONNECTIONS, Door, RejectLog, SizeGuard
 from runtime.dicomnet.outbox import Deliverer, Outbox
+from runtime.dicomnet.scp import (ACCEPTED_SOP_CLASSES, VERIFICATION, _bounded_handshake, _calling, _header_of, _peer,
+                                  _printable, _received_path, _receive_into, _status, decodable_transfer_syntaxes)
 from runtime.dicomnet.spool import Spool
 from runtime.errors import UserError
 
 log = logging.getLogger("sonoscore.dicomnet")
 
-US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
-US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
-US_IMAGE_RETIRED = "1.2.840.10008.5.1.4.1.1.6"
-US_MULTIFRAME_RETIRED = "1.2.840.10008.5.1.4.1.1.3"
-ACCEPTED_SOP_CLASSES = (US_IMAGE, US_MULTIFRAME, US_IMAGE_RETIRED, US_MULTIFRAME_RETIRED)
-VERIFICATION = "1.2.840.10008.1.1"
-
 RESCAN_S = 30.0        # the spool is looked at again this often (beside what the SCP reports)
 TICK_S = 0.2
 STUDY_RETRY_MAX_S = 3600.0   # a study whose round failed is tried again after study_retry_s, doubling up to this
-
-
-def decodable_transfer_syntaxes() -> list[str]:
-    """The transfer syntaxes whose pixel data pydicom can decode here (what runtime/sources/dicom.py reads):
-    uncompressed ones always, compressed ones when their decoder plugin is installed; deflate never (the DICOM
-    source refuses it). Uncompressed first, so a sender that can do both sends those."""
-    from pydicom.pixels import get_decoder
-    from pydicom.uid import (AllTransferSyntaxes, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
-                             ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-    first = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
-    out = list(first)
-    for ts in AllTransferSyntaxes:
-        if ts in first or ts == DeflatedExplicitVRLittleEndian:
-            continue
-        try:
-            if get_decoder(ts).is_available:
-                out.append(ts)
-        except NotImplementedError:
-            continue
-    return out
-
-
-def _status(code: int, comment: str | None = None):
-    from pydicom.dataset import Dataset
-    ds = Dataset()
-    ds.Status = code
-    if comment:
-        ds.ErrorComment = comment[:64]
-    return ds
 
 
 class Listener:
@@ -509,69 +475,6 @@ def _load_bundle(path: Path, trust):
     return bundle
 
 
-def _calling(event) -> str:
-    try:
-        return _printable(str(event.assoc.requestor.ae_title).strip())
-    except AttributeError:
-        return "?"
-
-
-def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() else "?" for c in text)[:16]
-
-
-def _peer(assoc) -> str:
-    try:
-        return str(assoc.requestor.address)
-    except AttributeError:
-        return "?"
-
-
-def _received_path(event) -> Path | None:
-    """The file pynetdicom received the data set into (chunked receive), or None (received into memory)."""
-    try:
-        return Path(event.dataset_path)
-    except (AttributeError, ValueError, TypeError):
-        return None
-
-
-def _header_of(path: Path):
-    """The received data set's header (not its pixels), read leniently: odd values do not stop it here."""
-    import warnings
-    import pydicom
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pydicom.dcmread(path, stop_before_pixels=True, force=True)
-
-
-def _receive_into(folder: Path) -> None:
-    """pynetdicom writes a data set being received (STORE_RECV_CHUNKED_DATASET) to a NamedTemporaryFile: put it in
-    the spool's tmp/ (named recv-*, cleared on start), so the instance is renamed into the spool, not copied, and
-    a received file never lands in a shared /tmp."""
-    import functools
-    import tempfile
-    from pynetdicom import dimse_messages
-    from runtime.dicomnet.spool import RECEIVING
-    dimse_messages.NamedTemporaryFile = functools.partial(tempfile.NamedTemporaryFile, dir=str(folder),
-                                                          prefix=RECEIVING)
-
-
-def _bounded_handshake(server, ssl_context, timeout_s: float) -> None:
-    """pynetdicom does the TLS handshake in the server's accept loop, without a timeout: one connection that never
-    starts it would hold every other. Here it has timeout_s."""
-    def get_request():
-        sock, address = server.socket.accept()
-        sock.settimeout(timeout_s)
-        try:
-            sock = ssl_context.wrap_socket(sock, server_side=True)
-        except Exception:
-            sock.close()
-            raise OSError("TLS handshake failed or timed out") from None
-        sock.settimeout(None)
-        return sock, address
-    server.get_request = get_request
-
-
 def _signal_name(signum) -> str:
     import signal
     try:
@@ -599,66 +502,3 @@ def listen_command(args, stop) -> int:
                         precision=args.precision or cfg.precision, threads=args.threads or cfg.threads, stop=stop,
                         trust=args.trust)
     return listener.run()
-
-
-# -- `sonoscore listen --status` ---------------------------------------------------------------------------------
-
-DONE_LISTED = 20
-
-
-def status_command(config_path: str | Path) -> int:
-    """`sonoscore listen --config FILE --status`: the spool's studies (waiting, scoring, done, failed with why), their
-    counts, and the outbox's waiting batches per destination; read only (nothing made or changed), whether the
-    listener runs or not; exit 0."""
-    import json
-    from runtime.dicomnet.config import load_config
-    cfg = load_config(config_path, listen=True)
-    spool = Spool(cfg.listen.spool)
-    now = time.time()
-    state = spool.state()
-    scoring = state.get("scoring") if state else None
-    waiting, done = [], []
-    for study in spool.study_keys():
-        pending = spool.pending(study)
-        if pending and study != scoring:
-            failures = spool.failures(study) or {}
-            note = ""
-            if failures.get("failures"):
-                nxt = max(0.0, float(failures.get("next") or now) - now)
-                note = (f"; {failures['failures']} failed attempt(s) of {cfg.listen.study_attempts} "
-                        f"({failures.get('error', '?')}), next try in {nxt:.0f} s")
-            waiting.append(f"  waiting  {study}  {len(pending)} instance(s){note}")
-        rounds = []
-        for f in (spool.studies_dir / study).glob("done-*.json"):
-            try:
-                rounds.append(json.loads(f.read_text()))
-            except (OSError, ValueError):
-                continue
-        if rounds:
-            last = max(rounds, key=lambda r: r.get("finished") or 0)
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.get("finished") or 0))
-            done.append((last.get("finished") or 0,
-                         f"  done     {study}  {len(rounds)} round(s), last {when}, results batch "
-                         f"{last.get('batch') or 'none (nothing to send)'}"))
-    failed = spool.failed_rounds()
-    print(f"listener: {'running (pid %d)' % state['pid'] if state else 'not running'}; spool {spool.root}")
-    print(f"studies: {len(waiting)} waiting, {1 if scoring else 0} scoring, {len(done)} done, {len(failed)} failed")
-    if scoring:
-        print(f"  scoring  {scoring}  since {now - float(state.get('since') or now):.0f} s")
-    for line in waiting:
-        print(line)
-    for _, line in sorted(done, reverse=True)[:DONE_LISTED]:
-        print(line)
-    if len(done) > DONE_LISTED:
-        print(f"  ... and {len(done) - DONE_LISTED} more done (oldest not listed)")
-    for rec in failed:
-        print(f"  failed   {rec.get('study', '?')}  round {rec.get('round', '?')}: {rec.get('reason', '?')}")
-    outbox = Outbox(cfg.outbox)
-    batches = outbox.pending()
-    print(f"outbox {outbox.root}: {len(batches)} batch(es) waiting")
-    for dest in cfg.destinations:
-        mine = [(b, b.unsent(dest.name)) for b in batches if dest.name in b.destinations]
-        mine = [(b, files) for b, files in mine if files]
-        print(f"  {dest.label}: {len(mine)} batch(es), {sum(len(f) for _, f in mine)} result(s) not yet "
-              f"delivered")
-    return 0
