@@ -7,6 +7,7 @@
     hospital.py   listen
     bundles.py    keygen, sign, verify, info
     data.py       deid
+    batch.py      batch, sim-archive
     common.py     exit codes, signals, the options several commands share
 
 Exit codes (docs/design.md "Exit codes"): 0 success; 2 could not start (a bad option, bundle, source, dataset,
@@ -22,11 +23,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from runtime.cli import bundles, checks, data, hospital, models, streaming
+from runtime.cli import batch, bundles, checks, data, hospital, models, streaming
 from runtime.cli.common import (EXIT_ACCURACY, EXIT_FRAME_ERRORS, EXIT_INTERNAL, EXIT_OK, EXIT_OUTPUT,  # noqa: F401
                                 EXIT_SIGNAL_BASE, EXIT_USER, user_error_types)
 
-GROUPS = (streaming, checks, models, hospital, bundles, data)
+GROUPS = (streaming, checks, models, hospital, bundles, data, batch)
 
 
 def build_parser() -> argparse.ArgumentParser:
