@@ -182,9 +182,9 @@ def graph_outputs(graph, unet, vgg, booster, images: list[np.ndarray], *, num_cl
         given = {}
         if masks_from is not None:
             given["mask"] = masks_from.masks[i].astype(np.uint8)
-            if prob_maps is not None:
-                if masks_from.prob is None:
-                    raise ValueError("keep_prob with masks_from needs the probabilities of that run")
+            if prob_maps is not None and masks_from.prob is None:
+                raise ValueError("keep_prob with masks_from needs the probabilities of that run")
+            if masks_from.prob is not None:        # carried: the scope gate's outline test reads it
                 given["prob"] = masks_from.prob[i]
         elif prob is not None:
             given["prob"] = prob[i]
@@ -192,14 +192,16 @@ def graph_outputs(graph, unet, vgg, booster, images: list[np.ndarray], *, num_cl
             given["features"] = features[i]
         r = graph.run(img, unet, vgg, booster, **given)
         gate = r.gate
-        masks[i], fractions[i], accepted[i] = gate.mask.astype(bool), gate.fraction, gate.accepted
+        # accepted: graded, both gates passed (a frame the scope gate refuses counts as not accepted)
+        masks[i], fractions[i], accepted[i] = gate.mask.astype(bool), gate.fraction, r.refused is None
         if prob_maps is not None:
             prob_maps[i] = r.prob
-        if gate.accepted:
+        if r.features is not None:
             f = r.features[0]
             if feats is None:
                 feats = np.full((n, f.shape[-1]), np.nan, np.float32)
             feats[i] = f
+        if accepted[i]:
             probs[i] = r.probabilities
         if label and ((i + 1) % step == 0 or i + 1 == n):
             print(f"  checking {label}: {i + 1}/{n}", file=sys.stderr, flush=True)

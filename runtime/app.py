@@ -151,6 +151,8 @@ def run_bundle(config: RunConfig) -> StreamStats:
                              keep_display=shown, keep_mask=shown or bool(config.masks))
     if not config.trust and not is_signed(bundle.root):
         log.info(unsigned_warning(bundle.root))
+    if bundle.scope_warning:             # no scope gate: said at every start, never silently
+        log.warning(bundle.scope_warning)
     source = open_source(config.source)
     policy = config.policy or ("newest" if source.live else "all")
     ui = []                              # the viewer and the display: they show, they write no file

@@ -13,8 +13,8 @@ Two entry points over the same parts:
                  from the baseline's on the same frames (`agreement`).
 
 Shared by both: the frames (kidney frames from the simulated probe, made before timing: `bench_frames`), the quality
-gate opened (min mask fraction 0) so the VGG and the booster run on every frame (this measures cost, not
-accuracy), the configurations taking turns frame by frame in a rotating order so a load change on the machine hits
+gate opened (min mask fraction 0) and the scope gate opened (its checks run, timed as the stage `scope`, on every
+frame, but refuse none) so the VGG and the booster run on every frame (this measures cost, not accuracy), the configurations taking turns frame by frame in a rotating order so a load change on the machine hits
 them alike (`Configurations`), one precision parser (`parse_precisions`), one percentile function (`percentiles`),
 one summary per configuration (`summary`), the speed-up against a reference (`speedups`) and one printer.
 
@@ -51,7 +51,10 @@ from runtime.stats import percentiles
 
 log = logs.get("bench")
 
-STAGES = ("preprocess", "unet", "gate", "vgg", "booster", "total")
+STAGES = ("preprocess", "unet", "gate", "scope", "vgg", "booster", "total")
+# The scope gate's checks must stay a small part of frame to grade on the CPU (issue 26): `scope.share_of_total_p50`
+# is reported against it.
+SCOPE_SHARE_LIMIT = 0.02
 PRECISIONS = ("fp32", "fp16", "int8")
 # The acceptance of issue 4 on the lent GPU: FP16 with CUDA graphs, frame in host memory -> grade.
 TARGET = "fp16+graphs"
@@ -64,6 +67,9 @@ STAGE_NOTES = {
     "preprocess": "device path: host preparation, copy into pinned staging, upload, kernels; CPU paths: gray, crop, "
                   "resize, Crimmins",
     "total": "host wall clock, frame in host memory -> grade",
+    "scope": "the scope gate's checks (runtime.scope: picture, mask shape, outline, then the features' k-NN "
+             "distance), host clock; device path: after the sync, with the mask, probability map and image brought "
+             "back for them; 0 for a bundle without a scope reference",
     "vgg": "device path: includes the features' copy back to the host",
     "host_prep": "device path: the host-side preparation before the upload (region search, any CPU conversion)",
     "host_copy_upload_preprocess": "device path: CUDA events around the copy into pinned staging, the upload and "
@@ -207,15 +213,21 @@ class Configurations:
 
 
 def summary(samples: dict[str, list[float]], wall: float, frames: int, files: dict[str, str],
-            kernels: dict[str, list[float]] | None = None) -> dict:
+            kernels: dict[str, list[float]] | None = None, *, scoped: bool = False) -> dict:
     """One configuration's figures: fps, each stage's percentiles, the two networks' p50 (UNet + VGG per frame),
-    the share of the per-frame total that is not the two networks, the network files; on the device path the
+    the share of the per-frame total that is not the two networks, the scope gate's p50 and its share of frame to
+    grade p50 (`scope`; `scoped`: the bundle has a scope reference), the network files; on the device path the
     finer split of `preprocess` (DEVICE_SPLIT) and the kernel timer's figures (`kernel_timer`, `kernels_p50_ms`)."""
     nets = np.add(samples["unet"], samples["vgg"])
+    stages = {s: percentiles(samples[s]) for s in STAGES}
+    total_p50 = stages["total"]["p50_ms"]
     out = {"frames": frames, "fps": frames / max(wall, 1e-9),
-           "stages": {s: percentiles(samples[s]) for s in STAGES},
+           "stages": stages,
            "networks_p50_ms": percentiles(nets)["p50_ms"],
            "cpu_overhead_fraction": 1.0 - float(np.sum(nets) / max(1e-9, float(np.sum(samples["total"])))),
+           "scope": {"checked": bool(scoped), "p50_ms": stages["scope"]["p50_ms"] if scoped else None,
+                     "share_of_total_p50": (stages["scope"]["p50_ms"] / max(total_p50, 1e-9)) if scoped else None,
+                     "limit_share": SCOPE_SHARE_LIMIT},
            "files": files}
     for key in DEVICE_SPLIT:
         split = np.asarray(samples.get(key, []), np.float64)
@@ -239,7 +251,7 @@ def speedups(per: dict[str, dict], ref: str) -> dict[str, dict[str, float]]:
 
 def _contract(head: dict) -> dict:
     """The `bench --json` contract at the top level: the head configuration's figures."""
-    return {k: head[k] for k in ("frames", "fps", "stages", "networks_p50_ms", "cpu_overhead_fraction")}
+    return {k: head[k] for k in ("frames", "fps", "stages", "networks_p50_ms", "cpu_overhead_fraction", "scope")}
 
 
 def _print(per: dict[str, dict], ref: str | None, speedup: dict, *, baseline: str | None = None,
@@ -255,6 +267,11 @@ def _print(per: dict[str, dict], ref: str | None, speedup: dict, *, baseline: st
             v = s["stages"][st]
             log.info(f"     {st:10s} p50 {v['p50_ms']:9.3f}  p95 {v['p95_ms']:9.3f}  p99 {v['p99_ms']:9.3f}  "
                  f"max {v['max_ms']:9.3f} ms")
+        sc = s.get("scope") or {}
+        share = sc.get("share_of_total_p50")
+        log.info("     scope gate: not checked (the bundle has no scope reference)" if share is None else
+                 f"     scope gate p50 {sc['p50_ms']:.3f} ms = {share:.2%} of frame to grade p50 (limit "
+                 f"{SCOPE_SHARE_LIMIT:.0%}: {'within' if share < SCOPE_SHARE_LIMIT else 'OVER'})")
     for name, sp in speedup.items():
         line = (f"  {name} vs {ref}: frame to grade {sp['total_p50']:.2f}x, the two networks "
                 f"{sp['networks_p50']:.2f}x (p50 {per[name]['networks_p50_ms']:.1f} vs "
@@ -299,7 +316,7 @@ def bench_bundle(bundle_path, *, backend="ort", precision="fp32", frames=100, wa
     bundle = Bundle.load(bundle_path)
     first = precisions[0]
     makers = {p: functools.partial(Pipeline, bundle, backend=backend, precision=p, threads=threads,
-                                   min_mask_fraction=0.0, cache_dir=cache_dir) for p in precisions}
+                                   min_mask_fraction=0.0, scope_open=True, cache_dir=cache_dir) for p in precisions}
     data = bench_frames(frames + warmup)
     with Configurations(makers, keep_going=False) as confs:
         booster = confs.pipes[first].booster
@@ -308,7 +325,8 @@ def bench_bundle(bundle_path, *, backend="ort", precision="fp32", frames=100, wa
         confs.take_turns(data, warmup)
         booster_warm = _booster_isolated(confs.pipes[first], data[warmup:warmup + 5])
 
-    per = {p: summary(confs.samples[p], confs.walls[p], frames, _files(bundle, p)) for p in precisions}
+    per = {p: summary(confs.samples[p], confs.walls[p], frames, _files(bundle, p), scoped=bundle.scope is not None)
+           for p in precisions}
     out = {**_contract(per[first]), "backend": backend, "precision": first, "booster_backend": booster.backend,
            "booster_call": booster.row_call, "booster_isolated": booster_warm,
            "networks": {n: {"width": bundle.manifest["networks"][n].get("width"),
@@ -372,7 +390,7 @@ def bench_device(bundle_path, *, device: str = "cuda", backend: str = "ort", pre
         # torch already loaded (onnxruntime's advice for onnxruntime-gpu beside torch).
         base_name = getattr(baseline, "name", "baseline")
         makers[base_name] = functools.partial(baseline, bundle, device=device, min_mask_fraction=0.0,
-                                              cache_dir=cache_dir, threads=threads)
+                                              scope_open=True, cache_dir=cache_dir, threads=threads)
     for name, p, g in configs:
         makers[name] = functools.partial(_make_pipeline, bundle, device, backend, p, g, threads, cache_dir)
 
@@ -398,8 +416,7 @@ def bench_device(bundle_path, *, device: str = "cuda", backend: str = "ort", pre
 
     precision_of = {n: p for n, p, _ in configs}
     per = {n: summary(confs.samples[n], confs.walls[n], frames, _files(bundle, precision_of.get(n, "fp32")),
-                      kernels.get(n))
-           for n in confs.samples}
+                      kernels.get(n), scoped=bundle.scope is not None) for n in confs.samples}
     head = _head(device, per, base_name)
     out = {**_contract(per[head]), "head": head, "device": device, "device_name": device_info.pop("name"),
            "backend": backend, "booster_backend": getattr(booster, "backend", None),
@@ -435,7 +452,7 @@ def _make_pipeline(bundle, device, backend, precision, graphs, threads, cache_di
     made to be timed."""
     from runtime.pipelines import open_pipeline
     return open_pipeline(bundle, device=device, backend=backend, precision=precision, cuda_graphs=graphs,
-                         threads=threads, min_mask_fraction=0.0, cache_dir=cache_dir,
+                         threads=threads, min_mask_fraction=0.0, scope_open=True, cache_dir=cache_dir,
                          _kernels=profiled_kernels() if device == "cuda" else None)
 
 

@@ -94,6 +94,17 @@ MANIFEST_SCHEMA: dict[str, Any] = {
         "calibration": {"type": ["object", "null"]},
         # The INT8 set's reference frames with their simulated outputs (runtime/fidelity.py), written by calibrate.
         "int8_reference": {"type": "object", "required": ["file"], "properties": {"file": _FILE}},
+        # The scope gate's reference (runtime/scope.py, `Reference.manifest_section`): its file (scope.npz, hashed
+        # like the networks) and what its limits were set on; `Reference.load` checks the two agree.
+        "scope": {"type": "object", "required": ["file", "method"], "properties": {
+            "file": _FILE, "method": {"type": "string", "minLength": 1},
+            "k": {"type": "integer", "minimum": 1}, "features": {"type": "integer", "minimum": 1},
+            "thresholds": {"type": "object", "additionalProperties": {"type": "number", "exclusiveMinimum": 0}},
+            "limits": {"type": "object", "additionalProperties": {"type": "number", "exclusiveMinimum": 0}},
+            "keep_share": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+            "kept_share": {"type": "number", "minimum": 0, "maximum": 1},
+            "kept_by_test": {"type": "object"}, "frames": {"type": "object"},
+            "reasons": {"type": "array", "items": {"type": "string"}}}},
         # The model card (MONAI Bundle metadata fields); `Bundle.card` gives a default one when it is absent.
         "card": {"type": "object", "required": ["name", "version"], "properties": {
             "name": {"type": "string", "minLength": 1, "maxLength": 200},
@@ -166,7 +177,8 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def referenced_files(manifest: dict[str, Any]) -> list[str]:
-    """Every file the manifest names (networks per precision, booster, the INT8 reference frames)."""
+    """Every file the manifest names (networks per precision, booster, the INT8 reference frames, the scope
+    reference)."""
     names = []
     for net in manifest.get("networks", {}).values():
         names.extend(net.get("files", {}).values())
@@ -174,6 +186,8 @@ def referenced_files(manifest: dict[str, Any]) -> list[str]:
         names.append(manifest["booster"]["file"])
     if isinstance(manifest.get("int8_reference"), dict) and manifest["int8_reference"].get("file"):
         names.append(manifest["int8_reference"]["file"])
+    if isinstance(manifest.get("scope"), dict) and manifest["scope"].get("file"):
+        names.append(manifest["scope"]["file"])
     return sorted(set(names))
 
 
@@ -213,6 +227,8 @@ class Bundle:
     manifest: dict[str, Any]
     # sha256 of the manifest.json bytes `load` parsed (the `manifest_sha256` property)
     _manifest_sha256: str | None = field(default=None, repr=False, compare=False)
+    # the scope reference, once loaded (the `scope` property); False: the bundle has none
+    _scope: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def load(cls, root: Path | str, *, verify: bool = True) -> "Bundle":
@@ -343,11 +359,42 @@ class Bundle:
     def num_classes(self) -> int:
         return int(self.manifest["booster"].get("num_class", len(self.manifest["classes"])))
 
-    def graph(self, *, mask_threshold: float | None = None, min_mask_fraction: float | None = None):
-        """The per-frame graph this bundle's manifest pins (runtime.graph.Graph); the gate's threshold and minimum
-        fraction may be overridden (the bench opens the gate)."""
+    def graph(self, *, mask_threshold: float | None = None, min_mask_fraction: float | None = None,
+              scope_open: bool = False):
+        """The per-frame graph this bundle's manifest pins (runtime.graph.Graph), with its scope reference (`scope`:
+        the scope gate; None without one); the gate's threshold and minimum fraction may be overridden and the
+        scope gate opened, its check still run and kept (the bench opens both gates)."""
         from runtime.graph import Graph
-        return Graph.from_manifest(self.manifest, mask_threshold=mask_threshold, min_mask_fraction=min_mask_fraction)
+        return Graph.from_manifest(self.manifest, mask_threshold=mask_threshold, min_mask_fraction=min_mask_fraction,
+                                   scope=self.scope, scope_open=scope_open)
+
+    @property
+    def scope(self):
+        """The scope gate's reference (runtime.scope.Reference) the manifest's `scope` section names, loaded once and
+        checked against the section; None for a bundle without one (`scope_warning` says so at every start). A
+        file that is not a reference, or disagrees with the section, is a BundleError."""
+        if self._scope is None:
+            section = self.manifest.get("scope")
+            if not isinstance(section, dict):
+                self._scope = False
+            else:
+                from runtime.scope import Reference, ScopeError
+                try:
+                    self._scope = Reference.load(self.root / section["file"], section)
+                except ScopeError as e:
+                    raise BundleError(str(e)) from None
+        return self._scope or None
+
+    @property
+    def scope_warning(self) -> str | None:
+        """The one warning line for a bundle without a scope reference (None when it has one): every frame the mask
+        gate accepts is graded, whatever it shows. `run`, `eval`, `bench`, `batch` and `listen` say it at every
+        start."""
+        if isinstance(self.manifest.get("scope"), dict):
+            return None
+        return (f"Warning: bundle {self.root} has no scope reference (no `scope` section), so any frame the mask "
+                f"gate accepts is graded, even one that is not a kidney ultrasound; re-train it with `sonoscore "
+                f"train`, or add one with `sonoscore export --reference-frames FOLDER`")
 
     @property
     def disclaimer(self) -> str | None:

@@ -22,6 +22,14 @@ kernel makes it, so `vgg` times the network alone); an output it already has is 
 kernels (runtime.gpu.kernels) with the threshold and minimum fraction read from here, and decides acceptance with
 `Graph.accepts`.
 
+The scope gate (runtime.scope, docs/scope.md) is the graph's second gate, after the mask gate and before the grade:
+a graph with a reference (`Graph.scope`, from the bundle's `scope` section) checks every frame the mask gate accepts
+that `run` takes to the grade (`until="booster"`): the picture, mask and outline tests before the VGG (a frame they
+refuse stops there: no VGG, no grade), the view test on the features after it (refused: no grade). `Result.scope`
+holds the verdict and `Result.refused` the reason a frame got no grade (`no kidney` for the mask gate too). The
+device pipeline, whose networks run as kernels, checks on the host after its sync with `check_scope`, the same
+two steps (`refusal` is the one rule for the reason).
+
 Also defined here, once: the source preparation every path shares (`prepare_source`: gray with the source's
 window, the burned-in-text scan-sector rule, crop, resize, Crimmins) and the rule for which labelled frames count
 as kidney (`is_kidney`, `kidney_frames`). A future kind of graph (a classifier, a series of frames) is another
@@ -37,10 +45,12 @@ import numpy as np
 
 from runtime import normalize as norm
 from runtime import preprocess as pp
+from runtime import scope as sc
 
-# The stages of `Graph.run`, in order: the record's `latency_ms` keys (with "preprocess" before them) and the values
-# of its `until`.
+# The stages of `Graph.run`, in order: the values of its `until`, and (with "preprocess" before them and "scope", the
+# scope gate's checks, after "gate") the record's `latency_ms` keys.
 STAGES = ("unet", "gate", "vgg", "booster")
+SCOPE_STAGE = "scope"
 
 # The gate and preprocessing a new bundle gets (docs/design.md, "The per-frame graph"). A bundle's manifest may
 # set others; every path reads them from the manifest through `Graph.from_manifest`.
@@ -57,6 +67,24 @@ class Gate:
     accepted: bool          # fraction >= the minimum: the frame is scored
 
 
+@dataclass(frozen=True)
+class Source:
+    """What the scope check needs of the source frame, beside the graph's own outputs: its pixels as the source gave
+    them (the colour test reads them before any gray conversion) and the region the image was cut from in them (the
+    crop's shape: the flatness test's resolution). `Source()` (nothing known: a preprocessed image given alone) is a
+    gray frame at the image's own size."""
+    pixels: np.ndarray | None = None
+    region: pp.Region | None = None
+
+    @property
+    def crop_shape(self) -> tuple[int, int] | None:
+        r = self.region
+        return None if r is None else (max(1, r.y1 - r.y0), max(1, r.x1 - r.x0))
+
+    def colour(self) -> float:
+        return sc.colour_share(self.pixels, self.region)
+
+
 @dataclass
 class Result:
     """What the graph computed for one preprocessed image (the VGG's input, features and scores only when the gate
@@ -67,6 +95,10 @@ class Result:
     features: np.ndarray | None = None       # [1, F]
     probabilities: list[float] | None = None
     grade: int | None = None
+    scope: sc.Verdict | None = None          # the scope gate's verdict (None: not checked: no reference, the mask
+                                             # gate refused, or `until` stopped before the grade)
+    refused: str | None = None               # why the frame gets no grade: `no kidney` (the mask gate) or the scope
+                                             # verdict's reason; None for a frame that may be graded
 
 
 @dataclass(frozen=True)
@@ -84,6 +116,10 @@ class Graph:
     # What each network receives after uint8/255 (runtime.normalize; a manifest without one: unit).
     unet_normalization: dict[str, Any] = field(default_factory=lambda: dict(norm.UNIT), hash=False)
     vgg_normalization: dict[str, Any] = field(default_factory=lambda: dict(norm.UNIT), hash=False)
+    # The scope gate's reference (runtime.scope.Reference, the bundle's `scope` section; None: no scope gate).
+    # `scope_open`: the check runs and its verdict is kept, but refuses nothing (the bench opens both gates).
+    scope: sc.Reference | None = field(default=None, hash=False, compare=False, repr=False)
+    scope_open: bool = False
 
     def __post_init__(self) -> None:   # canonical, and checked against the channel counts (UserError if not)
         object.__setattr__(self, "unet_normalization", norm.check(self.unet_normalization, 1, "UNet input: "))
@@ -93,10 +129,12 @@ class Graph:
     # -- construction ------------------------------------------------------------------------------------------
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any], *, mask_threshold: float | None = None,
-                      min_mask_fraction: float | None = None) -> "Graph":
+                      min_mask_fraction: float | None = None, scope: sc.Reference | None = None,
+                      scope_open: bool = False) -> "Graph":
         """The graph a manifest describes; `mask_threshold` / `min_mask_fraction` override its gate (e.g. the
         bench opens the gate with 0). The networks' input normalization comes from
-        `networks.<unet|vgg>.input.normalization` (absent: unit, uint8/255 as every bundle before it)."""
+        `networks.<unet|vgg>.input.normalization` (absent: unit, uint8/255 as every bundle before it). `scope`: the
+        scope reference the bundle loaded from its `scope` section (`Bundle.graph()` gives it)."""
         pre, gate, nets = manifest.get("preprocess", {}), manifest.get("gate", {}), manifest["networks"]
         unet, vgg = nets["unet"], nets["vgg"]
         return cls(size=int(pre.get("size", SIZE)),
@@ -109,7 +147,8 @@ class Graph:
                    mask_threshold=float(gate.get("mask_threshold", MASK_THRESHOLD)
                                         if mask_threshold is None else mask_threshold),
                    min_mask_fraction=float(gate.get("min_mask_fraction", MIN_MASK_FRACTION)
-                                           if min_mask_fraction is None else min_mask_fraction))
+                                           if min_mask_fraction is None else min_mask_fraction),
+                   scope=scope, scope_open=bool(scope_open))
 
     def manifest_sections(self) -> dict[str, dict[str, Any]]:
         """The manifest's `preprocess` and `gate` sections for this graph (what `from_manifest` reads back)."""
@@ -193,11 +232,46 @@ class Graph:
         """(class probabilities, grade 1..C) from the booster."""
         return booster.predict_one(features)
 
+    # -- the scope gate ----------------------------------------------------------------------------------------
+    def scope_before_vgg(self, image: np.ndarray, prob: np.ndarray | None, mask: np.ndarray,
+                         source: Source | None = None) -> tuple[sc.Descriptors, sc.Verdict]:
+        """The scope tests that need no features (picture, mask shape, outline): (the frame's descriptors, the
+        verdict). Without a probability map (a mask given alone) the mask stands in for it: its outline is then
+        sure."""
+        src = source or Source()
+        p = mask.astype(np.float32) if prob is None else prob
+        desc = sc.describe(image, p, mask, None, crop_shape=src.crop_shape, colour=src.colour())
+        return desc, self.scope.check(desc)
+
+    def scope_after_vgg(self, desc: sc.Descriptors, features: np.ndarray) -> sc.Verdict:
+        """Every test, the view test on the VGG's features included, for a frame `scope_before_vgg` passed."""
+        return self.scope.check(sc.Descriptors(desc.values, np.asarray(features, np.float32).reshape(-1)))
+
+    def check_scope(self, image: np.ndarray, prob: np.ndarray | None, mask: np.ndarray,
+                    features: np.ndarray | None, source: Source | None = None) -> sc.Verdict:
+        """The scope verdict on a frame the mask gate accepted, as `run` reaches it: the tests before the VGG, and
+        when they pass and there are features, all of them. The device pipeline (whose VGG has already run) calls
+        this after its sync, so its verdicts are `run`'s. (Under `scope_open`, every test runs on every frame.)"""
+        desc, verdict = self.scope_before_vgg(image, prob, mask, source)
+        if (not verdict.in_scope and not self.scope_open) or features is None:
+            return verdict
+        return self.scope_after_vgg(desc, features)
+
+    def refusal(self, gate_accepted: bool, verdict: sc.Verdict | None) -> str | None:
+        """Why a frame gets no grade: `no kidney` when the mask gate rejects it, the scope verdict's reason when the
+        scope gate refuses it (not while `scope_open`), else None. The one rule the pipelines' records follow."""
+        if not gate_accepted:
+            return sc.NO_KIDNEY
+        if verdict is not None and not verdict.in_scope and not self.scope_open:
+            return verdict.reason
+        return None
+
     # -- the whole graph ---------------------------------------------------------------------------------------
     def run(self, image: np.ndarray, unet=None, vgg=None, booster=None, lap: Callable[[str], None] | None = None,
             *, prob: np.ndarray | None = None, mask: np.ndarray | None = None, features: np.ndarray | None = None,
-            until: str = "booster") -> Result:
-        """segment -> gate -> features -> score on one preprocessed image: the graph's one composition.
+            until: str = "booster", source: Source | None = None) -> Result:
+        """segment -> gate -> [scope] -> features -> [scope] -> score on one preprocessed image: the graph's one
+        composition.
 
         `lap(stage)` is called as each stage that ran ends (the pipelines time their stages with it). An output the
         caller already has replaces its stage (the runner it would need may then be None):
@@ -208,7 +282,13 @@ class Graph:
         `until`: the last stage to run, one of STAGES: "gate" stops with the verdict and, for an accepted frame,
         the VGG's input (`vgg_feeds`: what calibrating the VGG needs); "vgg" with the features; "booster" (the
         default) with the grade, or with the features when no booster is given. A frame the gate rejects stops at
-        the gate: no VGG input, features or grade."""
+        the gate: no VGG input, features or grade (`refused` "no kidney").
+
+        The scope gate, when the graph has a reference and `until` is "booster": after the mask gate, the tests that
+        need no features (`scope_before_vgg`; `source`: the source frame's pixels and crop, `Source`) stop a refused
+        frame before the VGG; after it, the view test (`scope_after_vgg`) refuses a frame its grade. Both are timed
+        as the stage "scope" (`lap("scope")` after each). `Result.scope` holds the verdict and `refused` its reason;
+        a refused frame has no grade (under `scope_open` the verdict is kept and the frame graded)."""
         if until not in STAGES:
             raise ValueError(f"until={until!r}: the graph's stages are {', '.join(STAGES)}")
         last = STAGES.index(until)
@@ -219,6 +299,7 @@ class Graph:
         g = self.gate(prob) if mask is None else self.gate_mask(mask)
         result = Result(g, prob)
         if not g.accepted:
+            result.refused = self.refusal(False, None)
             lap("gate")
             return result
         if features is None:
@@ -226,11 +307,25 @@ class Graph:
         lap("gate")
         if last < STAGES.index("vgg"):
             return result
+        scoped = self.scope is not None and last == STAGES.index("booster")
+        if scoped:
+            desc, result.scope = self.scope_before_vgg(image, prob, g.mask, source)
+            lap(SCOPE_STAGE)
+            result.refused = self.refusal(True, result.scope)
+            if result.refused is not None:
+                result.vgg_feeds = None
+                return result
         if features is None:
             result.features = self.infer_features(_needed(vgg, "VGG"), result.vgg_feeds)
             lap("vgg")
         else:
             result.features = np.asarray(features).reshape(1, -1)
+        if scoped and (result.scope.in_scope or self.scope_open):
+            result.scope = self.scope_after_vgg(desc, result.features)
+            lap(SCOPE_STAGE)
+            result.refused = self.refusal(True, result.scope)
+            if result.refused is not None:
+                return result
         if booster is None or last < STAGES.index("booster"):
             return result
         result.probabilities, result.grade = self.score(booster, result.features)

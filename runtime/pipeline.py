@@ -1,7 +1,8 @@
 """Pipelines: a bundle's per-frame graph (runtime.graph) run on frames, one record per frame.
 
     frame -> prepare (gray, crop, resize, Crimmins)  [preprocess]
-          -> Graph.run: segment [unet] -> gate [gate] -> features [vgg] -> score [booster]
+          -> Graph.run: segment [unet] -> gate [gate] -> scope checks [scope] -> features [vgg]
+                        -> the view check [scope] -> score [booster]
 
 `FramePipeline` is what every pipeline shares: the bundle's graph and network files at a precision, the booster's
 options, and `process()` (a record per frame that never raises for a bad frame, with its wait and total latency).
@@ -20,6 +21,7 @@ from runtime import preprocess as pp
 from runtime.backends import make_runner
 from runtime.booster import Booster
 from runtime.bundle import Bundle, check_runner
+from runtime.graph import Source
 from runtime.measure import measure_record
 from runtime.record import FrameRecord
 from runtime.sources import Frame
@@ -31,9 +33,11 @@ class FramePipeline:
 
     def __init__(self, bundle: Bundle, *, backend: str = "ort", precision: str = "fp32",
                  booster_backend: str = "auto", cache_dir: Path | None = None,
-                 min_mask_fraction: float | None = None, mask_threshold: float | None = None):
+                 min_mask_fraction: float | None = None, mask_threshold: float | None = None,
+                 scope_open: bool = False):
         self.bundle, self.backend, self.precision = bundle, backend, precision
-        self.graph = bundle.graph(mask_threshold=mask_threshold, min_mask_fraction=min_mask_fraction)
+        self.graph = bundle.graph(mask_threshold=mask_threshold, min_mask_fraction=min_mask_fraction,
+                                  scope_open=scope_open)
         self.unet_spec, self.vgg_spec = bundle.network("unet"), bundle.network("vgg")
         self.unet_file = bundle.network_file("unet", precision)
         self.vgg_file = bundle.network_file("vgg", precision)
@@ -103,8 +107,10 @@ class Pipeline(FramePipeline):
         rec.frame_shape, rec.frame_region = gray.shape[:2], source_region     # for --mask-size original
         rec.display, rec.region = shown_part(gray, source_region, frame.meta)
         lap("preprocess")
-        result = self.graph.run(rec.image, self.unet, self.vgg, self.booster, lap)
-        rec.mask, rec.mask_fraction, rec.accepted = result.gate.mask, result.gate.fraction, result.gate.accepted
+        result = self.graph.run(rec.image, self.unet, self.vgg, self.booster, lap,
+                                source=Source(frame.pixels, source_region))
+        rec.mask, rec.mask_fraction = result.gate.mask, result.gate.fraction
+        scope_record(rec, result.refused, result.scope)
         rec.probabilities, rec.grade = result.probabilities, result.grade
         if rec.accepted:   # kidney length and area in mm, measured in the source frame (runtime/measure.py)
             measure_record(rec, rec.mask, source_region, frame, prob=result.prob, image=rec.image,
@@ -135,16 +141,24 @@ def shown_part(gray: np.ndarray | None, region: pp.Region, meta: dict) -> tuple[
     return gray, pp.Region(0, 0, gray.shape[1], gray.shape[0])
 
 
+def scope_record(rec: FrameRecord, refused: str | None, verdict) -> None:
+    """A record's verdicts: `accepted` (graded: both gates passed), `refused` (why not) and `scope` (the scope
+    verdict as the results JSONL holds it), from `Result.refused` / `Graph.refusal` and the scope verdict."""
+    rec.accepted = refused is None
+    rec.refused = refused
+    rec.scope = None if verdict is None else verdict.record()
+
+
 class Laps:
     """Stage latencies: `lap(stage)` records the ms since the previous lap (or since `t_start`, default: when it was
-    made)."""
+    made); a stage lapped twice (the scope gate, before and after the VGG) adds up."""
 
     def __init__(self, latency_ms: dict[str, float], t_start: float | None = None):
         self.latency_ms, self.t = latency_ms, time.perf_counter() if t_start is None else t_start
 
     def __call__(self, stage: str) -> None:
         now = time.perf_counter()
-        self.latency_ms[stage] = (now - self.t) * 1e3
+        self.latency_ms[stage] = self.latency_ms.get(stage, 0.0) + (now - self.t) * 1e3
         self.t = now
 
 

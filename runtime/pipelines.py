@@ -18,7 +18,7 @@ def open_pipeline(bundle: Bundle, *, device: str = "cpu", backend: str = "ort", 
                   threads: int | None = None, keep_mask: bool = False, keep_image: bool = False,
                   keep_display: bool = False, cuda_graphs: bool = False, cache_dir: Path | None = None,
                   min_mask_fraction: float | None = None, mask_threshold: float | None = None,
-                  booster_backend: str = "auto", _kernels=None) -> FramePipeline:
+                  booster_backend: str = "auto", scope_open: bool = False, _kernels=None) -> FramePipeline:
     """The pipeline `run`, `listen`, `bench` and `eval` run a bundle with, not yet entered (`with
     open_pipeline(...) as pipe:` loads the networks and the booster; leaving the block releases them).
 
@@ -28,7 +28,9 @@ def open_pipeline(bundle: Bundle, *, device: str = "cpu", backend: str = "ort", 
     IO binding, `cuda_graphs` with backend ort): the path `sonoscore bench --device cuda` measures.
     keep_mask / keep_image / keep_display: what the sinks need back on the host (the 224x224 mask, the preprocessed
     image, the gray frame to draw on); the device pipeline brings only those back, the CPU pipeline has them all.
-    Every record carries frame_shape and frame_region on both. `_kernels`: the bench's profiled GPU kernels.
+    Every record carries frame_shape and frame_region on both. `scope_open`: the scope gate's check runs and is
+    recorded but refuses nothing (the bench, which opens the mask gate too). `_kernels`: the bench's profiled GPU
+    kernels.
 
     A bad device, or CUDA graphs on the CPU, is a UserError; `cuda` on a machine without pycuda, the GPU kernels
     or the backend's GPU side is BackendUnavailable: one sentence naming all that is missing, raised here, before
@@ -42,8 +44,8 @@ def open_pipeline(bundle: Bundle, *, device: str = "cpu", backend: str = "ort", 
                             "--cuda-graphs out with --device cpu")
         return Pipeline(bundle, backend=backend, precision=precision, threads=threads, cache_dir=cache_dir,
                         min_mask_fraction=min_mask_fraction, mask_threshold=mask_threshold,
-                        booster_backend=booster_backend)
+                        booster_backend=booster_backend, scope_open=scope_open)
     return DevicePipeline(bundle, backend=backend, precision=precision, cuda_graphs=cuda_graphs,
                           booster_backend=booster_backend, cache_dir=cache_dir, min_mask_fraction=min_mask_fraction,
                           mask_threshold=mask_threshold, keep_mask=keep_mask, keep_image=keep_image,
-                          keep_display=keep_display, _kernels=_kernels)
+                          keep_display=keep_display, scope_open=scope_open, _kernels=_kernels)

@@ -12,7 +12,9 @@ from runtime.preprocess import Region
 # taking it: time in the hand-off, which under policy `all` is mostly back-pressure. The stages that follow are
 # processing, and `total` is the pipeline taking the frame -> its result (the stages add up to it); capture -> result
 # is `wait` + `total`.
-STAGES = ("wait", "preprocess", "unet", "gate", "vgg", "booster")
+# `scope` is the scope gate's checks (runtime.graph, docs/scope.md): present on a frame the mask gate accepted when
+# the bundle has a scope reference.
+STAGES = ("wait", "preprocess", "unet", "gate", "scope", "vgg", "booster")
 
 # The error of the record of a frame that the stream's `newest` policy skipped (runtime/stream.py): the frame is
 # counted and keeps its place in the results, but was never processed. Sinks tell it from a real error by it.
@@ -24,12 +26,17 @@ class FrameRecord:
     frame: int                                   # input order, from 0
     source_id: str                               # opaque id of the source (never a patient identifier)
     t_capture: float                             # seconds, time.time() clock of the capture
-    accepted: bool = False                       # passed the quality gate and was scored
+    accepted: bool = False                       # graded: passed the mask gate and the scope gate, and was scored
     mask_fraction: float = 0.0                   # fraction of the 224x224 mask that is kidney
     grade: int | None = None                     # 1..4, None when not scored
     probabilities: list[float] | None = None     # 4 class probabilities, None when not scored
     latency_ms: dict[str, float] = field(default_factory=dict)  # stage -> ms, plus "total"
     error: str | None = None                     # one sentence when the frame could not be processed
+    # Why a processed frame got no grade: "no kidney" (the mask gate) or the scope gate's reason
+    # (runtime.scope.REASONS); None for a graded frame, an error or a dropped frame.
+    refused: str | None = None
+    scope: dict[str, Any] | None = None          # the scope verdict (Verdict.record(): in_scope, reason, scores); None
+                                                 # without a scope reference or when the mask gate refused the frame
     # With `run --record-paths` only (runtime/stream.py sets them; absent from to_json() when None):
     source_file: str | None = None               # the file, relative to the source root (never a DICOM identifier)
     frame_in_file: int | None = None             # the frame's number inside that file, from 0
@@ -59,6 +66,8 @@ class FrameRecord:
             "probabilities": None if self.probabilities is None else [round(float(p), 6) for p in self.probabilities],
             "latency_ms": {k: round(float(v), 4) for k, v in self.latency_ms.items()},
             "error": self.error,
+            "refused": self.refused,
+            "scope": self.scope,
             "kidney_length_mm": self.kidney_length_mm,
             "kidney_area_mm2": self.kidney_area_mm2,
             "size_note": self.size_note,

@@ -64,7 +64,8 @@ def stop_signals(stop):
 
 def check_trust(args: argparse.Namespace) -> None:
     """--trust (or SONOSCORE_TRUST) for eval and bench: the bundle's signature must verify with that key; without
-    one, an unsigned bundle gets one warning line (runtime/signing.py)."""
+    one, an unsigned bundle gets one warning line (runtime/signing.py). A bundle without a scope reference gets one
+    warning line too (`Bundle.scope_warning`)."""
     from runtime.bundle import Bundle
     from runtime.signing import check_trust, is_signed, trust_option, unsigned_warning
     trust, label = trust_option(args.trust)
@@ -72,6 +73,14 @@ def check_trust(args: argparse.Namespace) -> None:
     if not trust and not is_signed(args.bundle) and (Path(args.bundle) / "manifest.json").is_file():
         Bundle.load(args.bundle)          # a bundle that cannot load is refused before any warning
         print(unsigned_warning(args.bundle), file=sys.stderr, flush=True)
+    if (Path(args.bundle) / "manifest.json").is_file():   # no scope reference: one line at every start
+        from runtime.bundle import BundleError
+        try:
+            warning = Bundle.load(args.bundle, verify=False).scope_warning
+        except BundleError:
+            warning = None                # the command refuses the bundle in its own sentence
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
 
 def kidney_labels(texts: list[str] | None):
     """`--label kidney=...` (repeatable) -> runtime.labelme.LabelMap; a bad one is one sentence (exit 2)."""

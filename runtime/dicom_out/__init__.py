@@ -51,14 +51,16 @@ What each object holds (docs/design.md, "Results as DICOM"):
 - SR (Comprehensive SR, TID 1500 "Imaging Measurement Report"): observer = the algorithm as a device; procedure
   "Diagnostic ultrasonography" (SCT 16310003). One study group (TID 1501, finding site kidney) with the algorithm
   identification (TID 4019: bundle name, version, parameter "manifest.json sha256 <hex>"), the study grade as a
-  coded qualitative evaluation, the mean class probabilities, the frame counts (accepted / rejected by the gate /
-  not scored), the study's kidney length and area when the summary has them, and every source instance as
+  coded qualitative evaluation, the mean class probabilities, the frame counts (graded / not graded by either gate /
+  not scored) and the frames not graded per reason (the summary's "refused_counts"), for a study without a grade
+  the summary's "no_grade_reason" as text, the study's kidney length and area when the summary has them, and every source instance as
   "source image". One planar ROI group (TID 1410) per Segmentation frame: the segment it shows, and that frame's
   kidney length (SCT 410668003, mm) and area (SCT 42798000, mm2) when measured.
   No standard code names the IFTA classes, so the grade uses the private coding scheme 99SONOSCORE (declared in
   the Coding Scheme Identification Sequence): concept "IFTA-GRADE", values "IFTA-<grade>" whose meanings are the
   bundle's class names; probabilities "IFTA-P<grade>" (UCUM "1"), counts "FRAMES-ACCEPTED", "FRAMES-REJECTED",
-  "FRAMES-UNSCORED" (UCUM "{frames}").
+  "FRAMES-UNSCORED", "REFUSED-NOT-US", "REFUSED-NOKIDNEY", "REFUSED-VIEW", "REFUSED-OUTLINE" (UCUM "{frames}");
+  "NO-GRADE-REASON" (TEXT).
 - SEG (BINARY, one segment "Kidney", SCT 64033007, algorithm AUTOMATIC with the bundle as the AI algorithm): one
   object per result frame, in the source frame's geometry (its Rows x Columns; the 224x224 mask stretched back over
   the frame region, runtime.measure.mask_to_source), referencing the source frame (SOPInstanceUID and, for a

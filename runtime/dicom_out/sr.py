@@ -30,10 +30,19 @@ def probability_concept(grade: int, class_names: Sequence[str]):
 
 
 COUNT_CODES = {
-    "accepted": ("FRAMES-ACCEPTED", "Frames accepted by the quality gate"),
-    "rejected": ("FRAMES-REJECTED", "Frames rejected by the quality gate"),
+    "accepted": ("FRAMES-ACCEPTED", "Frames graded (mask gate and scope gate passed)"),
+    "rejected": ("FRAMES-REJECTED", "Frames not graded (refused by a gate)"),
     "unscored": ("FRAMES-UNSCORED", "Frames not scored (errors, dropped)"),
 }
+# The frames not graded, per reason (the summary's `refused_counts`: the mask gate's `no kidney` and the scope gate's
+# reasons, runtime.scope.REASONS).
+REFUSED_CODES = {
+    "not ultrasound": ("REFUSED-NOT-US", "Frames not graded: not ultrasound"),
+    "no kidney": ("REFUSED-NOKIDNEY", "Frames not graded: no kidney"),
+    "not a kidney view: unlike the training frames": ("REFUSED-VIEW", "Frames not graded: not a kidney view"),
+    "kidney outline unsure": ("REFUSED-OUTLINE", "Frames not graded: kidney outline unsure"),
+}
+NO_GRADE_CODE = ("NO-GRADE-REASON", "Why the study has no grade")
 
 
 def _unit(code: str, meaning: str):
@@ -75,6 +84,11 @@ def _report(headers, frames: Sequence[_Frame], segs, summary: Mapping[str, Any],
         code, meaning = COUNT_CODES[key]
         measurements.append(hd.sr.Measurement(name=_private(code, meaning), value=float(value),
                                               unit=_unit("{frames}", "frames")))
+    for reason, value in (summary.get("refused_counts") or {}).items():
+        if reason in REFUSED_CODES and value is not None:
+            code, meaning = REFUSED_CODES[reason]
+            measurements.append(hd.sr.Measurement(name=_private(code, meaning), value=float(value),
+                                                  unit=_unit("{frames}", "frames")))
     for value, concept, unit in ((_number(summary.get("kidney_length_mm")), codes.SCT.Length, _unit("mm", "mm")),
                                  (_number(summary.get("kidney_area_mm2")), codes.SCT.Area, _unit("mm2", "mm2"))):
         if value is not None:
@@ -91,6 +105,11 @@ def _report(headers, frames: Sequence[_Frame], segs, summary: Mapping[str, Any],
         tracking_identifier=hd.sr.TrackingIdentifier(uid=uids.new(), identifier="study result"),
         algorithm_id=algorithm, finding_sites=[kidney], measurements=measurements or None,
         qualitative_evaluations=evaluations or None, source_images=source_images)]
+    why = summary.get("no_grade_reason")
+    if grade is None and why:             # no study grade: the reason, as text, in the study group
+        groups[0][0].ContentSequence.append(hd.sr.TextContentItem(
+            name=_private(*NO_GRADE_CODE), value=str(why)[:1024],
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     for n, (f, seg) in enumerate(segs, start=1):
         h = headers[f.source]
         multi = "NumberOfFrames" in h

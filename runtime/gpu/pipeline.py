@@ -13,13 +13,17 @@ Per frame, everything below is enqueued on ONE CUDA stream, and the host waits f
                -> mask > threshold, fraction (async copy), image * mask -> VGG input   kernels.gate   [gate]
                -> VGG -> Fc2 features -> async copy to pinned host memory       runner.infer_device  [vgg]
                == stream.synchronize() ==
-               -> booster on the CPU (runtime.booster, unchanged)                                     [booster]
+               -> the scope gate on the CPU (Graph.check_scope), frames the gate accepted         [scope]
+               -> booster on the CPU (runtime.booster, unchanged), graded frames only             [booster]
 
 Gating on the GPU: the VGG runs on every frame and a rejected frame's features are discarded. Deciding before the
 VGG would need a second host sync per frame (read the fraction, then launch or not) and a data-dependent launch,
 which rules out one fixed sequence of graph replays; the VGG's cost on a rejected frame (under a millisecond on
 the GPUs we target, and rejected frames are the exception while scanning a kidney) is the price of one sync per
-frame and CUDA graphs. The booster, which is the only CPU work after the sync, runs on accepted frames only.
+frame and CUDA graphs. After the sync, a frame the gate accepted is checked by the scope gate on the host when
+the bundle has a scope reference (its mask, probability map and preprocessed image come back for it, the features
+are already there): `Graph.check_scope`, the same tests in the same order as `Graph.run`'s, so a frame gets the same
+`refused` and `scope` on either path. The booster runs on graded frames only.
 
 Stage times come from CUDA events recorded between the stages on the stream (`preprocess` includes the host-side
 work before the upload: the region search, and 16-bit/windowed or colour-without-region frames converted to
@@ -41,7 +45,8 @@ from runtime.backends.base import BackendUnavailable, short
 from runtime.backends.cuda import CudaDevice
 from runtime.bundle import Bundle, check_runner
 from runtime.measure import calibration_note, measure_record
-from runtime.pipeline import FramePipeline, Laps, shown_part
+from runtime.graph import Source
+from runtime.pipeline import FramePipeline, Laps, scope_record, shown_part
 from runtime.record import FrameRecord
 from runtime.sources import Frame
 
@@ -109,7 +114,8 @@ class DevicePipeline(FramePipeline):
     def __init__(self, bundle: Bundle, *, backend: str = "ort", precision: str = "fp32", cuda_graphs: bool = False,
                  booster_backend: str = "auto", cache_dir: Path | None = None, min_mask_fraction: float | None = None,
                  mask_threshold: float | None = None, keep_mask: bool = False, keep_image: bool = False,
-                 keep_display: bool = False, device: int = 0, _device=None, _kernels=None):
+                 keep_display: bool = False, scope_open: bool = False, device: int = 0, _device=None,
+                 _kernels=None):
         if backend not in ("ort", "trt"):
             raise BackendUnavailable(f"backend '{backend}' is unknown; use ort or trt")
         if cuda_graphs and backend != "ort":
@@ -118,7 +124,8 @@ class DevicePipeline(FramePipeline):
         if _device is None:   # the real CUDA device: what this machine lacks for it is said now, in one sentence
             _device, _kernels = cuda_parts(backend, _kernels)
         super().__init__(bundle, backend=backend, precision=precision, booster_backend=booster_backend,
-                         cache_dir=cache_dir, min_mask_fraction=min_mask_fraction, mask_threshold=mask_threshold)
+                         cache_dir=cache_dir, min_mask_fraction=min_mask_fraction, mask_threshold=mask_threshold,
+                         scope_open=scope_open)
         self.cuda_graphs = bool(cuda_graphs)
         self.keep_mask, self.keep_image, self.keep_display = keep_mask, keep_image, keep_display
         self.ordinal = int(device)
@@ -216,18 +223,27 @@ class DevicePipeline(FramePipeline):
             # original, DICOM results), and the region inside what sinks are shown (`shown_part`)
             rec.frame_shape, rec.frame_region = tuple(frame.pixels.shape[:2]), region
             rec.region = shown_region(region, frame.meta)
-            # an accepted frame that can be calibrated brings its mask back for the kidney's size (runtime/measure.py)
-            sized = g.accepts(rec.mask_fraction) and calibration_note(frame.meta) is None
-            mask = k.download_mask() if self.keep_mask or sized else None
-            prob_host = k.download_prob(prob.ptr, self.prob_dtype) if sized else None   # its outline rule needs
-            image = k.download_image() if self.keep_image or sized else None          # the map and the image
+            # an accepted frame that can be calibrated brings its mask back for the kidney's size (runtime/measure.py),
+            # and one the scope gate checks its mask, probability map and image
+            gated = g.accepts(rec.mask_fraction)
+            scoped = gated and g.scope is not None
+            sized = gated and calibration_note(frame.meta) is None
+            mask = k.download_mask() if self.keep_mask or sized or scoped else None
+            prob_host = (k.download_prob(prob.ptr, self.prob_dtype)         # the outline rules need the map
+                         if sized or scoped else None)
+            image = k.download_image() if self.keep_image or sized or scoped else None
             if self.keep_mask:
                 rec.mask = mask
             if self.keep_image:
                 rec.image = image
             if self.keep_display:
                 rec.display, rec.region = shown_part(gray, region, frame.meta)
-        rec.accepted = g.accepts(rec.mask_fraction)
+        verdict = None
+        if scoped:                                   # the scope gate, on the host: Graph.run's two steps
+            lap.t = time.perf_counter()
+            verdict = g.check_scope(image, prob_host, mask, self.features, Source(frame.pixels, region))
+            lap("scope")
+        scope_record(rec, g.refusal(gated, verdict), verdict)
         if rec.accepted:
             lap.t = time.perf_counter()
             rec.probabilities, rec.grade = g.score(self.booster, self.features)

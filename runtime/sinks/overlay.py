@@ -200,8 +200,10 @@ def _draw_panel(p: np.ndarray, rec: FrameRecord, u: float, fps: float | None, cl
             cv2.line(p, (int(m + 4 * u), int(base - 36 * u)), (int(m + 44 * u), int(base - 36 * u)), MUTED,
                      max(2, int(round(4 * u))), cv2.LINE_AA)
             tx = m + 66 * u
-            draw_text(p, "not scored", (tx, base - 40 * u), 24 * u, TEXT, 700)
-            draw_text(p, "too little kidney in view", (tx, base - 8 * u), 17 * u, MUTED)
+            head, why = not_graded_text(rec)
+            draw_text(p, head, (tx, base - 40 * u), 24 * u, TEXT, 700)
+            for i, line in enumerate(wrap_text(why, 17 * u, w - m - tx, max_lines=2)):
+                draw_text(p, line, (tx, base - (8 - 19 * i) * u), 17 * u, MUTED)
 
         # Probability bars.
         y = base + 26 * u
@@ -237,10 +239,9 @@ def _draw_panel(p: np.ndarray, rec: FrameRecord, u: float, fps: float | None, cl
         draw_text(p, text, (m, pill_top - 12 * u), fit_size(text, 14 * u, w - 2 * m, 500), MUTED, 500)
     if rec.error:
         state, colour, detail = "NOT PROCESSED", ERROR_COLOUR, "see the error above"
-    elif rec.accepted:
-        state, colour, detail = "ACCEPTED", ACCEPTED_COLOUR, f"kidney {rec.mask_fraction:.1%} of scan area"
     else:
-        state, colour, detail = "REJECTED", REJECTED_COLOUR, f"kidney {rec.mask_fraction:.1%}: below the gate"
+        state, detail = gate_state(rec)
+        colour = ACCEPTED_COLOUR if rec.accepted else REJECTED_COLOUR
     rounded_rect(p, (m, pill_top), (w - m, pill_top + pill_h), 8 * u, colour)
     draw_text(p, state, (m + 12 * u, pill_top + 22 * u), 18 * u, (255, 255, 255), 800)
     draw_text(p, detail, (m + 12 * u, pill_top + 42 * u), fit_size(detail, 15 * u, w - 2 * m - 24 * u, 500),
@@ -256,6 +257,27 @@ def _draw_panel(p: np.ndarray, rec: FrameRecord, u: float, fps: float | None, cl
               align="right")
 
 
+
+
+def scope_refused(rec: FrameRecord) -> bool:
+    """The mask gate passed the frame and the scope gate refused it (runtime.graph, docs/scope.md)."""
+    return not rec.accepted and rec.error is None and rec.scope is not None and rec.refused is not None
+
+
+def not_graded_text(rec: FrameRecord) -> tuple[str, str]:
+    """What the panel says in place of a grade for a processed frame without one: ("NOT GRADED", the reason)."""
+    if scope_refused(rec):
+        return "NOT GRADED", str(rec.refused)
+    return "NOT GRADED", "no kidney: too little kidney in view"
+
+
+def gate_state(rec: FrameRecord) -> tuple[str, str]:
+    """The gate state of a processed record (the overlay's pill; the viewer's page says the same): (state, detail)."""
+    if rec.accepted:
+        return "ACCEPTED", f"kidney {rec.mask_fraction:.1%} of scan area"
+    if scope_refused(rec):
+        return "NOT GRADED", f"{rec.refused}"
+    return "REJECTED", f"kidney {rec.mask_fraction:.1%}: below the gate"
 
 
 def _draw_banner(b: np.ndarray, text: str, u: float) -> None:

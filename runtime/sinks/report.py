@@ -379,8 +379,9 @@ def render_html(summary: dict[str, Any], timeline: Timeline, class_names: Sequen
 
     def grade_card(heading: str, grade: int | None, confidence: float | None, note: str) -> str:
         if grade is None:
+            why = summary.get("no_grade_reason") or "no frame passed the quality gate"
             return (f'<div class="card"><h2>{_e(heading)}</h2><div class="none">no grade</div>'
-                    f'<div class="conf">no frame passed the quality gate</div></div>')
+                    f'<div class="conf" id="no-grade-reason">{_e(why)}</div></div>')
         return (f'<div class="card"><h2>{_e(heading)}</h2><div class="grade">'
                 f'<div class="digit" style="color:{_colour(grade - 1)}">{grade}</div>'
                 f'<div><div class="what">{_e(_grade_text(names[grade - 1]))}</div>'
@@ -398,10 +399,15 @@ def render_html(summary: dict[str, Any], timeline: Timeline, class_names: Sequen
     counts_rows = "".join(
         f'<tr><td><span class="swatch" style="background:{STATUS_HEX[i]}"></span>{label}</td>'
         f'<td>{summary.get(key, 0):,}</td><td>{pct(summary.get(key, 0))}</td></tr>'
-        for i, (key, label) in enumerate((("accepted", "accepted"), ("rejected", "rejected (gate)"),
+        for i, (key, label) in enumerate((("accepted", "accepted"), ("rejected", "not graded (gates)"),
                                           ("errors", "errors"), ("dropped", "dropped (live)"))))
+    refused = {why: n for why, n in (summary.get("refused_counts") or {}).items() if n}
+    refused_rows = "".join(f'<tr class="why"><td>&nbsp;&nbsp;{_e(why)}</td><td>{n:,}</td><td>{pct(n)}</td></tr>'
+                           for why, n in refused.items())
     cards.append(f'<div class="card"><h2>Frames</h2><table>{counts_rows}'
-                 f'<tr class="total"><td>total</td><td>{frames:,}</td><td></td></tr></table></div>')
+                 f'<tr class="total"><td>total</td><td>{frames:,}</td><td></td></tr></table>'
+                 + (f'<table id="refused"><tr><th>not graded, by reason</th><th></th><th></th></tr>{refused_rows}'
+                    f'</table>' if refused else '') + '</div>')
 
     legend = "".join(f'<span><i style="background:{_colour(i)}"></i>{_e(n)}</span>' for i, n in enumerate(names))
     legend += '<span class="sep"></span>'
@@ -456,7 +462,8 @@ def render_html(summary: dict[str, Any], timeline: Timeline, class_names: Sequen
         if model.get("references"):
             model_lines.append('<p>References: ' + "; ".join(_e(str(r)) for r in model["references"]) + '</p>')
     method = ("Study grade: the grade with the highest probability averaged over the frames that passed the quality "
-              "gate; its confidence is that mean probability.")
+              "gate and the scope gate (a kidney view like the training frames); its confidence is that mean "
+              "probability.")
     if agreement is not None:
         method += f" {agreement:.0%} of the accepted frames were graded {final} on their own."
     if smoothing:

@@ -14,6 +14,7 @@ from runtime.stats import LatencySketch
 from runtime.files import atomic_write
 from runtime.measure import SizeStats
 from runtime.record import DROPPED, STAGES, FrameRecord
+from runtime.scope import NO_KIDNEY, REASONS
 from runtime.sinks import Sink
 from runtime.sinks.report import (STATUS_ACCEPTED, STATUS_DROPPED, STATUS_ERROR, STATUS_REJECTED, Timeline,
                                   default_class_names, render_html, write_html)
@@ -23,9 +24,13 @@ class StudySummary(Sink):
     """Accumulates records; `summary()` is the aggregate so far, and `close()` writes it as JSON to `path` and the
     HTML report to `html_path` (each when given; each file appears complete or not at all).
 
-    Every record is exactly one of: accepted (passed the gate and scored), rejected (processed, below the gate),
-    error (could not be processed) or dropped (skipped by the `newest` policy). The study grade is the argmax
-    of the probabilities averaged over the accepted frames (+1); its confidence is that mean probability.
+    Every record is exactly one of: accepted (graded: passed the mask gate and the scope gate, and scored),
+    rejected (processed, not graded: refused by either gate), error (could not be processed) or dropped (skipped by
+    the `newest` policy). `refused_counts` counts the rejected frames per reason (`no kidney` for the mask gate, and
+    the scope gate's reasons, runtime.scope.REASONS). The study grade is the argmax of the probabilities averaged
+    over the accepted frames (+1); its confidence is that mean probability. A study with no graded frame has no
+    grade, and `no_grade_reason` says why ("no frame in scope: 40 not a kidney view: unlike the training frames, 12
+    no kidney").
 
     The class count is the bundle's: that of `class_names` (the bundle's `classes`, as shown), else `n_classes`,
     else that of the first scored record's probabilities (so a 3-grade bundle's summary counts 3 grades whoever
@@ -63,6 +68,7 @@ class StudySummary(Sink):
         self.alpha = 1.0 - 0.5 ** (1.0 / self.half_life) if self.half_life else None
         self.frames = self.accepted = self.rejected = self.errors = self.dropped = 0
         self.grade_counts: list[int] = []
+        self.refused_counts: dict[str, int] = {r: 0 for r in REASONS}
         self.source_id: str | None = None
         self._frame_range: list[int] | None = None
         self._t_range: list[float] | None = None
@@ -133,6 +139,8 @@ class StudySummary(Sink):
         else:
             self.rejected += 1
             status = STATUS_REJECTED
+            why = record.refused or NO_KIDNEY            # a record from before the scope gate: the mask gate's
+            self.refused_counts[why] = self.refused_counts.get(why, 0) + 1
         self.timeline.add(f, status, probs, smoothed)
         for stage, ms in record.latency_ms.items():
             self._latency.setdefault(stage, LatencySketch()).add(float(ms))
@@ -144,14 +152,16 @@ class StudySummary(Sink):
         counts = self.grade_counts if self.n_classes is not None else [0] * len(default_class_names(4))
         out: dict = {"frames": self.frames, "accepted": self.accepted, "rejected": self.rejected,
                      "errors": self.errors, "dropped": self.dropped,
+                     "refused_counts": dict(self.refused_counts),
                      "grade_counts": {str(g + 1): n for g, n in enumerate(counts)}}
         if self._prob_n:
             mean = self._prob_sum / self._prob_n
             best = int(np.argmax(mean))
             out.update(mean_probabilities=[round(float(p), 6) for p in mean], final_grade=best + 1,
-                       confidence=round(float(mean[best]), 6))
+                       confidence=round(float(mean[best]), 6), no_grade_reason=None)
         else:
-            out.update(mean_probabilities=None, final_grade=None, confidence=None)
+            out.update(mean_probabilities=None, final_grade=None, confidence=None,
+                       no_grade_reason=self.no_grade_reason())
         order = [s for s in STAGES if s in self._latency]
         order += sorted(s for s in self._latency if s not in STAGES and s != "total")
         order += ["total"] if "total" in self._latency else []
@@ -181,6 +191,18 @@ class StudySummary(Sink):
         if self.card:
             out["model"] = self.card
         return out
+
+    def no_grade_reason(self) -> str:
+        """Why the study has no grade: the frames per reason, most first ("no frame in scope: 40 not a kidney
+        view: unlike the training frames, 12 no kidney, 2 not processed (errors)"), or "no frames"."""
+        parts = [f"{n} {why}" for why, n in sorted(self.refused_counts.items(), key=lambda kv: -kv[1]) if n]
+        if self.errors:
+            parts.append(f"{self.errors} not processed (errors)")
+        if self.dropped:
+            parts.append(f"{self.dropped} dropped")
+        if self.accepted:                      # graded frames without probabilities: not a study grade
+            parts.append(f"{self.accepted} graded without probabilities")
+        return "no frame in scope: " + ", ".join(parts) if parts else "no frames"
 
     def html(self) -> str:
         """The one-page HTML report of the study so far."""

@@ -281,6 +281,9 @@ class LiveViewer(Sink):
             "fps": None if fps is None else round(fps, 2),
             "latency_ms": None if total is None else round(float(total), 2),
             "error": rec.error,
+            "refused": rec.refused if rec.error is None and not rec.accepted else None,
+            "scope_refused": rec.error is None and not rec.accepted and rec.scope is not None
+            and rec.refused is not None,
             "has_image": jpeg is not None,
             "image_size": None if picture is None else [int(picture.shape[1]), int(picture.shape[0])],
         }
@@ -303,7 +306,8 @@ class LiveViewer(Sink):
                 self._cond.wait(timeout=left)
             out = dict(self._state) if self._state else {
                 "seq": 0, "frame": None, "source_id": None, "accepted": False, "grade": None, "probabilities": None,
-                "mask_fraction": 0.0, "fps": None, "latency_ms": None, "error": None, "has_image": False,
+                "mask_fraction": 0.0, "fps": None, "latency_ms": None, "error": None, "refused": None,
+                "scope_refused": False, "has_image": False,
                 "image_size": None}
             out.update(received=self.received, dropped=self.dropped, disclaimer=self.disclaimer,
                        model=self.model, class_names=self.class_names, stopping=self._stopping)
