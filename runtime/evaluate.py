@@ -305,7 +305,7 @@ def _ms(v: float) -> str:
 
 # -- `sonoscore eval` ------------------------------------------------------------------------------------------
 def evaluate_bundle(bundle_path, data_dir, *, precision="fp32", backend="ort", report=None, quiet=False,
-                    cache_dir=None, labels=None) -> dict:
+                    cache_dir=None, labels=None, out_of_scope=None) -> dict:
     """`sonoscore eval`: kidney IoU, gate agreement and grade metrics on a labelme dataset, through the deployed
     pipeline. Each labelled mask is cut and scaled exactly like its image (the region the pipeline used), and the
     graph's kidney rule (`Graph.is_kidney`: the labelled mask passes the gate) says whether it shows a kidney; a frame is graded when both the label and the
@@ -317,15 +317,27 @@ def evaluate_bundle(bundle_path, data_dir, *, precision="fp32", backend="ort", r
     (`kidney_missing_images`) and counted on the terminal; it is graded when the pipeline's gate passes it and it
     has a grade (`graded_without_outline` counts those). The dataset's annotation report (runtime.labelme,
     `LabelledDataset.report`: labels not mapped, shapes ignored, where grades came from) is printed as one line
-    and merged into the report JSON."""
+    and merged into the report JSON.
+
+    The scope gate (runtime.scope, docs/scope.md): the pipeline runs with it open, so every frame the mask gate
+    accepts is checked and graded, and the figures are given both ways (runtime.evaluate_scope). The report's
+    `graded_frames`, `graded_share` (of `kidney_outlined`, the images with a kidney outline) and the grade
+    metrics are the bundle's as deployed: with the check where the bundle has a reference; `without_scope` has
+    them without it; `in_scope_kept` is the share of the labelled kidneys the mask gate accepted that the check
+    keeps, `refused_by_reason` why it refused the others. `out_of_scope` (a folder of frames that are not kidney
+    views: images, DICOM, videos, at any depth): the share of its frames refused and graded, by reason (report
+    key `out_of_scope`). With `report` and a reference, a picture of each test's scores goes beside it
+    (`<report>.scope.png`)."""
     import json
     import time
 
     from runtime import logs
     from runtime import preprocess as pp
     from runtime.bundle import Bundle
-    from runtime.labelme import MISSING, read_dataset
+    from runtime.labelme import MISSING, OUTLINED, read_dataset
     from runtime.errors import UserError
+    from runtime.evaluate_scope import Tally, closed_reason, scores_png
+    from runtime.evaluate_scope import out_of_scope as run_out_of_scope
     from runtime.pipelines import open_pipeline
     from runtime.sources import Frame
 
@@ -340,8 +352,12 @@ def evaluate_bundle(bundle_path, data_dir, *, precision="fp32", backend="ort", r
         raise UserError(f"dataset {data_dir} has no labelled images; point --data at a labelme folder")
     say(f"eval: {samples.summary_line()}")
     ious, y_true, y_pred, errors = [], [], [], []
+    kept, lined = [], []            # per graded frame (without the check): kept by the scope check; outlined
     gate_ok = gate_n = without_outline = 0
-    with open_pipeline(bundle, backend=backend, precision=precision, cache_dir=cache_dir, keep_mask=True) as pipe:
+    inside, ood = Tally(), None     # the scope check on the labelled kidneys the mask gate accepts
+    scoped = bundle.scope is not None
+    with open_pipeline(bundle, backend=backend, precision=precision, cache_dir=cache_dir, keep_mask=True,
+                       scope_open=True) as pipe:
         graph = pipe.graph
         for i, s in enumerate(samples):
             if not quiet and i and i % 25 == 0:
@@ -360,6 +376,8 @@ def evaluate_bundle(bundle_path, data_dir, *, precision="fp32", backend="ort", r
                 if s.grade is not None and rec.accepted:
                     y_true.append(s.grade - 1)
                     y_pred.append(rec.grade - 1)
+                    kept.append(closed_reason(rec.scope) is None)
+                    lined.append(False)
                     without_outline += 1
                 continue
             truth_mask = pp.crop_mask(truth, rec.frame_region, graph.size)   # the source frame's crop
@@ -368,17 +386,35 @@ def evaluate_bundle(bundle_path, data_dir, *, precision="fp32", backend="ort", r
                 ious.append(iou(rec.mask, truth_mask))
             gate_n += 1
             gate_ok += rec.accepted == has_kidney
+            reason = inside.add(rec) if has_kidney and rec.accepted else None
             if has_kidney and s.grade is not None and rec.accepted:
                 y_true.append(s.grade - 1)
                 y_pred.append(rec.grade - 1)
+                kept.append(reason is None)
+                lined.append(s.kidney == OUTLINED)
+        if out_of_scope is not None:
+            say(f"eval: out-of-scope frames from {out_of_scope}")
+            ood_report, ood = run_out_of_scope(pipe, out_of_scope, say=None if quiet else say)
     graded_truth = sum(1 for s in samples if s.grade is not None)
     annotations = samples.report()
     out = {"bundle": str(bundle.root), "precision": precision, "images": len(samples),
            "iou_mean": float(np.mean(ious)) if ious else None, "iou_images": len(ious),
-           "gate_agreement": gate_ok / gate_n if gate_n else None, "gate_images": gate_n,
-           "graded_frames": len(y_true), "graded_without_outline": without_outline, "errors": errors,
+           "gate_agreement": gate_ok / gate_n if gate_n else None, "gate_images": gate_n, "errors": errors,
            **{k: v for k, v in annotations.items() if k != "images"}}
     grades = [str(g) for g in range(1, bundle.num_classes + 1)]
+    outlined = annotations["kidney_outlined"]
+    if scoped:                      # as deployed: the frames the scope check refuses get no grade
+        out["without_scope"] = _graded(y_true, y_pred, lined, outlined)
+        y_true, y_pred, lined = ([v for v, k in zip(col, kept) if k] for col in (y_true, y_pred, lined))
+    out.update({k: v for k, v in _graded(y_true, y_pred, lined, outlined).items()
+                if k != "accuracy"})
+    out["scope_reference"] = scoped
+    if scoped:
+        out["in_scope_kept"] = round(1 - inside.scope_refused / inside.checked, 4) if inside.checked else None
+        out["in_scope_checked"] = inside.checked
+        out["refused_by_reason"] = inside.by_reason()
+    if ood is not None:
+        out["out_of_scope"] = ood_report
     if y_true:
         out.update(classification_report(y_true, y_pred, n_classes=bundle.num_classes, class_names=grades))
     elif graded_truth:
@@ -387,6 +423,11 @@ def evaluate_bundle(bundle_path, data_dir, *, precision="fp32", backend="ort", r
         out["disclaimer"] = bundle.disclaimer
     if report:
         Path(report).parent.mkdir(parents=True, exist_ok=True)
+        if scoped:
+            out["scope_picture"] = str(scores_png(
+                inside.scores, None if ood is None else ood.scores, Path(report).with_suffix(".scope.png"),
+                f"Scope check scores, {inside.checked} labelled kidneys"
+                + (f" and {ood.checked} out-of-scope frames" if ood is not None else "") + " the mask gate accepted"))
         Path(report).write_text(json.dumps(out, indent=2) + "\n")
         if y_true:
             confusion_png(np.array(out["confusion_matrix"]), Path(report).with_suffix(".confusion.png"),
@@ -397,4 +438,37 @@ def evaluate_bundle(bundle_path, data_dir, *, precision="fp32", backend="ort", r
         f"{len(ious)}" + (f" ({missing} without a kidney annotation left out)" if missing else "")
         + f", gate agreement {out['gate_agreement'] or 0:.3f}, grade accuracy "
         f"{acc if acc is not None else float('nan'):.3f} on {len(y_true)} frames, {len(errors)} errors")
+    if scoped:
+        w = out["without_scope"]
+        say(f"eval: scope check keeps {_pct(out['in_scope_kept'])} of {inside.checked} labelled kidneys the mask gate "
+            f"accepted ({_reasons(out['refused_by_reason'])}); graded {_pct(out['graded_share'])} of outlined "
+            f"kidneys (without the check {_pct(w['graded_share'])}), accuracy "
+            f"{_num(acc)} (without {_num(w['accuracy'])})")
+    if ood is not None:
+        o = out["out_of_scope"]
+        say(f"eval: out-of-scope {out_of_scope}: {o['frames']} frames, refused {_pct(o['refused_share'])} "
+            f"(mask gate {o['refused_by_mask_gate']}; {_reasons(o['refused_by_reason'])}), graded "
+            f"{o['graded']} (without the scope check {o['without_scope']['graded']}), {o['errors']} errors")
     return out
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f} %"
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _reasons(counts: dict) -> str:
+    return ", ".join(f"{r} {n}" for r, n in counts.items()) or "none refused by the scope check"
+
+
+def _graded(y_true, y_pred, lined, outlined: int) -> dict:
+    """The graded frames' figures: graded_frames, graded_without_outline, graded_share (the graded frames with a
+    kidney outline, of the dataset's `kidney_outlined`) and accuracy (None without a graded frame)."""
+    n_lined = sum(bool(x) for x in lined)
+    correct = sum(int(t == p) for t, p in zip(y_true, y_pred))
+    return {"graded_frames": len(y_true), "graded_without_outline": len(lined) - n_lined,
+            "graded_share": round(n_lined / outlined, 4) if outlined else None,
+            "accuracy": correct / len(y_true) if y_true else None}

@@ -16,7 +16,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_trust(args)
     from runtime.evaluate import evaluate_bundle
     report = evaluate_bundle(args.bundle, args.data, precision=args.precision, backend=args.backend,
-                             report=args.report, quiet=args.quiet, labels=labels)
+                             report=args.report, quiet=args.quiet, labels=labels, out_of_scope=args.out_of_scope)
     return EXIT_FRAME_ERRORS if report["errors"] else EXIT_OK
 
 
@@ -110,7 +110,11 @@ def add_parsers(sub) -> None:
     e.add_argument("--bundle", required=True, help="the bundle folder to evaluate")
     e.add_argument("--data", required=True, help="dataset folder (labelme JSON beside images, optional labels.csv)")
     backend_opts(e)
-    e.add_argument("--report", help="write the report JSON here (a confusion-matrix PNG goes beside it)")
+    e.add_argument("--report", help="write the report JSON here (a confusion-matrix PNG goes beside it, and with a "
+                   "scope reference the scope check's score histograms, <report>.scope.png)")
+    e.add_argument("--out-of-scope", metavar="DIR", help="also run frames that are not kidney views (images, DICOM, "
+                   "videos, a folder at any depth) and report the share refused (by the mask gate and by the scope "
+                   "check, per reason) and graded, and their scores in the picture")
     e.add_argument("--label", action="append", metavar="kidney=LABELS", help=LABEL_HELP)
     e.add_argument("--quiet", action="store_true", help="no progress lines")
     e.set_defaults(func=cmd_eval)
