@@ -40,7 +40,7 @@ def _init(scorer_args: dict) -> None:
 
 def _score(unit: dict) -> tuple[str, bytes, bytes]:
     from runtime.batch.tables import to_bytes
-    frames, studies = _scorer.score(unit)
+    frames, studies = _scorer.study(unit)
     return unit["key"], to_bytes(frames), to_bytes(studies)
 
 

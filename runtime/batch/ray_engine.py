@@ -38,7 +38,7 @@ class _RayScorer:
         keys, frames, studies = [], [], []
         for text in batch["unit"]:
             unit = json.loads(text)
-            f, s = self.scorer.score(unit)
+            f, s = self.scorer.study(unit)
             keys.append(unit["key"])
             frames.append(to_bytes(f))
             studies.append(to_bytes(s))

@@ -40,7 +40,7 @@ class Scorer:
             self.pipe.__exit__(None, None, None)
             self.pipe = None
 
-    def score(self, unit: dict):
+    def study(self, unit: dict):
         """(frames table, studies table) of one unit; never raises."""
         t0 = time.perf_counter()
         try:

@@ -72,10 +72,11 @@ def add_parsers(sub) -> None:
                         description="Write STUDIES DICOM studies of the simulated probe into OUT: "
                         "study-NNNNN/series-1/img-MMM.dcm, US Multi-frame with ultrasound regions; synthetic "
                         "patient attributes only.")
-    ap.add_argument("out", metavar="OUT")
-    ap.add_argument("--studies", type=int, default=10)
+    ap.add_argument("out", metavar="OUT", help="the archive's folder (made when missing)")
+    ap.add_argument("--studies", type=int, default=10, help="how many studies (default 10)")
     ap.add_argument("--files", type=int, default=2, help="files per study (default 2)")
     ap.add_argument("--frames", type=int, default=4, help="frames per file (default 4)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="the phantom patients' seed (default 0): the same seed "
+                    "writes the same archive")
     ap.set_defaults(func=cmd_sim_archive)
 
