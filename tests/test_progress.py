@@ -24,6 +24,9 @@ def test_progress_update_jumps_and_disabled_says_nothing(capsys):
     q = Progress("quiet", 10, enabled=False)
     for _ in q.iterate(range(10)):
         pass
+    bar_only = Progress("epoch", 10, lines=False)          # no terminal here: no bar, and no lines either
+    for _ in bar_only.iterate(range(10)):
+        pass
     assert capsys.readouterr().err == ""
 
 
