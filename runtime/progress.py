@@ -50,7 +50,8 @@ class Progress:
         if self._bar is not None:
             self._bar.n = self.done
             self._bar.refresh()
-        elif self.lines and (self.done // self._every > self._said // self._every or self.done == self.total > self._said):
+        elif self.lines and (self.done // self._every > self._said // self._every
+                             or self.done == self.total > self._said):
             self._said = self.done
             log.info("%s%s: %d/%d %ss (%.0f s)", self.indent, self.desc, self.done, self.total, self.unit,
                      time.perf_counter() - self.t0)
