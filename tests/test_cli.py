@@ -11,7 +11,8 @@ import pytest
 from tests.conftest import sonoscore
 
 RECORD_KEYS = {"frame", "source_id", "t_capture", "accepted", "mask_fraction", "grade", "probabilities",
-               "latency_ms", "error", "kidney_length_mm", "kidney_area_mm2", "size_note"}
+               "latency_ms", "error", "kidney_length_mm", "kidney_area_mm2", "size_note", "refused",
+               "scope"}
 
 
 def read_jsonl(path):
