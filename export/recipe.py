@@ -58,6 +58,7 @@ class TrainConfig:
     classes: tuple[str, ...] = tuple(CLASS_NAMES)
     mask_threshold: float = MASK_THRESHOLD
     min_mask_fraction: float = MIN_MASK_FRACTION
+    scope_keep: float = 0.98  # the share of the validation patients' in-scope frames the scope limits keep
 
 
 def class_names(num_class: int | None = None, names=None) -> list[str]:
@@ -263,6 +264,10 @@ def train_bundle(data_dir: Path, out: Path, cfg: TrainConfig, progress: bool = T
     demo = is_synthetic(data_dir) if cfg.demo is None else cfg.demo
     write_bundle_manifest(tmp, nets, provenance, graph, demo=demo, booster=_booster_section(booster), card=card,
                           classes=classes)
+    # The scope reference (runtime.scope_fit): training patients' in-scope frames, limits on the validation ones.
+    from runtime.scope_fit import fit_or_warn
+    fit_or_warn(tmp, data_dir, held_out=sorted(set(patients[va].tolist())), labels=cfg.kidney_labels,
+                keep=cfg.scope_keep, who="train", shown=out, say=log.info)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -669,7 +674,8 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 def export_from_checkpoints(unet_ckpt, vgg_ckpt, booster_path, out: Path, *, random_weights=False,
                             unet_width=None, vgg_width=None, unet_onnx=None, vgg_onnx=None, unet_input=None,
                             vgg_input=None, name=None, version=None, card=None, num_class=None, classes=None,
-                            mask_threshold=None, min_mask_fraction=None, unet_output=None, vgg_output=None) -> Path:
+                            mask_threshold=None, min_mask_fraction=None, unet_output=None, vgg_output=None,
+                            reference_frames=None, reference_keep: float = 0.98) -> Path:
     """`sonoscore export`: checkpoints or ONNX files (or random weights, for timing) + an XGBoost model -> bundle.
 
     Everything is checked before anything is written: the options, the booster (loads, objective, class count),
@@ -678,7 +684,10 @@ def export_from_checkpoints(unet_ckpt, vgg_ckpt, booster_path, out: Path, *, ran
 
     `num_class` / `classes` (`--num-class`, `--classes`): the class names (export.recipe.class_names; the booster
     must predict that many); `mask_threshold` / `min_mask_fraction`: the gate; `unet_output` / `vgg_output`: the
-    output of a user's ONNX file to read. The problems of both ONNX files are reported together."""
+    output of a user's ONNX file to read. The problems of both ONNX files are reported together.
+    `reference_frames` (`--reference-frames`): the user's in-scope frames, on which the bundle's scope reference is
+    fitted (runtime.scope_fit, keeping `reference_keep` of the held-out ones); without it, one warning line says
+    the bundle has none (not for a random-weights timing bundle)."""
     import tempfile
     from export import checkpoints as ck
     from runtime import normalize
@@ -708,6 +717,9 @@ def export_from_checkpoints(unet_ckpt, vgg_ckpt, booster_path, out: Path, *, ran
         card = read_card(card, name, version, out.name)
     if booster_path is None:
         raise UserError("export needs --booster, an XGBoost model (.json or .ubj)")
+    if reference_frames is not None and not Path(reference_frames).exists():
+        raise UserError(f"--reference-frames '{reference_frames}' does not exist; give the folder of your own "
+                        f"training or validation kidney frames (images, DICOM or a labelme dataset)")
     booster, binfo = ck.check_booster(booster_path, len(names_of_classes))
     size = Graph().size
     sources: dict = {}
@@ -775,6 +787,13 @@ def export_from_checkpoints(unet_ckpt, vgg_ckpt, booster_path, out: Path, *, ran
             prov["note"] = "random network weights: for timing only, its grades mean nothing"
         write_bundle_manifest(tmp, nets, prov, graph, demo=bool(random_weights), card=card,
                               booster=_booster_section(booster), classes=names_of_classes)
+        if reference_frames is not None:
+            from runtime.scope import ScopeError
+            from runtime.scope_fit import fit_bundle
+            try:
+                fit_bundle(tmp, reference_frames, keep=reference_keep, who="export", say=log.info)
+            except ScopeError as e:
+                raise UserError(f"--reference-frames '{reference_frames}': {e}; nothing written") from None
         Bundle.load(tmp)   # verify what was written
         _move_into_place(tmp, out)
     except BaseException:
@@ -784,6 +803,9 @@ def export_from_checkpoints(unet_ckpt, vgg_ckpt, booster_path, out: Path, *, ran
                 p.rmdir()
         raise
     log.info(f"export: bundle written to {out} in {time.time() - t0:.0f} s")
+    if reference_frames is None and not random_weights:
+        from runtime.scope_fit import no_reference_warning
+        log.info(no_reference_warning(out, "export"))
     return out
 
 

@@ -240,12 +240,15 @@ def fit_bundle(bundle_dir: Path | str, frames: Path | str, *, keep: float = sc.D
     graph = bundle.graph()
     with open_fp32(bundle) as (unet, vgg):
         described = describe_folder(graph, unet, vgg, frames, labels=labels, say=say)
+    own = None
     if held_out is None:
         own = (bundle.manifest.get("provenance") or {}).get("validation_patients") or []
         present = set(map(str, own)) & set(described.groups)
         if len(present) >= sc.MIN_HELD_OUT_GROUPS:
             held_out = present
     chosen, how = split_groups(described.groups, held_out=held_out)
+    if own and held_out is not None:
+        how = f"the bundle's own validation patients ({len(chosen)} of {len(own)} here)"
     say(f"{who}: {len(described.rows)} in-scope frames of {len(set(described.groups))} "
         f"{'patients' if described.labelled else 'groups'} from {described.frames} frames "
         f"({described.gate_rejected} rejected by the gate, {described.not_kidney} without a labelled kidney, "

@@ -246,3 +246,32 @@ def test_an_export_interrupted_midway_leaves_no_folder(made, tmp_path):
         assert proc.returncode == 0
         Bundle.load(out)
         assert [p.name for p in (tmp_path / "sub").iterdir()] == ["bundle"]
+
+
+def test_export_with_reference_frames_records_the_scope_and_without_says_so_once(made, tmp_path):
+    """--reference-frames: the user's own frames (a folder per patient) give the bundle its scope reference, hashed
+    with the networks; without it the bundle is written and one line says it has no reference statistics. The
+    gate is opened (--min-mask-fraction 0) so the random-weight UNet's frames reach the fit."""
+    from runtime.bundle import Bundle
+    from runtime.phantom import KidneyPhantom
+    from runtime.scope import FILE
+    ref = tmp_path / "reference"
+    for p in range(32):
+        (ref / f"patient{p:02d}").mkdir(parents=True)
+        ph = KidneyPhantom(grade=1 + p % 4, seed=200 + p)
+        for i in range(3):
+            cv2.imwrite(str(ref / f"patient{p:02d}" / f"f{i}.png"), ph.frame(i * 4).image)
+    common = ["export", "--unet", made["dir"] / "unet_bn.tar", "--vgg", made["dir"] / "vgg_tv.pth",
+              "--booster", made["boosters"]["ok"], "--min-mask-fraction", "0"]
+    r = sonoscore(*common, "--out", tmp_path / "with", "--reference-frames", ref, "--reference-keep", "0.97")
+    assert r.returncode == 0, r.stderr
+    assert "no reference statistics" not in r.stdout + r.stderr
+    m = Bundle.load(tmp_path / "with").manifest
+    assert m["scope"]["file"] == FILE and FILE in m["files"] and m["scope"]["keep_share"] == 0.97
+    assert m["scope"]["frames"]["held_out_patients"] == 8 and m["scope"]["frames"]["held_out"] == 24
+    r = sonoscore(*common, "--out", tmp_path / "without")
+    assert r.returncode == 0, r.stderr
+    assert (r.stdout + r.stderr).count("has no reference statistics") == 1
+    assert "scope" not in Bundle.load(tmp_path / "without").manifest
+    bad = sonoscore(*common, "--out", tmp_path / "bad", "--reference-frames", tmp_path / "nowhere")
+    assert bad.returncode == 2 and "nowhere" in bad.stderr and not (tmp_path / "bad").exists()

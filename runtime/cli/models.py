@@ -1,4 +1,5 @@
-"""`sim`, `train`, `export` and `calibrate`: the model side (datasets, training, bundles, INT8)."""
+"""`sim`, `train`, `export`, `scope` and `calibrate`: the model side (datasets, training, bundles, the scope
+reference, INT8)."""
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,35 @@ def cmd_export(args: argparse.Namespace) -> int:
                             name=args.name, version=args.version, card=args.card, num_class=args.num_class,
                             classes=args.classes, mask_threshold=args.mask_threshold,
                             min_mask_fraction=args.min_mask_fraction, unet_output=args.unet_output,
-                            vgg_output=args.vgg_output)
+                            vgg_output=args.vgg_output, reference_frames=args.reference_frames,
+                            reference_keep=check_keep(args.reference_keep, "--reference-keep"))
+    return EXIT_OK
+
+
+def check_keep(keep: float, option: str) -> float:
+    """A scope keep share (`--keep`, `--reference-keep`): in [0.5, 1)."""
+    if not 0.5 <= keep < 1.0:
+        raise UserError(f"{option} {keep:g} is outside [0.5, 1); give the share of in-scope frames the scope check "
+                        f"must keep, e.g. 0.98")
+    return keep
+
+
+def cmd_scope(args: argparse.Namespace) -> int:
+    """Fit (or refit) the scope reference of an existing bundle on a folder of its in-scope frames."""
+    from runtime.scope import ScopeError
+    from runtime.scope_fit import fit_bundle
+    from runtime.signing import SIGNATURE_FILE, is_signed
+    keep = check_keep(args.keep, "--keep")
+    labels = kidney_labels(args.label).given
+    signed = is_signed(args.bundle)
+    try:
+        fit_bundle(args.bundle, args.frames, keep=keep, labels=labels, say=print)
+    except ScopeError as e:
+        raise UserError(f"{e}; the bundle is unchanged") from None
+    if signed:
+        print(f"sonoscore: warning: {args.bundle} was signed; its signature ({SIGNATURE_FILE}) no longer matches the "
+              f"new manifest and {'scope.npz'}: sign it again (`sonoscore sign {args.bundle} --key KEY`)",
+              file=sys.stderr)
     return EXIT_OK
 
 
@@ -294,12 +323,34 @@ def add_parsers(sub) -> None:
     x.add_argument("--version", help="the model's version (default: the card's, else 'unversioned')")
     x.add_argument("--card", metavar="FILE", help="model card, JSON or YAML: name, version, description, changelog, "
                    "authors, license, intended_use, data_source, references, disclaimer")
+    x.add_argument("--reference-frames", metavar="FOLDER", help="your own training or validation kidney frames (a "
+                   "labelme dataset, or a folder of images, DICOM or videos at any depth, grouped by labels.csv's "
+                   "patients, else by subfolder, else by file): the bundle's scope reference is fitted on them, the "
+                   "limits on a quarter of the groups held out (docs/models.md); without it the bundle grades any "
+                   "frame its gate accepts, and says so")
+    x.add_argument("--reference-keep", type=float, default=0.98, metavar="SHARE", help="with --reference-frames: "
+                   "the share of the held-out frames the scope limits keep (default 0.98)")
     x.add_argument("--random-weights", action="store_true",
                    help="no checkpoints: random weights at the given widths (for timing only)")
     x.add_argument("--unet-width", type=float, default=None, help="with --random-weights (default 1.0)")
     x.add_argument("--vgg-width", type=float, default=None, help="with --random-weights (default 1.0)")
     _model_options(x)
     x.set_defaults(func=cmd_export)
+
+    sc = sub.add_parser("scope", help="fit the bundle's scope reference (what in-scope frames look like, and the "
+                        "limits that keep a stated share of them) on a folder of its in-scope frames; rewrites the "
+                        "manifest")
+    sc.add_argument("--bundle", required=True, help="the bundle folder; scope.npz and the manifest's scope section "
+                    "are written into it (a signed bundle must be signed again)")
+    sc.add_argument("--frames", required=True, metavar="FOLDER",
+                    help="in-scope frames: a labelme dataset (its labelled kidneys the gate accepts) or a folder of "
+                         "kidney frames (images, DICOM, videos, at any depth), grouped by labels.csv's patients, "
+                         "else by subfolder, else by file; a quarter of the groups (or the bundle's own validation "
+                         "patients, where present) are held out to set the limits on")
+    sc.add_argument("--keep", type=float, default=0.98, metavar="SHARE",
+                    help="the share of held-out in-scope frames the limits keep (default 0.98)")
+    sc.add_argument("--label", action="append", metavar="kidney=LABELS", help=LABEL_HELP)
+    sc.set_defaults(func=cmd_scope)
 
     i = sub.add_parser("inspect", help="one image through a bundle: the preprocessed frame and each network's exact "
                        "feeds and outputs as .npy, to compare with your own code")
