@@ -114,6 +114,12 @@ def run_demo(out: Path, *, frames: int = 150, fps: float = 30.0, bench_frames: i
     _heldout(heldout)
 
     loaded = Bundle.load(bundle)
+    if "scope" not in loaded.manifest and (out / "data" / "train" / "labels.csv").is_file():
+        # a bundle built before `train` fitted the scope reference: fitted now, once, as `sonoscore scope` would
+        from runtime.scope_fit import fit_or_warn
+        log.info("demo: the bundle has no scope reference; fitting it on the demo's training data")
+        fit_or_warn(bundle, out / "data" / "train", who="demo", say=log.info)
+        loaded = Bundle.load(bundle)
     if "int8" not in loaded.precisions:
         if loaded.manifest.get("provenance", {}).get("config", {}).get("qat"):
             log.info(f"demo: the quantization-aware INT8 set missed its accuracy check ({out / 'calibration.json'}); "
