@@ -26,7 +26,8 @@ def format_record(rec: FrameRecord) -> str:
     if rec.error:
         return f"frame {rec.frame:5d}  ERROR     {rec.error}"
     if not rec.accepted:
-        return f"frame {rec.frame:5d}  rejected  mask {rec.mask_fraction:6.1%}  (no kidney in view)  {total:7.1f} ms"
+        why = "no kidney in view" if rec.scope is None or not rec.refused else f"not graded: {rec.refused}"
+        return f"frame {rec.frame:5d}  rejected  mask {rec.mask_fraction:6.1%}  ({why})  {total:7.1f} ms"
     p = max(rec.probabilities or [0.0])
     return (f"frame {rec.frame:5d}  accepted  mask {rec.mask_fraction:6.1%}  grade {rec.grade} (p={p:.2f})"
             f"  {total:7.1f} ms")
@@ -254,13 +255,13 @@ def run_bundle(config: RunConfig) -> StreamStats:
              f"every record up to then")
     s = study.summary()
     final = (f"final grade {s['final_grade']} (confidence {s['confidence']:.2f})" if s.get("final_grade")
-             else "no frame passed the quality gate: no grade")
+             else f"no grade ({s.get('no_grade_reason') or 'no frame passed the quality gate'})")
     if truth:
         final += f" (the simulated patient's true grade: {', '.join(map(str, sorted(truth)))})"
     lat = s.get("latency_ms", {}).get("total", {})
     wait = s.get("latency_ms", {}).get("wait", {})
     log.info(f"{stats.frames} frames: {stats.accepted} accepted, {stats.frames - stats.accepted - stats.errors - stats.dropped}"
-         f" rejected by the gate, {stats.errors} errors, {stats.dropped} dropped; {stats.fps:.1f} fps processed; "
+         f" not graded (the gates), {stats.errors} errors, {stats.dropped} dropped; {stats.fps:.1f} fps processed; "
          f"latency p50 {lat.get('p50', float('nan')):.1f} ms, p95 {lat.get('p95', float('nan')):.1f} ms"
          f" (processing; before it, frames waited p50 {wait.get('p50', float('nan')):.1f} ms); {final}")
     if bundle.disclaimer:
