@@ -304,3 +304,15 @@ def test_bench_reports_the_scope_stage_and_its_share_of_frame_to_grade(bundle_wi
         assert o["scope"]["share_of_total_p50"] == pytest.approx(o["stages"]["scope"]["p50_ms"]
                                                                  / o["stages"]["total"]["p50_ms"])
         assert o["scope"]["limit_share"] == SCOPE_SHARE_LIMIT
+
+
+def test_the_listener_says_it_once_at_its_start(known, bundle_with, fitted, caplog):
+    pytest.importorskip("pynetdicom")
+    from runtime.dicomnet.listen import _load_bundle
+    with caplog.at_level("WARNING", logger="sonoscore.dicomnet"):
+        _load_bundle(known, None)
+    assert len(_warnings(caplog.text)) == 1
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sonoscore.dicomnet"):
+        _load_bundle(bundle_with(fitted).root, None)
+    assert _warnings(caplog.text) == []

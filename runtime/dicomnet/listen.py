@@ -472,6 +472,8 @@ def _load_bundle(path: Path, trust):
     bundle = Bundle.load(path)
     if not key and not is_signed(bundle.root):
         log.warning("%s", unsigned_warning(bundle.root).removeprefix("sonoscore: "))
+    if bundle.scope_warning:              # no scope gate: one line at every start (runtime/bundle.py)
+        log.warning("%s", bundle.scope_warning)
     return bundle
 
 
