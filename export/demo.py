@@ -88,7 +88,8 @@ def calibrate_bench(bundle: Path, bench: Path, *, frames: str = "sim://kidney?fr
 
 def run_demo(out: Path, *, frames: int = 150, fps: float = 30.0, bench_frames: int = 20, rebuild: bool = False,
              grade: int = 3, seed: int = 11) -> None:
-    from export.recipe import TrainConfig, export_from_checkpoints, train_bundle
+    from export.bundle_export import export_from_checkpoints
+    from export.recipe import TrainConfig, train_bundle
     from runtime.app import RunConfig, run_bundle
     from runtime.bench import bench_bundle
     from runtime.evaluate import evaluate_bundle

@@ -42,7 +42,7 @@ def made(tmp_path_factory):
     """Checkpoints as their owners save them (jakeoung's main.py UNet with BatchNorm; a torchvision-keyed VGG-19-BN
     with its head), a booster for the VGG's Fc2, a labelled dataset, and the bundle `sonoscore export` makes of
     them; plus checkpoints of the same architectures with other weights."""
-    from export.recipe import export_from_checkpoints
+    from export.bundle_export import export_from_checkpoints
     from runtime.dataset import write_dataset
     d = tmp_path_factory.mktemp("calibrate-qat")
     torch.manual_seed(11)

@@ -295,7 +295,7 @@ def test_the_booster_is_checked_for_objective_classes_and_features(tmp_path):
 # -- the model card ---------------------------------------------------------------------------------------------
 
 def test_the_card_comes_from_json_or_yaml_with_name_and_version_from_the_options(tmp_path):
-    from export.recipe import read_card
+    from export.card import read_card
     (tmp_path / "card.yaml").write_text(
         "name: Kidney IFTA (site A)\nversion: 1.2\nauthors: Dr. A\nlicence: CC-BY-4.0\n"
         "changelog:\n  '1.2': retrained on 2023 scans\nreferences:\n  - doi:10.1101/2020.08.17.20176958\n"

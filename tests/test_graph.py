@@ -73,7 +73,7 @@ def test_the_masked_image_saturates_like_cv2_multiply():
 
 def test_a_bundle_pins_its_graph_and_the_runtime_reads_it_back(tmp_path):
     """What training writes is what every pipeline reads: tensor names, gate and preprocessing, overrides aside."""
-    from export.recipe import write_bundle_manifest
+    from export.bundle_files import write_bundle_manifest
     from runtime.bundle import Bundle
     pytest.importorskip("torch")
     for f in ("unet.onnx", "vgg.onnx", "booster.ubj"):

@@ -19,7 +19,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from export.recipe import TrainConfig, check_gate, class_names, read_card, train_bundle
+    from export.card import read_card
+    from export.recipe import TrainConfig, check_gate, class_names, train_bundle
     mask_threshold, min_mask_fraction = check_gate(args.mask_threshold, args.min_mask_fraction)
     cfg = TrainConfig(unet_width=args.unet_width, vgg_width=args.vgg_width, unet_epochs=args.unet_epochs,
                       vgg_epochs=args.vgg_epochs, seed=args.seed, grid_search=args.grid_search,
@@ -47,7 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from export.recipe import export_from_checkpoints
+    from export.bundle_export import export_from_checkpoints
     export_from_checkpoints(args.unet, args.vgg, args.booster, Path(args.out), random_weights=args.random_weights,
                             unet_width=args.unet_width, vgg_width=args.vgg_width, unet_onnx=args.unet_onnx,
                             vgg_onnx=args.vgg_onnx, unet_input=args.unet_input, vgg_input=args.vgg_input,
