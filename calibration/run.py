@@ -25,7 +25,6 @@ reference frames with its simulated outputs (runtime/fidelity.py), which `run --
 """
 from __future__ import annotations
 
-import csv
 import importlib.metadata
 import json
 import platform
@@ -42,6 +41,7 @@ from calibration.report import (Criteria, Outputs, Reference, against, describe,
                                 with_noise)
 from runtime.bundle import Bundle, write_manifest
 from runtime.errors import UserError
+from runtime.labelme import labels_table as read_labels_table
 from runtime.fidelity import REFERENCE_FILE, cpu_flags, cpu_summary, pick_frames, write_reference
 from runtime.pipeline import Pipeline
 from runtime.sources import SourceError, open_source
@@ -144,33 +144,12 @@ class _Progress:
             self.bar.close()
 
 
+
 def labels_table(spec: str) -> dict[Path, tuple[str, int]] | None:
-    """A labelled dataset's table for a folder source: labels.csv (image,patient,grade, as `sonoscore sim` writes it
-    and runtime.labelme reads it) in the folder or the folder above it, as image path -> (patient, grade; 0 when
-    empty); None when there is none (or it has not those columns)."""
-    folder = Path(spec)
-    if "://" in spec or not folder.is_dir():
+    """A folder source's labels.csv (runtime.labelme.labels_table), or None for any other source."""
+    if "://" in spec or not Path(spec).is_dir():
         return None
-    for d in (folder, folder.parent):
-        table = d / "labels.csv"
-        if not table.is_file():
-            continue
-        try:
-            with open(table, newline="", encoding="utf-8-sig") as fh:
-                rows = list(csv.DictReader(fh))
-        except (OSError, UnicodeDecodeError, csv.Error):
-            return None
-        if not rows or not {"image", "patient", "grade"} <= set(rows[0]):
-            return None
-        out = {}
-        for row in rows:
-            try:
-                grade = int((row["grade"] or "0").strip())
-            except ValueError:
-                grade = 0
-            out[(d / row["image"]).resolve()] = (row["patient"] or "", grade)
-        return out
-    return None
+    return read_labels_table(spec)
 
 
 def read_frames(specs: list[str], pipe, *, max_frames: int, quiet: bool = False) -> FrameSet:

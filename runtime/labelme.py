@@ -522,3 +522,33 @@ def _embedded_image(json_path: Path) -> np.ndarray | None:
     except (ValueError, TypeError):
         return None
     return cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+
+
+def labels_table(folder: Path | str) -> dict[Path, tuple[str, int]] | None:
+    """A labelled dataset's labels.csv (image,patient[,grade], as `sonoscore sim` writes it) in `folder` or the
+    folder above it, as resolved image path -> (patient, grade; 0 where the grade is empty or not a number, or the
+    file has no grade column); None when there is none with those columns. Calibration groups its frames into
+    studies by it, and the scope reference its held-out patients."""
+    folder = Path(folder)
+    for d in (folder, folder.parent):
+        table = d / "labels.csv"
+        if not table.is_file():
+            continue
+        try:
+            with open(table, newline="", encoding="utf-8-sig") as fh:
+                rows = list(csv.DictReader(fh))
+        except (OSError, UnicodeDecodeError, csv.Error):
+            return None
+        if not rows or not {"image", "patient"} <= set(rows[0]):
+            return None
+        out = {}
+        for row in rows:
+            if not row.get("image"):
+                continue
+            try:
+                grade = int((row.get("grade") or "0").strip())
+            except ValueError:
+                grade = 0
+            out[(d / row["image"]).resolve()] = ((row["patient"] or "").strip(), grade)
+        return out
+    return None

@@ -22,7 +22,6 @@ runtime never imports torch.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import numpy as np
 from runtime import logs
 from runtime import preprocess as pp
 from runtime import scope as sc
+from runtime.labelme import labels_table
 
 log = logs.get("scope")
 
@@ -84,22 +84,11 @@ def is_labelled(folder: Path) -> bool:
     return False
 
 
+
 def patients_table(folder: Path) -> dict[Path, str] | None:
-    """labels.csv (image,patient,...) in the folder or the one above it, as resolved image path -> patient; None
-    when there is none with those columns."""
-    for d in (Path(folder), Path(folder).parent):
-        table = d / "labels.csv"
-        if not table.is_file():
-            continue
-        try:
-            with open(table, newline="", encoding="utf-8-sig") as fh:
-                rows = list(csv.DictReader(fh))
-        except (OSError, UnicodeDecodeError, csv.Error):
-            return None
-        if not rows or not {"image", "patient"} <= set(rows[0]):
-            return None
-        return {(d / r["image"]).resolve(): (r["patient"] or "").strip() for r in rows if r.get("image")}
-    return None
+    """labels.csv's patients (runtime.labelme.labels_table) as resolved image path -> patient; None without one."""
+    table = labels_table(folder)
+    return None if table is None else {path: patient for path, (patient, _) in table.items()}
 
 
 def describe_folder(graph, unet, vgg, folder: Path | str, *, labels=None, say: Callable[[str], None] | None = None,
