@@ -1,8 +1,9 @@
 """Where sonoscore's own lines go: `logging`, under the logger "sonoscore" (each part its own child:
 `logs.get("bench")` is "sonoscore.bench"). The lines are plain text on stderr, one per message, written to
 whatever `sys.stderr` is when the line is logged (a test's captured stream, a redirected one); an embedding
-application can remove the handler (`logging.getLogger("sonoscore").handlers.clear()`): the lines also propagate
-to the root logger, where its own handlers (and pytest's capture) see them.
+application can replace the handler (`logging.getLogger("sonoscore").handlers`) to route them its own way. They do
+not propagate to the root logger: libraries that configure it (logging.basicConfig, as some do during training)
+would print every line twice.
 Results and figures a command prints on purpose (a bench table, `info`) stay on stdout; everything that says what is
 happening goes through here.
 """
@@ -36,6 +37,7 @@ def _install() -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         root.addHandler(handler)
         root.setLevel(logging.INFO)
+        root.propagate = False     # said once: a library that configures the root logger does not repeat them
 
 
 def get(part: str) -> logging.Logger:
