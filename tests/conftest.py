@@ -1,6 +1,7 @@
 """Shared fixtures. The tiny bundle is made by the project's own recipe (sim -> train -> export), at widths small
 enough to train in seconds: its grades are meaningless, its plumbing is the real thing."""
 import atexit
+import logging
 import os
 import shutil
 import subprocess
@@ -15,6 +16,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if "SONOSCORE_CACHE" not in os.environ:
     os.environ["SONOSCORE_CACHE"] = tempfile.mkdtemp(prefix="sonoscore-test-cache-")
     atexit.register(shutil.rmtree, os.environ["SONOSCORE_CACHE"], True)
+
+
+@pytest.fixture(autouse=True)
+def sonoscore_logs_in_caplog(caplog):
+    """sonoscore's loggers do not propagate to the root logger (runtime/logs.py), where pytest's caplog listens:
+    its handler is added to them for each test, so a test reads their records with caplog as any other's."""
+    logger = logging.getLogger("sonoscore")
+    logger.addHandler(caplog.handler)
+    yield
+    logger.removeHandler(caplog.handler)
 
 
 @pytest.fixture(scope="session")

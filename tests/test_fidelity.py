@@ -412,7 +412,6 @@ def test_check_here_reads_the_cache_on_the_second_call(opposite, tmp_path, caplo
     said: list[str] = []
     bundle = Bundle.load(opposite)
     caplog.set_level(logging.DEBUG, logger="sonoscore.fidelity")
-    logging.getLogger("sonoscore").addHandler(caplog.handler)     # sonoscore's lines do not reach the root logger
     fidelity._VERDICTS.clear()
     with Pipeline(bundle, precision="fp32", threads=1) as pipe:   # fp32 pipeline: no check of its own on enter
         unet = OrtRunner(bundle.network_file("unet", "int8"), intra_op_threads=1).__enter__()
@@ -432,7 +431,6 @@ def test_check_here_reads_the_cache_on_the_second_call(opposite, tmp_path, caplo
             unet.__exit__(None, None, None)
             vgg.__exit__(None, None, None)
             fidelity._VERDICTS.clear()
-            logging.getLogger("sonoscore").removeHandler(caplog.handler)
 
 
 def test_bench_says_it_once_and_a_bundle_without_reference_says_nothing(opposite, tmp_path):
