@@ -23,7 +23,6 @@ The ranking uses the calibration frames only; the held-out sets only measure.
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,15 +32,15 @@ import numpy as np
 from calibration.quantize import float_layers, quantize_int8, quantized_layers, spread_indices
 from calibration.report import compare, run_precision
 from calibration.run import int8_candidate, read_frames
+from runtime import logs
 from runtime.bundle import Bundle
 from runtime.errors import UserError
+
+log = logs.get("calibrate")
 
 KS = (0, 1, 2, 4, 8)
 METRIC = {"unet": "mask pixels that differ from FP32", "vgg": "1 - feature cosine with FP32"}
 
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _unet_outputs(graph, runner, images) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -127,7 +126,7 @@ def diagnose(bundle_path, frames: list[str], *, check: list[str] | None = None, 
             qdq, fp32_model = onnx.load(str(qdq_path)), onnx.load(str(fp32[net]))
             layers = quantized_layers(qdq)
             if not quiet:
-                _say(f"calibrate --diagnose: {net} INT8 file {origin}, {len(layers)} quantized layers, each put back "
+                log.info(f"calibrate --diagnose: {net} INT8 file {origin}, {len(layers)} quantized layers, each put back "
                      f"in float in turn and scored on {len(calib)} calibration frames ({METRIC[net]})")
             if net == "vgg" and not accepted.any():
                 raise UserError(f"none of the {len(calib)} calibration frames passed the FP32 gate, so the VGG's "
@@ -153,7 +152,7 @@ def diagnose(bundle_path, frames: list[str], *, check: list[str] | None = None, 
             for i, name in enumerate(layers, 1):
                 errors[name] = score(float_layers(qdq, fp32_model, [name]))
                 if not quiet:
-                    _say(f"  {i}/{len(layers)} {name}: {errors[name][0]:.6g} (every layer INT8: {base[0]:.6g})")
+                    log.info(f"  {i}/{len(layers)} {name}: {errors[name][0]:.6g} (every layer INT8: {base[0]:.6g})")
             rank = sorted(layers, key=lambda name: errors[name])
             other = "vgg" if net == "unet" else "unet"
             other_file = bundle.network_file(other, "int8") if other in bundle.int8_networks else fp32[other]

@@ -29,7 +29,6 @@ import importlib.metadata
 import json
 import platform
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,12 +38,16 @@ import numpy as np
 from calibration.quantize import METHODS, QuantizeResult, quantize_int8, spread_indices
 from calibration.report import (Criteria, Outputs, Reference, against, describe, format_table, run_precision,
                                 with_noise)
+from runtime import logs
 from runtime.bundle import Bundle, write_manifest
 from runtime.errors import UserError
 from runtime.labelme import labels_table as read_labels_table
 from runtime.fidelity import REFERENCE_FILE, cpu_flags, cpu_summary, pick_frames, write_reference
 from runtime.pipeline import Pipeline
 from runtime.sources import SourceError, open_source
+from runtime.progress import Progress
+
+log = logs.get("calibrate")
 
 INT8_FILES = {"unet": "unet.int8.onnx", "vgg": "vgg.int8.onnx"}
 
@@ -114,37 +117,6 @@ class FrameSet:
                         [self.studies[i] for i in idx], [self.labels[i] for i in idx])
 
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-class _Progress:
-    """A line every ~10% (or a tqdm bar on a terminal): long calibration shows it is alive."""
-
-    def __init__(self, label: str, total: int, quiet: bool = False):
-        self.label, self.total, self.quiet = label, max(1, total), quiet
-        self.bar = None
-        self.step = max(1, self.total // 10)
-        self.t0 = time.perf_counter()
-        if not quiet and sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=self.total, desc=label, unit="frame", leave=False)
-
-    def __call__(self, done: int) -> None:
-        if self.quiet:
-            return
-        if self.bar is not None:
-            self.bar.n = min(done, self.total)
-            self.bar.refresh()
-        elif done % self.step == 0 or done == self.total:
-            _say(f"  {self.label}: {done}/{self.total} ({time.perf_counter() - self.t0:.0f} s)")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-
 def labels_table(spec: str) -> dict[Path, tuple[str, int]] | None:
     """A folder source's labels.csv (runtime.labelme.labels_table), or None for any other source."""
     if "://" in spec or not Path(spec).is_dir():
@@ -167,7 +139,7 @@ def read_frames(specs: list[str], pipe, *, max_frames: int, quiet: bool = False)
         total = source.total
         step = -(-total // max_frames) if total else 1   # every step-th frame: at most max_frames, spread out
         if not quiet:
-            _say(f"calibrate: reading frames from {source.source_id}"
+            log.info(f"calibrate: reading frames from {source.source_id}"
                  + (f" ({total} frames{', every ' + str(step) + 'th' if step > 1 else ''})" if total else "")
                  + (f"; {source.annotations} annotation files beside their images skipped"
                     if getattr(source, "annotations", 0) else ""))
@@ -309,10 +281,10 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
     if not quiet and qat is not None:
         held = ([f"{len(hold_idx)} frames of {', '.join(s['source_id'] for s in data.sources)}"] if frames else []) \
             + [f"{len(v)} frames of {k}" for k, v in (frame_sets or {}).items()]
-        _say(f"calibrate: INT8 from quantization-aware training, checked against FP32 on "
+        log.info(f"calibrate: INT8 from quantization-aware training, checked against FP32 on "
              f"{', '.join(held) or 'the --check frames'}")
     elif not quiet:
-        _say(f"calibrate: {n} frames read ({data.unreadable} could not be read, or would not be scored: "
+        log.info(f"calibrate: {n} frames read ({data.unreadable} could not be read, or would not be scored: "
              f"docs/calibration.md); {len(calib_idx)} "
              f"calibrate the UNet"
              + (f" (each at gains {', '.join(f'{g:g}' for g in gains)}: {len(unet_inputs)} inputs)"
@@ -338,17 +310,17 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
                                            f"qat-{placed}" if placed else conv_transpose, i["weight_bits"],
                                            i["quantized_ops"], i["float_ops"], i["opset"])
             continue
-        prog = _Progress(f"calibrating {name}", len(inputs), quiet)
+        prog = Progress(f"calibrating {name}", len(inputs), unit="frame", enabled=not quiet, indent="  ")
         t = time.perf_counter()
         try:
             results[name] = quantize_int8(bundle.network_file(name, "fp32"), work / INT8_FILES[name],
                                           input_name, inputs, method=method, conv_transpose=conv_transpose,
-                                          full_range_weights=full_range_weights, progress=prog)
+                                          full_range_weights=full_range_weights, progress=prog.update)
         finally:
             prog.close()
         if not quiet:
             r = results[name]
-            _say(f"calibrate: {name} -> {INT8_FILES[name]} in {time.perf_counter() - t:.0f} s (INT8 weights: "
+            log.info(f"calibrate: {name} -> {INT8_FILES[name]} in {time.perf_counter() - t:.0f} s (INT8 weights: "
                  f"{_counts(r.quantized_ops)}; float weights: {_counts(r.float_ops) or 'none'})")
 
     # -- accuracy against FP32 on frames that did not calibrate ------------------------------------------------
@@ -410,7 +382,7 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
                 m_cpu["passed"] = not m_cpu["missed"]
                 this_cpu[set_name][p] = m_cpu
         if not quiet:
-            _say(format_table(accuracy, thresholds, this_cpu, f"this CPU: {cpu}"))
+            log.info(format_table(accuracy, thresholds, this_cpu, f"this CPU: {cpu}"))
 
     fallback = None
     if auto and not timing_only:
@@ -420,7 +392,7 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
             networks, fallback = ("vgg",), full_missed
             failures = [f for f in failures if f not in full_missed]
             if not quiet:
-                _say(f"calibrate: INT8 UNet + VGG missed ({full_missed[0]}); the VGG alone in INT8 passes, so the "
+                log.info(f"calibrate: INT8 UNet + VGG missed ({full_missed[0]}); the VGG alone in INT8 passes, so the "
                      f"UNet stays FP32 in the INT8 set (its INT8 file is kept in {root / REJECTED_DIR})")
         elif not full_missed:
             failures = [f for f in failures if f not in vgg_missed]
@@ -434,7 +406,7 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
                              f"optimisations off: QuantizeLinear/DequantizeLinear as float ops, no integer kernels",
                 "this_cpu": cpu, "cpu_flags": list(cpu_flags()), "this_cpu_missed": cpu_missed}
     if cpu_missed and not quiet:
-        _say(f"calibrate: on this CPU ({cpu}) onnxruntime's INT8 kernels miss {cpu_missed[0]}"
+        log.info(f"calibrate: on this CPU ({cpu}) onnxruntime's INT8 kernels miss {cpu_missed[0]}"
              + (f" (and {len(cpu_missed) - 1} more)" if len(cpu_missed) > 1 else "")
              + "; the INT8 set is installed all the same: the simulated figures decide, and they pass (this CPU's "
                "integer kernels differ from them; a GPU/TensorRT target computes the simulated figures up to "
@@ -530,7 +502,7 @@ def calibrate_bundle(bundle_path: str | Path, frames: list[str], *, check: list[
                                   f"percentile, quantize only the network that keeps its accuracy (--networks "
                                   f"vgg), or calibrate on the scanner's own frames (docs/calibration.md)")
     if not quiet:
-        _say(f"calibrate: INT8 networks added to {root} in {out['seconds']:.0f} s"
+        log.info(f"calibrate: INT8 networks added to {root} in {out['seconds']:.0f} s"
              + ("" if not timing_only else " (timing only: accuracy not checked)"))
     return out
 

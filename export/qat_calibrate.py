@@ -26,7 +26,6 @@ FP32/FP16 files and booster are the FP32 networks' too.)
 """
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,8 +33,11 @@ from typing import Sequence
 
 import numpy as np
 
+from runtime import logs
 from runtime.bundle import sha256_file
 from runtime.errors import UserError
+
+log = logs.get("calibrate")
 
 IDENTITY_ATOL = 1e-4      # an FP32 export differs from its torch model by about 1e-6 (test_onnx_export: < 1e-4)
 IDENTITY_RTOL = 1e-3
@@ -48,7 +50,7 @@ HELD_OUT = "held-out patients (--data)"
 
 def _say(msg: str, quiet: bool = False) -> None:
     if not quiet:
-        print(msg, file=sys.stderr, flush=True)
+        log.info(msg)
 
 
 # -- the checkpoints must be the bundle's networks ------------------------------------------------------------------
